@@ -1,0 +1,287 @@
+"""Privacy accounting: ε of a schedule, noise calibration, a ledger and a budget guard.
+
+All composition goes through `dp_accounting`. Three accountants are offered, and every reported ε
+should name the one used:
+
+- "pld": privacy loss distributions (dp_accounting's `PLDAccountant`), the tightest; the default.
+- "rdp": Rényi DP with dp_accounting's (tighter) RDP→(ε, δ) conversion.
+- "rdp_classic": Rényi DP with the classic conversion ε = min_α RDP(α) + log(1/δ)/(α−1), the one
+  that TF-Privacy, Opacus and the published MNIST/CIFAR numbers used.
+
+Privacy: the ledger counts only steps that touched private data (public-only steps are recorded as
+`NoOpDpEvent`s and cost nothing). `PrivacyBudget.check` refuses a step that would take ε above the
+target; calibration never returns a noise multiplier whose verified ε exceeds the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import dp_accounting
+import numpy as np
+
+ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
+# TF-Privacy's orders: 1.1, 1.2, ..., 10.9 and 12, ..., 63.
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+PLD_DISCRETIZATION = 1e-4
+CALIBRATION_TOLERANCE = 0.01  # calibrated ε lies in [(1 − tol)·target, target]
+
+
+class BudgetExceededError(RuntimeError):
+  """Raised instead of taking a step that would spend more than the privacy budget."""
+
+
+def _check_accountant(accountant: str) -> None:
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f"Unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}.")
+
+
+def check_delta(delta: float, num_examples: int | None = None) -> None:
+  """δ must be in (0, 1), and below 1/N when the dataset size N is known."""
+  if not 0 < delta < 1:
+    raise ValueError(f"delta must be in (0, 1), got {delta!r}.")
+  if num_examples is not None and delta >= 1.0 / num_examples:
+    raise ValueError(
+        f"delta = {delta:g} is not below 1/N = {1.0 / num_examples:g} for N = {num_examples} "
+        "private examples: such a δ allows releasing an example outright. Use δ < 1/N (1e-5 is "
+        "the usual choice for N around 50k).")
+
+
+def _check_rate(sampling_rate: float) -> None:
+  if not 0 < sampling_rate <= 1:
+    raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}.")
+
+
+def poisson_gaussian_event(noise_multiplier: float, sampling_rate: float,
+                           steps: int) -> dp_accounting.DpEvent:
+  """`steps` compositions of the Poisson-subsampled Gaussian mechanism; NoOp when steps == 0."""
+  _check_rate(sampling_rate)
+  if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+    raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}.")
+  if steps < 0:
+    raise ValueError(f"steps must be >= 0, got {steps!r}.")
+  if steps == 0:
+    return dp_accounting.NoOpDpEvent()
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), int(steps))
+
+
+def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld",
+                     pld_discretization: float = PLD_DISCRETIZATION) -> float:
+  """ε at δ of any dp_accounting event, with the named accountant.
+
+  PLD discretisation is pessimistic: a coarser `pld_discretization` gives a larger (still valid)
+  upper bound on ε, faster.
+  """
+  _check_accountant(accountant)
+  check_delta(delta)
+  if accountant == "pld":
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=pld_discretization)
+    return float(acc.compose(event).get_epsilon(delta))
+  acc = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
+  acc.compose(event)
+  if accountant == "rdp":
+    return float(acc.get_epsilon(delta))
+  return classic_rdp_to_epsilon(np.asarray(acc.orders), np.asarray(acc.rdp), delta)
+
+
+def classic_rdp_to_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
+  """The classic conversion: ε = min_α RDP(α) + log(1/δ)/(α − 1) (Mironov 2017, Prop. 3)."""
+  with np.errstate(invalid="ignore"):
+    eps = rdp + math.log(1.0 / delta) / (orders - 1.0)
+  eps = np.where(np.isnan(eps), np.inf, eps)
+  return float(max(np.min(eps), 0.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+            accountant: str = "pld", pld_discretization: float = PLD_DISCRETIZATION) -> float:
+  """ε of `steps` steps of DP-SGD with Poisson sampling at rate q and noise multiplier σ."""
+  if steps == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  event = poisson_gaussian_event(noise_multiplier, sampling_rate, steps)
+  return epsilon_of_event(event, delta, accountant, pld_discretization)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
+                    accountant: str = "pld") -> float:
+  """The noise multiplier σ whose ε for this schedule lies in [0.99·target, target].
+
+  Bisection on log σ (ε decreases in σ). For PLD a coarse (pessimistic, so never optimistic) grid
+  narrows the bracket first; the answer is always verified with the accountant at its default
+  resolution, and a σ whose verified ε exceeds the target is never returned.
+  """
+  if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+    raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}.")
+  if steps <= 0:
+    raise ValueError(f"steps must be > 0 to calibrate noise, got {steps!r}.")
+  exact = lambda s: epsilon(s, sampling_rate, steps, delta, accountant)
+  if accountant == "pld":
+    coarse = lambda s: epsilon(s, sampling_rate, steps, delta, accountant, 10 * PLD_DISCRETIZATION)
+    lo, hi = _bracket(coarse, target_epsilon)
+    _, hi = _bisect(coarse, target_epsilon, lo, hi, CALIBRATION_TOLERANCE / 2)
+  else:
+    lo, hi = _bracket(exact, target_epsilon)
+  lo, hi = _bisect(exact, target_epsilon, lo, hi, CALIBRATION_TOLERANCE)
+  verified = exact(hi)
+  if not (1 - CALIBRATION_TOLERANCE) * target_epsilon <= verified <= target_epsilon:
+    raise AssertionError(f"Calibration failed: σ = {hi} gives ε = {verified}, target "
+                         f"{target_epsilon} ({accountant}).")
+  return hi
+
+
+def _bracket(eps_of, target: float) -> tuple[float, float]:
+  """(lo, hi) with eps_of(lo) > target >= eps_of(hi)."""
+  lo, hi = 0.25, 1.0
+  while eps_of(hi) > target:
+    lo, hi = hi, hi * 2
+    if hi > 1e6:
+      raise ValueError(f"No noise multiplier below 1e6 reaches ε = {target}.")
+  while eps_of(lo) <= target:
+    lo, hi = lo / 2, lo
+    if lo < 1e-4:
+      raise ValueError(f"Even σ = {hi:g} gives ε <= {target}: the schedule needs no calibration.")
+  return lo, hi
+
+
+def _bisect(eps_of, target: float, lo: float, hi: float, tol: float) -> tuple[float, float]:
+  """Shrinks (lo, hi) until eps_of(hi) is in [(1 − tol)·target, target]; keeps eps_of(lo) > target."""
+  for _ in range(100):
+    if eps_of(hi) >= (1 - tol) * target:
+      break
+    mid = math.sqrt(lo * hi)
+    lo, hi = (mid, hi) if eps_of(mid) > target else (lo, mid)
+  return lo, hi
+
+
+@dataclasses.dataclass
+class LedgerEntry:
+  """`steps` consecutive private steps at one sampling rate and noise multiplier."""
+  sampling_rate: float
+  noise_multiplier: float
+  steps: int
+
+
+@dataclasses.dataclass
+class PrivacyLedger:
+  """The record of what ran: private steps (q, σ, count), and public-only steps that cost nothing.
+
+  Consecutive steps with the same (q, σ) are merged. Serialises to and from JSON.
+  """
+  entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
+  public_steps: int = 0
+
+  def record_private(self, sampling_rate: float, noise_multiplier: float, steps: int = 1) -> None:
+    poisson_gaussian_event(noise_multiplier, sampling_rate, steps)  # validates the arguments
+    last = self.entries[-1] if self.entries else None
+    if last and (last.sampling_rate, last.noise_multiplier) == (sampling_rate, noise_multiplier):
+      last.steps += steps
+    else:
+      self.entries.append(LedgerEntry(float(sampling_rate), float(noise_multiplier), int(steps)))
+
+  def record_public(self, steps: int = 1) -> None:
+    self.public_steps += int(steps)
+
+  @property
+  def private_steps(self) -> int:
+    return sum(e.steps for e in self.entries)
+
+  def dp_event(self) -> dp_accounting.DpEvent:
+    """The composition of everything recorded (public steps as NoOp events)."""
+    events = [poisson_gaussian_event(e.noise_multiplier, e.sampling_rate, e.steps)
+              for e in self.entries]
+    if self.public_steps:
+      events.append(dp_accounting.SelfComposedDpEvent(dp_accounting.NoOpDpEvent(),
+                                                      self.public_steps))
+    return dp_accounting.ComposedDpEvent(events) if events else dp_accounting.NoOpDpEvent()
+
+  def epsilon(self, delta: float, accountant: str = "pld") -> float:
+    if not self.entries:
+      return 0.0
+    if len(self.entries) == 1:  # the cached closed form for the common case
+      e = self.entries[0]
+      return epsilon(e.noise_multiplier, e.sampling_rate, e.steps, delta, accountant)
+    return epsilon_of_event(self.dp_event(), delta, accountant)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "PrivacyLedger":
+    data = json.loads(text)
+    return cls([LedgerEntry(**e) for e in data["entries"]], int(data["public_steps"]))
+
+
+@dataclasses.dataclass
+class PrivacyBudget:
+  """A target (ε, δ) and the accountant that measures it.
+
+  `check` is called *before* a private step; it raises `BudgetExceededError` if recording that
+  step would take the ledger's ε above `target_epsilon`. The number of remaining steps at a given
+  (q, σ) is computed once by bisection and then counted down, so the guard costs no accounting per
+  step.
+  """
+  target_epsilon: float
+  delta: float
+  accountant: str = "pld"
+  _cache: dict[Any, int] = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    _check_accountant(self.accountant)
+    check_delta(self.delta)
+    if not self.target_epsilon > 0:
+      raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon!r}.")
+
+  def spent(self, ledger: PrivacyLedger) -> float:
+    return ledger.epsilon(self.delta, self.accountant)
+
+  def steps_allowed(self, ledger: PrivacyLedger, sampling_rate: float,
+                    noise_multiplier: float) -> int:
+    """How many more private steps at (q, σ) the budget allows after what `ledger` holds."""
+    key = (ledger.to_json(), sampling_rate, noise_multiplier)
+    if key not in self._cache:
+      self._cache[key] = self._search_steps(ledger, sampling_rate, noise_multiplier)
+    return self._cache[key]
+
+  def check(self, ledger: PrivacyLedger, sampling_rate: float, noise_multiplier: float) -> None:
+    """Raises `BudgetExceededError` if one more private step at (q, σ) would exceed the target."""
+    base = _without_last_run(ledger, sampling_rate, noise_multiplier)
+    done = ledger.private_steps - base.private_steps
+    if done + 1 > self.steps_allowed(base, sampling_rate, noise_multiplier):
+      raise BudgetExceededError(
+          f"The next private step would take ε above the budget {self.target_epsilon} at "
+          f"δ = {self.delta:g} ({self.accountant}); {ledger.private_steps} private steps were "
+          f"taken, spending ε = {self.spent(ledger):.4f}. Stop here, or start a new run with a "
+          "larger budget or more noise.")
+
+  def _search_steps(self, ledger, q, sigma) -> int:
+    def fits(extra):
+      trial = PrivacyLedger([dataclasses.replace(e) for e in ledger.entries], 0)
+      trial.record_private(q, sigma, extra)
+      return trial.epsilon(self.delta, self.accountant) <= self.target_epsilon
+    if self.spent(ledger) > self.target_epsilon or not fits(1):
+      return 0
+    lo, hi = 1, 2
+    while fits(hi):
+      lo, hi = hi, hi * 2
+      if hi > 10**9:
+        return hi
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _without_last_run(ledger: PrivacyLedger, q: float, sigma: float) -> PrivacyLedger:
+  """The ledger without its trailing run of (q, σ) steps (so the cache key stays fixed)."""
+  entries = [dataclasses.replace(e) for e in ledger.entries]
+  if entries and (entries[-1].sampling_rate, entries[-1].noise_multiplier) == (q, sigma):
+    entries.pop()
+  return PrivacyLedger(entries, 0)

@@ -1,0 +1,113 @@
+"""The Gaussian mechanism as an optax transformation, and the DP optimizer built on it.
+
+`add_gaussian_noise` expects as its input updates the *sum* of clipped per-example gradients (from
+`dpjax.privacy.clipping.clipped_grad_sum`) and returns
+
+    (Σ_i clip(g_i) + N(0, (σ·S)² I)) / B_expected
+
+with the noise drawn in float32 whatever the parameter dtype, from a PRNG key kept in the
+transformation's state (so a checkpoint of the optimizer state carries it and a resumed run draws
+the same noise).
+
+Privacy: with S the clip rule's sensitivity, one call is the Gaussian mechanism with noise
+multiplier σ on the clipped sum; it must be called exactly once per step (the state's `count`
+says how many times it was). Dividing by the *expected* batch size q·N, never the realised one,
+keeps the batch size (which depends on the private data under Poisson sampling) unreleased.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class NoiseState(NamedTuple):
+  """key: raw uint32 PRNG key [2] for the next step; count: number of noised steps so far."""
+  key: jax.Array
+  count: jax.Array
+
+
+def _check(noise_multiplier: float, sensitivity: float, expected_batch_size: float) -> None:
+  if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+    raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}.")
+  if not (math.isfinite(sensitivity) and sensitivity > 0):
+    raise ValueError(f"sensitivity must be finite and > 0, got {sensitivity!r}.")
+  if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
+    raise ValueError(
+        f"expected_batch_size must be > 0 (it is q·N, the expected private batch size), got "
+        f"{expected_batch_size!r}.")
+
+
+def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float) -> PyTree:
+  """Independent N(0, stddev²) float32 noise for every leaf of `tree` (one key per leaf)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  noise = [stddev * jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+  return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_batch_size: float,
+                       seed: int = 0, trainable: PyTree | None = None
+                       ) -> optax.GradientTransformation:
+  """Noises a clipped gradient sum and averages it over the expected batch size.
+
+  Args:
+    noise_multiplier: σ; the noise standard deviation is σ·sensitivity.
+    sensitivity: S, the L2 bound on one example's contribution to the input sum.
+    expected_batch_size: B = q·N, the divisor (public, fixed).
+    seed: seeds the PRNG key held in the state.
+    trainable: optional pytree of bools like params; False leaves get no noise and a zero update.
+
+  Input updates: the clipped sum, leaves shaped like params. Output: the noisy mean, each leaf in
+  its input dtype (the noise itself is float32).
+  """
+  _check(noise_multiplier, sensitivity, expected_batch_size)
+  stddev = float(noise_multiplier) * float(sensitivity)
+
+  def init_fn(params):
+    del params
+    return NoiseState(key=jax.random.PRNGKey(seed), count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    step_key, next_key = jax.random.split(state.key)
+    noise = gaussian_noise_like(step_key, updates, stddev)
+    noisy = jax.tree_util.tree_map(
+        lambda g, z: ((g.astype(jnp.float32) + z) / expected_batch_size).astype(g.dtype),
+        updates, noise)
+    if trainable is not None:
+      noisy = jax.tree_util.tree_map(lambda g, t: g if t else jnp.zeros_like(g), noisy, trainable)
+    return noisy, NoiseState(key=next_key, count=state.count + 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dp_optimizer(optimizer: optax.GradientTransformation, *, noise_multiplier: float,
+                 sensitivity: float, expected_batch_size: float, seed: int = 0,
+                 trainable: PyTree | None = None) -> optax.GradientTransformation:
+  """A DP optimizer: Gaussian noise on the clipped sum, then any optax optimizer.
+
+  Feed it `clipped_grad_sum(...).grad_sum` as the gradient. With `trainable`, frozen leaves get
+  neither noise nor any update (weight decay included).
+  """
+  noise = add_gaussian_noise(noise_multiplier, sensitivity, expected_batch_size, seed, trainable)
+  if trainable is None:
+    return optax.chain(noise, optimizer)
+  labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+  return optax.chain(noise, optax.multi_transform(
+      {"train": optimizer, "frozen": optax.set_to_zero()}, labels))
+
+
+def noise_state(opt_state: PyTree) -> NoiseState:
+  """Finds the (single) `NoiseState` inside an optimizer state built with `dp_optimizer`."""
+  found = [s for s in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, NoiseState)) if isinstance(s, NoiseState)]
+  if len(found) != 1:
+    raise ValueError(f"Expected exactly one NoiseState in the optimizer state, found {len(found)}.")
+  return found[0]

@@ -1,0 +1,110 @@
+"""Tests for dpjax.privacy.accounting: published ε values, calibration, ledger and budget guard."""
+
+import dp_accounting
+import pytest
+
+from dpjax.privacy import accounting
+
+DELTA = 1e-5
+
+
+@pytest.mark.parametrize("name,q,sigma,steps,published", [
+    # TF-Privacy MNIST tutorial: batch 256, σ = 1.1, 60 epochs.
+    ("tf_privacy_mnist", 256 / 60000, 1.1, 60 * 60000 // 256, 3.01),
+    # Opacus MNIST example: batch 240, σ = 1.1, 60 epochs.
+    ("opacus_mnist", 240 / 60000, 1.1, 60 * 60000 // 240, 2.91),
+    # Tramèr & Boneh Fashion-MNIST CNN: batch 2048, σ = 2.15, 40 epochs of floor(60000/2048) steps.
+    ("tramer_boneh_fmnist", 2048 / 60000, 2.15, 40 * (60000 // 2048), 3.00),
+])
+def test_reproduces_published_epsilons_with_the_classic_conversion(name, q, sigma, steps,
+                                                                   published):
+  assert accounting.epsilon(sigma, q, steps, DELTA, "rdp_classic") == pytest.approx(
+      published, abs=0.005), name
+
+
+def test_pld_is_tighter_than_rdp_which_is_tighter_than_classic():
+  q, sigma, steps = 256 / 60000, 1.1, 14062
+  pld = accounting.epsilon(sigma, q, steps, DELTA, "pld")
+  rdp = accounting.epsilon(sigma, q, steps, DELTA, "rdp")
+  classic = accounting.epsilon(sigma, q, steps, DELTA, "rdp_classic")
+  assert pld < rdp < classic
+
+
+@pytest.mark.parametrize("accountant", accounting.ACCOUNTANTS)
+@pytest.mark.parametrize("target,q,steps", [(3.0, 0.01, 500), (1.0, 0.05, 100), (8.0, 0.004, 2000)])
+def test_calibration_lands_within_one_percent_below_the_target(accountant, target, q, steps):
+  sigma = accounting.calibrate_noise(target, DELTA, q, steps, accountant)
+  eps = accounting.epsilon(sigma, q, steps, DELTA, accountant)
+  assert 0.99 * target <= eps <= target
+
+
+def test_ledger_counts_only_private_steps():
+  ledger = accounting.PrivacyLedger()
+  ledger.record_public(100)
+  assert ledger.epsilon(DELTA) == 0.0
+  ledger.record_private(0.01, 1.2, 50)
+  ledger.record_public(10)
+  ledger.record_private(0.01, 1.2, 30)
+  assert ledger.private_steps == 80 and ledger.public_steps == 110
+  assert len(ledger.entries) == 1  # same (q, σ) merged
+  for acc in accounting.ACCOUNTANTS:
+    assert ledger.epsilon(DELTA, acc) == pytest.approx(accounting.epsilon(1.2, 0.01, 80, DELTA, acc))
+  # The whole event, public NoOps included, gives the same ε as the private steps alone.
+  assert accounting.epsilon_of_event(ledger.dp_event(), DELTA, "rdp") == pytest.approx(
+      accounting.epsilon(1.2, 0.01, 80, DELTA, "rdp"))
+
+
+def test_ledger_with_changing_rates_composes_through_dp_accounting():
+  ledger = accounting.PrivacyLedger()
+  ledger.record_private(0.01, 1.0, 40)
+  ledger.record_private(0.02, 1.5, 60)
+  direct = dp_accounting.rdp.RdpAccountant(list(accounting.RDP_ORDERS))
+  direct.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0)), 40))
+  direct.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.02, dp_accounting.GaussianDpEvent(1.5)), 60))
+  assert ledger.epsilon(DELTA, "rdp") == pytest.approx(direct.get_epsilon(DELTA))
+
+
+def test_ledger_json_round_trip():
+  ledger = accounting.PrivacyLedger()
+  ledger.record_private(0.01, 1.0, 3)
+  ledger.record_public(2)
+  again = accounting.PrivacyLedger.from_json(ledger.to_json())
+  assert again == ledger and again.epsilon(DELTA, "rdp") == ledger.epsilon(DELTA, "rdp")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_budget_guard_stops_exactly_before_the_budget_is_exceeded(accountant):
+  q, sigma = 0.05, 1.0
+  budget = accounting.PrivacyBudget(2.0, DELTA, accountant)
+  ledger = accounting.PrivacyLedger()
+  ledger.record_public(5)
+  taken = 0
+  with pytest.raises(accounting.BudgetExceededError, match="budget"):
+    while True:
+      budget.check(ledger, q, sigma)
+      ledger.record_private(q, sigma)
+      taken += 1
+  assert accounting.epsilon(sigma, q, taken, DELTA, accountant) <= 2.0
+  assert accounting.epsilon(sigma, q, taken + 1, DELTA, accountant) > 2.0
+
+
+def test_budget_already_spent_refuses_the_first_step():
+  ledger = accounting.PrivacyLedger()
+  ledger.record_private(0.5, 0.5, 100)
+  with pytest.raises(accounting.BudgetExceededError):
+    accounting.PrivacyBudget(1.0, DELTA, "rdp").check(ledger, 0.01, 1.0)
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="sampling_rate"):
+    accounting.epsilon(1.0, 1.5, 10, DELTA)
+  with pytest.raises(ValueError, match="delta"):
+    accounting.epsilon(1.0, 0.1, 10, 1.0)
+  with pytest.raises(ValueError, match="1/N"):
+    accounting.check_delta(1e-3, num_examples=60000)
+  with pytest.raises(ValueError, match="Unknown accountant"):
+    accounting.epsilon(1.0, 0.1, 10, DELTA, "prv_magic")
+  with pytest.raises(ValueError, match="target_epsilon"):
+    accounting.calibrate_noise(0.0, DELTA, 0.1, 10)
