@@ -90,6 +90,15 @@ def test_budget_guard_stops_exactly_before_the_budget_is_exceeded(accountant):
   assert accounting.epsilon(sigma, q, taken + 1, DELTA, accountant) > 2.0
 
 
+def test_budget_hint_never_changes_the_answer():
+  budget = accounting.PrivacyBudget(2.0, DELTA, "rdp")
+  ledger = accounting.PrivacyLedger()
+  truth = budget.steps_allowed(ledger, 0.05, 1.0)
+  for hint in [1, truth - 1, truth, truth + 1, 10 * truth]:
+    fresh = accounting.PrivacyBudget(2.0, DELTA, "rdp")
+    assert fresh.steps_allowed(ledger, 0.05, 1.0, hint=hint) == truth
+
+
 def test_budget_already_spent_refuses_the_first_step():
   ledger = accounting.PrivacyLedger()
   ledger.record_private(0.5, 0.5, 100)

@@ -321,15 +321,19 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
   chunks = jax.tree_util.tree_map(lambda x: x.reshape((n // m, m) + x.shape[1:]),
                                   (examples, mask))
 
-  def accumulate(carry, chunk):
-    total, stats = carry
-    part, part_stats = _clip_microbatch(loss_fn, train_p, frozen_p, chunk[0], chunk[1], rule,
-                                        args)
-    total = jax.tree_util.tree_map(jnp.add, total, part)
-    return (total, add_stats(stats, part_stats)), None
+  clip_chunk = lambda chunk: _clip_microbatch(loss_fn, train_p, frozen_p, chunk[0], chunk[1],
+                                              rule, args)
 
-  zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), train_p)
-  (total, stats), _ = jax.lax.scan(accumulate, (zeros, zero_stats()), chunks)
+  def accumulate(carry, chunk):
+    part, part_stats = clip_chunk(chunk)
+    total = jax.tree_util.tree_map(jnp.add, carry[0], part)
+    return (total, add_stats(carry[1], part_stats)), None
+
+  # The first microbatch starts the carry (rather than zeros), so that under shard_map the carry
+  # has the same device-varying type as what each microbatch adds.
+  first = jax.tree_util.tree_map(lambda x: x[0], chunks)
+  rest = jax.tree_util.tree_map(lambda x: x[1:], chunks)
+  (total, stats), _ = jax.lax.scan(accumulate, clip_chunk(first), rest)
   full = merge(total, jax.tree_util.tree_map(
       lambda p: None if p is None else jnp.zeros(p.shape, jnp.float32), frozen_p,
       is_leaf=lambda x: x is None))

@@ -1,0 +1,25 @@
+"""Runs the README's code example on a small model and random data, so the docs cannot rot."""
+
+import pathlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs_and_trains(capsys):
+  block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+  rng = np.random.default_rng(0)
+  train_x = rng.standard_normal((512, 8, 8, 1)).astype(np.float32)
+  train_y = (train_x.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
+  model = nn.Sequential([lambda x: x.reshape((x.shape[0], -1)), nn.Dense(2)])
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  scope = dict(model=model, params=params, train_x=train_x, train_y=train_y)
+  exec(compile(block, str(README), "exec"), scope)
+  eps = float(capsys.readouterr().out.split("epsilon:")[1])
+  assert 2.9 < eps <= 3.0
+  assert scope["params"] is not params
