@@ -1,0 +1,77 @@
+"""The default experiment config and its validation; experiments override blocks of it.
+
+Blocks (see experiments/*.py for complete examples):
+  data        dataset name, data/cache dirs, public fraction or a separate public dataset
+  model       name plus keyword arguments for `dpjax.models.build_model`
+  dp          the privacy mechanism: clip rule and norm, noise multiplier and/or target (ε, δ),
+              accountant, expected private batch size, sampler
+  mixing      the α schedule and whether to reset optimizer moments at the public→private switch
+  perf        microbatch size, devices, dtype, remat: never change the privacy event
+  optimizer   optax optimizer and learning rate
+  schedule    number of steps, learning-rate schedule, public batch size
+  eval, checkpoint
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# The blocks that decide the training trajectory; a checkpoint must agree with the config on them.
+TRAJECTORY_BLOCKS = ("seed", "data", "model", "dp", "mixing", "optimizer", "schedule")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A complete config with every field; experiments change what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(name="fashion_mnist", dir="", cache_dir="", public_fraction=0.1,
+                public_name="", standardize=False)
+  c.model = dict(name="cnn_tanh")
+  c.dp = dict(clip="flat", clip_norm=0.1, stability=0.01,
+              noise_multiplier=config_dict.placeholder(float),
+              target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="pld",
+              expected_batch_size=512, sampler="poisson")
+  c.mixing = dict(schedule="switch", switch_step=0, alpha=0.0, start=1.0, end=0.0, begin=0,
+                  until=1, reset_moments="first")
+  c.perf = dict(microbatch_size=128, num_devices=1, dtype="float32", remat=False)
+  c.optimizer = dict(name="sgd", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.999,
+                     weight_decay=0.0)
+  c.schedule = dict(total_steps=100, lr_schedule="constant", warmup_steps=0,
+                    public_batch_size=256)
+  c.eval = dict(every_steps=50, batch_size=1000)
+  c.checkpoint = dict(every_steps=100, max_to_keep=2)
+  c.log_every_steps = 10
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError with a clear message for configs that cannot run correctly."""
+  dp = config.dp
+  if dp.noise_multiplier is None and dp.target_epsilon is None:
+    raise ValueError("Set dp.noise_multiplier or dp.target_epsilon (or both: then training stops "
+                     "before the budget would be exceeded).")
+  if dp.sampler not in ("poisson",):
+    raise ValueError(f"dp.sampler {dp.sampler!r} is not supported by the trainer; use 'poisson' "
+                     "(privacy amplification by subsampling assumes it).")
+  if config.mixing.reset_moments not in ("first", "all", "none"):
+    raise ValueError(f"mixing.reset_moments must be 'first', 'all' or 'none', got "
+                     f"{config.mixing.reset_moments!r}.")
+  if config.perf.dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"perf.dtype must be float32, bfloat16 or float16, got {config.perf.dtype!r}.")
+  perf = config.perf
+  if perf.microbatch_size <= 0 or perf.num_devices <= 0:
+    raise ValueError(f"perf.microbatch_size ({perf.microbatch_size}) and perf.num_devices "
+                     f"({perf.num_devices}) must be > 0.")
+  if perf.microbatch_size % perf.num_devices:
+    raise ValueError(
+        f"perf.microbatch_size = {perf.microbatch_size} does not split evenly over "
+        f"perf.num_devices = {perf.num_devices} devices; use a multiple of {perf.num_devices}.")
+  if config.schedule.total_steps <= 0:
+    raise ValueError(f"schedule.total_steps must be > 0, got {config.schedule.total_steps}.")
+
+
+def trajectory_view(config: ml_collections.ConfigDict) -> dict:
+  """The part of the config that must match for a checkpoint to be resumed."""
+  full = config.to_dict()
+  return {k: full[k] for k in TRAJECTORY_BLOCKS}

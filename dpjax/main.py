@@ -1,0 +1,27 @@
+"""Entry point: python -m dpjax.main --config=experiments/<name>.py[:arg] --workdir=DIR.
+
+Rerunning the same command resumes from the latest checkpoint in DIR.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dpjax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+  print(f"test accuracy {results['test_accuracy']:.4f}  epsilon {results['privacy']['epsilon']:.3f}"
+        f"  steps {results['steps']}  ({results['stopped']})")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,118 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), big_vision-style, without dropout.
+
+Patch embedding by a Conv with stride = patch size, a class token, learned position embeddings,
+pre-LayerNorm transformer blocks, a final LayerNorm and a linear head on the class token.
+LayerNorm and attention act within one example, so examples never interact.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Sizes of the standard variants (Dosovitskiy et al. 2021; Touvron et al. 2021 for Ti and S).
+VIT_VARIANTS: dict[str, dict[str, int]] = {
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+}
+
+
+def num_patches(image_size: int, patch_size: int) -> int:
+  """Patches per image, (image_size / patch_size)**2; ValueError unless patch_size divides it."""
+  if patch_size <= 0 or image_size <= 0 or image_size % patch_size:
+    raise ValueError(
+        f"ViT image_size ({image_size}) must be a positive multiple of patch_size "
+        f"({patch_size}); choose a patch size that divides the image size, or resize the images.")
+  return (image_size // patch_size) ** 2
+
+
+def vit_config(
+    variant: str = "Ti", *, patch_size: int = 16, image_size: int = 224, **overrides: int
+) -> dict[str, int]:
+  """The ViT constructor arguments for a variant, e.g. `ViT(num_classes=10, **vit_config("S"))`.
+
+  Args:
+    variant: "Ti", "S" or "B".
+    patch_size: side of the square patches; must divide image_size.
+    image_size: side of the square input images.
+    **overrides: replacements for width, depth, num_heads or mlp_dim, e.g. depth=2, or a CPU-test
+      "mini" ViT with width=32, depth=2, num_heads=2, mlp_dim=64.
+
+  Returns:
+    dict with keys patch_size, image_size, width, depth, num_heads, mlp_dim.
+
+  Raises:
+    ValueError: for an unknown variant or override, a patch size that does not divide the image
+      size, or a width not divisible by the number of heads.
+  """
+  if variant not in VIT_VARIANTS:
+    raise ValueError(f"Unknown ViT variant {variant!r}; known variants: {sorted(VIT_VARIANTS)}.")
+  unknown = set(overrides) - set(VIT_VARIANTS[variant])
+  if unknown:
+    raise ValueError(
+        f"Unknown ViT overrides {sorted(unknown)}; allowed: {sorted(VIT_VARIANTS[variant])}.")
+  config = {**VIT_VARIANTS[variant], **overrides}
+  num_patches(image_size, patch_size)
+  if config["width"] % config["num_heads"]:
+    raise ValueError(
+        f"ViT width ({config['width']}) must be divisible by num_heads ({config['num_heads']}).")
+  return dict(patch_size=patch_size, image_size=image_size, **config)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU MLP.
+
+  Maps tokens [batch, tokens, width] to [batch, tokens, width].
+  """
+
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    width = tokens.shape[-1]
+    attention = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, deterministic=True, name="attention")
+    tokens = tokens + attention(nn.LayerNorm(name="attention_norm")(tokens))
+    hidden = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="mlp_norm")(tokens)))
+    return tokens + nn.Dense(width, name="mlp_out")(hidden)
+
+
+class ViT(nn.Module):
+  """Vision Transformer classifier (ViT-Ti/16 at 224: 5.7M parameters, ViT-B/16: 86M, 1000 classes).
+
+  Maps images [batch, image_size, image_size, channels] (float32) to logits [batch, num_classes]:
+  patches [batch, (image_size/patch_size)**2, width] -> prepend class token -> add position
+  embedding -> depth EncoderBlocks -> LayerNorm -> Dense head on the class token.
+  Build the size arguments with `vit_config`.
+  """
+
+  num_classes: int
+  patch_size: int = 16
+  image_size: int = 224
+  width: int = 192
+  depth: int = 12
+  num_heads: int = 3
+  mlp_dim: int = 768
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    self._check_image_shape(images.shape)
+    patch = (self.patch_size, self.patch_size)
+    x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="patch_embedding")(images)
+    x = x.reshape((x.shape[0], -1, self.width))  # [batch, num_patches, width]
+    class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(class_token, (x.shape[0], 1, self.width)), x], axis=1)
+    position_init = nn.initializers.normal(stddev=0.02)
+    x = x + self.param("position_embedding", position_init, (1, x.shape[1], self.width))
+    for index in range(self.depth):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block{index}")(x)
+    x = nn.LayerNorm(name="final_norm")(x)
+    return nn.Dense(self.num_classes, name="head")(x[:, 0])
+
+  def _check_image_shape(self, shape: tuple[int, ...]) -> None:
+    num_patches(self.image_size, self.patch_size)
+    if len(shape) != 4 or shape[1:3] != (self.image_size, self.image_size):
+      raise ValueError(
+          f"This ViT takes images [batch, {self.image_size}, {self.image_size}, channels], got "
+          f"shape {tuple(shape)}; build it with image_size matching the data.")

@@ -1,0 +1,128 @@
+"""Wide ResNet with GroupNorm and weight-standardised convolutions (De et al. 2022).
+
+The DP-friendly WRN of jax_privacy (`models/cifar.py`, see references/papers.md §6.3):
+pre-activation blocks ordered ReLU -> GroupNorm(16 groups) -> WSConv, no BatchNorm, no dropout.
+GroupNorm normalises each example on its own, so per-example gradients stay per-example.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def standardize_kernel(kernel: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Standardises a conv kernel [*spatial, in, out] to mean 0 and variance 1 per output channel.
+
+  The statistics are taken over the fan-in axes (all but the last); eps floors the variance so
+  that a constant kernel does not divide by zero.
+  """
+  fan_in_axes = tuple(range(kernel.ndim - 1))
+  mean = jnp.mean(kernel, axis=fan_in_axes, keepdims=True)
+  var = jnp.var(kernel, axis=fan_in_axes, keepdims=True)
+  return (kernel - mean) * jax.lax.rsqrt(jnp.maximum(var, eps))
+
+
+class WSConv(nn.Module):
+  """2D convolution with a scaled weight-standardised kernel, a learned gain and a bias.
+
+  The kernel used is `standardize_kernel(kernel) * gain / sqrt(fan_in)`: per output channel it has
+  mean 0 and variance gain**2 / fan_in, so activations keep their scale at initialisation (as the
+  WSConv2D of jax_privacy / NF-Nets, which this follows).
+
+  Maps [batch, H, W, C_in] to [batch, H', W', features] with H' = ceil(H / stride) for "SAME".
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: int = 1
+  padding: str = "SAME"
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel_shape = (*self.kernel_size, inputs.shape[-1], self.features)
+    kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    kernel = self.param("kernel", kernel_init, kernel_shape)
+    gain = self.param("gain", nn.initializers.ones, (self.features,))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    fan_in = math.prod(kernel_shape[:-1])
+    scaled_kernel = standardize_kernel(kernel, self.eps) * (gain / math.sqrt(fan_in))
+    outputs = jax.lax.conv_general_dilated(
+        inputs, scaled_kernel, window_strides=(self.strides, self.strides),
+        padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return outputs + bias
+
+
+class PreActivationConv(nn.Module):
+  """ReLU -> GroupNorm -> WSConv: [batch, H, W, C_in] -> [batch, H/strides, W/strides, features]."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  num_groups: int = 16
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    normalized = nn.GroupNorm(num_groups=self.num_groups)(nn.relu(inputs))
+    kernel_size = (self.kernel_size, self.kernel_size)
+    return WSConv(self.features, kernel_size, strides=self.strides)(normalized)
+
+
+class WideResNetBlock(nn.Module):
+  """Pre-activation residual block: two 3x3 PreActivationConvs plus a skip path.
+
+  The skip path is the identity, or ReLU -> GN -> 1x1 WSConv (with the block's stride) where the
+  block changes the shape. Maps [batch, H, W, C_in] to [batch, H/strides, W/strides, features].
+  """
+
+  features: int
+  strides: int = 1
+  num_groups: int = 16
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    residual = PreActivationConv(self.features, 3, self.strides, self.num_groups)(inputs)
+    residual = PreActivationConv(self.features, 3, 1, self.num_groups)(residual)
+    if self.strides == 1 and inputs.shape[-1] == self.features:
+      return inputs + residual
+    skip = PreActivationConv(self.features, 1, self.strides, self.num_groups, name="skip")(inputs)
+    return skip + residual
+
+
+class WideResNet(nn.Module):
+  """WRN-depth-width for CIFAR-sized images (WRN-16-4: 2.75M parameters with 10 classes).
+
+  3x3 WSConv(16) -> 3 stages of (depth - 4) / 6 blocks with 16*width, 32*width, 64*width channels
+  (strides 1, 2, 2 on each stage's first block) -> ReLU -> GroupNorm -> global average pool
+  -> Dense(num_classes).
+
+  Maps images [batch, H, W, C] (float32) to logits [batch, num_classes].
+  """
+
+  num_classes: int = 10
+  depth: int = 16
+  width: int = 4
+  num_groups: int = 16
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    blocks_per_stage = wrn_blocks_per_stage(self.depth)
+    x = WSConv(16, (3, 3), name="first_conv")(images)
+    for stage, (channels, strides) in enumerate(zip((16, 32, 64), (1, 2, 2))):
+      for block in range(blocks_per_stage):
+        x = WideResNetBlock(
+            channels * self.width, strides if block == 0 else 1, self.num_groups,
+            name=f"stage{stage + 1}_block{block + 1}")(x)
+    x = nn.GroupNorm(num_groups=self.num_groups, name="final_norm")(nn.relu(x))
+    pooled = jnp.mean(x, axis=(1, 2))  # [batch, 64 * width]
+    return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+def wrn_blocks_per_stage(depth: int) -> int:
+  """Number of residual blocks per stage, (depth - 4) / 6; raises ValueError for other depths."""
+  if depth < 10 or (depth - 4) % 6:
+    raise ValueError(
+        f"WideResNet depth must be 6k + 4 with k >= 1 (10, 16, 22, 28, 40, ...), got {depth}.")
+  return (depth - 4) // 6

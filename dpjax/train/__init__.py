@@ -1,0 +1,4 @@
+"""The trainer: jitted steps (step.py), run construction (state.py), the loop (loop.py),
+checkpoints (checkpoint.py) and metrics (metrics.py)."""
+
+from dpjax.train.loop import PrivacyPlan, plan_privacy, train_and_evaluate

@@ -1,0 +1,105 @@
+"""Orbax checkpoints of the whole training state, verified on restore.
+
+A checkpoint holds the device state (params, optimizer state with the noise PRNG key, step) and a
+JSON record (privacy ledger, the config's trajectory blocks, a digest of the device state). The
+samplers are pure functions of (seed, step), so the step is their whole state.
+
+Restoring never silently starts afresh: a checkpoint that cannot be read, whose digest does not
+match its arrays, or whose config differs from the current one raises an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used (corrupt, or made by a different config)."""
+
+
+def state_digest(state: PyTree) -> str:
+  """SHA-256 over every leaf's dtype, shape and bytes, in tree order."""
+  h = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(state):
+    a = np.asarray(jax.device_get(leaf))
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+class Checkpointer:
+  """Saves and restores (state, record) under `workdir/checkpoints/<step>`."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 2):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree, record: dict) -> None:
+    """Saves step `step`; a step already saved is kept (the state at a step never changes)."""
+    if step in self._manager.all_steps():
+      return
+    record = dict(record, digest=state_digest(state))
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)))
+    self._manager.wait_until_finished()
+
+  def restore(self, template: PyTree, expected_config: dict) -> tuple[PyTree, dict] | None:
+    """The latest checkpoint as (state, record), or None when there is none.
+
+    template: a state pytree with the right structure, shapes and dtypes.
+    expected_config: the current config's trajectory blocks; must equal the saved ones.
+    """
+    step = self.latest_step()
+    if step is None:
+      self._refuse_unreadable_leftovers()
+      return None
+    where = os.path.join(self.directory, str(step))
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for unreadable files
+      raise CheckpointError(
+          f"The checkpoint at {where} could not be read ({type(e).__name__}: {e}). It may be "
+          "corrupt or from another model. Move it away to restart from an earlier checkpoint, or "
+          "use a new --workdir to start afresh.") from e
+    state, record = restored["state"], dict(restored["record"])
+    if state_digest(state) != record.get("digest"):
+      raise CheckpointError(
+          f"The checkpoint at {where} is corrupt: its arrays do not match the digest saved with "
+          "them. Move it away to restart from an earlier checkpoint, or use a new --workdir.")
+    _check_same_config(record.get("config"), expected_config, where)
+    return state, record
+
+  def _refuse_unreadable_leftovers(self) -> None:
+    if os.path.isdir(self.directory) and any(
+        name.isdigit() or ".orbax-checkpoint-tmp" in name for name in os.listdir(self.directory)):
+      raise CheckpointError(
+          f"{self.directory} holds checkpoint folders that are not complete (an interrupted "
+          "save?). Remove them to start afresh, or use a new --workdir.")
+
+
+def _check_same_config(saved: dict | None, current: dict, where: str) -> None:
+  if saved is None:
+    raise CheckpointError(f"The checkpoint at {where} has no config record; it was not written by "
+                          "dpjax's trainer. Use a new --workdir.")
+  current = json.loads(json.dumps(current))
+  diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  if diffs:
+    detail = "; ".join(f"{k}: checkpoint {saved.get(k)} vs now {current.get(k)}" for k in diffs)
+    raise CheckpointError(
+        f"The checkpoint at {where} was made with a different config ({detail}). Resume with the "
+        "same config, or use a new --workdir for the new one.")

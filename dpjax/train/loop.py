@@ -1,0 +1,274 @@
+"""The trainer: public/private mixed DP training with accounting, evaluation and checkpoints.
+
+Host side per step t: α = schedule(t) (public); a public batch if α > 0; a Poisson batch of private
+indices if α < 1, fetched one fixed-shape microbatch at a time; the budget guard before every
+private step; the ledger records the step (public-only steps cost nothing). Device side: see
+`dpjax.train.step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpjax import config as config_lib
+from dpjax import data, mixing
+from dpjax.privacy import accounting, clipping, noise, sampling
+from dpjax.train import checkpoint, metrics, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+  """The privacy mechanism a config implies, fixed before training starts (public facts only).
+
+  noise_multiplier is None only when the schedule has no private step.
+  """
+  num_private_examples: int
+  expected_batch_size: float
+  sampling_rate: float
+  planned_private_steps: int
+  noise_multiplier: float | None
+  delta: float
+  accountant: str
+  target_epsilon: float | None
+  clip: str
+  clip_norm: float
+  sensitivity: float
+
+
+def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
+                 schedule: mixing.AlphaSchedule, sensitivity: float) -> PrivacyPlan:
+  """Sampling rate, private step count and noise multiplier (calibrated to the target ε if unset).
+
+  Uses public facts only: the config, the schedule and the number of private examples.
+  """
+  dp = config.dp
+  private_steps = mixing.count_private_steps(schedule, config.schedule.total_steps)
+  if num_private == 0:
+    if private_steps:
+      raise ValueError(f"The α schedule has {private_steps} private steps (α < 1) but there is no "
+                       "private data (data.public_fraction = 1?).")
+    return PrivacyPlan(0, 0.0, 0.0, 0, None, dp.delta, dp.accountant, dp.target_epsilon, dp.clip,
+                       dp.clip_norm, sensitivity)
+  q = dp.expected_batch_size / num_private
+  if not 0 < q <= 1:
+    raise ValueError(f"dp.expected_batch_size = {dp.expected_batch_size} must be in (0, "
+                     f"{num_private}], the number of private examples.")
+  accounting.check_delta(dp.delta, num_private)
+  sigma = dp.noise_multiplier
+  if private_steps and sigma is None:
+    sigma = accounting.calibrate_noise(dp.target_epsilon, dp.delta, q, private_steps,
+                                       dp.accountant)
+  return PrivacyPlan(num_private, float(dp.expected_batch_size), q, private_steps,
+                     None if not private_steps else float(sigma), dp.delta, dp.accountant,
+                     dp.target_epsilon, dp.clip, dp.clip_norm, sensitivity)
+
+
+def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger) -> dict[str, Any]:
+  """What was guaranteed, in the terms a reader needs to check it."""
+  conversion = {"pld": "PLD (dp_accounting PLDAccountant, pessimistic discretisation)",
+                "rdp": "RDP, dp_accounting's RDP-to-(ε, δ) conversion",
+                "rdp_classic": "RDP, classic conversion min_α RDP(α) + log(1/δ)/(α−1)"}
+  return dict(
+      epsilon=ledger.epsilon(plan.delta, plan.accountant), delta=plan.delta,
+      accountant=plan.accountant, conversion=conversion[plan.accountant],
+      private_steps=ledger.private_steps, public_steps=ledger.public_steps,
+      sampling_rate=plan.sampling_rate, sampling="Poisson",
+      expected_batch_size=plan.expected_batch_size, noise_multiplier=plan.noise_multiplier,
+      clip=plan.clip, clip_norm=plan.clip_norm, sensitivity=plan.sensitivity,
+      unit_of_privacy="one training example (image and label) of the private set; add/remove "
+                      "adjacency",
+      num_private_examples=plan.num_private_examples,
+      non_private=plan.num_private_examples == 0,
+      epsilon_by_accountant={a: ledger.epsilon(plan.delta, a) for a in accounting.ACCOUNTANTS})
+
+
+def format_statement(s: dict[str, Any]) -> str:
+  if s["non_private"]:
+    return ("Privacy: none. Every training example was used as public data (no private set), so "
+            "this run gives no differential-privacy guarantee.")
+  sigma = "none" if s["noise_multiplier"] is None else f"{s['noise_multiplier']:.4f}"
+  return (f"Privacy: ({s['epsilon']:.3f}, {s['delta']:g})-DP for {s['unit_of_privacy']}.\n"
+          f"  accountant: {s['conversion']}; the same steps under every accountant: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in s["epsilon_by_accountant"].items()) + "\n"
+          f"  {s['private_steps']} private steps (Poisson sampling, q = {s['sampling_rate']:.5f}, "
+          f"expected batch {s['expected_batch_size']:g} of {s['num_private_examples']}), "
+          f"{s['public_steps']} public-only steps (no privacy cost)\n"
+          f"  noise multiplier {sigma}, clip rule {s['clip']} (norm {s['clip_norm']:g}, "
+          f"sensitivity {s['sensitivity']:.4g})")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       show_progress: bool = True) -> dict[str, Any]:
+  """Trains as `config` says, resuming from `workdir`'s latest checkpoint; returns the results."""
+  config_lib.validate(config)
+  parts, test = state_lib.load_data(config)
+  schedule = state_lib.alpha_schedule(config)
+  model, params = state_lib.create_model(config, parts.private)
+  trainable = None
+  rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
+  plan = plan_privacy(config, len(parts.private), schedule, rule.sensitivity)
+  optimizer = state_lib.create_optimizer(config)
+  noise_tx = noise.add_gaussian_noise(plan.noise_multiplier or 0.0, rule.sensitivity,
+                                      plan.expected_batch_size, seed=config.seed,
+                                      trainable=trainable)
+  run = _Run(config, workdir, parts, test, schedule, model, rule, plan, optimizer, noise_tx)
+  return run.train(params, show_progress)
+
+
+class _Run:
+  """One training run's pieces and its loop (host control flow; device work in `step`)."""
+
+  def __init__(self, config, workdir, parts, test, schedule, model, rule, plan, optimizer,
+               noise_tx):
+    self.config, self.workdir, self.parts, self.schedule = config, workdir, parts, schedule
+    self.plan, self.rule, self.optimizer, self.noise_tx = plan, rule, optimizer, noise_tx
+    example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
+    self.public_grad = step_lib.make_public_grad(example_loss)
+    self.accumulate = step_lib.make_accumulate(example_loss, rule,
+                                              num_devices=config.perf.num_devices)
+    self.apply = step_lib.make_apply(noise_tx, optimizer)
+    self.evaluate = step_lib.make_evaluate(model)
+    self.preprocess = state_lib.preprocessor(config)
+    self.test_images = self.preprocess(test.images)
+    self.test_labels = test.labels
+    self.public_batches = (data.ShuffledBatches(parts.public, config.schedule.public_batch_size,
+                                                config.seed) if len(parts.public) else None)
+    self.sampler = (sampling.PoissonSampler(len(parts.private), plan.sampling_rate,
+                                            config.perf.microbatch_size, seed=config.seed)
+                    if len(parts.private) else None)
+    self.budget = (accounting.PrivacyBudget(config.dp.target_epsilon, plan.delta, plan.accountant)
+                   if config.dp.target_epsilon is not None else None)
+    self.switch_step = mixing.first_private_step(schedule, config.schedule.total_steps)
+    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
+
+  # ---------------------------------------------------------------------------------------------
+  def train(self, params, show_progress: bool) -> dict[str, Any]:
+    opt_state = step_lib.OptState(self.noise_tx.init(params), self.optimizer.init(params))
+    params, opt_state, start, ledger = self._restore(params, opt_state)
+    total = self.config.schedule.total_steps
+    writer = metrics.MetricsWriter(self.workdir)
+    progress = metrics.Progress(total, start, show_progress)
+    stopped, epsilon, last = None, ledger.epsilon(self.plan.delta, self.plan.accountant), {}
+    start_time = time.time()
+    step = start
+    for step in range(start, total):
+      alpha = self.schedule(step)
+      if mixing.reads_private(alpha) and not self._budget_allows(ledger):
+        stopped = "budget"
+        break
+      params, opt_state, last = self._one_step(step, alpha, params, opt_state, ledger)
+      done = step + 1
+      if done % self.config.log_every_steps == 0 or done == total:
+        writer.write(done, "train", dict(alpha=alpha, **last))
+      if done % self.config.eval.every_steps == 0 and done != total:
+        epsilon = ledger.epsilon(self.plan.delta, self.plan.accountant)
+        writer.write(done, "eval", dict(self._eval(params), epsilon=epsilon))
+      if done % self.config.checkpoint.every_steps == 0 and done != total:
+        self._save(done, params, opt_state, ledger)
+      progress.update(1, loss=last.get("loss", float("nan")), eps=epsilon, alpha=alpha)
+    else:
+      step = total
+    progress.close()
+    return self._finish(step, params, opt_state, ledger, writer, stopped, time.time() - start_time)
+
+  def _one_step(self, step, alpha, params, opt_state, ledger):
+    logs = {}
+    if step == self.switch_step:
+      opt_state = opt_state._replace(
+          base=step_lib.reset_moments(opt_state.base, self.config.mixing.reset_moments))
+    public_grad = None
+    if mixing.reads_public(alpha):
+      batch = self._fetch(self.parts.public, self.public_batches.indices(step))
+      public_grad, loss = self.public_grad(params, batch)
+      logs["loss"] = float(loss)
+    clipped = None
+    if mixing.reads_private(alpha):
+      if self.plan.noise_multiplier is None:
+        raise AssertionError("a private step without a noise multiplier")
+      acc = self._private_sum(step, params)
+      clipped = acc.grad_sum
+      logs.update({k: float(v) for k, v in clipping.summarize(acc.stats).items()})
+    params, opt_state = self.apply(params, opt_state, public_grad, clipped, jnp.float32(alpha))
+    if clipped is not None:
+      ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
+    else:
+      ledger.record_public()
+    return params, opt_state, logs
+
+  def _private_sum(self, step, params):
+    acc = step_lib.zero_clipped_sum(params, self.rule)
+    for indices, mask in self.sampler.batch(step).microbatches():
+      acc = self.accumulate(acc, params, self._fetch(self.parts.private, indices), mask)
+    return acc
+
+  def _fetch(self, dataset, indices) -> dict[str, np.ndarray]:
+    return dict(image=self.preprocess(dataset.images[indices]), label=dataset.labels[indices])
+
+  def _budget_allows(self, ledger) -> bool:
+    if self.budget is None:
+      return True
+    try:
+      self.budget.check(ledger, self.plan.sampling_rate, self.plan.noise_multiplier,
+                        hint=self.plan.planned_private_steps)
+    except accounting.BudgetExceededError as e:
+      print(f"Stopping before step {ledger.private_steps + ledger.public_steps}: {e}")
+      return False
+    return True
+
+  def _eval(self, params) -> dict[str, float]:
+    size = self.config.eval.batch_size
+    correct = loss = 0.0
+    for start in range(0, len(self.test_labels), size):
+      idx = np.arange(start, start + size)
+      mask = idx < len(self.test_labels)
+      idx = np.where(mask, idx, 0)
+      c, l = self.evaluate(params, dict(image=self.test_images[idx], label=self.test_labels[idx]),
+                           mask)
+      correct, loss = correct + float(c), loss + float(l)
+    n = len(self.test_labels)
+    return dict(test_accuracy=correct / n, test_loss=loss / n)
+
+  # ---------------------------------------------------------------------------------------------
+  def _record(self, ledger) -> dict:
+    return dict(ledger=ledger.to_json(), config=config_lib.trajectory_view(self.config),
+                plan=dataclasses.asdict(self.plan))
+
+  def _save(self, done, params, opt_state, ledger):
+    state = dict(params=params, opt_state=opt_state, step=jnp.int32(done))
+    self.checkpointer.save(done, state, self._record(ledger))
+
+  def _restore(self, params, opt_state):
+    template = dict(params=params, opt_state=opt_state, step=jnp.int32(0))
+    restored = self.checkpointer.restore(template, config_lib.trajectory_view(self.config))
+    if restored is None:
+      return params, opt_state, 0, accounting.PrivacyLedger()
+    state, record = restored
+    ledger = accounting.PrivacyLedger.from_json(record["ledger"])
+    step = int(state["step"])
+    if ledger.private_steps + ledger.public_steps != step:
+      raise checkpoint.CheckpointError(
+          f"The checkpoint's ledger counts {ledger.private_steps + ledger.public_steps} steps but "
+          f"its state is at step {step}; the checkpoint is inconsistent. Use a new --workdir.")
+    return state["params"], state["opt_state"], step, ledger
+
+  def _finish(self, step, params, opt_state, ledger, writer, stopped, seconds):
+    self._save(step, params, opt_state, ledger)
+    evaluation = self._eval(params)
+    statement = privacy_statement(self.plan, ledger)
+    writer.write(step, "final", dict(evaluation, epsilon=statement["epsilon"]))
+    writer.close()
+    results = dict(evaluation, steps=step, stopped=stopped or "completed",
+                   train_seconds=seconds, privacy=statement)
+    with open(os.path.join(self.workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    print(format_statement(statement))
+    return results

@@ -1,0 +1,105 @@
+"""Tests of dpjax.data.dataset: load_dataset on the real MNIST / Fashion-MNIST, preprocessing."""
+
+import numpy as np
+import pytest
+
+from dpjax.data import dataset as dataset_lib
+from dpjax.data import local_files
+from dpjax.data import testing
+from dpjax.data import tfds_cache
+
+DATA_DIR = testing.find_shared_data(__file__)
+needs_data = pytest.mark.skipif(DATA_DIR is None, reason=testing.NO_DATA_REASON)
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def mnist_train(cache_dir):
+  return dataset_lib.load_dataset("mnist", "train", DATA_DIR, cache_dir)
+
+
+@needs_data
+def test_mnist_train(mnist_train):
+  assert mnist_train.images.shape == (60000, 28, 28, 1) and mnist_train.images.dtype == np.uint8
+  assert mnist_train.labels.shape == (60000,) and mnist_train.labels.dtype == np.int32
+  assert (mnist_train.num_classes, mnist_train.name, mnist_train.split) == (10, "mnist", "train")
+  assert np.bincount(mnist_train.labels).tolist() == MNIST_TRAIN_COUNTS
+
+
+@needs_data
+def test_mnist_is_in_original_file_order(mnist_train):
+  images, labels = local_files.read_split("mnist", "train", DATA_DIR / "mnist")
+  np.testing.assert_array_equal(mnist_train.images, images)
+  np.testing.assert_array_equal(mnist_train.labels, labels)
+
+
+@needs_data
+def test_second_load_reads_the_cache_only(mnist_train, cache_dir):
+  files = sorted((cache_dir / "dpjax_local" / "mnist").rglob("*.array_record*"))
+  mtimes = [f.stat().st_mtime_ns for f in files]
+  # A rebuild would have to find the original files, and there are none at data_dir.
+  again = dataset_lib.load_dataset("mnist", "test", data_dir="/nonexistent", cache_dir=cache_dir)
+  assert len(again) == 10000 and files
+  assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+@needs_data
+def test_fashion_mnist_train(tmp_path):
+  fmnist = dataset_lib.load_dataset("fashion_mnist", "train", DATA_DIR, tmp_path)
+  assert fmnist.images.shape == (60000, 28, 28, 1)
+  assert np.bincount(fmnist.labels).tolist() == [6000] * 10
+
+
+@needs_data
+def test_normalization_constants_match_the_data(mnist_train):
+  mean, std = dataset_lib.normalization("mnist")
+  pixels = dataset_lib.to_float(mnist_train.images)
+  np.testing.assert_allclose([pixels.mean()], mean, atol=1e-4)
+  np.testing.assert_allclose([pixels.std()], std, atol=1e-4)
+
+
+def test_fake_cifar10_through_env_cache_dir(tmp_path, monkeypatch):
+  _, batches = testing.write_fake_cifar10(tmp_path / "data", images_per_batch=2)
+  monkeypatch.setenv(tfds_cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
+  test = dataset_lib.load_dataset("cifar10", "test", tmp_path / "data", verify=False)
+  assert test.images.shape == (2, 32, 32, 3) and test.num_classes == 10
+  assert test.labels.tolist() == batches["test_batch"][b"labels"]
+  assert (tmp_path / "cache" / "dpjax_local" / "cifar10").is_dir()
+
+
+def test_unknown_name_lists_known_ones(tmp_path):
+  with pytest.raises(ValueError, match="known local datasets: mnist, fashion_mnist, cifar10"):
+    dataset_lib.load_dataset("svhn", "train", cache_dir=tmp_path)
+
+
+def test_unknown_split(tmp_path):
+  with pytest.raises(ValueError, match="train, test"):
+    dataset_lib.load_dataset("mnist", "validation", cache_dir=tmp_path)
+
+
+def test_to_float_and_standardize():
+  images = np.array([0, 51, 255], np.uint8).reshape(1, 3, 1, 1)
+  floats = dataset_lib.to_float(images)
+  assert floats.dtype == np.float32 and floats.shape == images.shape
+  np.testing.assert_allclose(floats.ravel(), [0.0, 0.2, 1.0], rtol=1e-6)
+  assert floats.min() == 0.0 and floats.max() == 1.0
+  np.testing.assert_allclose(dataset_lib.standardize(images, "mnist").ravel(),
+                             (np.array([0.0, 0.2, 1.0]) - 0.1307) / 0.3081, rtol=1e-6)
+
+
+def test_normalization_has_one_value_per_channel():
+  mean, std = dataset_lib.normalization("cifar10")
+  assert mean.shape == std.shape == (3,) and (std > 0).all()
+
+
+def test_dataset_rejects_wrong_dtypes():
+  with pytest.raises(ValueError, match="uint8"):
+    dataset_lib.Dataset(np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int32), 10, "x")
+  with pytest.raises(ValueError, match="int32"):
+    dataset_lib.Dataset(np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int64), 10, "x")

@@ -1,0 +1,199 @@
+"""End-to-end tests of the trainer on real Fashion-MNIST: accuracy, accounting, resume, budget."""
+
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from dpjax import config as config_lib
+from dpjax import mixing, models
+from dpjax.privacy import accounting, clipping
+from dpjax.train import checkpoint, loop, metrics, step as step_lib
+from tests.conftest import require_data
+
+
+def small_config(**blocks):
+  """20 steps on Fashion-MNIST: 10 public-only, then 10 DP steps to ε = 2 (RDP: fast to account)."""
+  c = config_lib.default_config()
+  c.data.update(name="fashion_mnist", public_fraction=0.1)
+  c.model.name = "cnn_tanh"
+  c.dp.update(clip="flat", clip_norm=1.0, target_epsilon=2.0, delta=1e-5, accountant="rdp",
+              expected_batch_size=128)
+  c.optimizer.update(name="adam", learning_rate=3e-3)
+  c.schedule.update(total_steps=20, public_batch_size=128)
+  c.mixing.update(schedule="switch", switch_step=10)
+  c.perf.microbatch_size = 64
+  c.eval.update(every_steps=1000, batch_size=2500)
+  c.checkpoint.every_steps = 1000
+  for block, values in blocks.items():
+    if isinstance(values, dict):
+      c[block].update(values)
+    else:
+      c[block] = values
+  return c
+
+
+@pytest.fixture(autouse=True)
+def _data(dataset_cache):
+  require_data()
+
+
+def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
+  c = small_config()
+  r = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  assert r["test_accuracy"] > 0.4  # chance is 0.1
+  p = r["privacy"]
+  assert (p["private_steps"], p["public_steps"]) == (10, 10)
+  q = 128 / 54000
+  assert p["sampling_rate"] == pytest.approx(q)
+  assert p["epsilon"] == accounting.epsilon(p["noise_multiplier"], q, 10, 1e-5, "rdp")
+  assert 0.99 * 2.0 <= p["epsilon"] <= 2.0
+  records = metrics.read_metrics(str(tmp_path))
+  assert records[-1]["kind"] == "final"
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_public_steps_read_no_private_data_and_private_steps_no_public_data(tmp_path,
+                                                                              monkeypatch):
+  reads = {"public": [], "private": []}
+  original_fetch = loop._Run._fetch
+
+  def spy(self, dataset, indices):
+    reads["public" if dataset is self.parts.public else "private"].append(self._current_step)
+    return original_fetch(self, dataset, indices)
+
+  original_one_step = loop._Run._one_step
+
+  def one_step(self, step, *args):
+    self._current_step = step
+    return original_one_step(self, step, *args)
+
+  monkeypatch.setattr(loop._Run, "_fetch", spy)
+  monkeypatch.setattr(loop._Run, "_one_step", one_step)
+  r = loop.train_and_evaluate(small_config(), str(tmp_path), show_progress=False)
+  assert set(reads["public"]) == set(range(10))
+  assert reads["private"] and min(reads["private"]) >= 10
+  assert r["privacy"]["public_steps"] == 10
+
+
+def test_public_only_run_spends_nothing(tmp_path):
+  c = small_config(mixing=dict(schedule="constant", alpha=1.0))
+  r = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  assert r["privacy"]["epsilon"] == 0.0 and r["privacy"]["private_steps"] == 0
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+  straight = loop.train_and_evaluate(small_config(), str(tmp_path / "a"), show_progress=False)
+  c = small_config(checkpoint=dict(every_steps=4))
+  original = loop._Run._one_step
+
+  def crash_at_13(self, step, *args):
+    if step == 13:
+      raise KeyboardInterrupt("simulated crash")
+    return original(self, step, *args)
+
+  monkeypatch.setattr(loop._Run, "_one_step", crash_at_13)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  monkeypatch.setattr(loop._Run, "_one_step", original)
+  resumed = loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  assert resumed["privacy"] == straight["privacy"]
+  assert resumed["test_accuracy"] == straight["test_accuracy"]
+  a = _final_params(tmp_path / "a")
+  b = _final_params(tmp_path / "b")
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _final_params(workdir):
+  state = checkpoint.Checkpointer(str(workdir))
+  import orbax.checkpoint as ocp
+  restored = state._manager.restore(state.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  return restored["state"]["params"]
+
+
+def test_budget_guard_stops_before_the_budget_and_checkpoints(tmp_path):
+  c = small_config(dp=dict(noise_multiplier=0.7, target_epsilon=1.7),
+                   mixing=dict(schedule="constant", alpha=0.0), schedule=dict(total_steps=200))
+  r = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  steps = r["privacy"]["private_steps"]
+  assert r["stopped"] == "budget" and 0 < steps < 200
+  q = 128 / 54000
+  assert accounting.epsilon(0.7, q, steps, 1e-5, "rdp") <= 1.7
+  assert accounting.epsilon(0.7, q, steps + 1, 1e-5, "rdp") > 1.7
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == steps
+  # Rerunning does not take another step: the budget is already spent.
+  again = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  assert again["privacy"]["private_steps"] == steps and again["stopped"] == "budget"
+
+
+def test_the_switch_resets_the_first_moment(tmp_path, monkeypatch):
+  calls = []
+  original = step_lib.reset_moments
+  monkeypatch.setattr(step_lib, "reset_moments",
+                      lambda state, which: calls.append(which) or original(state, which))
+  loop.train_and_evaluate(small_config(), str(tmp_path), show_progress=False)
+  assert calls == ["first"]
+
+
+def test_perf_flags_do_not_change_the_privacy_event(tmp_path):
+  base = loop.train_and_evaluate(small_config(), str(tmp_path / "a"), show_progress=False)
+  other = small_config(perf=dict(microbatch_size=32, dtype="bfloat16", remat=True))
+  assert config_lib.trajectory_view(other) == config_lib.trajectory_view(small_config())
+  changed = loop.train_and_evaluate(other, str(tmp_path / "b"), show_progress=False)
+  assert changed["privacy"] == base["privacy"]
+
+
+def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
+  c = small_config(schedule=dict(total_steps=12))
+  loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  changed = small_config(schedule=dict(total_steps=12), optimizer=dict(learning_rate=0.1))
+  with pytest.raises(checkpoint.CheckpointError, match="different config"):
+    loop.train_and_evaluate(changed, str(tmp_path), show_progress=False)
+  data_files = [p for p in pathlib.Path(tmp_path, "checkpoints").rglob("*")
+                if p.is_file() and "/d/" in str(p)]
+  assert data_files
+  for p in data_files:
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    p.write_bytes(bytes(raw))
+  with pytest.raises(checkpoint.CheckpointError, match="corrupt|could not be read"):
+    loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+
+
+@pytest.mark.parametrize("blocks,error,match", [
+    (dict(data=dict(name="imagenet_xl")), ValueError, "imagenet_xl"),
+    (dict(model=dict(name="resnet9000")), ValueError, "resnet9000"),
+    (dict(data=dict(dir="/nonexistent/dpjax")), FileNotFoundError, "DPJAX_DATA_DIR"),
+    (dict(mixing=dict(schedule="constant", alpha=1.5)), mixing.AlphaOutOfRangeError, r"\[0, 1\]"),
+    (dict(perf=dict(microbatch_size=30, num_devices=4)), ValueError, "does not split evenly"),
+    (dict(dp=dict(delta=1e-3)), ValueError, "1/N"),
+])
+def test_clear_errors(tmp_path, blocks, error, match):
+  c = small_config(**blocks)
+  if c.data.dir:  # a fresh cache, so that the original files are really needed
+    c.data.cache_dir = str(tmp_path / "cache")
+  with pytest.raises(error, match=match):
+    loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+
+
+def test_batchnorm_model_is_refused(tmp_path, monkeypatch):
+  class WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      x = nn.Dense(8)(x.reshape((x.shape[0], -1)))
+      return nn.Dense(10)(nn.BatchNorm(use_running_average=not train)(x))
+
+  def build(name, num_classes, input_shape=None, **kwargs):
+    model = WithBatchNorm()
+    models.assert_dp_compatible(model, example_input=jax.ShapeDtypeStruct((1,) + input_shape,
+                                                                          np.float32))
+    return model
+
+  monkeypatch.setattr(models, "build_model", build)
+  with pytest.raises(clipping.BatchNormInDPModelError, match="GroupNorm"):
+    loop.train_and_evaluate(small_config(), str(tmp_path), show_progress=False)
