@@ -1,7 +1,8 @@
 """The default experiment config and its validation; experiments override blocks of it.
 
 Blocks (see experiments/*.py for complete examples):
-  data        dataset name, data/cache dirs, public fraction or a separate public dataset
+  data        dataset name, data/cache dirs, public fraction or a separate public dataset,
+              verify (require the official files' checksums; False accepts any well-formed files)
   model       name plus keyword arguments for `dpjax.models.build_model`
   dp          the privacy mechanism: clip rule and norm, noise multiplier and/or target (ε, δ),
               accountant, expected private batch size, sampler
@@ -26,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = dict(name="fashion_mnist", dir="", cache_dir="", public_fraction=0.1,
-                public_name="", standardize=False)
+                public_name="", standardize=False, verify=True)
   c.model = dict(name="cnn_tanh")
   c.dp = dict(clip="flat", clip_norm=0.1, stability=0.01,
               noise_multiplier=config_dict.placeholder(float),

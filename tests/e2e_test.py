@@ -85,6 +85,17 @@ def test_public_only_run_spends_nothing(tmp_path):
   assert r["privacy"]["epsilon"] == 0.0 and r["privacy"]["private_steps"] == 0
 
 
+def test_all_data_public_is_reported_as_not_private(tmp_path):
+  c = small_config(data=dict(public_fraction=1.0), mixing=dict(schedule="constant", alpha=1.0),
+                   schedule=dict(total_steps=5))
+  r = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  assert r["privacy"]["non_private"] and r["privacy"]["private_steps"] == 0
+  assert "no differential-privacy guarantee" in loop.format_statement(r["privacy"])
+  with pytest.raises(ValueError, match="no private data"):
+    loop.train_and_evaluate(small_config(data=dict(public_fraction=1.0)), str(tmp_path / "b"),
+                            show_progress=False)
+
+
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
   straight = loop.train_and_evaluate(small_config(), str(tmp_path / "a"), show_progress=False)
   c = small_config(checkpoint=dict(every_steps=4))
@@ -179,6 +190,28 @@ def test_clear_errors(tmp_path, blocks, error, match):
     c.data.cache_dir = str(tmp_path / "cache")
   with pytest.raises(error, match=match):
     loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+
+
+def test_cifar10_config_trains_on_a_small_file_in_the_original_format(tmp_path):
+  """CIFAR-10 is not available offline: its complete config runs on a fake in the original format."""
+  import importlib.util
+  from dpjax.data import testing
+  testing.write_fake_cifar10(tmp_path / "data", images_per_batch=40, tarball=True)
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tramer_boneh_cnn.py"
+  spec = importlib.util.spec_from_file_location("tramer_boneh_cnn", path)
+  experiment = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(experiment)
+  c = experiment.get_config("cifar10")
+  assert c.schedule.total_steps == 1440 and c.model.name == "cnn_tanh"
+  c.data.update(dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), verify=False)
+  c.dp.expected_batch_size = 32
+  c.perf.microbatch_size = 16
+  c.schedule.total_steps = 3
+  r = loop.train_and_evaluate(c, str(tmp_path / "work"), show_progress=False)
+  assert r["steps"] == 3 and r["privacy"]["num_private_examples"] == 200
+  with pytest.raises(Exception, match="md5|checksum"):  # the official checksum is enforced
+    c.data.update(verify=True, cache_dir=str(tmp_path / "cache2"))
+    loop.train_and_evaluate(c, str(tmp_path / "work2"), show_progress=False)
 
 
 def test_batchnorm_model_is_refused(tmp_path, monkeypatch):

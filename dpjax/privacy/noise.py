@@ -52,6 +52,11 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, noise)
 
 
+def init_noise_state(seed: int) -> NoiseState:
+  """The state of a fresh noise transformation seeded with `seed` (no step noised yet)."""
+  return NoiseState(key=jax.random.PRNGKey(seed), count=jnp.zeros([], jnp.int32))
+
+
 def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_batch_size: float,
                        seed: int = 0, trainable: PyTree | None = None
                        ) -> optax.GradientTransformation:
@@ -72,7 +77,7 @@ def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_bat
 
   def init_fn(params):
     del params
-    return NoiseState(key=jax.random.PRNGKey(seed), count=jnp.zeros([], jnp.int32))
+    return init_noise_state(seed)
 
   def update_fn(updates, state, params=None):
     del params

@@ -113,13 +113,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   parts, test = state_lib.load_data(config)
   schedule = state_lib.alpha_schedule(config)
   model, params = state_lib.create_model(config, parts.private)
-  trainable = None
   rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
   plan = plan_privacy(config, len(parts.private), schedule, rule.sensitivity)
   optimizer = state_lib.create_optimizer(config)
-  noise_tx = noise.add_gaussian_noise(plan.noise_multiplier or 0.0, rule.sensitivity,
-                                      plan.expected_batch_size, seed=config.seed,
-                                      trainable=trainable)
+  noise_tx = None  # a run without private steps has no Gaussian mechanism at all
+  if plan.noise_multiplier is not None:
+    noise_tx = noise.add_gaussian_noise(plan.noise_multiplier, rule.sensitivity,
+                                        plan.expected_batch_size, seed=config.seed)
   run = _Run(config, workdir, parts, test, schedule, model, rule, plan, optimizer, noise_tx)
   return run.train(params, show_progress)
 
@@ -152,7 +152,8 @@ class _Run:
 
   # ---------------------------------------------------------------------------------------------
   def train(self, params, show_progress: bool) -> dict[str, Any]:
-    opt_state = step_lib.OptState(self.noise_tx.init(params), self.optimizer.init(params))
+    opt_state = step_lib.OptState(noise.init_noise_state(self.config.seed),
+                                  self.optimizer.init(params))
     params, opt_state, start, ledger = self._restore(params, opt_state)
     total = self.config.schedule.total_steps
     writer = metrics.MetricsWriter(self.workdir)

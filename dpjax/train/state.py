@@ -16,7 +16,8 @@ from dpjax import data, mixing, models
 def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, data.Dataset]:
   """(public/private training parts, test set). The test set is used for evaluation only."""
   c = config.data
-  load = lambda name, split: data.load_dataset(name, split, c.dir or None, c.cache_dir or None)
+  load = lambda name, split: data.load_dataset(name, split, c.dir or None, c.cache_dir or None,
+                                               verify=c.verify)
   train = load(c.name, "train")
   if c.public_name:
     parts = data.pair_datasets(load(c.public_name, "train"), train)
