@@ -6,7 +6,9 @@ Blocks (see experiments/*.py for complete examples):
   model       name plus keyword arguments for `dpjax.models.build_model`
   dp          the privacy mechanism: clip rule and norm, noise multiplier and/or target (ε, δ),
               accountant, expected private batch size, sampler
-  mixing      the α schedule and whether to reset optimizer moments at the public→private switch
+  mixing      the α schedule (or the automatic switch) and whether to reset optimizer moments at
+              the public→private switch
+  curvature   public-data curvature statistics (tr(H), decelerator, α*) logged during training
   perf        microbatch size, devices, dtype, remat: never change the privacy event
   optimizer   optax optimizer and learning rate
   schedule    number of steps, learning-rate schedule, public batch size
@@ -34,7 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
               target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="pld",
               expected_batch_size=512, sampler="poisson")
   c.mixing = dict(schedule="switch", switch_step=0, alpha=0.0, start=1.0, end=0.0, begin=0,
-                  until=1, reset_moments="first")
+                  until=1, reset_moments="first",
+                  # schedule="auto": public until the controller switches (dpjax.mixing.AutoSwitch)
+                  auto=dict(criterion="either", check_every=25, patience=3, min_delta=0.0,
+                            holdout_fraction=0.1, min_switch_step=0, max_switch_step=-1))
+  # Curvature statistics on public data (dpjax.curvature), logged every `every_steps` (0: never;
+  # the automatic switch computes them at its checks anyway).
+  c.curvature = dict(every_steps=0, batch_size=128, num_probes=8)
   c.perf = dict(microbatch_size=128, num_devices=1, dtype="float32", remat=False)
   c.optimizer = dict(name="sgd", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.999,
                      weight_decay=0.0)
@@ -58,6 +66,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mixing.reset_moments not in ("first", "all", "none"):
     raise ValueError(f"mixing.reset_moments must be 'first', 'all' or 'none', got "
                      f"{config.mixing.reset_moments!r}.")
+  if config.mixing.schedule == "auto" and config.mixing.auto.check_every <= 0:
+    raise ValueError("mixing.auto.check_every must be > 0.")
   if config.perf.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"perf.dtype must be float32, bfloat16 or float16, got {config.perf.dtype!r}.")
   perf = config.perf

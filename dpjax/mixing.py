@@ -10,10 +10,15 @@ Schedules (each a callable `step -> float` with values in [0, 1]):
                                     (DP continual pre-training, Bu et al. 2024).
   linear(start, end, begin, until)  from `start` at step `begin` to `end` at step `until`.
   cosine(start, end, until)         cosine decay from `start` at step 0 to `end` at `until`.
+  sample_ratio(public_batch_size, private_batch_size)
+                                    α = B_pub / (B_pub + B_priv): each example weighs the same.
+  `AutoSwitch`                      public until a controller fed with PUBLIC statistics only
+                                    decides to switch, then private (α = 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -68,7 +73,16 @@ def cosine(start: float, end: float, until: int) -> AlphaSchedule:
   return schedule
 
 
-SCHEDULES = {"constant": constant, "switch": switch, "linear": linear, "cosine": cosine}
+def sample_ratio(public_batch_size: float, private_batch_size: float) -> AlphaSchedule:
+  """α = B_pub/(B_pub + B_priv): the public share of the examples in a step (expected sizes)."""
+  if public_batch_size <= 0 or private_batch_size <= 0:
+    raise ValueError("sample_ratio needs positive public and private batch sizes, got "
+                     f"{public_batch_size} and {private_batch_size}.")
+  return constant(public_batch_size / (public_batch_size + private_batch_size))
+
+
+SCHEDULES = {"constant": constant, "switch": switch, "linear": linear, "cosine": cosine,
+             "sample_ratio": sample_ratio}
 
 
 def make_schedule(kind: str, **kwargs) -> AlphaSchedule:
@@ -109,3 +123,73 @@ def mix(alpha: jax.Array | float, public_grad: PyTree | None, private_grad: PyTr
   return jax.tree_util.tree_map(lambda p, q: alpha * p + (1 - alpha) * q.astype(p.dtype),
                                 public_grad, private_grad)
 
+
+
+@dataclasses.dataclass
+class AutoSwitch:
+  """Decides when to switch from public (α = 1) to private (α = 0) training.
+
+  It sees only what `observe` is given: the predicted per-step loss improvement of a public step
+  and of a DP step (from curvature estimated on public data, `dpjax.curvature`) and the loss on a
+  held-out part of the public data. So the switch step is a function of public data and public
+  constants; it spends no privacy budget and reveals nothing about the private data.
+
+  criterion: "improvement" switches once the predicted DP improvement per step reaches the public
+    one (Bu et al.: the decelerator has shrunk enough); "plateau" once the held-out public loss has
+    not improved by more than `min_delta` for `patience` checks; "either" on the first of the two.
+  max_switch_step: the switch happens at this step at the latest.
+  """
+  criterion: str = "either"
+  patience: int = 3
+  min_delta: float = 0.0
+  max_switch_step: int | None = None
+  switch_step: int | None = None
+  best_loss: float = math.inf
+  checks_without_improvement: int = 0
+  reason: str = ""
+
+  def __post_init__(self):
+    if self.criterion not in ("improvement", "plateau", "either"):
+      raise ValueError(f"AutoSwitch criterion must be improvement, plateau or either, got "
+                       f"{self.criterion!r}.")
+
+  def __call__(self, step: int) -> float:
+    """α at `step`: 1 until the switch, 0 from it on."""
+    return 1.0 if self.switch_step is None or step < self.switch_step else 0.0
+
+  def observe(self, step: int, public_improvement: float | None = None,
+              private_improvement: float | None = None, heldout_loss: float | None = None) -> bool:
+    """Feeds one check's public statistics; returns True if training switches at `step`."""
+    if self.switch_step is not None:
+      return False
+    reasons = []
+    # A degenerate estimate (non-finite, or no predicted public progress at all, as when the
+    # estimated ‖G‖² is <= 0 on a small batch) is no evidence either way.
+    if (self.criterion in ("improvement", "either") and _finite(public_improvement)
+        and _finite(private_improvement) and public_improvement > 0):
+      if private_improvement >= public_improvement:
+        reasons.append(f"predicted DP improvement {private_improvement:.3g} >= public "
+                       f"{public_improvement:.3g}")
+    if self.criterion in ("plateau", "either") and _finite(heldout_loss):
+      if heldout_loss < self.best_loss - self.min_delta:
+        self.best_loss, self.checks_without_improvement = heldout_loss, 0
+      else:
+        self.checks_without_improvement += 1
+      if self.checks_without_improvement >= self.patience:
+        reasons.append(f"held-out public loss has not improved for {self.patience} checks")
+    if self.max_switch_step is not None and step >= self.max_switch_step:
+      reasons.append(f"reached max_switch_step {self.max_switch_step}")
+    if reasons:
+      self.switch_step, self.reason = step, "; ".join(reasons)
+    return bool(reasons)
+
+  def state_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_state_dict(cls, state: dict) -> "AutoSwitch":
+    return cls(**state)
+
+
+def _finite(x: float | None) -> bool:
+  return x is not None and math.isfinite(x)

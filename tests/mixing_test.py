@@ -55,3 +55,41 @@ def test_mix_combines_and_skips_missing_sides():
   np.testing.assert_allclose(mixing.mix(0.25, pub, priv)["w"], [2.5, 5.0])
   np.testing.assert_allclose(mixing.mix(1.0, pub, None)["w"], [1.0, 2.0])
   np.testing.assert_allclose(mixing.mix(0.0, None, priv)["w"], [3.0, 6.0])
+
+
+def test_sample_ratio_is_the_public_share_of_examples():
+  s = mixing.make_schedule("sample_ratio", public_batch_size=256, private_batch_size=768)
+  assert s(0) == s(100) == 0.25
+
+
+def test_auto_switch_on_predicted_improvement():
+  auto = mixing.AutoSwitch(criterion="improvement")
+  assert not auto.observe(0, public_improvement=1.0, private_improvement=0.4)
+  assert auto(0) == 1.0
+  assert auto.observe(10, public_improvement=1.0, private_improvement=1.2)
+  assert auto.switch_step == 10 and auto(9) == 1.0 and auto(10) == 0.0
+  assert not auto.observe(20, public_improvement=1.0, private_improvement=5.0)  # decided once
+  degenerate = mixing.AutoSwitch(criterion="improvement")
+  assert not degenerate.observe(0, float("inf"), float("inf"))
+  assert not degenerate.observe(0, float("nan"), 1.0)
+  assert not degenerate.observe(0, 0.0, 0.0)
+
+
+def test_auto_switch_on_plateau_and_at_the_latest_step():
+  auto = mixing.AutoSwitch(criterion="plateau", patience=2, min_delta=0.01)
+  losses = [1.0, 0.8, 0.795, 0.81]  # improves, improves, < min_delta, worse -> switch at check 3
+  decisions = [auto.observe(10 * i, heldout_loss=l) for i, l in enumerate(losses)]
+  assert decisions == [False, False, False, True] and auto.switch_step == 30
+  forced = mixing.AutoSwitch(criterion="plateau", patience=100, max_switch_step=20)
+  assert [forced.observe(s, heldout_loss=1.0 / (s + 1)) for s in (0, 10, 20)] == [False, False,
+                                                                                   True]
+  assert "max_switch_step" in forced.reason
+
+
+def test_auto_switch_state_round_trip_and_bad_criterion():
+  auto = mixing.AutoSwitch(criterion="either", patience=1)
+  auto.observe(0, 1.0, 0.1, heldout_loss=2.0)
+  again = mixing.AutoSwitch.from_state_dict(auto.state_dict())
+  assert again == auto
+  with pytest.raises(ValueError, match="criterion"):
+    mixing.AutoSwitch(criterion="vibes")

@@ -22,7 +22,8 @@ import numpy as np
 from dpjax import config as config_lib
 from dpjax import data, mixing
 from dpjax.privacy import accounting, clipping, noise, sampling
-from dpjax.train import checkpoint, metrics, state as state_lib, step as step_lib
+from dpjax.train import checkpoint, metrics, monitor as monitor_lib, state as state_lib
+from dpjax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,41 +115,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule = state_lib.alpha_schedule(config)
   model, params = state_lib.create_model(config, parts.private)
   rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
-  plan = plan_privacy(config, len(parts.private), schedule, rule.sensitivity)
-  optimizer = state_lib.create_optimizer(config)
-  noise_tx = None  # a run without private steps has no Gaussian mechanism at all
-  if plan.noise_multiplier is not None:
-    noise_tx = noise.add_gaussian_noise(plan.noise_multiplier, rule.sensitivity,
-                                        plan.expected_batch_size, seed=config.seed)
-  run = _Run(config, workdir, parts, test, schedule, model, rule, plan, optimizer, noise_tx)
+  run = _Run(config, workdir, parts, test, schedule, model, rule)
   return run.train(params, show_progress)
 
 
 class _Run:
   """One training run's pieces and its loop (host control flow; device work in `step`)."""
 
-  def __init__(self, config, workdir, parts, test, schedule, model, rule, plan, optimizer,
-               noise_tx):
+  def __init__(self, config, workdir, parts, test, schedule, model, rule):
     self.config, self.workdir, self.parts, self.schedule = config, workdir, parts, schedule
-    self.plan, self.rule, self.optimizer, self.noise_tx = plan, rule, optimizer, noise_tx
+    self.rule, self.optimizer = rule, state_lib.create_optimizer(config)
+    self.auto = schedule if isinstance(schedule, mixing.AutoSwitch) else None
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss)
     self.accumulate = step_lib.make_accumulate(example_loss, rule,
                                               num_devices=config.perf.num_devices)
-    self.apply = step_lib.make_apply(noise_tx, optimizer)
     self.evaluate = step_lib.make_evaluate(model)
     self.preprocess = state_lib.preprocessor(config)
     self.test_images = self.preprocess(test.images)
     self.test_labels = test.labels
-    self.public_batches = (data.ShuffledBatches(parts.public, config.schedule.public_batch_size,
-                                                config.seed) if len(parts.public) else None)
-    self.sampler = (sampling.PoissonSampler(len(parts.private), plan.sampling_rate,
+    self.public_train, heldout = monitor_lib.split_heldout(
+        parts.public, config.mixing.auto.holdout_fraction if self.auto else 0.0, config.seed)
+    self.public_batches = (data.ShuffledBatches(self.public_train,
+                                                config.schedule.public_batch_size, config.seed)
+                           if len(self.public_train) else None)
+    self.monitor = self._make_monitor(model, heldout)
+    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
+    self._set_plan()
+    self.sampler = (sampling.PoissonSampler(len(parts.private), self.plan.sampling_rate,
                                             config.perf.microbatch_size, seed=config.seed)
                     if len(parts.private) else None)
-    self.budget = (accounting.PrivacyBudget(config.dp.target_epsilon, plan.delta, plan.accountant)
+    self.budget = (accounting.PrivacyBudget(config.dp.target_epsilon, self.plan.delta,
+                                            self.plan.accountant)
                    if config.dp.target_epsilon is not None else None)
-    self.switch_step = mixing.first_private_step(schedule, config.schedule.total_steps)
-    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
+
+  def _set_plan(self):
+    """(Re)plans privacy from the schedule as far as it is decided; builds the mechanism."""
+    self.plan = plan_privacy(self.config, len(self.parts.private), self.schedule,
+                             self.rule.sensitivity)
+    self.noise_tx = None  # a run without private steps has no Gaussian mechanism at all
+    if self.plan.noise_multiplier is not None:
+      self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
+                                               self.plan.expected_batch_size,
+                                               seed=self.config.seed)
+    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer)
+    self.switch_step = mixing.first_private_step(self.schedule, self.config.schedule.total_steps)
+
+  def _make_monitor(self, model, heldout):
+    if not (self.auto or self.config.curvature.every_steps) or not len(self.public_train):
+      return None
+    heldout_loss = None
+    if heldout is not None:
+      images, labels = self.preprocess(heldout.images), heldout.labels
+      heldout_loss = lambda params: self._eval_on(params, images, labels)["test_loss"]
+    return monitor_lib.PublicMonitor(self.config, self.public_train, heldout,
+                                     step_lib.make_example_loss(model), self.rule,
+                                     self.preprocess, heldout_loss, len(self.parts.private))
 
   # ---------------------------------------------------------------------------------------------
   def train(self, params, show_progress: bool) -> dict[str, Any]:
@@ -162,6 +184,7 @@ class _Run:
     start_time = time.time()
     step = start
     for step in range(start, total):
+      self._watch_public_statistics(step, params, writer)
       alpha = self.schedule(step)
       if mixing.reads_private(alpha) and not self._budget_allows(ledger):
         stopped = "budget"
@@ -180,6 +203,30 @@ class _Run:
       step = total
     progress.close()
     return self._finish(step, params, opt_state, ledger, writer, stopped, time.time() - start_time)
+
+  def _watch_public_statistics(self, step, params, writer):
+    """Curvature records every curvature.every_steps; auto-switch checks every check_every."""
+    if self.monitor is None:
+      return
+    auto_check = (self.auto is not None and self.auto.switch_step is None
+                  and step % self.config.mixing.auto.check_every == 0
+                  and step >= self.config.mixing.auto.min_switch_step)
+    every = self.config.curvature.every_steps
+    if not auto_check and not (every and step % every == 0):
+      return
+    sigma = (self.plan.noise_multiplier if self.switch_step is not None
+             else self.monitor.predicted_noise_multiplier(step))
+    stats = self.monitor.statistics(step, params, sigma)
+    writer.write(step, "curvature", stats)
+    if auto_check and self.auto.observe(step, stats["loss_improvement_public"],
+                                        stats.get("loss_improvement_dp"),
+                                        stats.get("heldout_loss")):
+      self._set_plan()
+      writer.write(step, "switch", dict(noise_multiplier=self.plan.noise_multiplier,
+                                        reason=self.auto.reason))
+      print(f"Switching to private training at step {step}: {self.auto.reason}; noise "
+            f"multiplier {self.plan.noise_multiplier:.4f} for {self.plan.planned_private_steps} "
+            "private steps.")
 
   def _one_step(self, step, alpha, params, opt_state, ledger):
     logs = {}
@@ -226,22 +273,24 @@ class _Run:
     return True
 
   def _eval(self, params) -> dict[str, float]:
+    return self._eval_on(params, self.test_images, self.test_labels)
+
+  def _eval_on(self, params, images, labels) -> dict[str, float]:
     size = self.config.eval.batch_size
     correct = loss = 0.0
-    for start in range(0, len(self.test_labels), size):
+    for start in range(0, len(labels), size):
       idx = np.arange(start, start + size)
-      mask = idx < len(self.test_labels)
+      mask = idx < len(labels)
       idx = np.where(mask, idx, 0)
-      c, l = self.evaluate(params, dict(image=self.test_images[idx], label=self.test_labels[idx]),
-                           mask)
+      c, l = self.evaluate(params, dict(image=images[idx], label=labels[idx]), mask)
       correct, loss = correct + float(c), loss + float(l)
-    n = len(self.test_labels)
-    return dict(test_accuracy=correct / n, test_loss=loss / n)
+    return dict(test_accuracy=correct / len(labels), test_loss=loss / len(labels))
 
   # ---------------------------------------------------------------------------------------------
   def _record(self, ledger) -> dict:
     return dict(ledger=ledger.to_json(), config=config_lib.trajectory_view(self.config),
-                plan=dataclasses.asdict(self.plan))
+                plan=dataclasses.asdict(self.plan),
+                auto_switch=json.dumps(self.auto.state_dict()) if self.auto else None)
 
   def _save(self, done, params, opt_state, ledger):
     state = dict(params=params, opt_state=opt_state, step=jnp.int32(done))
@@ -254,6 +303,9 @@ class _Run:
       return params, opt_state, 0, accounting.PrivacyLedger()
     state, record = restored
     ledger = accounting.PrivacyLedger.from_json(record["ledger"])
+    if self.auto is not None:  # the controller's state, and the plan it decided
+      vars(self.auto).update(json.loads(record["auto_switch"]))
+      self._set_plan()
     step = int(state["step"])
     if ledger.private_steps + ledger.public_steps != step:
       raise checkpoint.CheckpointError(
@@ -268,7 +320,8 @@ class _Run:
     writer.write(step, "final", dict(evaluation, epsilon=statement["epsilon"]))
     writer.close()
     results = dict(evaluation, steps=step, stopped=stopped or "completed",
-                   train_seconds=seconds, privacy=statement)
+                   train_seconds=seconds, privacy=statement,
+                   switch_step=self.auto.switch_step if self.auto else self.switch_step)
     with open(os.path.join(self.workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
     print(format_statement(statement))

@@ -28,11 +28,18 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, da
 
 def alpha_schedule(config: ml_collections.ConfigDict) -> mixing.AlphaSchedule:
   m = config.mixing
+  if m.schedule == "auto":
+    a = m.auto
+    return mixing.AutoSwitch(criterion=a.criterion, patience=a.patience, min_delta=a.min_delta,
+                             max_switch_step=a.max_switch_step if a.max_switch_step >= 0 else None)
   arguments = dict(constant=dict(alpha=m.alpha), switch=dict(switch_step=m.switch_step),
                    linear=dict(start=m.start, end=m.end, begin=m.begin, until=m.until),
-                   cosine=dict(start=m.start, end=m.end, until=m.until))
+                   cosine=dict(start=m.start, end=m.end, until=m.until),
+                   sample_ratio=dict(public_batch_size=config.schedule.public_batch_size,
+                                     private_batch_size=config.dp.expected_batch_size))
   if m.schedule not in arguments:
-    raise ValueError(f"Unknown mixing.schedule {m.schedule!r}; choose one of {sorted(arguments)}.")
+    raise ValueError(f"Unknown mixing.schedule {m.schedule!r}; choose one of "
+                     f"{sorted(arguments) + ['auto']}.")
   schedule = mixing.make_schedule(m.schedule, **arguments[m.schedule])
   for step in range(config.schedule.total_steps):  # fail now, not mid-run, on a bad α
     schedule(step)

@@ -1,0 +1,216 @@
+"""Sweeps: variants of one experiment from axes of config overrides, their commands, local runs,
+a results table and plots. The command line is `launch/sweep.py`.
+
+A sweep workdir holds one folder per variant, named after its swept values
+(`switch_step=100,target_epsilon=3`), with the run's own files (results.json, metrics.jsonl, ...)
+and `variant.json`, the overrides it was launched with.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from typing import Iterable
+
+from dpjax import report
+
+
+class SweepError(RuntimeError):
+  """A variant failed; the message names it and says how to resume."""
+
+
+def expand(sweeps: list[str]) -> list[dict[str, str]]:
+  """The cartesian product of axes such as "mixing.switch_step=0,100,200", one dict per variant."""
+  axes = {}
+  for spec in sweeps:
+    key, _, values = spec.partition("=")
+    if not key or not values or key in axes:
+      raise ValueError(f"Bad sweep {spec!r}: write KEY=V1,V2,... (e.g. mixing.switch_step=0,100), "
+                       "each KEY once.")
+    axes[key] = values.split(",")
+  return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def variant_name(variant: dict[str, str]) -> str:
+  """A filesystem-safe folder name from the values, keyed by the last part of each key."""
+  short = {k: k.rsplit(".", 1)[-1] for k in variant}
+  if len(set(short.values())) < len(short):  # e.g. a.lr and b.lr: keep the full keys
+    short = {k: k for k in variant}
+  name = ",".join(f"{short[k]}={v}" for k, v in variant.items()) or "base"
+  return re.sub(r"[^\w.,=+-]", "_", name)
+
+
+def commands(config: str, workdir: str, variants: list[dict[str, str]],
+             extra_flags: Iterable[str] = ()) -> list[list[str]]:
+  """One `python -m dpjax.main` argv per variant, in `workdir/<variant name>`."""
+  names = [variant_name(v) for v in variants]
+  if len(set(names)) < len(names):
+    raise ValueError(f"Two variants share a folder name: {names}; use values that differ in "
+                     "letters, digits or . , = + -.")
+  return [["python", "-m", "dpjax.main", f"--config={config}",
+           f"--workdir={os.path.join(workdir, name)}",
+           *[f"--config.{k}={v}" for k, v in variant.items()], *extra_flags]
+          for name, variant in zip(names, variants)]
+
+
+def _workdir(cmd: list[str]) -> str:
+  return next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+
+
+def _done(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def write_variants(config: str, cmds: list[list[str]], variants: list[dict[str, str]]) -> None:
+  """Saves each unfinished variant's overrides and command as `variant.json` in its workdir."""
+  for cmd, variant in zip(cmds, variants):
+    if _done(_workdir(cmd)):
+      continue
+    os.makedirs(_workdir(cmd), exist_ok=True)
+    with open(os.path.join(_workdir(cmd), "variant.json"), "w") as f:
+      json.dump(dict(config=config, overrides=variant, command=shlex.join(cmd)), f, indent=2)
+
+
+def run_local(cmds: list[list[str]], capture: bool = False) -> None:
+  """Runs the commands one after another with this interpreter (cmd[0] is replaced).
+
+  A variant whose workdir has results.json is skipped, and one with checkpoints resumes, so
+  rerunning a sweep finishes it. Raises SweepError naming the first variant that fails.
+  """
+  for i, cmd in enumerate(cmds, 1):
+    workdir = _workdir(cmd)
+    name = os.path.basename(workdir)
+    if _done(workdir):
+      print(f"[{i}/{len(cmds)}] {name}: done already (results.json), skipped", flush=True)
+      continue
+    print(f"[{i}/{len(cmds)}] {name}: {shlex.join(cmd)}", flush=True)
+    proc = subprocess.run([sys.executable, *cmd[1:]], capture_output=capture, text=True)
+    if proc.returncode:
+      output = (proc.stdout + proc.stderr)[-3000:] if capture else "(output above)"
+      raise SweepError(f"Variant {name} failed with exit code {proc.returncode}:\n{output}\n"
+                       f"Command: {shlex.join(cmd)}\nFix it and rerun the sweep: finished "
+                       "variants are skipped, this one resumes from its checkpoints.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _number(value: str):
+  for kind in (int, float):
+    try:
+      return kind(value)
+    except ValueError:
+      pass
+  return value
+
+
+def _natural(name: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def collect(workdir: str) -> list[dict]:
+  """One flat row per finished variant: variant, workdir, swept values (numbers where they parse),
+  then results.json with nested keys joined by dots (privacy.epsilon, ...)."""
+  rows = []
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "results.json"))):
+    run = os.path.dirname(path)
+    overrides = {}
+    if os.path.exists(os.path.join(run, "variant.json")):
+      with open(os.path.join(run, "variant.json")) as f:
+        overrides = {k: _number(v) for k, v in json.load(f)["overrides"].items()}
+    rows.append(dict(variant=os.path.basename(run), workdir=run, **overrides,
+                     **_flatten(report.load_results(run))))
+  return sorted(rows, key=lambda r: _natural(r["variant"]))
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+  """All rows' keys as columns (in order of first appearance); missing values are left empty."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _figure(num_axes: int = 1):
+  # matplotlib's Figure (not pyplot) writes PNGs with the Agg canvas and leaves the global backend
+  # alone; imported here so that expanding and printing commands stays fast.
+  from matplotlib.figure import Figure
+  cols = min(num_axes, 3)
+  fig = Figure(figsize=(5.5 * cols, 4 * math.ceil(num_axes / cols)), layout="constrained")
+  return fig, fig.subplots(math.ceil(num_axes / cols), cols, squeeze=False).ravel()
+
+
+def plot_accuracy(rows: list[dict], x_key: str, group_key: str | None, path: str,
+                  baselines: dict[str, float] | None = None) -> None:
+  """Test accuracy against `x_key`, one line per value of `group_key`, baselines as h-lines."""
+  groups = {}
+  for row in rows:
+    if x_key in row:
+      groups.setdefault(row.get(group_key) if group_key else None, []).append(row)
+  if not groups:
+    raise ValueError(f"No finished variant has {x_key!r}; choose one of the swept keys.")
+  fig, (ax,) = _figure()
+  for group, members in groups.items():
+    members.sort(key=lambda r: r[x_key])
+    ax.plot([r[x_key] for r in members], [r["test_accuracy"] for r in members], marker="o",
+            label=None if group_key is None else f"{group_key} = {group}")
+  for i, (name, accuracy) in enumerate((baselines or {}).items()):
+    ax.axhline(accuracy, linestyle="--", color=f"C{len(groups) + i}",
+               label=f"{name} ({accuracy:.4f})")
+  ax.set(xlabel=x_key, ylabel="test accuracy", title=f"test accuracy vs {x_key}")
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  fig.savefig(path)
+
+
+def plot_curves(workdir_or_rows: str | list[dict], keys: list[str] | None, path: str) -> bool:
+  """Curvature records (kind "curvature") against step, one line per variant, one panel per key.
+
+  keys=None plots every numeric key found. Log y where all of a key's values are > 0. Writes
+  nothing and returns False when no variant has curvature records.
+  """
+  from dpjax.train import metrics  # imported here: dpjax.train pulls in jax
+  rows = collect(workdir_or_rows) if isinstance(workdir_or_rows, str) else workdir_or_rows
+  curves = {}
+  for row in rows:
+    if os.path.exists(os.path.join(row["workdir"], "metrics.jsonl")):
+      records = [r for r in metrics.read_metrics(row["workdir"]) if r["kind"] == "curvature"]
+      if records:
+        curves[row["variant"]] = records
+  numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  found = sorted({k for recs in curves.values() for r in recs for k, v in r.items()
+                  if numeric(v) and k != "step"})
+  keys = [k for k in (found if keys is None else keys) if k in found]
+  if not keys:
+    return False
+  fig, axes = _figure(len(keys))
+  for ax, key in zip(axes, keys):
+    values = []
+    for variant, records in curves.items():
+      points = [(r["step"], r[key]) for r in records if numeric(r.get(key))]
+      if points:
+        ax.plot(*zip(*points), marker=".", label=variant)
+        values += [v for _, v in points]
+    if min(values) > 0:
+      ax.set_yscale("log")
+    ax.set(xlabel="step", title=key)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize="small")
+  for ax in axes[len(keys):]:
+    ax.set_visible(False)
+  fig.savefig(path)
+  return True

@@ -1,0 +1,87 @@
+"""Statistics of training computed on PUBLIC data only: curvature terms, predicted per-step loss
+improvements of public and DP steps, the decelerator, α*, and the held-out public loss.
+
+They are logged as "curvature" records and feed the automatic public→private switch
+(`dpjax.mixing.AutoSwitch`). The monitor is built from the public part of the data and never holds
+the private part, and `dpjax.curvature` refuses non-public batches, so nothing it reports (and no
+switch decision) depends on private data.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from dpjax import curvature, data
+from dpjax.privacy import accounting, clipping
+
+_MONITOR_STREAM = 0xC0A7
+
+
+class PublicMonitor:
+  """Computes public-data statistics at a step for the current params."""
+
+  def __init__(self, config: ml_collections.ConfigDict, public_train: data.Dataset,
+               heldout: data.Dataset | None, example_loss: Callable, rule: clipping.ClipRule,
+               preprocess: Callable, heldout_loss: Callable | None, num_private: int):
+    self.config, self.public, self.heldout = config, public_train, heldout
+    self.example_loss, self.rule, self.preprocess = example_loss, rule, preprocess
+    self.heldout_loss_fn = heldout_loss
+    self.num_private = num_private
+
+  def statistics(self, step: int, params: Any, noise_multiplier: float | None) -> dict[str, float]:
+    """Curvature terms on a public batch drawn from (seed, step), and what they predict.
+
+    noise_multiplier: σ of the private phase (known, or predicted for a switch at `step`).
+    """
+    c = self.config
+    size = min(c.curvature.batch_size, len(self.public))
+    rng = np.random.default_rng([c.seed, step, _MONITOR_STREAM])
+    batch = curvature.public_batch(self.public, rng.choice(len(self.public), size, replace=False),
+                                   self.preprocess)
+    terms = curvature.curvature_terms(self.example_loss, params, batch, self.rule,
+                                      jax.random.fold_in(jax.random.PRNGKey(c.seed), step),
+                                      num_probes=c.curvature.num_probes)
+    stats = dict(terms._asdict())
+    b_pub, b_priv = c.schedule.public_batch_size, c.dp.expected_batch_size
+    stats["loss_improvement_public"] = curvature.loss_improvement_sgd(terms, b_pub)
+    if noise_multiplier is not None:
+      stats.update(
+          noise_multiplier=noise_multiplier,
+          decelerator=curvature.decelerator(terms, b_priv, noise_multiplier),
+          loss_improvement_dp=curvature.loss_improvement_dp(terms, b_priv, noise_multiplier),
+          alpha_star=curvature.optimal_alpha(terms, b_pub, b_priv, noise_multiplier))
+    if self.heldout is not None:
+      stats["heldout_loss"] = self.heldout_loss_fn(params)
+    return stats
+
+  def predicted_noise_multiplier(self, step: int) -> float | None:
+    """σ a private phase starting at `step` would use: the configured one, or calibrated to the
+    target ε for the steps left. Public: depends on the config and the step only."""
+    dp = self.config.dp
+    if dp.noise_multiplier is not None:
+      return float(dp.noise_multiplier)
+    remaining = self.config.schedule.total_steps - step
+    if remaining <= 0 or self.num_private == 0:
+      return None
+    return _calibrated(dp.target_epsilon, dp.delta, dp.expected_batch_size / self.num_private,
+                       remaining, dp.accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target, delta, q, steps, accountant) -> float:
+  return accounting.calibrate_noise(target, delta, q, steps, accountant)
+
+
+def split_heldout(public: data.Dataset, fraction: float, seed: int
+                  ) -> tuple[data.Dataset, data.Dataset | None]:
+  """(public training part, held-out public part) — disjoint, deterministic from the seed."""
+  if fraction <= 0:
+    return public, None
+  heldout_idx, train_idx = data.public_private_split(len(public), fraction, seed + 1)
+  data.check_disjoint(heldout_idx, train_idx, ("held-out public", "public training"))
+  return public.subset(train_idx, "train"), public.subset(heldout_idx, "heldout")

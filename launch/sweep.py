@@ -1,0 +1,88 @@
+"""Runs a grid of variants of one experiment, then tabulates and plots their results.
+
+  python launch/sweep.py --config=experiments/fmnist_continual.py:dp --workdir=sweeps/switch \\
+      --sweep=mixing.switch_step=0,100,200 --sweep=dp.target_epsilon=1,3,8 \\
+      [--set=schedule.total_steps=600 ...] [--baseline=private_only=DIR ...] \\
+      [--x=mixing.switch_step --group=dp.target_epsilon] [--capture] \\
+      [--print_commands | --collect_only]
+
+Each variant (the product of the --sweep axes; --set applies to all) trains in WORKDIR/<name>,
+e.g. WORKDIR/switch_step=100,target_epsilon=3, one after another (--capture: show a run's output
+only if it fails); rerunning skips finished variants and resumes unfinished ones. Then
+WORKDIR/results.csv, WORKDIR/accuracy.png (test accuracy vs --x, one line per --group value,
+baselines as horizontal lines) and, if the runs logged curvature records, WORKDIR/curvature.png
+are written and a markdown table is printed.
+--print_commands prints one shell command per variant (for a cluster) and runs nothing; it writes
+each variant's variant.json so that --collect_only (same flags) can tabulate the results later.
+"""
+
+import os
+import shlex
+
+from absl import app, flags
+
+from dpjax import report, sweeps
+
+_CONFIG = flags.DEFINE_string("config", None, "Experiment config, as for dpjax.main (path[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per variant.")
+_SWEEP = flags.DEFINE_multi_string("sweep", [], "An axis KEY=V1,V2,... of config overrides.")
+_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant.")
+_BASELINE = flags.DEFINE_multi_string("baseline", [], "NAME=DIR: a finished run's accuracy, "
+                                      "drawn as a horizontal line.")
+_X = flags.DEFINE_string("x", None, "Swept key on the x axis (default: the first --sweep key).")
+_GROUP = flags.DEFINE_string("group", None, "Swept key with one line per value (default: the "
+                             "second --sweep key, if any).")
+_PRINT = flags.DEFINE_bool("print_commands", False, "Print the commands and run nothing.")
+_COLLECT = flags.DEFINE_bool("collect_only", False, "Only re-collect the results and re-plot.")
+_CAPTURE = flags.DEFINE_bool("capture", False, "Capture each run's output (shown if it fails).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if any("=" not in b for b in _BASELINE.value):
+    raise app.UsageError(f"--baseline takes NAME=DIR, got {_BASELINE.value}.")
+  variants = sweeps.expand(_SWEEP.value)
+  if not _COLLECT.value:
+    if not _CONFIG.value:
+      raise app.UsageError("--config is required unless --collect_only.")
+    if any("=" not in kv for kv in _SET.value):
+      raise app.UsageError(f"--set takes KEY=VALUE, got {_SET.value}.")
+    extra = [f"--config.{kv}" for kv in _SET.value] + ["--progress=false"]
+    cmds = sweeps.commands(_CONFIG.value, _WORKDIR.value, variants, extra)
+    sweeps.write_variants(_CONFIG.value, cmds, variants)
+    if _PRINT.value:
+      print("\n".join(shlex.join(cmd) for cmd in cmds))
+      return
+    try:
+      sweeps.run_local(cmds, capture=_CAPTURE.value)
+    except sweeps.SweepError as e:
+      raise SystemExit(f"SweepError: {e}") from None
+  swept = list(variants[0])
+  x = _X.value or (swept[0] if swept else None)
+  if x is None:
+    raise app.UsageError("Pass --x (and --group), or the --sweep flags the sweep was run with.")
+  group = _GROUP.value or next((k for k in swept if k != x), None)
+  report_sweep(_WORKDIR.value, x, group, dict(b.split("=", 1) for b in _BASELINE.value))
+
+
+def report_sweep(workdir: str, x: str, group: str | None, baselines: dict[str, str]) -> None:
+  """Writes results.csv, accuracy.png and curvature.png (if any) and prints a markdown table."""
+  rows = sweeps.collect(workdir)
+  if not rows:
+    raise SystemExit(f"No finished variant (results.json) under {workdir}.")
+  csv_path, accuracy_png = (os.path.join(workdir, f) for f in ("results.csv", "accuracy.png"))
+  sweeps.write_csv(rows, csv_path)
+  lines = {name: report.load_results(run)["test_accuracy"] for name, run in baselines.items()}
+  sweeps.plot_accuracy(rows, x, group, accuracy_png, lines)
+  print(f"\n{csv_path}\n{accuracy_png}")
+  if sweeps.plot_curves(rows, None, os.path.join(workdir, "curvature.png")):
+    print(os.path.join(workdir, "curvature.png"))
+  print("\n" + report.results_table([row["workdir"] for row in rows]))
+  for name, accuracy in lines.items():
+    print(f"baseline {name}: test accuracy {accuracy:.4f} ({baselines[name]})")
+
+
+if __name__ == "__main__":
+  app.run(main)

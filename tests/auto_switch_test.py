@@ -1,0 +1,75 @@
+"""End-to-end tests of the automatic public→private switch (Bu et al. 2024) on Fashion-MNIST."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dpjax import data
+from dpjax.train import loop, metrics, state as state_lib
+from tests.conftest import require_data
+from tests.e2e_test import small_config
+
+
+@pytest.fixture(autouse=True)
+def _data(dataset_cache):
+  require_data()
+
+
+def auto_config(**blocks):
+  c = small_config(mixing=dict(schedule="auto"), schedule=dict(total_steps=30), **blocks)
+  c.mixing.auto.update(check_every=4, patience=2, criterion="either", max_switch_step=20)
+  c.curvature.update(batch_size=32, num_probes=2)
+  return c
+
+
+def _with_scrambled_private_data(monkeypatch):
+  original = state_lib.load_data
+
+  def load(config):
+    parts, test = original(config)
+    rng = np.random.default_rng(123)
+    private = dataclasses.replace(
+        parts.private, images=rng.integers(0, 256, parts.private.images.shape, np.uint8),
+        labels=rng.permutation(parts.private.labels))
+    return data.PublicPrivate(parts.public, private), test
+
+  monkeypatch.setattr(state_lib, "load_data", load)
+
+
+def _curvature_records(workdir):
+  return [m for m in metrics.read_metrics(workdir) if m["kind"] in ("curvature", "switch")]
+
+
+def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_path, monkeypatch):
+  first = loop.train_and_evaluate(auto_config(), str(tmp_path / "a"), show_progress=False)
+  s = first["switch_step"]
+  assert s is not None and 0 < s <= 20
+  p = first["privacy"]
+  assert p["private_steps"] == 30 - s and p["public_steps"] == s
+  assert 0.99 * 2.0 <= p["epsilon"] <= 2.0  # σ calibrated at the switch for the steps left
+  _with_scrambled_private_data(monkeypatch)
+  second = loop.train_and_evaluate(auto_config(), str(tmp_path / "b"), show_progress=False)
+  assert second["switch_step"] == s
+  assert _curvature_records(str(tmp_path / "a")) == _curvature_records(str(tmp_path / "b"))
+  assert second["test_accuracy"] != first["test_accuracy"]  # the private data did change
+
+
+def test_auto_switch_survives_a_restart(tmp_path, monkeypatch):
+  c = auto_config(checkpoint=dict(every_steps=3))
+  straight = loop.train_and_evaluate(c, str(tmp_path / "a"), show_progress=False)
+  original = loop._Run._one_step
+
+  def crash(self, step, *args):
+    if step == straight["switch_step"] + 4:
+      raise KeyboardInterrupt("simulated crash after the switch")
+    return original(self, step, *args)
+
+  monkeypatch.setattr(loop._Run, "_one_step", crash)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  monkeypatch.setattr(loop._Run, "_one_step", original)
+  resumed = loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  assert resumed["switch_step"] == straight["switch_step"]
+  assert resumed["privacy"] == straight["privacy"]
+  assert resumed["test_accuracy"] == straight["test_accuracy"]

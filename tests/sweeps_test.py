@@ -1,0 +1,178 @@
+"""Tests of dpjax.sweeps on fake workdirs, and launch/sweep.py end to end on a tiny real sweep."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dpjax import sweeps
+from tests.conftest import require_data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_expand_is_the_product_in_order_with_distinct_safe_names():
+  variants = sweeps.expand(["mixing.switch_step=0,100,200", "dp.target_epsilon=1,3"])
+  assert len(variants) == 6
+  assert variants[0] == {"mixing.switch_step": "0", "dp.target_epsilon": "1"}
+  assert variants[-1] == {"mixing.switch_step": "200", "dp.target_epsilon": "3"}
+  names = [sweeps.variant_name(v) for v in variants]
+  assert names[3] == "switch_step=100,target_epsilon=3"
+  assert len(set(names)) == 6
+  assert sweeps.expand([]) == [{}] and sweeps.variant_name({}) == "base"
+
+
+def test_variant_names_keep_full_keys_when_short_ones_clash_and_are_filesystem_safe():
+  assert sweeps.variant_name({"a.lr": "1", "b.lr": "2"}) == "a.lr=1,b.lr=2"
+  assert sweeps.variant_name({"data.name": "../x y"}) == "name=.._x_y"
+
+
+@pytest.mark.parametrize("spec", ["mixing.switch_step", "=1,2", "a="])
+def test_expand_refuses_malformed_axes(spec):
+  with pytest.raises(ValueError, match="KEY=V1,V2"):
+    sweeps.expand([spec])
+
+
+def test_expand_refuses_a_repeated_key():
+  with pytest.raises(ValueError, match="each KEY once"):
+    sweeps.expand(["a=1", "a=2"])
+
+
+def test_commands_give_each_variant_its_workdir_and_overrides():
+  variants = sweeps.expand(["mixing.switch_step=0,100"])
+  cmds = sweeps.commands("experiments/fmnist_continual.py:dp", "sw", variants,
+                         ["--config.schedule.total_steps=6", "--progress=false"])
+  assert cmds[1] == ["python", "-m", "dpjax.main", "--config=experiments/fmnist_continual.py:dp",
+                     "--workdir=sw/switch_step=100", "--config.mixing.switch_step=100",
+                     "--config.schedule.total_steps=6", "--progress=false"]
+
+
+def test_commands_refuse_variants_that_would_share_a_folder():
+  with pytest.raises(ValueError, match="share a folder"):
+    sweeps.commands("c.py", "sw", [{"data.name": "a/b"}, {"data.name": "a b"}])
+
+
+def _script(tmp_path, code, workdir):
+  """A command for run_local: `python -c CODE --workdir=...` (run_local swaps in sys.executable)."""
+  return ["python", "-c", code, f"--workdir={tmp_path / workdir}"]
+
+
+def test_run_local_skips_finished_variants_and_names_the_one_that_fails(tmp_path):
+  (tmp_path / "done").mkdir()
+  (tmp_path / "done" / "results.json").write_text("{}")
+  touch = "import sys, pathlib; pathlib.Path(sys.argv[1].split('=', 1)[1], 'ran').touch()"
+  (tmp_path / "todo").mkdir()
+  cmds = [_script(tmp_path, "raise SystemExit(1)", "done"), _script(tmp_path, touch, "todo"),
+          _script(tmp_path, "raise SystemExit('boom')", "bad=1"),
+          _script(tmp_path, touch, "never")]
+  with pytest.raises(sweeps.SweepError, match=r"(?s)Variant bad=1 failed with exit code 1.*boom"):
+    sweeps.run_local(cmds, capture=True)
+  assert (tmp_path / "todo" / "ran").exists()
+  assert not (tmp_path / "never").exists()
+
+
+def _fake_run(workdir, overrides, accuracy, curvature=()):
+  """A finished variant: variant.json, results.json and metrics.jsonl with curvature records."""
+  os.makedirs(workdir)
+  with open(workdir / "variant.json", "w") as f:
+    json.dump(dict(config="c.py", overrides=overrides), f)
+  with open(workdir / "results.json", "w") as f:
+    json.dump(dict(test_accuracy=accuracy, test_loss=0.5, steps=10, stopped="completed",
+                   train_seconds=1.0, privacy=dict(
+                       epsilon=3.0, delta=1e-5, accountant="rdp", private_steps=5,
+                       public_steps=5, noise_multiplier=1.1, non_private=False,
+                       epsilon_by_accountant=dict(pld=2.5, rdp=3.0))), f)
+  with open(workdir / "metrics.jsonl", "w") as f:
+    f.write(json.dumps(dict(step=10, kind="eval", test_accuracy=accuracy)) + "\n")
+    for step, trace in curvature:
+      f.write(json.dumps(dict(step=step, kind="curvature", trace_h=trace, alpha_star=-trace,
+                              note="text", decelerator="nan")) + "\n")
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+  for step in (0, 100, 20):
+    for eps in (1, 3):
+      overrides = {"mixing.switch_step": str(step), "dp.target_epsilon": str(eps)}
+      curvature = [(s, 1.0 + s + eps) for s in (2, 4, 6)] if step else ()
+      accuracy = 0.5 + step / 1000 + eps / 100
+      _fake_run(tmp_path / sweeps.variant_name(overrides), overrides, accuracy, curvature)
+  (tmp_path / "unfinished").mkdir()
+  return tmp_path
+
+
+def test_collect_reads_every_finished_variant_with_its_swept_values(sweep_dir):
+  rows = sweeps.collect(str(sweep_dir))
+  assert [r["variant"] for r in rows][:4] == [
+      "switch_step=0,target_epsilon=1", "switch_step=0,target_epsilon=3",
+      "switch_step=20,target_epsilon=1", "switch_step=20,target_epsilon=3"]
+  row = rows[3]
+  assert row["mixing.switch_step"] == 20 and row["dp.target_epsilon"] == 3
+  assert row["test_accuracy"] == pytest.approx(0.55)
+  assert row["privacy.epsilon_by_accountant.pld"] == 2.5
+  assert row["workdir"] == str(sweep_dir / row["variant"])
+
+
+def test_write_csv_has_one_row_per_variant_and_every_column(sweep_dir, tmp_path):
+  rows = sweeps.collect(str(sweep_dir))
+  rows[0]["extra"] = "only here"
+  sweeps.write_csv(rows, tmp_path / "results.csv")
+  with open(tmp_path / "results.csv") as f:
+    read = list(csv.DictReader(f))
+  assert len(read) == 6
+  assert read[2]["mixing.switch_step"] == "20" and read[2]["privacy.epsilon"] == "3.0"
+  assert read[0]["extra"] == "only here" and read[1]["extra"] == ""
+
+
+def _is_png(path):
+  data = pathlib.Path(path).read_bytes()
+  return len(data) > 1000 and data.startswith(PNG)
+
+
+def test_plot_accuracy_writes_a_png(sweep_dir, tmp_path):
+  rows = sweeps.collect(str(sweep_dir))
+  sweeps.plot_accuracy(rows, "mixing.switch_step", "dp.target_epsilon", tmp_path / "a.png",
+                       dict(private_only=0.7, non_dp=0.9))
+  sweeps.plot_accuracy(rows, "dp.target_epsilon", None, tmp_path / "b.png")
+  assert _is_png(tmp_path / "a.png") and _is_png(tmp_path / "b.png")
+  with pytest.raises(ValueError, match="No finished variant has 'seed'"):
+    sweeps.plot_accuracy(rows, "seed", None, tmp_path / "c.png")
+
+
+def test_plot_curves_writes_a_png_of_the_curvature_records(sweep_dir, tmp_path):
+  assert sweeps.plot_curves(str(sweep_dir), None, tmp_path / "all.png")
+  assert sweeps.plot_curves(sweeps.collect(str(sweep_dir)), ["trace_h"], tmp_path / "one.png")
+  assert _is_png(tmp_path / "all.png") and _is_png(tmp_path / "one.png")
+
+
+def test_plot_curves_writes_nothing_without_curvature_records(tmp_path):
+  _fake_run(tmp_path / "sweep" / "a=1", {"a": "1"}, 0.5)
+  assert not sweeps.plot_curves(str(tmp_path / "sweep"), None, tmp_path / "c.png")
+  assert not sweeps.plot_curves(str(tmp_path / "sweep"), ["trace_h"], tmp_path / "c.png")
+  assert not (tmp_path / "c.png").exists()
+
+
+def test_launcher_runs_a_tiny_sweep_end_to_end(tmp_path, dataset_cache):
+  """Two 6-step variants of the main job (about 45 s on 2 CPU cores, 25 s with warm caches)."""
+  require_data()
+  tiny = ["schedule.total_steps=6", "dp.expected_batch_size=64", "perf.microbatch_size=64",
+          "dp.accountant=rdp", "eval.every_steps=1000", "schedule.public_batch_size=64"]
+  workdir = tmp_path / "sweep"
+  proc = subprocess.run(
+      [sys.executable, "launch/sweep.py", "--config=experiments/fmnist_continual.py:dp",
+       f"--workdir={workdir}", "--sweep=mixing.switch_step=2,4", "--capture",
+       *[f"--set={s}" for s in tiny]],
+      cwd=ROOT, capture_output=True, text=True,
+      env=dict(os.environ, DPJAX_CACHE_DIR=str(dataset_cache)))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["mixing.switch_step"], r["steps"], r["privacy.public_steps"]) for r in rows] == [
+      ("2", "6", "2"), ("4", "6", "4")]
+  assert _is_png(workdir / "accuracy.png")
+  assert f"{workdir}/results.csv" in proc.stdout and "| switch_step=4 |" in proc.stdout
