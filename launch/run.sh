@@ -17,7 +17,7 @@ variants=("${@:-dp}")
 cd "$root"
 dirs=()
 for v in "${variants[@]}"; do
-  "$python" -m dpjax.main --config="experiments/fmnist_continual.py:$v" \
+  "$python" -m dpjax.main --config="experiments/continual.py:$v" \
     --workdir="$workdir/fmnist_$v" --progress="${PROGRESS:-true}"
   dirs+=("$workdir/fmnist_$v")
 done

@@ -45,9 +45,9 @@ def test_expand_refuses_a_repeated_key():
 
 def test_commands_give_each_variant_its_workdir_and_overrides():
   variants = sweeps.expand(["mixing.switch_step=0,100"])
-  cmds = sweeps.commands("experiments/fmnist_continual.py:dp", "sw", variants,
+  cmds = sweeps.commands("experiments/continual.py:dp", "sw", variants,
                          ["--config.schedule.total_steps=6", "--progress=false"])
-  assert cmds[1] == ["python", "-m", "dpjax.main", "--config=experiments/fmnist_continual.py:dp",
+  assert cmds[1] == ["python", "-m", "dpjax.main", "--config=experiments/continual.py:dp",
                      "--workdir=sw/switch_step=100", "--config.mixing.switch_step=100",
                      "--config.schedule.total_steps=6", "--progress=false"]
 
@@ -164,7 +164,7 @@ def test_launcher_runs_a_tiny_sweep_end_to_end(tmp_path, dataset_cache):
           "dp.accountant=rdp", "eval.every_steps=1000", "schedule.public_batch_size=64"]
   workdir = tmp_path / "sweep"
   proc = subprocess.run(
-      [sys.executable, "launch/sweep.py", "--config=experiments/fmnist_continual.py:dp",
+      [sys.executable, "launch/sweep.py", "--config=experiments/continual.py:dp",
        f"--workdir={workdir}", "--sweep=mixing.switch_step=2,4", "--capture",
        *[f"--set={s}" for s in tiny]],
       cwd=ROOT, capture_output=True, text=True,

@@ -61,7 +61,11 @@ class PublicMonitor:
 
   def predicted_noise_multiplier(self, step: int) -> float | None:
     """σ a private phase starting at `step` would use: the configured one, or calibrated to the
-    target ε for the steps left. Public: depends on the config and the step only."""
+    target ε for the steps left. Public: depends on the config and the step only.
+
+    The prediction calibrates with RDP (fast; slightly more noise than PLD for the same ε) since
+    it only steers the switch; the σ actually used is calibrated with the run's accountant.
+    """
     dp = self.config.dp
     if dp.noise_multiplier is not None:
       return float(dp.noise_multiplier)
@@ -69,7 +73,7 @@ class PublicMonitor:
     if remaining <= 0 or self.num_private == 0:
       return None
     return _calibrated(dp.target_epsilon, dp.delta, dp.expected_batch_size / self.num_private,
-                       remaining, dp.accountant)
+                       remaining, "rdp")
 
 
 @functools.lru_cache(maxsize=256)
