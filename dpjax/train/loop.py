@@ -181,6 +181,7 @@ class _Run:
     writer = metrics.MetricsWriter(self.workdir)
     progress = metrics.Progress(total, start, show_progress)
     stopped, epsilon, last = None, ledger.epsilon(self.plan.delta, self.plan.accountant), {}
+    accuracy = float("nan")  # test accuracy at the last evaluation
     start_time = time.time()
     step = start
     for step in range(start, total):
@@ -195,10 +196,13 @@ class _Run:
         writer.write(done, "train", dict(alpha=alpha, **last))
       if done % self.config.eval.every_steps == 0 and done != total:
         epsilon = ledger.epsilon(self.plan.delta, self.plan.accountant)
-        writer.write(done, "eval", dict(self._eval(params), epsilon=epsilon))
+        evaluation = self._eval(params)
+        accuracy = evaluation["test_accuracy"]
+        writer.write(done, "eval", dict(evaluation, epsilon=epsilon))
       if done % self.config.checkpoint.every_steps == 0 and done != total:
         self._save(done, params, opt_state, ledger)
-      progress.update(1, loss=last.get("loss", float("nan")), eps=epsilon, alpha=alpha)
+      progress.update(1, loss=last.get("loss", float("nan")), acc=accuracy, eps=epsilon,
+                      alpha=alpha)
     else:
       step = total
     progress.close()
