@@ -8,7 +8,7 @@ import pytest
 from dpjax import data
 from dpjax.train import loop, metrics, state as state_lib
 from tests.conftest import require_data
-from tests.e2e_test import small_config
+from tests.e2e_test import crash_then_resume, small_config
 
 
 @pytest.fixture(autouse=True)
@@ -58,18 +58,7 @@ def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_p
 def test_auto_switch_survives_a_restart(tmp_path, monkeypatch):
   c = auto_config(checkpoint=dict(every_steps=3))
   straight = loop.train_and_evaluate(c, str(tmp_path / "a"), show_progress=False)
-  original = loop._Run._one_step
-
-  def crash(self, step, *args):
-    if step == straight["switch_step"] + 4:
-      raise KeyboardInterrupt("simulated crash after the switch")
-    return original(self, step, *args)
-
-  monkeypatch.setattr(loop._Run, "_one_step", crash)
-  with pytest.raises(KeyboardInterrupt):
-    loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
-  monkeypatch.setattr(loop._Run, "_one_step", original)
-  resumed = loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  resumed = crash_then_resume(c, str(tmp_path / "b"), straight["switch_step"] + 4, monkeypatch)
   assert resumed["switch_step"] == straight["switch_step"]
   assert resumed["privacy"] == straight["privacy"]
   assert resumed["test_accuracy"] == straight["test_accuracy"]

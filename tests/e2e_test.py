@@ -99,24 +99,29 @@ def test_all_data_public_is_reported_as_not_private(tmp_path):
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
   straight = loop.train_and_evaluate(small_config(), str(tmp_path / "a"), show_progress=False)
   c = small_config(checkpoint=dict(every_steps=4))
-  original = loop._Run._one_step
-
-  def crash_at_13(self, step, *args):
-    if step == 13:
-      raise KeyboardInterrupt("simulated crash")
-    return original(self, step, *args)
-
-  monkeypatch.setattr(loop._Run, "_one_step", crash_at_13)
-  with pytest.raises(KeyboardInterrupt):
-    loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
-  monkeypatch.setattr(loop._Run, "_one_step", original)
-  resumed = loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  resumed = crash_then_resume(c, str(tmp_path / "b"), crash_step=13, monkeypatch=monkeypatch)
   assert resumed["privacy"] == straight["privacy"]
   assert resumed["test_accuracy"] == straight["test_accuracy"]
   a = _final_params(tmp_path / "a")
   b = _final_params(tmp_path / "b")
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def crash_then_resume(config, workdir, crash_step, monkeypatch):
+  """Trains until a simulated crash at `crash_step`, then reruns the same command to resume."""
+  original = loop._Run._one_step
+
+  def crash(self, step, *args):
+    if step == crash_step:
+      raise KeyboardInterrupt("simulated crash")
+    return original(self, step, *args)
+
+  monkeypatch.setattr(loop._Run, "_one_step", crash)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(config, workdir, show_progress=False)
+  monkeypatch.setattr(loop._Run, "_one_step", original)
+  return loop.train_and_evaluate(config, workdir, show_progress=False)
 
 
 def _final_params(workdir):
