@@ -14,7 +14,6 @@ import os
 import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
