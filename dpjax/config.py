@@ -9,7 +9,12 @@ Blocks (see experiments/*.py for complete examples):
   mixing      the α schedule (or the automatic switch) and whether to reset optimizer moments at
               the public→private switch
   curvature   public-data curvature statistics (tr(H), decelerator, α*) logged during training
-  perf        microbatch size, devices, dtype, remat: never change the privacy event
+  perf        microbatch size, dtype, remat: never change the privacy event
+  mesh        device mesh: `data` (-1: every device left) × `fsdp` (params and optimizer state
+              split over it); never changes the privacy event or, beyond float rounding, the result
+  distributed multi-process setup (dpjax.parallel.initialize_distributed): coordinator address,
+              process count and id; empty/0/-1 = from the environment (launch/multiprocess.py,
+              SLURM, Cloud TPU) or a single process
   optimizer   optax optimizer and learning rate
   schedule    number of steps, learning-rate schedule, public batch size
   eval, checkpoint
@@ -43,7 +48,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Curvature statistics on public data (dpjax.curvature), logged every `every_steps` (0: never;
   # the automatic switch computes them at its checks anyway).
   c.curvature = dict(every_steps=0, batch_size=128, num_probes=8)
-  c.perf = dict(microbatch_size=128, num_devices=1, dtype="float32", remat=False)
+  c.perf = dict(microbatch_size=128, dtype="float32", remat=False)
+  c.mesh = dict(data=-1, fsdp=1)
+  c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1,
+                       cpu_collectives="gloo")
   c.optimizer = dict(name="sgd", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.999,
                      weight_decay=0.0)
   c.schedule = dict(total_steps=100, lr_schedule="constant", warmup_steps=0,
@@ -71,15 +79,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.perf.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"perf.dtype must be float32, bfloat16 or float16, got {config.perf.dtype!r}.")
   perf = config.perf
-  if perf.microbatch_size <= 0 or perf.num_devices <= 0:
-    raise ValueError(f"perf.microbatch_size ({perf.microbatch_size}) and perf.num_devices "
-                     f"({perf.num_devices}) must be > 0.")
-  if perf.microbatch_size % perf.num_devices:
-    raise ValueError(
-        f"perf.microbatch_size = {perf.microbatch_size} does not split evenly over "
-        f"perf.num_devices = {perf.num_devices} devices; use a multiple of {perf.num_devices}.")
+  if perf.microbatch_size <= 0:
+    raise ValueError(f"perf.microbatch_size must be > 0, got {perf.microbatch_size}.")
   if config.schedule.total_steps <= 0:
     raise ValueError(f"schedule.total_steps must be > 0, got {config.schedule.total_steps}.")
+
+
+def agreement_view(config: ml_collections.ConfigDict) -> dict:
+  """What every process of a multi-process run must agree on: all but the `distributed` block."""
+  return {k: v for k, v in config.to_dict().items() if k != "distributed"}
 
 
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:

@@ -1,11 +1,14 @@
 """Entry point: python -m dpjax.main --config=experiments/<name>.py[:arg] --workdir=DIR.
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR. Multi-process runs
+(launch/multiprocess.py, launch/slurm.sbatch, launch/tpu_pod.sh) run this same command in every
+process; jax.distributed is started first (see `dpjax.parallel.initialize_distributed`).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpjax import parallel
 from dpjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -18,9 +21,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  parallel.initialize_distributed(**_CONFIG.value.distributed)
   results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
-  print(f"test accuracy {results['test_accuracy']:.4f}  epsilon {results['privacy']['epsilon']:.3f}"
-        f"  steps {results['steps']}  ({results['stopped']})")
+  if parallel.is_main_process():
+    print(f"test accuracy {results['test_accuracy']:.4f}  epsilon {results['privacy']['epsilon']:.3f}"
+          f"  steps {results['steps']}  ({results['stopped']})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpjax import config as config_lib
-from dpjax import mixing, models
+from dpjax import mixing, models, parallel
 from dpjax.privacy import accounting, clipping
 from dpjax.train import checkpoint, loop, metrics, step as step_lib
 from tests.conftest import require_data
@@ -28,6 +28,7 @@ def small_config(**blocks):
   c.perf.microbatch_size = 64
   c.eval.update(every_steps=1000, batch_size=2500)
   c.checkpoint.every_steps = 1000
+  c.mesh.data = 1  # 8 virtual devices share 2 cores: sharded runs are tested in their own tests
   for block, values in blocks.items():
     if isinstance(values, dict):
       c[block].update(values)
@@ -61,9 +62,9 @@ def test_public_steps_read_no_private_data_and_private_steps_no_public_data(tmp_
   reads = {"public": [], "private": []}
   original_fetch = loop._Run._fetch
 
-  def spy(self, dataset, indices):
+  def spy(self, dataset, indices, mask=None):
     reads["public" if dataset is self.parts.public else "private"].append(self._current_step)
-    return original_fetch(self, dataset, indices)
+    return original_fetch(self, dataset, indices, mask)
 
   original_one_step = loop._Run._one_step
 
@@ -186,7 +187,9 @@ def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
     (dict(model=dict(name="resnet9000")), ValueError, "resnet9000"),
     (dict(data=dict(dir="/nonexistent/dpjax")), FileNotFoundError, "DPJAX_DATA_DIR"),
     (dict(mixing=dict(schedule="constant", alpha=1.5)), mixing.AlphaOutOfRangeError, r"\[0, 1\]"),
-    (dict(perf=dict(microbatch_size=30, num_devices=4)), ValueError, "does not split evenly"),
+    (dict(perf=dict(microbatch_size=30), mesh=dict(data=4)), parallel.MeshError,
+     "perf.microbatch_size = 30 does not split evenly over the 4 devices"),
+    (dict(mesh=dict(data=64)), parallel.MeshError, "only 8 are present"),
     (dict(dp=dict(delta=1e-3)), ValueError, "1/N"),
 ])
 def test_clear_errors(tmp_path, blocks, error, match):

@@ -1,4 +1,4 @@
-"""Tests for dpjax.train.step: sharded accumulation, one noise draw per step, moment resets."""
+"""Tests for dpjax.train.step: one noise draw per step, moment resets (sharded: parallel_test)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,27 +9,6 @@ import pytest
 from dpjax.privacy import clipping, noise
 from dpjax.train import step as step_lib
 from tests import toy_models
-
-
-@pytest.mark.parametrize("model_name", ["conv", "attention"])
-def test_sharded_accumulation_equals_single_device(model_name):
-  """DESIGN.md's sharp edge: sharded per-example grads of conv kernels once came out wrong."""
-  model = toy_models.MODELS[model_name]
-  params = toy_models.init(model)
-  loss = toy_models.per_example_loss(model)
-  batch, mask = toy_models.batch(16, seed=4, scale=3.0), np.array([1] * 13 + [0] * 3, bool)
-  rule = clipping.FlatClip(0.5)
-  single = step_lib.make_accumulate(loss, rule)(step_lib.zero_clipped_sum(params, rule), params,
-                                                batch, mask)
-  sharded = step_lib.make_accumulate(loss, rule, num_devices=8)(
-      step_lib.zero_clipped_sum(params, rule), params, batch, mask)
-  for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_too_many_devices_is_an_error():
-  with pytest.raises(ValueError, match="devices"):
-    step_lib.data_mesh(jax.device_count() + 1)
 
 
 def test_apply_noises_private_steps_once_and_public_steps_never():

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpjax import parallel
+
 PyTree = Any
 
 
@@ -29,8 +31,7 @@ class CheckpointError(RuntimeError):
 def state_digest(state: PyTree) -> str:
   """SHA-256 over every leaf's dtype, shape and bytes, in tree order."""
   h = hashlib.sha256()
-  for leaf in jax.tree_util.tree_leaves(state):
-    a = np.asarray(jax.device_get(leaf))
+  for a in jax.tree_util.tree_leaves(parallel.to_host(state)):
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()

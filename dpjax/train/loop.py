@@ -14,12 +14,11 @@ import os
 import time
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dpjax import config as config_lib
-from dpjax import data, mixing
+from dpjax import data, mixing, parallel
 from dpjax.privacy import accounting, clipping, noise, sampling
 from dpjax.train import checkpoint, metrics, monitor as monitor_lib, state as state_lib
 from dpjax.train import step as step_lib
@@ -110,26 +109,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        show_progress: bool = True) -> dict[str, Any]:
   """Trains as `config` says, resuming from `workdir`'s latest checkpoint; returns the results."""
   config_lib.validate(config)
+  parallel.check_same_config(config_lib.agreement_view(config))
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
   parts, test = state_lib.load_data(config)
+  if len(parts.public):
+    parallel.check_divides(config.schedule.public_batch_size, mesh, "schedule.public_batch_size")
   schedule = state_lib.alpha_schedule(config)
   model, params = state_lib.create_model(config, parts.private)
   rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
-  run = _Run(config, workdir, parts, test, schedule, model, rule)
-  return run.train(params, show_progress)
+  run = _Run(config, workdir, parts, test, schedule, model, rule, mesh, params)
+  return run.train(show_progress)
+
+
+def load_trained_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict]:
+  """(params, record) of `workdir`'s latest checkpoint, laid out on this process's mesh.
+
+  The checkpoint may have been written by any number of processes and devices. record holds the
+  privacy ledger (JSON), the plan and the step. Raises CheckpointError when there is none, or
+  when it was made with a different config.
+  """
+  parts, _ = state_lib.load_data(config)
+  _, params = state_lib.create_model(config, parts.private)
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+  template = _state(*_initial_state(config, state_lib.create_optimizer(config), params, mesh), 0,
+                    mesh)
+  restored = checkpoint.Checkpointer(workdir).restore(template,
+                                                      config_lib.trajectory_view(config))
+  if restored is None:
+    raise checkpoint.CheckpointError(f"There is no checkpoint in {workdir}/checkpoints.")
+  state, record = restored
+  return state["params"], dict(record, step=int(state["step"]))
+
+
+def _initial_state(config, optimizer, params, mesh):
+  """(params, opt_state) at step 0, laid out on the mesh (replicated, or split over 'fsdp')."""
+  opt_state = step_lib.OptState(noise.init_noise_state(config.seed), optimizer.init(params))
+  return parallel.place(params, mesh), parallel.place(opt_state, mesh)
+
+
+def _state(params, opt_state, step, mesh):
+  """The pytree a checkpoint holds."""
+  return dict(params=params, opt_state=opt_state, step=parallel.replicate(np.int32(step), mesh))
 
 
 class _Run:
   """One training run's pieces and its loop (host control flow; device work in `step`)."""
 
-  def __init__(self, config, workdir, parts, test, schedule, model, rule):
+  def __init__(self, config, workdir, parts, test, schedule, model, rule, mesh, params):
     self.config, self.workdir, self.parts, self.schedule = config, workdir, parts, schedule
     self.rule, self.optimizer = rule, state_lib.create_optimizer(config)
     self.auto = schedule if isinstance(schedule, mixing.AutoSwitch) else None
+    self.main = parallel.is_main_process()
+    self.mesh, self.initial = mesh, _initial_state(config, self.optimizer, params, mesh)
+    self.layout = parallel.make_layout(mesh, *self.initial)
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
-    self.public_grad = step_lib.make_public_grad(example_loss)
-    self.accumulate = step_lib.make_accumulate(example_loss, rule,
-                                              num_devices=config.perf.num_devices)
-    self.evaluate = step_lib.make_evaluate(model)
+    self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
+    self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout)
+    self.evaluate = step_lib.make_evaluate(model, self.layout)
     self.preprocess = state_lib.preprocessor(config)
     self.test_images = self.preprocess(test.images)
     self.test_labels = test.labels
@@ -157,7 +194,7 @@ class _Run:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
                                                self.plan.expected_batch_size,
                                                seed=self.config.seed)
-    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer)
+    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout)
     self.switch_step = mixing.first_private_step(self.schedule, self.config.schedule.total_steps)
 
   def _make_monitor(self, model, heldout):
@@ -172,13 +209,11 @@ class _Run:
                                      self.preprocess, heldout_loss, len(self.parts.private))
 
   # ---------------------------------------------------------------------------------------------
-  def train(self, params, show_progress: bool) -> dict[str, Any]:
-    opt_state = step_lib.OptState(noise.init_noise_state(self.config.seed),
-                                  self.optimizer.init(params))
-    params, opt_state, start, ledger = self._restore(params, opt_state)
+  def train(self, show_progress: bool) -> dict[str, Any]:
+    params, opt_state, start, ledger = self._restore(*self.initial)
     total = self.config.schedule.total_steps
-    writer = metrics.MetricsWriter(self.workdir)
-    progress = metrics.Progress(total, start, show_progress)
+    writer = metrics.MetricsWriter(self.workdir, enabled=self.main)
+    progress = metrics.Progress(total, start, show_progress and self.main)
     stopped, epsilon, last = None, ledger.epsilon(self.plan.delta, self.plan.accountant), {}
     accuracy = float("nan")  # test accuracy at the last evaluation
     start_time = time.time()
@@ -219,7 +254,7 @@ class _Run:
       return
     sigma = (self.plan.noise_multiplier if self.switch_step is not None
              else self.monitor.predicted_noise_multiplier(step))
-    stats = self.monitor.statistics(step, params, sigma)
+    stats = self.monitor.statistics(step, parallel.local_copy(params), sigma)
     writer.write(step, "curvature", stats)
     if auto_check and self.auto.observe(step, stats["loss_improvement_public"],
                                         stats.get("loss_improvement_dp"),
@@ -227,7 +262,7 @@ class _Run:
       self._set_plan()
       writer.write(step, "switch", dict(noise_multiplier=self.plan.noise_multiplier,
                                         reason=self.auto.reason))
-      print(f"Switching to private training at step {step}: {self.auto.reason}; noise "
+      self._say(f"Switching to private training at step {step}: {self.auto.reason}; noise "
             f"multiplier {self.plan.noise_multiplier:.4f} for {self.plan.planned_private_steps} "
             "private steps.")
 
@@ -248,7 +283,7 @@ class _Run:
       acc = self._private_sum(step, params)
       clipped = acc.grad_sum
       logs.update({k: float(v) for k, v in clipping.summarize(acc.stats).items()})
-    params, opt_state = self.apply(params, opt_state, public_grad, clipped, jnp.float32(alpha))
+    params, opt_state = self.apply(params, opt_state, public_grad, clipped, np.float32(alpha))
     if clipped is not None:
       ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
     else:
@@ -256,13 +291,24 @@ class _Run:
     return params, opt_state, logs
 
   def _private_sum(self, step, params):
-    acc = step_lib.zero_clipped_sum(params, self.rule)
+    acc = step_lib.zero_clipped_sum(params, self.rule, self.layout)
     for indices, mask in self.sampler.batch(step).microbatches():
-      acc = self.accumulate(acc, params, self._fetch(self.parts.private, indices), mask)
+      acc = self.accumulate(acc, params, *self._fetch(self.parts.private, indices, mask))
     return acc
 
-  def _fetch(self, dataset, indices) -> dict[str, np.ndarray]:
-    return dict(image=self.preprocess(dataset.images[indices]), label=dataset.labels[indices])
+  def _fetch(self, dataset, indices, mask=None):
+    """The global batch of `indices` (and its mask) split over the mesh; this process reads and
+    preprocesses only the rows its devices hold."""
+    rows = parallel.process_rows(self.mesh, len(indices))
+    mine = indices[rows]
+    local = dict(image=self.preprocess(dataset.images[mine]), label=dataset.labels[mine])
+    batch = parallel.global_batch(self.mesh, local, len(indices))
+    return batch if mask is None else (batch, parallel.global_batch(self.mesh, mask[rows],
+                                                                    len(indices)))
+
+  def _say(self, message: str) -> None:
+    if self.main:
+      print(message)
 
   def _budget_allows(self, ledger) -> bool:
     if self.budget is None:
@@ -271,7 +317,7 @@ class _Run:
       self.budget.check(ledger, self.plan.sampling_rate, self.plan.noise_multiplier,
                         hint=self.plan.planned_private_steps)
     except accounting.BudgetExceededError as e:
-      print(f"Stopping before step {ledger.private_steps + ledger.public_steps}: {e}")
+      self._say(f"Stopping before step {ledger.private_steps + ledger.public_steps}: {e}")
       return False
     return True
 
@@ -279,13 +325,16 @@ class _Run:
     return self._eval_on(params, self.test_images, self.test_labels)
 
   def _eval_on(self, params, images, labels) -> dict[str, float]:
-    size = self.config.eval.batch_size
+    devices = parallel.mesh_size(self.mesh)
+    size = -(-self.config.eval.batch_size // devices) * devices  # rows split over the mesh
+    rows = parallel.process_rows(self.mesh, size)
     correct = loss = 0.0
     for start in range(0, len(labels), size):
-      idx = np.arange(start, start + size)
+      idx = np.arange(start, start + size)[rows]
       mask = idx < len(labels)
       idx = np.where(mask, idx, 0)
-      c, l = self.evaluate(params, dict(image=images[idx], label=labels[idx]), mask)
+      put = lambda x: parallel.global_batch(self.mesh, x, size)
+      c, l = self.evaluate(params, put(dict(image=images[idx], label=labels[idx])), put(mask))
       correct, loss = correct + float(c), loss + float(l)
     return dict(test_accuracy=correct / len(labels), test_loss=loss / len(labels))
 
@@ -296,12 +345,11 @@ class _Run:
                 auto_switch=json.dumps(self.auto.state_dict()) if self.auto else None)
 
   def _save(self, done, params, opt_state, ledger):
-    state = dict(params=params, opt_state=opt_state, step=jnp.int32(done))
-    self.checkpointer.save(done, state, self._record(ledger))
+    self.checkpointer.save(done, _state(params, opt_state, done, self.mesh), self._record(ledger))
 
   def _restore(self, params, opt_state):
-    template = dict(params=params, opt_state=opt_state, step=jnp.int32(0))
-    restored = self.checkpointer.restore(template, config_lib.trajectory_view(self.config))
+    restored = self.checkpointer.restore(_state(params, opt_state, 0, self.mesh),
+                                         config_lib.trajectory_view(self.config))
     if restored is None:
       return params, opt_state, 0, accounting.PrivacyLedger()
     state, record = restored
@@ -325,7 +373,8 @@ class _Run:
     results = dict(evaluation, steps=step, stopped=stopped or "completed",
                    train_seconds=seconds, privacy=statement,
                    switch_step=self.auto.switch_step if self.auto else self.switch_step)
-    with open(os.path.join(self.workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    print(format_statement(statement))
+    if self.main:
+      with open(os.path.join(self.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    self._say(format_statement(statement))
     return results

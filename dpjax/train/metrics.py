@@ -20,9 +20,15 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-  """Writes `workdir/metrics.jsonl` (one JSON object per record) and TensorBoard events."""
+  """Writes `workdir/metrics.jsonl` (one JSON object per record) and TensorBoard events.
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  enabled=False (every process but process 0 of a multi-process run) writes nothing.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = None
@@ -31,6 +37,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
     record = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
@@ -40,6 +48,8 @@ class MetricsWriter:
           self._tb.add_scalar(f"{kind}/{k}", v, int(step))
 
   def close(self) -> None:
+    if not self._enabled:
+      return
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()

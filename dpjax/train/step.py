@@ -16,10 +16,9 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from dpjax import mixing
+from dpjax import mixing, parallel
 from dpjax.privacy import clipping
 
 PyTree = Any
@@ -48,84 +47,95 @@ def make_example_loss(model: nn.Module, dtype: str = "float32", remat: bool = Fa
   return jax.checkpoint(loss) if remat else loss
 
 
-def make_public_grad(example_loss: Callable) -> Callable:
-  """jit (params, batch) -> (mean gradient over the batch, mean loss). Non-private."""
-  def batch_loss(params, batch):
-    return jnp.mean(jax.vmap(example_loss, in_axes=(None, 0))(params, batch))
+def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = None) -> Callable:
+  """jit (params, batch) -> (mean gradient over the batch, mean loss). Non-private.
 
-  @jax.jit
-  def public_grad(params, batch):
-    loss, grads = jax.value_and_grad(batch_loss)(params, batch)
+  With a layout, the batch rows are split over the mesh and the gradient comes back in the params'
+  layout (same formulation as the private sum, `parallel.sharded_gradient_sum`).
+  """
+  def summed_loss(params, batch):
+    return jnp.sum(jax.vmap(example_loss, in_axes=(None, 0))(params, batch))
+
+  def local_sum(params, batch):  # the gradient of the sum: no per-example gradients held
+    loss, grads = jax.value_and_grad(summed_loss)(params, batch)
     return grads, loss
-  return public_grad
+
+  def public_grad(params, batch):
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if layout is None:
+      total, loss = local_sum(params, batch)
+    else:
+      total, loss = parallel.sharded_gradient_sum(
+          local_sum, layout.mesh, layout.params,
+          lambda l: jax.lax.psum(l, parallel.MESH_AXES))(params, batch)
+    return jax.tree_util.tree_map(lambda g: g / rows, total), loss / rows
+
+  if layout is None:
+    return jax.jit(public_grad)
+  return jax.jit(public_grad, in_shardings=(layout.sharding(layout.params), layout.batch),
+                 out_shardings=(layout.sharding(layout.params), layout.replicated))
 
 
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
-                    trainable: PyTree | None = None, num_devices: int = 1) -> Callable:
+                    trainable: PyTree | None = None, layout: parallel.Layout | None = None
+                    ) -> Callable:
   """jit (acc, params, microbatch, mask) -> acc + the microbatch's `ClippedSum`.
 
   acc is a `ClippedSum`; start from `zero_clipped_sum(params, rule)`. The sum's sensitivity is
   rule.sensitivity whatever the number of microbatches (each example is in one microbatch).
-  With num_devices > 1 the microbatch is split over that many devices (`shard_map`); each device
-  clips its own examples and the clipped sums are added with `psum`, so the result is the same sum.
+  With a layout the microbatch is split over the mesh's devices; each device clips its own
+  examples and the clipped sums are reduced (`parallel.sharded_gradient_sum`), so the result is
+  the same sum, laid out like the params.
   """
   def local_sum(params, microbatch, mask):
     part = clipping.clipped_grad_sum(example_loss, params, microbatch, mask, rule,
                                      trainable=trainable)
     return part.grad_sum, part.stats
 
-  clipped_sum = local_sum if num_devices == 1 else _sharded(local_sum, num_devices)
+  def reduce_stats(stats):
+    return clipping.ClipStats(*jax.lax.psum(stats[:3], parallel.MESH_AXES),
+                              jax.lax.pmax(stats.norm_max, parallel.MESH_AXES))
 
-  @jax.jit
+  clipped_sum = local_sum if layout is None else parallel.sharded_gradient_sum(
+      local_sum, layout.mesh, layout.params, reduce_stats)
+
   def accumulate(acc, params, microbatch, mask):
     grad_sum, stats = clipped_sum(params, microbatch, mask)
     return clipping.ClippedSum(jax.tree_util.tree_map(jnp.add, acc.grad_sum, grad_sum),
                                acc.sensitivity, clipping.add_stats(acc.stats, stats))
-  return accumulate
+
+  if layout is None:
+    return jax.jit(accumulate)
+  params_sharding = layout.sharding(layout.params)
+  acc_sharding = clipping.ClippedSum(params_sharding, layout.replicated, layout.replicated)
+  return jax.jit(accumulate,
+                 in_shardings=(acc_sharding, params_sharding, layout.batch, layout.batch),
+                 out_shardings=acc_sharding)
 
 
-def data_mesh(num_devices: int) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first `num_devices` devices, axis 'data' (Auto, so vmap(grad) works)."""
-  if num_devices > jax.device_count():
-    raise ValueError(f"perf.num_devices = {num_devices} but only {jax.device_count()} devices "
-                     "are visible.")
-  return jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _sharded(local_sum: Callable, num_devices: int) -> Callable:
-  """Runs local_sum on each device's slice of the microbatch and adds the results.
-
-  Params enter replicated and are cast to device-varying before differentiation: without that,
-  shard_map would sum the gradients of replicated params across devices implicitly, before
-  clipping (see DESIGN.md, sharp edges).
-  """
-  P = jax.sharding.PartitionSpec
-
-  def per_device(params, microbatch, mask):
-    params = jax.tree_util.tree_map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
-    grad_sum, stats = local_sum(params, microbatch, mask)
-    total = jax.lax.psum(grad_sum, "data")
-    return total, clipping.ClipStats(
-        *jax.lax.psum(stats[:3], "data"), jax.lax.pmax(stats.norm_max, "data"))
-
-  return jax.shard_map(per_device, mesh=data_mesh(num_devices),
-                       in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
-
-
-def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule) -> clipping.ClippedSum:
-  zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  return clipping.ClippedSum(zeros, rule.sensitivity, clipping.zero_stats())
+def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule,
+                     layout: parallel.Layout | None = None) -> clipping.ClippedSum:
+  """An empty `ClippedSum` (float32 zeros like params), laid out like the params under a layout."""
+  def zeros(params):
+    return clipping.ClippedSum(
+        jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jnp.float32(rule.sensitivity), clipping.zero_stats())
+  if layout is None:
+    return zeros(params)
+  return jax.jit(zeros, in_shardings=(layout.sharding(layout.params),),
+                 out_shardings=clipping.ClippedSum(layout.sharding(layout.params),
+                                                   layout.replicated, layout.replicated))(params)
 
 
 def make_apply(noise_tx: optax.GradientTransformation | None,
-               optimizer: optax.GradientTransformation) -> Callable:
+               optimizer: optax.GradientTransformation,
+               layout: parallel.Layout | None = None) -> Callable:
   """jit (params, opt_state, public_grad|None, clipped_sum|None, alpha) -> (params, opt_state).
 
   The noise transformation runs exactly once when a clipped sum is given (a private step) and not
-  at all otherwise.
+  at all otherwise. Under a layout it runs once for the global step: the key is replicated and
+  the draw is laid out like the params, so no device adds noise of its own.
   """
-  @jax.jit
   def apply(params, opt_state, public_grad, clipped_sum, alpha):
     noise_state, private_grad = opt_state.noise, None
     if clipped_sum is not None:
@@ -133,18 +143,39 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
     grads = mixing.mix(alpha, public_grad, private_grad)
     updates, base_state = optimizer.update(grads, opt_state.base, params)
     return optax.apply_updates(params, updates), OptState(noise_state, base_state)
-  return apply
+
+  if layout is None:
+    return jax.jit(apply)
+  params_sharding, opt_sharding = layout.sharding(layout.params), layout.sharding(layout.opt_state)
+  compiled = {}  # one jit per kind of step: which of the two gradients are present
+
+  def apply_sharded(params, opt_state, public_grad, clipped_sum, alpha):
+    kind = (public_grad is None, clipped_sum is None)
+    if kind not in compiled:
+      grad_shardings = tuple(None if absent else params_sharding for absent in kind)
+      compiled[kind] = jax.jit(
+          apply, in_shardings=(params_sharding, opt_sharding) + grad_shardings
+          + (layout.replicated,), out_shardings=(params_sharding, opt_sharding))
+    return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha)
+  return apply_sharded
 
 
-def make_evaluate(model: nn.Module) -> Callable:
-  """jit (params, batch, mask) -> (number correct, summed loss) over the real rows."""
-  @jax.jit
+def make_evaluate(model: nn.Module, layout: parallel.Layout | None = None) -> Callable:
+  """jit (params, batch, mask) -> (number correct, summed loss) over the real rows.
+
+  With a layout the batch rows are split over the mesh (the row count must divide over it).
+  """
   def evaluate(params, batch, mask):
     logits = model.apply({"params": params}, batch["image"])
     correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
     loss = jnp.where(mask, cross_entropy(logits, batch["label"]), 0.0)
     return jnp.sum(correct), jnp.sum(loss)
-  return evaluate
+
+  if layout is None:
+    return jax.jit(evaluate)
+  return jax.jit(evaluate, in_shardings=(layout.sharding(layout.params), layout.batch,
+                                         layout.batch),
+                 out_shardings=layout.replicated)
 
 
 def reset_moments(base_state: PyTree, which: str) -> PyTree:

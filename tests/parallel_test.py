@@ -1,0 +1,148 @@
+"""Tests for dpjax.parallel and the sharded steps, on 8 virtual CPU devices (tests/conftest.py).
+
+The sharded DP step (per-example clipping over the mesh, one noise draw, optimizer update) must
+give the single-device params for the conv, attention and dense models, for data-parallel and FSDP
+layouts; its noise must have the single-device variance.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dpjax import parallel
+from dpjax.privacy import clipping, noise
+from dpjax.train import step as step_lib
+from tests import toy_models
+
+LAYOUTS = {"data8": (8, 1), "data4_fsdp2": (4, 2), "fsdp8": (1, 8)}
+
+
+def _dp_step(model, layout_sizes, rule, batch, mask, public):
+  """Two microbatches of private clipped sums, a public gradient, noise, mix and an SGD update."""
+  params = toy_models.init(model)
+  loss = toy_models.per_example_loss(model)
+  tx, opt = noise.add_gaussian_noise(1.0, rule.sensitivity, 16.0, seed=3), optax.adam(0.1)
+  opt_state = step_lib.OptState(tx.init(params), opt.init(params))
+  layout = None
+  if layout_sizes is not None:
+    mesh = parallel.make_mesh(*layout_sizes)
+    layout = parallel.make_layout(mesh, params, opt_state)
+    params, opt_state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
+    put = lambda tree: parallel.global_batch(mesh, tree, 16)
+  else:
+    put = lambda tree: tree
+  accumulate = step_lib.make_accumulate(loss, rule, layout=layout)
+  acc = step_lib.zero_clipped_sum(params, rule)
+  for half in (slice(0, 16), slice(16, 32)):
+    acc = accumulate(acc, params, put(jax.tree_util.tree_map(lambda x: x[half], batch)),
+                     put(mask[half]))
+  public_grad, _ = step_lib.make_public_grad(loss, layout)(params, put(public))
+  apply = step_lib.make_apply(tx, opt, layout)
+  params, opt_state = apply(params, opt_state, public_grad, acc.grad_sum, np.float32(0.3))
+  return parallel.to_host(params), parallel.to_host(acc.stats), params
+
+
+@pytest.mark.parametrize("model_name", ["conv", "attention", "dense"])
+@pytest.mark.parametrize("layout_name", sorted(LAYOUTS))
+def test_sharded_dp_step_equals_single_device(model_name, layout_name):
+  """DESIGN.md's sharp edge: sharded per-example grads of conv kernels once came out wrong."""
+  model = toy_models.MODELS[model_name]
+  batch = jax.tree_util.tree_map(np.asarray, toy_models.batch(32, seed=4, scale=3.0))
+  public = jax.tree_util.tree_map(np.asarray, toy_models.batch(16, seed=5))
+  mask = np.arange(32) < 27
+  rule = clipping.FlatClip(0.5)
+  single, single_stats, _ = _dp_step(model, None, rule, batch, mask, public)
+  sharded, sharded_stats, placed = _dp_step(model, LAYOUTS[layout_name], rule, batch, mask, public)
+  for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  for a, b in zip(single_stats, sharded_stats):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+  if LAYOUTS[layout_name][1] > 1:  # FSDP really shards: some leaf is split over 'fsdp'
+    specs = [x.sharding.spec for x in jax.tree_util.tree_leaves(placed)]
+    assert any("fsdp" in spec for spec in specs)
+
+
+def test_per_layer_clipping_under_fsdp():
+  model = toy_models.MODELS["conv"]
+  params = toy_models.init(model)
+  rule = clipping.per_layer_clip(params, 0.3)
+  batch = jax.tree_util.tree_map(np.asarray, toy_models.batch(32, seed=1, scale=3.0))
+  public = jax.tree_util.tree_map(np.asarray, toy_models.batch(16, seed=2))
+  mask = np.ones(32, bool)
+  single, _, _ = _dp_step(model, None, rule, batch, mask, public)
+  sharded, _, _ = _dp_step(model, (2, 4), rule, batch, mask, public)
+  for a, b in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout_sizes", [None, (8, 1), (2, 4)])
+def test_noise_is_drawn_once_per_global_step(layout_sizes):
+  """Var of the noisy mean of a zero sum is (σ·S/B)², not n_devices times that."""
+  sigma, sensitivity, batch_size = 2.0, 0.5, 4.0
+  params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(64)}
+  tx = noise.add_gaussian_noise(sigma, sensitivity, batch_size, seed=11)
+  state = step_lib.OptState(tx.init(params), optax.sgd(1.0).init(params))
+  layout = None
+  if layout_sizes is not None:
+    mesh = parallel.make_mesh(*layout_sizes)
+    layout = parallel.make_layout(mesh, params, state)
+    params, state = parallel.place(params, mesh), parallel.place(state, mesh)
+  apply = step_lib.make_apply(tx, optax.sgd(1.0), layout)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  new_params, _ = apply(params, state, None, zeros, np.float32(0.0))
+  draws = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
+      parallel.to_host(new_params))])
+  expected = (sigma * sensitivity / batch_size) ** 2
+  # 4160 draws: the sample variance is within 10% of the truth with overwhelming probability
+  # (its relative sd is sqrt(2/4160) = 2.2%); per-device noise would be 8x (or 2x) too large.
+  assert abs(np.var(draws) / expected - 1) < 0.1
+  assert abs(np.mean(draws)) < 5 * np.sqrt(expected / len(draws))
+
+
+def test_noise_is_the_same_draw_whatever_the_layout():
+  params = {"w": jnp.zeros((16, 8))}
+  tx = noise.add_gaussian_noise(1.0, 1.0, 1.0, seed=5)
+  draws = []
+  for sizes in [None, (8, 1), (1, 8)]:
+    p, state = params, step_lib.OptState(tx.init(params), optax.sgd(1.0).init(params))
+    layout = None
+    if sizes:
+      mesh = parallel.make_mesh(*sizes)
+      layout = parallel.make_layout(mesh, p, state)
+      p, state = parallel.place(p, mesh), parallel.place(state, mesh)
+    out, _ = step_lib.make_apply(tx, optax.sgd(1.0), layout)(p, state, None, p, np.float32(0))
+    draws.append(parallel.to_host(out)["w"])
+  np.testing.assert_allclose(draws[0], draws[1])
+  np.testing.assert_allclose(draws[0], draws[2])
+
+
+def test_leaf_spec_shards_the_largest_divisible_float_dimension():
+  assert parallel.leaf_spec((3, 3, 1, 8), jnp.float32, 4) == P(None, None, None, "fsdp")
+  assert parallel.leaf_spec((768, 3072), jnp.float32, 2) == P(None, "fsdp")
+  assert parallel.leaf_spec((3,), jnp.float32, 2) == P()
+  assert parallel.leaf_spec((2,), jnp.uint32, 2) == P()  # PRNG keys stay replicated
+  assert parallel.leaf_spec((), jnp.float32, 2) == P()
+  assert parallel.leaf_spec((8, 8), jnp.float32, 1) == P()
+
+
+def test_mesh_errors_are_clear():
+  with pytest.raises(parallel.MeshError, match="only 8 are present"):
+    parallel.make_mesh(16, 1)
+  with pytest.raises(parallel.MeshError, match="does not divide the 8 devices"):
+    parallel.make_mesh(-1, 3)
+  with pytest.raises(parallel.MeshError, match="must be positive"):
+    parallel.make_mesh(0, 1)
+  mesh = parallel.make_mesh(4, 2)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+  with pytest.raises(parallel.MeshError, match="does not split evenly over the 8 devices"):
+    parallel.check_divides(12, mesh, "perf.microbatch_size")
+  with pytest.raises(parallel.MeshError, match="does not split evenly"):
+    parallel.process_rows(mesh, 10)
+  assert parallel.process_rows(mesh, 16) == slice(0, 16)  # one process holds every row
+
+
+def test_config_agreement_is_a_no_op_for_one_process():
+  parallel.check_same_config({"a": 1})
