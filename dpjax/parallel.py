@@ -41,6 +41,7 @@ PyTree = Any
 P = PartitionSpec
 MESH_AXES = ("data", "fsdp")
 BATCH_SPEC = P(MESH_AXES)  # rows split over every device
+PARTIAL_SPEC = P(MESH_AXES)  # per-device partial sums [devices, ...], one row on each device
 
 
 class MeshError(ValueError):
@@ -193,40 +194,64 @@ def _fsdp_dim(spec: PartitionSpec) -> int | None:
   return next((d for d, axis in enumerate(spec) if axis == "fsdp"), None)
 
 
+def _full_params(params: PyTree, specs: PyTree) -> PyTree:
+  """Inside shard_map: each leaf whole (gathered over 'fsdp') and device-varying over every axis.
+
+  Device-varying, so that grad sums nothing across devices behind our back (DESIGN.md).
+  """
+  def full(p, spec):
+    p = jax.lax.pcast(p, tuple(a for a in MESH_AXES if a not in spec), to="varying")
+    d = _fsdp_dim(spec)
+    return p if d is None else jax.lax.all_gather(p, "fsdp", axis=d, tiled=True)
+  return jax.tree_util.tree_map(full, params, specs, is_leaf=_is_spec)
+
+
+def _reduce(sums: PyTree, specs: PyTree) -> PyTree:
+  """Inside shard_map: adds every device's full-shape sum, leaving it in the params' layout."""
+  def reduce(s, spec):
+    d = _fsdp_dim(spec)
+    if d is None:
+      return jax.lax.psum(s, MESH_AXES)
+    return jax.lax.psum_scatter(jax.lax.psum(s, "data"), "fsdp", scatter_dimension=d, tiled=True)
+  return jax.tree_util.tree_map(reduce, sums, specs, is_leaf=_is_spec)
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
 def sharded_gradient_sum(local_sum: Callable, mesh: Mesh, specs: PyTree,
-                         reduce_aux: Callable[[Any], Any]) -> Callable:
+                         reduce_aux: Callable[[Any], Any], partial: bool = False) -> Callable:
   """Wraps local_sum(params, *row_args) -> (sum over rows, aux) to run on a mesh.
 
   local_sum: computes a params-shaped sum over the rows it is given (e.g. the clipped per-example
     gradient sum) and auxiliary per-device values; it must treat rows independently.
   specs: the params' PartitionSpecs (`state_specs`); the returned sum is laid out the same way.
   reduce_aux: reduces aux across devices inside shard_map, e.g. `lambda a: psum(a, MESH_AXES)`.
+  partial: if True the sums are not added across devices: each leaf comes back as
+    [devices, *shape], one device's sum per row, split over the devices (`PARTIAL_SPEC`), for
+    `reduce_partial_sums` to add once per step after many microbatches.
   Row arguments are split over every device (BATCH_SPEC); params enter in their own layout.
   """
   def per_device(params, *row_args):
-    def full(p, spec):
-      # Varying over the axes p is replicated on: grad must not sum across devices implicitly.
-      missing = tuple(a for a in MESH_AXES if a not in spec)
-      p = jax.lax.pcast(p, missing, to="varying")
-      d = _fsdp_dim(spec)
-      return p if d is None else jax.lax.all_gather(p, "fsdp", axis=d, tiled=True)
+    total, aux = local_sum(_full_params(params, specs), *row_args)
+    if partial:
+      return jax.tree_util.tree_map(lambda s: s[None], total), reduce_aux(aux)
+    return _reduce(total, specs), reduce_aux(aux)
 
-    def reduce(s, spec):
-      d = _fsdp_dim(spec)
-      if d is None:
-        return jax.lax.psum(s, MESH_AXES)
-      return jax.lax.psum_scatter(jax.lax.psum(s, "data"), "fsdp", scatter_dimension=d,
-                                  tiled=True)
-
-    is_spec = lambda s: isinstance(s, PartitionSpec)
-    total, aux = local_sum(jax.tree_util.tree_map(full, params, specs, is_leaf=is_spec), *row_args)
-    return jax.tree_util.tree_map(reduce, total, specs, is_leaf=is_spec), reduce_aux(aux)
+  out_sum_specs = PARTIAL_SPEC if partial else specs
 
   def wrapped(params, *row_args):
-    fn = jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(specs,) + (BATCH_SPEC,) * len(row_args), out_specs=(specs, P()))
-    return fn(params, *row_args)
+    return jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(specs,) + (BATCH_SPEC,) * len(row_args),
+                         out_specs=(out_sum_specs, P()))(params, *row_args)
   return wrapped
+
+
+def reduce_partial_sums(partial_sums: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
+  """Adds the per-device sums of `sharded_gradient_sum(partial=True)` into the params' layout."""
+  return jax.shard_map(lambda sums: _reduce(jax.tree_util.tree_map(lambda s: s[0], sums), specs),
+                       mesh=mesh, in_specs=(PARTIAL_SPEC,), out_specs=specs)(partial_sums)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,10 +35,11 @@ def _dp_step(model, layout_sizes, rule, batch, mask, public):
   else:
     put = lambda tree: tree
   accumulate = step_lib.make_accumulate(loss, rule, layout=layout)
-  acc = step_lib.zero_clipped_sum(params, rule)
+  acc = step_lib.zero_clipped_sum(params, rule, layout)
   for half in (slice(0, 16), slice(16, 32)):
     acc = accumulate(acc, params, put(jax.tree_util.tree_map(lambda x: x[half], batch)),
                      put(mask[half]))
+  acc = step_lib.make_total(layout)(acc)
   public_grad, _ = step_lib.make_public_grad(loss, layout)(params, put(public))
   apply = step_lib.make_apply(tx, opt, layout)
   params, opt_state = apply(params, opt_state, public_grad, acc.grad_sum, np.float32(0.3))

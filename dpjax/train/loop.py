@@ -166,6 +166,7 @@ class _Run:
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout)
+    self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)
     self.preprocess = state_lib.preprocessor(config)
     self.test_images = self.preprocess(test.images)
@@ -294,7 +295,7 @@ class _Run:
     acc = step_lib.zero_clipped_sum(params, self.rule, self.layout)
     for indices, mask in self.sampler.batch(step).microbatches():
       acc = self.accumulate(acc, params, *self._fetch(self.parts.private, indices, mask))
-    return acc
+    return self.total(acc)
 
   def _fetch(self, dataset, indices, mask=None):
     """The global batch of `indices` (and its mask) split over the mesh; this process reads and

@@ -4,6 +4,7 @@ One training step is, on device:
   g_pub  = public_grad(params, public_batch)                       if α > 0
   acc    = Σ over private microbatches of accumulate(acc, ...)     if α < 1 (fixed shape: compiles once)
   params, opt_state = apply(params, opt_state, g_pub, acc.grad_sum, α)
+Under a mesh layout `total` adds the devices' partial sums once, after the last microbatch.
 `apply` adds the Gaussian noise once to the clipped sum, divides by the expected batch size, mixes
 with g_pub and runs the optimizer. Each function is compiled once per shape (apply once per kind of
 step: public-only, private-only or mixed).
@@ -83,9 +84,10 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
 
   acc is a `ClippedSum`; start from `zero_clipped_sum(params, rule)`. The sum's sensitivity is
   rule.sensitivity whatever the number of microbatches (each example is in one microbatch).
-  With a layout the microbatch is split over the mesh's devices; each device clips its own
-  examples and the clipped sums are reduced (`parallel.sharded_gradient_sum`), so the result is
-  the same sum, laid out like the params.
+  With a layout the microbatch is split over the mesh's devices and each device clips its own
+  examples (`parallel.sharded_gradient_sum`); acc.grad_sum then holds per-device partial sums
+  [devices, *shape], added across devices once per step by `make_total` (not once per
+  microbatch: one all-reduce per step).
   """
   def local_sum(params, microbatch, mask):
     part = clipping.clipped_grad_sum(example_loss, params, microbatch, mask, rule,
@@ -97,7 +99,7 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                               jax.lax.pmax(stats.norm_max, parallel.MESH_AXES))
 
   clipped_sum = local_sum if layout is None else parallel.sharded_gradient_sum(
-      local_sum, layout.mesh, layout.params, reduce_stats)
+      local_sum, layout.mesh, layout.params, reduce_stats, partial=True)
 
   def accumulate(acc, params, microbatch, mask):
     grad_sum, stats = clipped_sum(params, microbatch, mask)
@@ -106,25 +108,48 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
 
   if layout is None:
     return jax.jit(accumulate)
-  params_sharding = layout.sharding(layout.params)
-  acc_sharding = clipping.ClippedSum(params_sharding, layout.replicated, layout.replicated)
-  return jax.jit(accumulate,
-                 in_shardings=(acc_sharding, params_sharding, layout.batch, layout.batch),
+  acc_sharding = _partial_sum_sharding(layout)
+  return jax.jit(accumulate, in_shardings=(acc_sharding, layout.sharding(layout.params),
+                                           layout.batch, layout.batch),
                  out_shardings=acc_sharding)
+
+
+def _partial_sum_sharding(layout: parallel.Layout) -> clipping.ClippedSum:
+  partial = jax.sharding.NamedSharding(layout.mesh, parallel.PARTIAL_SPEC)
+  return clipping.ClippedSum(partial, layout.replicated, layout.replicated)
+
+
+def make_total(layout: parallel.Layout | None = None) -> Callable:
+  """jit acc -> acc with grad_sum the sum over devices, in the params' layout (no-op without one).
+
+  Run once per step, after the last microbatch's `accumulate`.
+  """
+  if layout is None:
+    return lambda acc: acc
+
+  def total(acc):
+    return acc._replace(grad_sum=parallel.reduce_partial_sums(acc.grad_sum, layout.mesh,
+                                                              layout.params))
+  params_sharding = layout.sharding(layout.params)
+  return jax.jit(total, in_shardings=(_partial_sum_sharding(layout),),
+                 out_shardings=clipping.ClippedSum(params_sharding, layout.replicated,
+                                                   layout.replicated))
 
 
 def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule,
                      layout: parallel.Layout | None = None) -> clipping.ClippedSum:
-  """An empty `ClippedSum` (float32 zeros like params), laid out like the params under a layout."""
+  """An empty `ClippedSum`: float32 zeros like params, or under a layout per-device partial sums
+  [devices, *shape] (see `make_accumulate`)."""
+  devices = () if layout is None else (parallel.mesh_size(layout.mesh),)
+
   def zeros(params):
     return clipping.ClippedSum(
-        jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        jax.tree_util.tree_map(lambda p: jnp.zeros(devices + p.shape, jnp.float32), params),
         jnp.float32(rule.sensitivity), clipping.zero_stats())
   if layout is None:
     return zeros(params)
   return jax.jit(zeros, in_shardings=(layout.sharding(layout.params),),
-                 out_shardings=clipping.ClippedSum(layout.sharding(layout.params),
-                                                   layout.replicated, layout.replicated))(params)
+                 out_shardings=_partial_sum_sharding(layout))(params)
 
 
 def make_apply(noise_tx: optax.GradientTransformation | None,
