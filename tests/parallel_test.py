@@ -20,30 +20,43 @@ from tests import toy_models
 LAYOUTS = {"data8": (8, 1), "data4_fsdp2": (4, 2), "fsdp8": (1, 8)}
 
 
+class _make_dp_step:
+  """Builds the step functions once; `run` does two microbatches of private clipped sums, a
+  public gradient, noise, mix and an Adam update, and returns (params, stats, device params)."""
+
+  def __init__(self, model, layout_sizes, rule):
+    params = toy_models.init(model)
+    loss = toy_models.per_example_loss(model)
+    tx, opt = noise.add_gaussian_noise(1.0, rule.sensitivity, 16.0, seed=3), optax.adam(0.1)
+    opt_state = step_lib.OptState(tx.init(params), opt.init(params))
+    layout = None
+    self.put = lambda tree: tree
+    if layout_sizes is not None:
+      mesh = parallel.make_mesh(*layout_sizes)
+      layout = parallel.make_layout(mesh, params, opt_state)
+      params, opt_state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
+      self.put = lambda tree: parallel.global_batch(mesh, tree, 16)
+    self.state = params, opt_state
+    self.zero_sum = step_lib.make_zero_sum(rule, layout)
+    self.accumulate = step_lib.make_accumulate(loss, rule, layout=layout)
+    self.total = step_lib.make_total(layout)
+    self.public_grad = step_lib.make_public_grad(loss, layout)
+    self.apply = step_lib.make_apply(tx, opt, layout)
+
+  def run(self, batch, mask, public):
+    params, opt_state = self.state
+    acc = self.zero_sum(params)
+    for half in (slice(0, 16), slice(16, 32)):
+      acc = self.accumulate(acc, params, self.put(jax.tree_util.tree_map(lambda x: x[half], batch)),
+                            self.put(mask[half]))
+    acc = self.total(acc)
+    public_grad, _ = self.public_grad(params, self.put(public))
+    params, opt_state = self.apply(params, opt_state, public_grad, acc.grad_sum, np.float32(0.3))
+    return parallel.to_host(params), parallel.to_host(acc.stats), params
+
+
 def _dp_step(model, layout_sizes, rule, batch, mask, public):
-  """Two microbatches of private clipped sums, a public gradient, noise, mix and an SGD update."""
-  params = toy_models.init(model)
-  loss = toy_models.per_example_loss(model)
-  tx, opt = noise.add_gaussian_noise(1.0, rule.sensitivity, 16.0, seed=3), optax.adam(0.1)
-  opt_state = step_lib.OptState(tx.init(params), opt.init(params))
-  layout = None
-  if layout_sizes is not None:
-    mesh = parallel.make_mesh(*layout_sizes)
-    layout = parallel.make_layout(mesh, params, opt_state)
-    params, opt_state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
-    put = lambda tree: parallel.global_batch(mesh, tree, 16)
-  else:
-    put = lambda tree: tree
-  accumulate = step_lib.make_accumulate(loss, rule, layout=layout)
-  acc = step_lib.zero_clipped_sum(params, rule, layout)
-  for half in (slice(0, 16), slice(16, 32)):
-    acc = accumulate(acc, params, put(jax.tree_util.tree_map(lambda x: x[half], batch)),
-                     put(mask[half]))
-  acc = step_lib.make_total(layout)(acc)
-  public_grad, _ = step_lib.make_public_grad(loss, layout)(params, put(public))
-  apply = step_lib.make_apply(tx, opt, layout)
-  params, opt_state = apply(params, opt_state, public_grad, acc.grad_sum, np.float32(0.3))
-  return parallel.to_host(params), parallel.to_host(acc.stats), params
+  return _make_dp_step(model, layout_sizes, rule).run(batch, mask, public)
 
 
 @pytest.mark.parametrize("model_name", ["conv", "attention", "dense"])
@@ -147,3 +160,20 @@ def test_mesh_errors_are_clear():
 
 def test_config_agreement_is_a_no_op_for_one_process():
   parallel.check_same_config({"a": 1})
+
+
+def test_a_second_sharded_step_compiles_nothing():
+  """Every step function is built once: a DP step after the first must not trace or compile."""
+  events = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *args, **kwargs: events.append(name) if "compile" in name else None)
+  model = toy_models.MODELS["dense"]
+  batch = jax.tree_util.tree_map(np.asarray, toy_models.batch(32, seed=4))
+  public = jax.tree_util.tree_map(np.asarray, toy_models.batch(16, seed=5))
+  mask = np.ones(32, bool)
+  steps = _make_dp_step(model, (4, 2), clipping.FlatClip(1.0))
+  steps.run(batch, mask, public)
+  assert events, "the listener saw no compilation at all"
+  events.clear()
+  steps.run(batch, mask, public)
+  assert events == []

@@ -166,6 +166,7 @@ class _Run:
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout)
+    self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
     self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)
     self.preprocess = state_lib.preprocessor(config)
@@ -292,7 +293,7 @@ class _Run:
     return params, opt_state, logs
 
   def _private_sum(self, step, params):
-    acc = step_lib.zero_clipped_sum(params, self.rule, self.layout)
+    acc = self.zero_sum(params)
     for indices, mask in self.sampler.batch(step).microbatches():
       acc = self.accumulate(acc, params, *self._fetch(self.parts.private, indices, mask))
     return self.total(acc)

@@ -82,7 +82,7 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     ) -> Callable:
   """jit (acc, params, microbatch, mask) -> acc + the microbatch's `ClippedSum`.
 
-  acc is a `ClippedSum`; start from `zero_clipped_sum(params, rule)`. The sum's sensitivity is
+  acc is a `ClippedSum`; start from `make_zero_sum(rule, layout)(params)`. The sum's sensitivity is
   rule.sensitivity whatever the number of microbatches (each example is in one microbatch).
   With a layout the microbatch is split over the mesh's devices and each device clips its own
   examples (`parallel.sharded_gradient_sum`); acc.grad_sum then holds per-device partial sums
@@ -136,20 +136,29 @@ def make_total(layout: parallel.Layout | None = None) -> Callable:
                                                    layout.replicated))
 
 
-def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule,
-                     layout: parallel.Layout | None = None) -> clipping.ClippedSum:
-  """An empty `ClippedSum`: float32 zeros like params, or under a layout per-device partial sums
-  [devices, *shape] (see `make_accumulate`)."""
-  devices = () if layout is None else (parallel.mesh_size(layout.mesh),)
+def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule) -> clipping.ClippedSum:
+  """An empty `ClippedSum`: float32 zeros like params (no layout; see `make_zero_sum`)."""
+  return clipping.ClippedSum(
+      jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+      jnp.float32(rule.sensitivity), clipping.zero_stats())
+
+
+def make_zero_sum(rule: clipping.ClipRule, layout: parallel.Layout | None = None) -> Callable:
+  """jit params -> the empty `ClippedSum` that `make_accumulate(..., layout)` starts from.
+
+  Under a layout its grad_sum holds per-device partial sums [devices, *shape]. Build it once:
+  each built function compiles once.
+  """
+  if layout is None:
+    return jax.jit(lambda params: zero_clipped_sum(params, rule))
+  devices = (parallel.mesh_size(layout.mesh),)
 
   def zeros(params):
     return clipping.ClippedSum(
         jax.tree_util.tree_map(lambda p: jnp.zeros(devices + p.shape, jnp.float32), params),
         jnp.float32(rule.sensitivity), clipping.zero_stats())
-  if layout is None:
-    return zeros(params)
   return jax.jit(zeros, in_shardings=(layout.sharding(layout.params),),
-                 out_shardings=_partial_sum_sharding(layout))(params)
+                 out_shardings=_partial_sum_sharding(layout))
 
 
 def make_apply(noise_tx: optax.GradientTransformation | None,
