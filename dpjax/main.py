@@ -24,8 +24,9 @@ def main(argv):
   parallel.initialize_distributed(**_CONFIG.value.distributed)
   results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
   if parallel.is_main_process():
-    print(f"test accuracy {results['test_accuracy']:.4f}  epsilon {results['privacy']['epsilon']:.3f}"
-          f"  steps {results['steps']}  ({results['stopped']})")
+    print(f"test accuracy {results['test_accuracy']:.4f}  "
+          f"epsilon {results['privacy']['epsilon']:.3f}  steps {results['steps']}  "
+          f"({results['stopped']})")
 
 
 if __name__ == "__main__":

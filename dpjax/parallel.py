@@ -17,10 +17,11 @@ example is clipped exactly once, on the device that holds it. The Gaussian noise
 but once per global step from a replicated key (`dpjax.train.step.make_apply`), and
 jax's partitionable threefry makes the draw the same whatever the layout.
 
-Multi-host. `initialize_distributed` starts jax.distributed (explicit coordinator, or detected on
-SLURM and Cloud TPU pods); every process builds the same host-side plan (samplers are functions
-of (seed, step)), reads only the rows of each batch its devices hold (`process_rows`) and
-assembles global arrays with `jax.make_array_from_process_local_data` (`global_batch`).
+Multi-host. `initialize_distributed` starts jax.distributed (an explicit coordinator, or detected
+on SLURM, or on Cloud TPU pods when DPJAX_DISTRIBUTED=1); every process builds the same host-side
+plan (samplers are functions of (seed, step)), reads only the rows of each batch its devices hold
+(`process_rows`) and assembles global arrays with `jax.make_array_from_process_local_data`
+(`global_batch`).
 """
 
 from __future__ import annotations
@@ -259,12 +260,12 @@ def reduce_partial_sums(partial_sums: PyTree, mesh: Mesh, specs: PyTree) -> PyTr
 
 
 def _detected_cluster() -> str | None:
-  """'slurm' or 'tpu' when the environment is a multi-process job that jax can configure."""
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("SLURM_NPROCS", "1")) > 1:
+  """How this process learns it is part of a multi-process job: 'forced' (DPJAX_DISTRIBUTED=1, as
+  launch/tpu_pod.sh sets), 'slurm' (srun with more than one task), or None."""
+  if os.environ.get("DPJAX_DISTRIBUTED", "") == "1":
+    return "forced"
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     return "slurm"
-  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in \
-      os.environ:
-    return "tpu"
   return None
 
 
@@ -274,9 +275,10 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
   Explicit: coordinator_address ("host:port"), num_processes and process_id, as passed (the
   DPJAX_COORDINATOR_ADDRESS / DPJAX_NUM_PROCESSES / DPJAX_PROCESS_ID environment variables, set by
-  launch/multiprocess.py, fill any that are unset). Otherwise auto-detected on SLURM (srun with
-  more than one task) and Cloud TPU pods; elsewhere nothing happens (one process). Must run
-  before anything touches a jax backend. CPU processes use `cpu_collectives` ('gloo').
+  launch/multiprocess.py, fill any that are unset). Otherwise, under SLURM with more than one task
+  or with DPJAX_DISTRIBUTED=1 (Cloud TPU pods: launch/tpu_pod.sh), jax.distributed.initialize()
+  detects the cluster itself; elsewhere nothing happens (one process). Must run before anything
+  touches a jax backend. CPU processes use `cpu_collectives` ('gloo').
   """
   coordinator_address = coordinator_address or os.environ.get("DPJAX_COORDINATOR_ADDRESS", "")
   num_processes = num_processes or int(os.environ.get("DPJAX_NUM_PROCESSES", "0"))
@@ -287,7 +289,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     return False
   if jax.distributed.is_initialized():
     return True
-  if cpu_collectives and os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+  if cpu_collectives:  # used only by the CPU backend
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if coordinator_address:
     if num_processes <= 0 or not 0 <= process_id < num_processes:
@@ -297,7 +299,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
           f"{num_processes} and {process_id}.")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:
-    jax.distributed.initialize()  # jax reads SLURM / Cloud TPU metadata itself
+    jax.distributed.initialize()  # jax reads the SLURM environment / Cloud TPU metadata itself
   return True
 
 

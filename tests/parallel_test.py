@@ -177,3 +177,40 @@ def test_a_second_sharded_step_compiles_nothing():
   events.clear()
   steps.run(batch, mask, public)
   assert events == []
+
+
+@pytest.fixture
+def fake_distributed(monkeypatch):
+  """Records jax.distributed.initialize calls instead of starting a job."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+  monkeypatch.setattr(jax.config, "update", lambda *args: None)
+  for name in ("DPJAX_COORDINATOR_ADDRESS", "DPJAX_NUM_PROCESSES", "DPJAX_PROCESS_ID",
+               "DPJAX_DISTRIBUTED", "SLURM_NTASKS"):
+    monkeypatch.delenv(name, raising=False)
+  return calls
+
+
+def test_distributed_start_up_explicit_detected_or_none(fake_distributed, monkeypatch):
+  assert not parallel.initialize_distributed() and fake_distributed == []  # one process
+  assert parallel.initialize_distributed("localhost:1234", 2, 1)
+  assert fake_distributed[-1] == ("localhost:1234", 2, 1)
+  monkeypatch.setenv("DPJAX_COORDINATOR_ADDRESS", "h:9")  # as launch/multiprocess.py sets
+  monkeypatch.setenv("DPJAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("DPJAX_PROCESS_ID", "3")
+  assert parallel.initialize_distributed() and fake_distributed[-1] == ("h:9", 4, 3)
+  for name in ("DPJAX_COORDINATOR_ADDRESS", "DPJAX_NUM_PROCESSES", "DPJAX_PROCESS_ID"):
+    monkeypatch.delenv(name)
+  monkeypatch.setenv("SLURM_NTASKS", "16")  # srun: jax reads the rest from SLURM
+  assert parallel.initialize_distributed() and fake_distributed[-1] == ()
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert not parallel.initialize_distributed()
+  monkeypatch.setenv("DPJAX_DISTRIBUTED", "1")  # Cloud TPU pods (launch/tpu_pod.sh)
+  assert parallel.initialize_distributed() and fake_distributed[-1] == ()
+
+
+def test_distributed_start_up_refuses_an_incomplete_explicit_setting(fake_distributed):
+  with pytest.raises(ValueError, match="process_id"):
+    parallel.initialize_distributed("localhost:1234", 2)
+  assert fake_distributed == []
