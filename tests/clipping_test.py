@@ -223,3 +223,25 @@ def test_batchnorm_statistics_are_rejected():
   with pytest.raises(clipping.BatchNormInDPModelError, match="GroupNorm"):
     clipping.clipped_grad_sum(lambda p, e: 0.0, params, {"x": jnp.ones((2, 2))},
                               np.ones(2, bool), clipping.FlatClip(1.0))
+
+
+@pytest.mark.parametrize("rule_name", sorted(RULES))
+def test_bfloat16_per_example_gradients_keep_the_sensitivity_bound(rule_name):
+  """bf16 per-example grads: norms, scaling and the sum in float32, so no example's contribution
+  exceeds the sensitivity (a clip factor rounded to bf16 would exceed it by up to 0.4%)."""
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  rule = RULES[rule_name](params)
+  loss = toy_models.per_example_loss(model)
+  examples = toy_models.batch(32, seed=3, scale=20.0)
+  one = jax.jit(lambda mask: clipping.clipped_grad_sum(loss, params, examples, mask, rule,
+                                                       grad_dtype=jnp.bfloat16).grad_sum)
+  for i in range(32):
+    contribution = one(jnp.arange(32) == i)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(contribution))
+    assert float(clipping.global_norm(contribution)) <= rule.sensitivity * (1 + 1e-6)
+  f32 = clipping.clipped_grad_sum(loss, params, examples, jnp.ones(32), rule).grad_sum
+  bf16 = clipping.clipped_grad_sum(loss, params, examples, jnp.ones(32), rule,
+                                   grad_dtype=jnp.bfloat16).grad_sum
+  for a, b in zip(jax.tree_util.tree_leaves(f32), jax.tree_util.tree_leaves(bf16)):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * rule.sensitivity)

@@ -366,3 +366,17 @@ def test_cross_example_check_needs_two_examples():
   with pytest.raises(ValueError, match="at least 2"):
     models.assert_no_cross_example_dependence(
         model.apply, _init(model, images), images)
+
+
+def test_vit_fused_and_einsum_attention_agree():
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  outs = []
+  for attention in ("fused", "einsum"):
+    model = models.build_model("vit", num_classes=5, variant="Ti", patch_size=8, image_size=32,
+                               depth=1, attention=attention)
+    params = model.init(jax.random.PRNGKey(0), images)  # same names: the same params
+    outs.append(model.apply(params, images))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="attention 'flash' is unknown"):
+    models.build_model("vit", num_classes=5, variant="Ti", patch_size=8, image_size=32,
+                       attention="flash")

@@ -59,6 +59,17 @@ def vit_config(
   return dict(patch_size=patch_size, image_size=image_size, **config)
 
 
+def fused_attention(query, key, value, bias=None, mask=None, **unused):
+  """`jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies, else XLA) with flax's
+  attention_fn signature; [batch, tokens, heads, head_dim] in and out. No dropout."""
+  del unused
+  return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
+
+
+# attention="einsum": flax's softmax(QKᵀ/√d)V written out; "fused": one fused op.
+ATTENTION_FNS = {"einsum": nn.dot_product_attention, "fused": fused_attention}
+
+
 class EncoderBlock(nn.Module):
   """Pre-LN transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) with a GELU MLP.
 
@@ -67,12 +78,14 @@ class EncoderBlock(nn.Module):
 
   num_heads: int
   mlp_dim: int
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     width = tokens.shape[-1]
     attention = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, deterministic=True, name="attention")
+        num_heads=self.num_heads, deterministic=True, name="attention",
+        attention_fn=ATTENTION_FNS[self.attention])
     tokens = tokens + attention(nn.LayerNorm(name="attention_norm")(tokens))
     hidden = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(nn.LayerNorm(name="mlp_norm")(tokens)))
     return tokens + nn.Dense(width, name="mlp_out")(hidden)
@@ -94,6 +107,7 @@ class ViT(nn.Module):
   depth: int = 12
   num_heads: int = 3
   mlp_dim: int = 768
+  attention: str = "fused"  # or "einsum"; see ATTENTION_FNS
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -106,11 +120,14 @@ class ViT(nn.Module):
     position_init = nn.initializers.normal(stddev=0.02)
     x = x + self.param("position_embedding", position_init, (1, x.shape[1], self.width))
     for index in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block{index}")(x)
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.attention, name=f"block{index}")(x)
     x = nn.LayerNorm(name="final_norm")(x)
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
   def _check_image_shape(self, shape: tuple[int, ...]) -> None:
+    if self.attention not in ATTENTION_FNS:
+      raise ValueError(f"ViT attention {self.attention!r} is unknown; use one of "
+                       f"{sorted(ATTENTION_FNS)}.")
     num_patches(self.image_size, self.patch_size)
     if len(shape) != 4 or shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(

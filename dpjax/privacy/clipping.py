@@ -167,7 +167,7 @@ class GroupClip(ClipRule):
       c = self.clip_norms[name]
       factor = c / jnp.maximum(norm, c)
       for i, leaf in zip(members, block):
-        clipped[i] = leaf * factor.astype(leaf.dtype)
+        clipped[i] = leaf.astype(jnp.float32) * factor  # float32: see _scale
       norms_sq[name] = norm * norm
       any_clipped = jnp.maximum(any_clipped, (norm > c).astype(jnp.float32))
     total_norm = jnp.sqrt(sum(norms_sq.values()))
@@ -228,7 +228,9 @@ def make_clip_rule(kind: str, clip_norm: float, params: PyTree | None = None,
 
 
 def _scale(tree: PyTree, factor: jax.Array) -> PyTree:
-  return jax.tree_util.tree_map(lambda x: x * factor.astype(x.dtype), tree)
+  """tree · factor in float32: a factor rounded to bfloat16 could push ‖g·factor‖ above C."""
+  return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) * factor.astype(jnp.float32),
+                                tree)
 
 
 class BatchNormInDPModelError(ValueError):
@@ -291,7 +293,7 @@ def per_example_grads(loss_fn: LossFn, trainable_params: PyTree, frozen_params: 
 
 def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: jax.Array,
                      rule: ClipRule, *args, microbatch_size: int | None = None,
-                     trainable: PyTree | None = None) -> ClippedSum:
+                     trainable: PyTree | None = None, grad_dtype: Any = None) -> ClippedSum:
   """Sum of clipped per-example gradients over a padded batch.
 
   Args:
@@ -305,6 +307,9 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
       examples.
     microbatch_size: examples per vmap call; n must be a multiple. None means n.
     trainable: optional pytree of bools like params; False leaves get no gradient (zeros).
+    grad_dtype: dtype of the per-example gradients (e.g. jnp.bfloat16: half the memory traffic of
+      the [microbatch, *params] buffer); None keeps the params' dtype. Norms, clipping and the sum
+      are computed in float32 whatever it is.
 
   Returns:
     `ClippedSum` with grad_sum in float32 and the structure of params.
@@ -318,6 +323,8 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
     raise ValueError(f"The batch of {n} examples does not split into microbatches of {m}: "
                      f"choose a microbatch size that divides the (padded) batch size.")
   train_p, frozen_p = partition(params, trainable)
+  if grad_dtype is not None:  # differentiate w.r.t. the cast params: gradients in grad_dtype
+    train_p = jax.tree_util.tree_map(lambda p: p.astype(grad_dtype), train_p)
   chunks = jax.tree_util.tree_map(lambda x: x.reshape((n // m, m) + x.shape[1:]),
                                   (examples, mask))
 

@@ -165,7 +165,8 @@ class _Run:
     self.layout = parallel.make_layout(mesh, *self.initial)
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
-    self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout)
+    self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
+                                              grad_dtype=step_lib.grad_dtype(config.perf.dtype))
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
     self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)
@@ -196,7 +197,7 @@ class _Run:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
                                                self.plan.expected_batch_size,
                                                seed=self.config.seed)
-    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout)
+    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout, donate=True)
     self.switch_step = mixing.first_private_step(self.schedule, self.config.schedule.total_steps)
 
   def _make_monitor(self, model, heldout):
@@ -217,7 +218,7 @@ class _Run:
     writer = metrics.MetricsWriter(self.workdir, enabled=self.main)
     progress = metrics.Progress(total, start, show_progress and self.main)
     stopped, epsilon, last = None, ledger.epsilon(self.plan.delta, self.plan.accountant), {}
-    accuracy = float("nan")  # test accuracy at the last evaluation
+    accuracy = loss = float("nan")  # test accuracy at the last evaluation, loss at the last log
     start_time = time.time()
     step = start
     for step in range(start, total):
@@ -229,6 +230,9 @@ class _Run:
       params, opt_state, last = self._one_step(step, alpha, params, opt_state, ledger)
       done = step + 1
       if done % self.config.log_every_steps == 0 or done == total:
+        # Device values are read only here: no host synchronisation on the other steps.
+        last = {k: float(v) for k, v in last.items()}
+        loss = last.get("loss", loss)
         writer.write(done, "train", dict(alpha=alpha, **last))
       if done % self.config.eval.every_steps == 0 and done != total:
         epsilon = ledger.epsilon(self.plan.delta, self.plan.accountant)
@@ -237,8 +241,7 @@ class _Run:
         writer.write(done, "eval", dict(evaluation, epsilon=epsilon))
       if done % self.config.checkpoint.every_steps == 0 and done != total:
         self._save(done, params, opt_state, ledger)
-      progress.update(1, loss=last.get("loss", float("nan")), acc=accuracy, eps=epsilon,
-                      alpha=alpha)
+      progress.update(1, loss=loss, acc=accuracy, eps=epsilon, alpha=alpha)
     else:
       step = total
     progress.close()
@@ -277,14 +280,14 @@ class _Run:
     if mixing.reads_public(alpha):
       batch = self._fetch(self.parts.public, self.public_batches.indices(step))
       public_grad, loss = self.public_grad(params, batch)
-      logs["loss"] = float(loss)
+      logs["loss"] = loss
     clipped = None
     if mixing.reads_private(alpha):
       if self.plan.noise_multiplier is None:
         raise AssertionError("a private step without a noise multiplier")
       acc = self._private_sum(step, params)
       clipped = acc.grad_sum
-      logs.update({k: float(v) for k, v in clipping.summarize(acc.stats).items()})
+      logs.update(clipping.summarize(acc.stats))
     params, opt_state = self.apply(params, opt_state, public_grad, clipped, np.float32(alpha))
     if clipped is not None:
       ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)

@@ -77,9 +77,15 @@ def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = No
                  out_shardings=(layout.sharding(layout.params), layout.replicated))
 
 
+def grad_dtype(compute_dtype: str) -> Any:
+  """Per-example gradients are taken in the compute dtype (bf16 halves their memory traffic);
+  norms, clipping, sums and noise stay float32 (`clipping.clipped_grad_sum`)."""
+  return None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
+
+
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
-                    trainable: PyTree | None = None, layout: parallel.Layout | None = None
-                    ) -> Callable:
+                    trainable: PyTree | None = None, layout: parallel.Layout | None = None,
+                    grad_dtype: Any = None) -> Callable:
   """jit (acc, params, microbatch, mask) -> acc + the microbatch's `ClippedSum`.
 
   acc is a `ClippedSum`; start from `make_zero_sum(rule, layout)(params)`. The sum's sensitivity is
@@ -87,11 +93,12 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   With a layout the microbatch is split over the mesh's devices and each device clips its own
   examples (`parallel.sharded_gradient_sum`); acc.grad_sum then holds per-device partial sums
   [devices, *shape], added across devices once per step by `make_total` (not once per
-  microbatch: one all-reduce per step).
+  microbatch: one all-reduce per step). acc is donated: do not reuse the acc passed in.
+  grad_dtype: see `clipping.clipped_grad_sum`.
   """
   def local_sum(params, microbatch, mask):
     part = clipping.clipped_grad_sum(example_loss, params, microbatch, mask, rule,
-                                     trainable=trainable)
+                                     trainable=trainable, grad_dtype=grad_dtype)
     return part.grad_sum, part.stats
 
   def reduce_stats(stats):
@@ -107,11 +114,11 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                                acc.sensitivity, clipping.add_stats(acc.stats, stats))
 
   if layout is None:
-    return jax.jit(accumulate)
+    return jax.jit(accumulate, donate_argnums=0)
   acc_sharding = _partial_sum_sharding(layout)
   return jax.jit(accumulate, in_shardings=(acc_sharding, layout.sharding(layout.params),
                                            layout.batch, layout.batch),
-                 out_shardings=acc_sharding)
+                 out_shardings=acc_sharding, donate_argnums=0)
 
 
 def _partial_sum_sharding(layout: parallel.Layout) -> clipping.ClippedSum:
@@ -163,13 +170,15 @@ def make_zero_sum(rule: clipping.ClipRule, layout: parallel.Layout | None = None
 
 def make_apply(noise_tx: optax.GradientTransformation | None,
                optimizer: optax.GradientTransformation,
-               layout: parallel.Layout | None = None) -> Callable:
+               layout: parallel.Layout | None = None, donate: bool = False) -> Callable:
   """jit (params, opt_state, public_grad|None, clipped_sum|None, alpha) -> (params, opt_state).
 
   The noise transformation runs exactly once when a clipped sum is given (a private step) and not
   at all otherwise. Under a layout it runs once for the global step: the key is replicated and
-  the draw is laid out like the params, so no device adds noise of its own.
+  the draw is laid out like the params, so no device adds noise of its own. donate=True reuses
+  the buffers of the params and optimizer state passed in (do not use them afterwards).
   """
+  donated = (0, 1) if donate else ()
   def apply(params, opt_state, public_grad, clipped_sum, alpha):
     noise_state, private_grad = opt_state.noise, None
     if clipped_sum is not None:
@@ -179,7 +188,7 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
     return optax.apply_updates(params, updates), OptState(noise_state, base_state)
 
   if layout is None:
-    return jax.jit(apply)
+    return jax.jit(apply, donate_argnums=donated)
   params_sharding, opt_sharding = layout.sharding(layout.params), layout.sharding(layout.opt_state)
   compiled = {}  # one jit per kind of step: which of the two gradients are present
 
@@ -189,7 +198,8 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
       grad_shardings = tuple(None if absent else params_sharding for absent in kind)
       compiled[kind] = jax.jit(
           apply, in_shardings=(params_sharding, opt_sharding) + grad_shardings
-          + (layout.replicated,), out_shardings=(params_sharding, opt_sharding))
+          + (layout.replicated,), out_shardings=(params_sharding, opt_sharding),
+          donate_argnums=donated)
     return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha)
   return apply_sharded
 

@@ -1,0 +1,123 @@
+"""Shared pieces of the benchmarks: models, the trainer's DP and non-DP steps, timing, memory.
+
+The steps are the trainer's own (`dpjax.train.step` under a `dpjax.parallel` layout):
+  DP step     = `zero_sum` + k × `accumulate` (per-example grads, clipping; m examples each) +
+                `total` + `apply` (noise once, optimizer update);
+  non-DP step = `public_grad` on the same k·m examples + `apply`.
+Random data; examples/s is measured over windows of steps dispatched without synchronisation
+(one `block_until_ready` per window), and the median over windows is reported.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+from dpjax import models, parallel
+from dpjax.privacy import clipping, noise
+from dpjax.train import step as step_lib
+
+# name -> (build_model kwargs, image shape, classes)
+MODELS: dict[str, tuple[dict, tuple[int, int, int], int]] = {
+    "vit_b16_224": (dict(name="vit", variant="B", patch_size=16, image_size=224),
+                    (224, 224, 3), 1000),
+    "vit_s16_224": (dict(name="vit", variant="S", patch_size=16, image_size=224),
+                    (224, 224, 3), 1000),
+    # the CIFAR-sized ViT of the performance issue: patch 4, width 384, depth 6
+    "vit_cifar": (dict(name="vit", variant="S", patch_size=4, image_size=32, depth=6),
+                  (32, 32, 3), 10),
+    "wrn_16_4": (dict(name="wrn_16_4"), (32, 32, 3), 10),
+    "cnn_tanh": (dict(name="cnn_tanh_mnist"), (28, 28, 1), 10),
+    "vit_test": (dict(name="vit", variant="Ti", patch_size=8, image_size=32, depth=2),
+                 (32, 32, 3), 10),
+}
+CLIP_RULES = {"flat": lambda p: clipping.FlatClip(1.0),
+              "automatic": lambda p: clipping.AutomaticClip(1.0, 0.01),
+              "per_layer": lambda p: clipping.per_layer_clip(p, 1.0)}
+
+
+class Steps:
+  """The DP and non-DP steps of one model on one mesh, with their random data and state."""
+
+  def __init__(self, model_key: str, mesh, microbatch: int, microbatches: int, dtype: str,
+               clip: str = "flat", attention: str | None = None):
+    kwargs, shape, classes = MODELS[model_key]
+    kwargs = dict(kwargs)
+    if attention:
+      kwargs["attention"] = attention
+    model = models.build_model(kwargs.pop("name"), num_classes=classes, input_shape=shape,
+                               **kwargs)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1,) + shape, np.float32))
+    params = params["params"]
+    self.num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    self.batch = microbatch * microbatches
+    rule = CLIP_RULES[clip](params)
+    tx = noise.add_gaussian_noise(1.0, rule.sensitivity, float(self.batch))
+    optimizer = optax.adamw(1e-4, weight_decay=0.05)
+    opt_state = step_lib.OptState(tx.init(params), optimizer.init(params))
+    self.mesh, self.layout = mesh, parallel.make_layout(mesh, params, opt_state)
+    self.state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
+    example_loss = step_lib.make_example_loss(model, dtype)
+    self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
+    self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
+                                               grad_dtype=step_lib.grad_dtype(dtype))
+    self.total = step_lib.make_total(self.layout)
+    self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
+    self.apply = step_lib.make_apply(tx, optimizer, self.layout, donate=True)
+    rng = np.random.default_rng(0)
+
+    def rows(n):
+      return parallel.global_batch(mesh, dict(
+          image=rng.standard_normal((n,) + shape).astype(np.float32),
+          label=rng.integers(0, classes, n).astype(np.int32)), n)
+
+    self.microbatches = [rows(microbatch) for _ in range(microbatches)]
+    self.mask = parallel.global_batch(mesh, np.ones(microbatch, bool), microbatch)
+    self.public = rows(self.batch)
+
+  def dp(self, params, opt_state):
+    acc = self.zero_sum(params)
+    for batch in self.microbatches:
+      acc = self.accumulate(acc, params, batch, self.mask)
+    return self.apply(params, opt_state, None, self.total(acc).grad_sum, np.float32(0.0))
+
+  def non_dp(self, params, opt_state):
+    grad, _ = self.public_grad(params, self.public)
+    return self.apply(params, opt_state, grad, None, np.float32(1.0))
+
+  def measure(self, name: str, windows: int, steps: int) -> dict[str, float]:
+    """Compile time and median examples/s of `name` ('dp' or 'non_dp')."""
+    step: Callable = getattr(self, name)
+    start = time.perf_counter()
+    self.state = step(*self.state)
+    jax.block_until_ready(self.state)
+    first = time.perf_counter() - start
+    rates = []
+    for _ in range(windows):
+      start = time.perf_counter()
+      for _ in range(steps):
+        self.state = step(*self.state)
+      jax.block_until_ready(self.state)
+      rates.append(self.batch * steps / (time.perf_counter() - start))
+    rate = statistics.median(rates)
+    return {f"{name}_examples_per_s": rate, f"{name}_step_ms": 1e3 * self.batch / rate,
+            f"{name}_compile_s": max(first - self.batch / rate, 0.0)}
+
+
+def peak_memory_mb(mesh) -> float:
+  """The largest allocator peak over the mesh's devices; the process's max RSS on CPU."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
+  if None in peaks:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return max(peaks) / 2**20
+
+
+def device_facts() -> dict[str, Any]:
+  device = jax.devices()[0]
+  return dict(device=device.device_kind, platform=device.platform, jax=jax.__version__)

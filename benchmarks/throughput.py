@@ -1,0 +1,116 @@
+"""DP vs non-private throughput on one device: models × clip rules × dtypes × microbatch sizes.
+
+Each configuration runs in its own subprocess (peak memory and compile time per configuration)
+and times the trainer's own steps (`benchmarks/harness.py`): the DP step (per-example gradients
+by `vmap(grad)`, clipping, noise once, AdamW) and the non-private step on the same examples, in
+the same process, so their ratio compares like with like. Examples/s is the median over windows
+of steps dispatched without per-step synchronisation; compile time is the first step's extra.
+
+  python -m benchmarks.throughput --out benchmarks/results/throughput_h100.json      # GPU suite
+  python -m benchmarks.throughput --quick --out /tmp/t.json                           # CPU, ~1 min
+
+Prints a markdown table and writes JSON (rows, command, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import subprocess
+import sys
+
+# (model, microbatch, microbatches per step); the GPU suite and the CPU smoke run.
+SUITE = [("vit_b16_224", 32, 4), ("vit_b16_224", 64, 2), ("vit_b16_224", 128, 1),
+         ("vit_s16_224", 128, 2), ("vit_cifar", 256, 1), ("wrn_16_4", 256, 1),
+         ("cnn_tanh", 1024, 1)]
+QUICK = [("cnn_tanh", 32, 2), ("vit_test", 8, 2)]
+
+
+def run_one(args: argparse.Namespace) -> dict:
+  from benchmarks import harness
+  from dpjax import parallel
+
+  mesh = parallel.make_mesh(1, 1)
+  steps = harness.Steps(args.model, mesh, args.microbatch, args.microbatches, args.dtype,
+                        args.clip, args.attention or None)
+  result = dict(model=args.model, clip=args.clip, dtype=args.dtype, microbatch=args.microbatch,
+                microbatches=args.microbatches, batch=steps.batch, attention=args.attention,
+                per_example="vmap", num_params=steps.num_params)
+  for name in ("non_dp", "dp"):
+    result.update(steps.measure(name, args.windows, args.steps))
+  result["dp_over_non_dp"] = result["dp_examples_per_s"] / result["non_dp_examples_per_s"]
+  result.update(harness.device_facts(), peak_memory_mb=harness.peak_memory_mb(mesh))
+  return result
+
+
+def configurations(args: argparse.Namespace) -> list[dict]:
+  suite = QUICK if args.quick else SUITE
+  if args.models:
+    suite = [c for c in suite if c[0] in args.models.split(",")]
+  rows = []
+  for (model, microbatch, k), clip, dtype in itertools.product(
+      suite, args.clips.split(","), args.dtypes.split(",")):
+    attentions = args.attentions.split(",") if model.startswith("vit") else [""]
+    rows += [dict(model=model, microbatch=microbatch, microbatches=k, clip=clip, dtype=dtype,
+                  attention=a) for a in attentions]
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="small models on CPU, few steps")
+  parser.add_argument("--models", default="", help="comma-separated subset of the suite")
+  parser.add_argument("--clips", default="flat", help="comma-separated: flat,automatic,per_layer")
+  parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
+  parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum")
+  parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
+  parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
+  parser.add_argument("--out", default="")
+  # one configuration, internal
+  for name in ("model", "clip", "dtype", "attention"):
+    parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
+  for name in ("microbatch", "microbatches"):
+    parser.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.model:
+    print(json.dumps(run_one(args)))
+    return
+  if args.quick:
+    args.steps, args.windows = min(args.steps, 2), min(args.windows, 2)
+  rows = []
+  for config in configurations(args):
+    flags = [f"--{k}={v}" for k, v in config.items()] + [
+        f"--steps={args.steps}", f"--windows={args.windows}"]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.throughput"] + flags,
+                          capture_output=True, text=True)
+    if done.returncode:
+      print(f"FAILED {config}:\n{done.stderr[-3000:]}", file=sys.stderr)
+      rows.append(dict(config, failed=done.stderr.strip().splitlines()[-1][:300]))
+      continue
+    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+  print(markdown_table(rows))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(rows=rows, command="python -m benchmarks.throughput " + " ".join(sys.argv[1:]),
+                     host=platform.node()), f, indent=2)
+
+
+def markdown_table(rows: list[dict]) -> str:
+  lines = ["| model | clip | dtype | attention | microbatch × k | non-DP ex/s | DP ex/s | "
+           "DP ÷ non-DP | DP compile s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    head = (f"| {r['model']} | {r['clip']} | {r['dtype']} | {r.get('attention') or '-'} | "
+            f"{r['microbatch']} × {r['microbatches']} |")
+    if "failed" in r:
+      lines.append(head + f" failed: {r['failed']} |||||")
+      continue
+    lines.append(head + f" {r['non_dp_examples_per_s']:,.0f} | {r['dp_examples_per_s']:,.0f} | "
+                 f"{r['dp_over_non_dp']:.3f} | {r['dp_compile_s']:.1f} | "
+                 f"{r['peak_memory_mb']:,.0f} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()

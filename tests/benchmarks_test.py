@@ -1,0 +1,25 @@
+"""The throughput benchmark's --quick mode runs on CPU and writes a complete JSON table."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
+  out = tmp_path / "t.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  done = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--quick",
+                         "--models=cnn_tanh", "--dtypes=float32", f"--out={out}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert len(rows) == 1 and "failed" not in rows[0]
+  row = rows[0]
+  assert row["dp_examples_per_s"] > 0 and row["non_dp_examples_per_s"] > 0
+  assert abs(row["dp_over_non_dp"] - row["dp_examples_per_s"] / row["non_dp_examples_per_s"]) < 1e-9
+  assert row["peak_memory_mb"] > 0 and row["dp_compile_s"] >= 0
+  assert "| cnn_tanh | flat | float32 |" in done.stdout
