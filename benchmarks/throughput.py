@@ -88,11 +88,17 @@ def main() -> None:
     if done.returncode:
       print(f"FAILED {config}:\n{done.stderr[-3000:]}", file=sys.stderr)
       rows.append(dict(config, failed=done.stderr.strip().splitlines()[-1][:300]))
+      write(args.out, rows)
       continue
     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    write(args.out, rows)  # after every row: a run cut short keeps what it measured
   print(markdown_table(rows))
-  if args.out:
-    with open(args.out, "w") as f:
+
+
+def write(path: str, rows: list[dict]) -> None:
+  if path:
+    with open(path, "w") as f:
       json.dump(dict(rows=rows, command="python -m benchmarks.throughput " + " ".join(sys.argv[1:]),
                      host=platform.node()), f, indent=2)
 
