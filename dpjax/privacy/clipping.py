@@ -75,7 +75,15 @@ class ClipRule:
 
   def clip(self, grad: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
     """Returns (clipped gradient, pre-clip global norm, 1.0 if scaled down else 0.0)."""
-    raise NotImplementedError
+    norm = global_norm(grad)
+    factor, was_clipped = self.factor(norm)
+    return _scale(grad, factor), norm, was_clipped
+
+  def factor(self, norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scale factor, 1.0 if scaled down) for a gradient of global L2 norm `norm`; rules that
+    scale the whole gradient by one factor define it (ghost clipping needs it)."""
+    raise NotImplementedError(
+        f"{type(self).__name__} does not scale the whole gradient by one factor.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +98,10 @@ class FlatClip(ClipRule):
   def sensitivity(self) -> float:
     return float(self.clip_norm)
 
-  def clip(self, grad):
-    norm = global_norm(grad)
+  def factor(self, norm):
     # Written as C / max(‖g‖, C) so that a zero gradient gives factor 1 with no division by 0.
     factor = self.clip_norm / jnp.maximum(norm, self.clip_norm)
-    return _scale(grad, factor), norm, (norm > self.clip_norm).astype(jnp.float32)
+    return factor, (norm > self.clip_norm).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +118,9 @@ class AutomaticClip(ClipRule):
   def sensitivity(self) -> float:
     return float(self.clip_norm)
 
-  def clip(self, grad):
-    norm = global_norm(grad)
+  def factor(self, norm):
     factor = self.clip_norm / (norm + self.stability)
-    return _scale(grad, factor), norm, (factor < 1.0).astype(jnp.float32)
+    return factor, (factor < 1.0).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +135,9 @@ class NormalizedClip(ClipRule):
   def sensitivity(self) -> float:
     return float(self.clip_norm)
 
-  def clip(self, grad):
-    norm = global_norm(grad)
+  def factor(self, norm):
     factor = jnp.where(norm > 0, self.clip_norm / jnp.where(norm > 0, norm, 1.0), 0.0)
-    return _scale(grad, factor), norm, (norm > self.clip_norm).astype(jnp.float32)
+    return factor, (norm > self.clip_norm).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,17 +324,24 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
   reject_batch_stats(params)
   n = int(mask.shape[0])
   m = n if microbatch_size is None else int(microbatch_size)
-  if m <= 0 or n % m:
-    raise ValueError(f"The batch of {n} examples does not split into microbatches of {m}: "
-                     f"choose a microbatch size that divides the (padded) batch size.")
   train_p, frozen_p = partition(params, trainable)
   if grad_dtype is not None:  # differentiate w.r.t. the cast params: gradients in grad_dtype
     train_p = jax.tree_util.tree_map(lambda p: p.astype(grad_dtype), train_p)
-  chunks = jax.tree_util.tree_map(lambda x: x.reshape((n // m, m) + x.shape[1:]),
-                                  (examples, mask))
-
   clip_chunk = lambda chunk: _clip_microbatch(loss_fn, train_p, frozen_p, chunk[0], chunk[1],
                                               rule, args)
+  return sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)
+
+
+def sum_over_microbatches(clip_chunk: Callable, examples: PyTree, mask: jax.Array,
+                          microbatch_size: int, frozen_p: PyTree, rule: ClipRule) -> ClippedSum:
+  """Runs clip_chunk((examples, mask) of one microbatch) -> (clipped sum of the trainable
+  leaves, ClipStats) over the microbatches with lax.scan; frozen leaves get float32 zeros."""
+  n, m = int(mask.shape[0]), microbatch_size
+  if m <= 0 or n % m:
+    raise ValueError(f"The batch of {n} examples does not split into microbatches of {m}: "
+                     f"choose a microbatch size that divides the (padded) batch size.")
+  chunks = jax.tree_util.tree_map(lambda x: x.reshape((n // m, m) + x.shape[1:]),
+                                  (examples, mask))
 
   def accumulate(carry, chunk):
     part, part_stats = clip_chunk(chunk)
@@ -351,14 +363,18 @@ def _clip_microbatch(loss_fn, train_p, frozen_p, examples, mask, rule, args):
   grads = per_example_grads(loss_fn, train_p, frozen_p, examples, *args)
   clipped, norms, was_clipped = jax.vmap(rule.clip)(grads)
   real = mask > 0
-  w = real.astype(jnp.float32)
   # `where`, not a product with the mask, so that a NaN/inf in a padded row cannot leak into the sum.
   summed = jax.tree_util.tree_map(
       lambda g: jnp.sum(jnp.where(_expand(real, g), g.astype(jnp.float32), 0.0), axis=0), clipped)
+  return summed, microbatch_stats(norms, was_clipped, real)
+
+
+def microbatch_stats(norms: jax.Array, was_clipped: jax.Array, real: jax.Array) -> ClipStats:
+  """`ClipStats` of one microbatch from per-example norms [m], clip flags [m] and real rows [m]."""
   real_norms = jnp.where(real, norms, 0.0)
-  stats = ClipStats(num_examples=jnp.sum(w), num_clipped=jnp.sum(jnp.where(real, was_clipped, 0.0)),
-                    norm_sum=jnp.sum(real_norms), norm_max=jnp.max(real_norms, initial=0.0))
-  return summed, stats
+  return ClipStats(num_examples=jnp.sum(real.astype(jnp.float32)),
+                   num_clipped=jnp.sum(jnp.where(real, was_clipped, 0.0)),
+                   norm_sum=jnp.sum(real_norms), norm_max=jnp.max(real_norms, initial=0.0))
 
 
 def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:
