@@ -1,0 +1,141 @@
+"""Tests for dpjax.privacy.ghost: ghost norms equal vmap norms; the ghost sum equals the vmap sum."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpjax import models
+from dpjax.privacy import clipping, ghost
+from tests import toy_models
+
+
+def batch_losses_of(model):
+  def losses(params, batch):
+    logits = model.apply({"params": params}, batch["image"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  return losses
+
+
+def vmap_sq_norms(batch_losses, params, batch, trainable=None):
+  def one(example):
+    single = jax.tree_util.tree_map(lambda x: x[None], example)
+    grad = jax.grad(lambda p: batch_losses(p, single)[0])(params)
+    if trainable is not None:
+      grad = jax.tree_util.tree_map(lambda g, t: g if t else jnp.zeros_like(g), grad, trainable)
+    return clipping.global_norm(grad) ** 2
+  return jax.vmap(one)(batch)
+
+
+class StridedConv(nn.Module):
+  """Convolutions with stride, explicit padding, dilation, no bias, and a GroupNorm."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(6, (3, 3), strides=2, padding=((1, 2), (0, 1)))(x)
+    x = nn.GroupNorm(num_groups=3)(jnp.tanh(x))
+    x = nn.Conv(4, (2, 2), padding="SAME", kernel_dilation=2, use_bias=False)(x)
+    x = nn.Conv(4, (3, 3), strides=(1, 2), padding="VALID")(jnp.tanh(x))
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+class SharedDense(nn.Module):
+  """One Dense layer used twice per example: its norm is not a sum of two ghost norms."""
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    shared = nn.Dense(x.shape[-1])
+    return nn.Dense(3)(shared(jnp.tanh(shared(x))))
+
+
+def _vit():
+  return models.build_model("vit", num_classes=3, variant="Ti", patch_size=4, image_size=8,
+                            depth=2, width=16, num_heads=2, mlp_dim=32,
+                            input_shape=toy_models.IMAGE_SHAPE)
+
+
+MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_models.MODELS["conv"],
+          "attention": lambda: toy_models.MODELS["attention"], "strided_conv": StridedConv,
+          "shared_dense": SharedDense, "vit": _vit,
+          "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
+                                            num_groups=4, input_shape=toy_models.IMAGE_SHAPE)}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ghost_norms_equal_vmap_norms(name):
+  model = MODELS[name]()
+  params = toy_models.init(model)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(6, seed=2, scale=2.0)
+  expected = jax.jit(lambda p, b: vmap_sq_norms(losses, p, b))(params, batch)
+  got = jax.jit(lambda p, b: ghost.ghost_sq_norms(losses, p, b))(params, batch)
+  np.testing.assert_allclose(np.sqrt(got), np.sqrt(expected), rtol=1e-5)
+
+
+def test_ghost_norms_with_a_frozen_subset():
+  model = toy_models.MODELS["attention"]
+  params = toy_models.init(model)
+  trainable = clipping.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(5, seed=3)
+  np.testing.assert_allclose(
+      np.sqrt(ghost.ghost_sq_norms(losses, params, batch, trainable)),
+      np.sqrt(vmap_sq_norms(losses, params, batch, trainable)), rtol=1e-5)
+
+
+RULES = [clipping.FlatClip(0.3), clipping.AutomaticClip(0.3, 0.01), clipping.NormalizedClip(0.3)]
+
+
+@pytest.mark.parametrize("name,rule", [("conv", r) for r in RULES] + [("vit", RULES[0])])
+def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule):
+  model = MODELS[name]()
+  params = toy_models.init(model)
+  losses = batch_losses_of(model)
+  example_loss = lambda p, ex: losses(p, jax.tree_util.tree_map(lambda x: x[None], ex))[0]
+  batch = toy_models.batch(12, seed=4, scale=3.0)
+  mask = jnp.arange(12) < 10
+  fast = jax.jit(lambda p: ghost.clipped_grad_sum(losses, p, batch, mask, rule,
+                                                  microbatch_size=4))(params)
+  slow = jax.jit(lambda p: clipping.clipped_grad_sum(example_loss, p, batch, mask, rule,
+                                                     microbatch_size=4))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(fast.grad_sum), jax.tree_util.tree_leaves(slow.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(fast.stats, slow.stats):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+  assert fast.sensitivity == slow.sensitivity
+
+
+def test_layers_ghost_cannot_handle_fail_loudly_when_asked():
+  model = _vit()  # class token and position embedding belong to no supported layer
+  params = toy_models.init(model)
+  with pytest.raises(ghost.GhostUnsupportedError, match="class_token"):
+    ghost.ghost_sq_norms(batch_losses_of(model), params, toy_models.batch(2), fallback="error")
+
+
+def test_a_subclass_of_a_supported_layer_is_not_trusted():
+  class ScaledDense(nn.Dense):  # extra behaviour ghost knows nothing about
+    def __call__(self, x):
+      return 2.0 * super().__call__(x) ** 2
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return ScaledDense(3)(x.reshape((x.shape[0], -1)))
+
+  model = Net()
+  params = toy_models.init(model)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(4, seed=1)
+  np.testing.assert_allclose(np.sqrt(ghost.ghost_sq_norms(losses, params, batch)),
+                             np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
+  with pytest.raises(ghost.GhostUnsupportedError, match="ScaledDense_0"):
+    ghost.ghost_sq_norms(losses, params, batch, fallback="error")
+
+
+def test_per_layer_clipping_is_refused():
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  with pytest.raises(ghost.GhostUnsupportedError, match="per-layer"):
+    ghost.clipped_grad_sum(batch_losses_of(model), params, toy_models.batch(2), jnp.ones(2),
+                           clipping.per_layer_clip(params, 1.0))
