@@ -48,7 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Curvature statistics on public data (dpjax.curvature), logged every `every_steps` (0: never;
   # the automatic switch computes them at its checks anyway).
   c.curvature = dict(every_steps=0, batch_size=128, num_probes=8)
-  c.perf = dict(microbatch_size=128, dtype="float32", remat=False)
+  # per_example_method: "vmap" (per-example gradients) or "ghost" (ghost clipping: norms from
+  # layer inputs and output gradients, dpjax.privacy.ghost; flat / automatic / normalized clip).
+  c.perf = dict(microbatch_size=128, dtype="float32", remat=False, per_example_method="vmap")
   c.mesh = dict(data=-1, fsdp=1)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1,
                        cpu_collectives="gloo")
@@ -79,6 +81,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.perf.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"perf.dtype must be float32, bfloat16 or float16, got {config.perf.dtype!r}.")
   perf = config.perf
+  if perf.per_example_method not in ("vmap", "ghost"):
+    raise ValueError(f"perf.per_example_method must be 'vmap' or 'ghost', got "
+                     f"{perf.per_example_method!r}.")
+  if perf.per_example_method == "ghost" and dp.clip not in ("flat", "automatic", "normalized"):
+    raise ValueError(f"perf.per_example_method='ghost' needs dp.clip flat, automatic or "
+                     f"normalized (it scales each example's whole gradient), not {dp.clip!r}; "
+                     "use perf.per_example_method='vmap'.")
   if perf.microbatch_size <= 0:
     raise ValueError(f"perf.microbatch_size must be > 0, got {perf.microbatch_size}.")
   if config.schedule.total_steps <= 0:

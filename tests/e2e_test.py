@@ -165,6 +165,23 @@ def test_perf_flags_do_not_change_the_privacy_event(tmp_path):
   assert changed["privacy"] == base["privacy"]
 
 
+def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path):
+  """perf.per_example_method is a perf flag: same privacy event, same model up to rounding."""
+  blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1))
+  base = small_config(**blocks)
+  ghost_config = small_config(perf=dict(per_example_method="ghost"), **blocks)
+  assert config_lib.trajectory_view(ghost_config) == config_lib.trajectory_view(base)
+  a = loop.train_and_evaluate(base, str(tmp_path / "vmap"), show_progress=False)
+  b = loop.train_and_evaluate(ghost_config, str(tmp_path / "ghost"), show_progress=False)
+  assert b["privacy"] == a["privacy"]
+  pa, _ = loop.load_trained_state(base, str(tmp_path / "vmap"))
+  pb, _ = loop.load_trained_state(base, str(tmp_path / "ghost"))
+  for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+  train_logs = [r for r in metrics.read_metrics(str(tmp_path / "ghost")) if r["kind"] == "train"]
+  assert train_logs and "clip_fraction" in train_logs[-1]
+
+
 def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
   c = small_config(schedule=dict(total_steps=12))
   loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
@@ -190,6 +207,8 @@ def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
     (dict(perf=dict(microbatch_size=30), mesh=dict(data=4)), parallel.MeshError,
      "perf.microbatch_size = 30 does not split evenly over the 4 devices"),
     (dict(mesh=dict(data=64)), parallel.MeshError, "only 8 are present"),
+    (dict(perf=dict(per_example_method="ghost"), dp=dict(clip="per_layer")), ValueError,
+     "needs dp.clip flat, automatic or normalized"),
     (dict(dp=dict(delta=1e-3)), ValueError, "1/N"),
 ])
 def test_clear_errors(tmp_path, blocks, error, match):

@@ -235,7 +235,10 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
         f"Ghost clipping cannot compute per-example norms for {names}: no supported layer "
         f"({', '.join(t.__name__ for t in SUPPORTED)}) owns them alone. Use fallback='vmap' "
         "(per-example gradients for these parameters only) or perf.per_example_method='vmap'.")
-  probes = [jnp.zeros(shape.shape, jnp.float32) for _, shape in layers]
+  # Zeros built from the batch, so that under shard_map they vary across devices as the batch
+  # does: the gradient w.r.t. a device-invariant probe would be summed over the devices.
+  anchor = jnp.zeros_like(jax.tree_util.tree_leaves(batch)[0], jnp.float32).ravel()[:1].sum()
+  probes = [jnp.zeros(shape.shape, jnp.float32) + anchor for _, shape in layers]
   trainable_flags = (jax.tree_util.tree_map(lambda _: True, params) if trainable is None
                      else trainable)
 

@@ -165,8 +165,11 @@ class _Run:
     self.layout = parallel.make_layout(mesh, *self.initial)
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
+    batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype, config.perf.remat)
+                    if config.perf.per_example_method == "ghost" else None)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
-                                              grad_dtype=step_lib.grad_dtype(config.perf.dtype))
+                                              grad_dtype=step_lib.grad_dtype(config.perf.dtype),
+                                              batch_losses=batch_losses)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
     self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)

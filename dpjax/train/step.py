@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from dpjax import mixing, parallel
-from dpjax.privacy import clipping
+from dpjax.privacy import clipping, ghost
 
 PyTree = Any
 
@@ -46,6 +46,20 @@ def make_example_loss(model: nn.Module, dtype: str = "float32", remat: bool = Fa
     return cross_entropy(logits, example["label"][None])[0]
 
   return jax.checkpoint(loss) if remat else loss
+
+
+def make_batch_losses(model: nn.Module, dtype: str = "float32", remat: bool = False
+                      ) -> Callable[[PyTree, dict], jax.Array]:
+  """losses(params, batch) -> [m] per-example losses of a batch {image [m, H, W, C], label [m]},
+  computed in `dtype` (the batched form that ghost clipping needs)."""
+  compute_dtype = jnp.dtype(dtype)
+
+  def losses(params, batch):
+    cast = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
+    logits = model.apply({"params": cast}, batch["image"].astype(compute_dtype))
+    return cross_entropy(logits, batch["label"])
+
+  return jax.checkpoint(losses) if remat else losses
 
 
 def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = None) -> Callable:
@@ -85,7 +99,7 @@ def grad_dtype(compute_dtype: str) -> Any:
 
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     trainable: PyTree | None = None, layout: parallel.Layout | None = None,
-                    grad_dtype: Any = None) -> Callable:
+                    grad_dtype: Any = None, batch_losses: Callable | None = None) -> Callable:
   """jit (acc, params, microbatch, mask) -> acc + the microbatch's `ClippedSum`.
 
   acc is a `ClippedSum`; start from `make_zero_sum(rule, layout)(params)`. The sum's sensitivity is
@@ -95,10 +109,16 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   [devices, *shape], added across devices once per step by `make_total` (not once per
   microbatch: one all-reduce per step). acc is donated: do not reuse the acc passed in.
   grad_dtype: see `clipping.clipped_grad_sum`.
+  batch_losses: if given (`make_batch_losses`), per-example norms come from ghost clipping
+    (`dpjax.privacy.ghost`) instead of vmap(grad); the clipped sum is the same.
   """
   def local_sum(params, microbatch, mask):
-    part = clipping.clipped_grad_sum(example_loss, params, microbatch, mask, rule,
-                                     trainable=trainable, grad_dtype=grad_dtype)
+    if batch_losses is not None:
+      part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
+                                    trainable=trainable)
+    else:
+      part = clipping.clipped_grad_sum(example_loss, params, microbatch, mask, rule,
+                                       trainable=trainable, grad_dtype=grad_dtype)
     return part.grad_sum, part.stats
 
   def reduce_stats(stats):
