@@ -46,7 +46,7 @@ class Steps:
   """The DP and non-DP steps of one model on one mesh, with their random data and state."""
 
   def __init__(self, model_key: str, mesh, microbatch: int, microbatches: int, dtype: str,
-               clip: str = "flat", attention: str | None = None):
+               clip: str = "flat", attention: str | None = None, method: str = "vmap"):
     kwargs, shape, classes = MODELS[model_key]
     kwargs = dict(kwargs)
     if attention:
@@ -65,8 +65,10 @@ class Steps:
     self.state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
     example_loss = step_lib.make_example_loss(model, dtype)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
+    batch_losses = step_lib.make_batch_losses(model, dtype) if method == "ghost" else None
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
-                                               grad_dtype=step_lib.grad_dtype(dtype))
+                                               grad_dtype=step_lib.grad_dtype(dtype),
+                                               batch_losses=batch_losses)
     self.total = step_lib.make_total(self.layout)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.apply = step_lib.make_apply(tx, optimizer, self.layout, donate=True)

@@ -1,8 +1,10 @@
-"""DP vs non-private throughput on one device: models × clip rules × dtypes × microbatch sizes.
+"""DP vs non-private throughput on one device: models × clip rules × per-example methods ×
+dtypes × microbatch sizes.
 
 Each configuration runs in its own subprocess (peak memory and compile time per configuration)
-and times the trainer's own steps (`benchmarks/harness.py`): the DP step (per-example gradients
-by `vmap(grad)`, clipping, noise once, AdamW) and the non-private step on the same examples, in
+and times the trainer's own steps (`benchmarks/harness.py`): the DP step (per-example norms by
+`vmap(grad)` or ghost clipping, clipping, noise once, AdamW) and the non-private step on the same
+examples, in
 the same process, so their ratio compares like with like. Examples/s is the median over windows
 of steps dispatched without per-step synchronisation; compile time is the first step's extra.
 
@@ -34,10 +36,10 @@ def run_one(args: argparse.Namespace) -> dict:
 
   mesh = parallel.make_mesh(1, 1)
   steps = harness.Steps(args.model, mesh, args.microbatch, args.microbatches, args.dtype,
-                        args.clip, args.attention or None)
+                        args.clip, args.attention or None, args.per_example)
   result = dict(model=args.model, clip=args.clip, dtype=args.dtype, microbatch=args.microbatch,
                 microbatches=args.microbatches, batch=steps.batch, attention=args.attention,
-                per_example="vmap", num_params=steps.num_params)
+                per_example=args.per_example, num_params=steps.num_params)
   for name in ("non_dp", "dp"):
     result.update(steps.measure(name, args.windows, args.steps))
   result["dp_over_non_dp"] = result["dp_examples_per_s"] / result["non_dp_examples_per_s"]
@@ -50,11 +52,11 @@ def configurations(args: argparse.Namespace) -> list[dict]:
   if args.models:
     suite = [c for c in suite if c[0] in args.models.split(",")]
   rows = []
-  for (model, microbatch, k), clip, dtype in itertools.product(
-      suite, args.clips.split(","), args.dtypes.split(",")):
+  for (model, microbatch, k), clip, dtype, method in itertools.product(
+      suite, args.clips.split(","), args.dtypes.split(","), args.methods.split(",")):
     attentions = args.attentions.split(",") if model.startswith("vit") else [""]
     rows += [dict(model=model, microbatch=microbatch, microbatches=k, clip=clip, dtype=dtype,
-                  attention=a) for a in attentions]
+                  attention=a, per_example=method) for a in attentions]
   return rows
 
 
@@ -65,11 +67,12 @@ def main() -> None:
   parser.add_argument("--clips", default="flat", help="comma-separated: flat,automatic,per_layer")
   parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
   parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum")
+  parser.add_argument("--methods", default="vmap", help="per-example method: vmap,ghost")
   parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--out", default="")
   # one configuration, internal
-  for name in ("model", "clip", "dtype", "attention"):
+  for name in ("model", "clip", "dtype", "attention", "per_example"):
     parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
   for name in ("microbatch", "microbatches"):
     parser.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
@@ -104,11 +107,12 @@ def write(path: str, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| model | clip | dtype | attention | microbatch × k | non-DP ex/s | DP ex/s | "
-           "DP ÷ non-DP | DP compile s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | clip | per-example | dtype | attention | microbatch × k | non-DP ex/s | "
+           "DP ex/s | DP ÷ non-DP | DP compile s | peak MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    head = (f"| {r['model']} | {r['clip']} | {r['dtype']} | {r.get('attention') or '-'} | "
-            f"{r['microbatch']} × {r['microbatches']} |")
+    head = (f"| {r['model']} | {r['clip']} | {r['per_example']} | {r['dtype']} | "
+            f"{r.get('attention') or '-'} | {r['microbatch']} × {r['microbatches']} |")
     if "failed" in r:
       lines.append(head + f" failed: {r['failed']} |||||")
       continue

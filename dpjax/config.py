@@ -9,7 +9,8 @@ Blocks (see experiments/*.py for complete examples):
   mixing      the α schedule (or the automatic switch) and whether to reset optimizer moments at
               the public→private switch
   curvature   public-data curvature statistics (tr(H), decelerator, α*) logged during training
-  perf        microbatch size, dtype, remat: never change the privacy event
+  perf        microbatch size, dtype, remat, per-example method (vmap | ghost): never change the
+              privacy event
   mesh        device mesh: `data` (-1: every device left) × `fsdp` (params and optimizer state
               split over it); never changes the privacy event or, beyond float rounding, the result
   distributed multi-process setup (dpjax.parallel.initialize_distributed): coordinator address,
