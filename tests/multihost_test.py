@@ -34,10 +34,10 @@ def _data(dataset_cache):
   require_data()
 
 
-def launch(workdir, num_processes, devices_per_process, process_1_blocks=None):
+def launch(workdir, num_processes, devices_per_process, process_1_blocks=None, blocks=None):
   """Runs tests/multihost_worker.py as a job of `num_processes`; returns (exit status, output)."""
-  command = [sys.executable, "-m", "tests.multihost_worker", str(workdir), json.dumps(BLOCKS),
-             json.dumps(process_1_blocks or {})]
+  command = [sys.executable, "-m", "tests.multihost_worker", str(workdir),
+             json.dumps(blocks or BLOCKS), json.dumps(process_1_blocks or {})]
   launcher = [sys.executable, str(ROOT / "launch" / "multiprocess.py"),
               f"--num_processes={num_processes}", f"--devices_per_process={devices_per_process}",
               "--"]
@@ -92,3 +92,15 @@ def test_processes_that_disagree_on_the_config_are_refused(tmp_path):
   status, output = launch(tmp_path, 2, 1, process_1_blocks=dict(dp=dict(clip_norm=0.5)))
   assert status != 0
   assert "were given a different config from process 0" in output
+
+
+def test_automatic_switch_runs_on_an_fsdp_mesh_of_two_processes(tmp_path):
+  """The public monitor works on a local copy of FSDP-split params; its held-out loss runs on
+  the mesh again (this once failed with a sharding mismatch in two processes only)."""
+  blocks = dict(BLOCKS, mixing=dict(schedule="auto"),
+                mesh=dict(data=-1, fsdp=2), curvature=dict(batch_size=64, num_probes=2))
+  status, output = launch(tmp_path, 2, 2, blocks=blocks)
+  assert status == 0, output
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  checks = [r for r in records if r["kind"] == "curvature"]
+  assert checks and all("heldout_loss" in r for r in checks)

@@ -209,7 +209,10 @@ class _Run:
     heldout_loss = None
     if heldout is not None:
       images, labels = self.preprocess(heldout.images), heldout.labels
-      heldout_loss = lambda params: self._eval_on(params, images, labels)["test_loss"]
+      # The monitor works on a local copy of the params (parallel.local_copy); evaluation runs
+      # on the mesh, so the copy is laid out there again.
+      heldout_loss = lambda params: self._eval_on(parallel.place(params, self.mesh), images,
+                                                  labels)["test_loss"]
     return monitor_lib.PublicMonitor(self.config, self.public_train, heldout,
                                      step_lib.make_example_loss(model), self.rule,
                                      self.preprocess, heldout_loss, len(self.parts.private))
