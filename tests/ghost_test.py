@@ -139,3 +139,11 @@ def test_per_layer_clipping_is_refused():
   with pytest.raises(ghost.GhostUnsupportedError, match="per-layer"):
     ghost.clipped_grad_sum(batch_losses_of(model), params, toy_models.batch(2), jnp.ones(2),
                            clipping.per_layer_clip(params, 1.0))
+
+
+def test_a_loss_hiding_its_layers_in_remat_is_refused_not_miscounted():
+  model = toy_models.MODELS["conv"]
+  params = toy_models.init(model)
+  losses = jax.checkpoint(batch_losses_of(model))
+  with pytest.raises(ghost.GhostUnsupportedError, match="remat"):
+    jax.jit(lambda p: ghost.ghost_sq_norms(losses, p, toy_models.batch(4)))(params)

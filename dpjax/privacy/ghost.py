@@ -246,12 +246,21 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
     inputs, k = [], iter(range(len(probes)))
 
     def add_probe(layer, x, y):
-      i = next(k)
+      i = next(k, None)
+      if i is None or layer.path != layers[i][0].path:
+        raise GhostUnsupportedError(
+            "The loss called its layers differently from the traced forward pass (is the model "
+            "wrapped in jax.checkpoint / remat?). Ghost clipping needs the plain batched loss.")
       inputs.append(x)
       return y + probes[i].astype(y.dtype)
     return jnp.sum(_intercepting(batch_losses, add_probe)(params, batch)), inputs
 
   output_grads, inputs = jax.grad(summed_loss, has_aux=True)(probes)
+  if len(inputs) != len(layers):
+    raise GhostUnsupportedError(
+        f"The loss called {len(inputs)} supported layers but its traced forward pass called "
+        f"{len(layers)} (is the model wrapped in jax.checkpoint / remat?). Ghost clipping needs "
+        "the plain batched loss.")
   total = jnp.zeros(jax.tree_util.tree_leaves(batch)[0].shape[0], jnp.float32)
   for i in used:
     layer = layers[i][0]

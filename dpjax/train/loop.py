@@ -165,7 +165,8 @@ class _Run:
     self.layout = parallel.make_layout(mesh, *self.initial)
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
-    batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype, config.perf.remat)
+    # Ghost clipping holds no per-example gradients; remat (vmap path only) would hide its layers.
+    batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype)
                     if config.perf.per_example_method == "ghost" else None)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
                                               grad_dtype=step_lib.grad_dtype(config.perf.dtype),
