@@ -161,7 +161,8 @@ def test_launcher_runs_a_tiny_sweep_end_to_end(tmp_path, dataset_cache):
   """Two 6-step variants of the main job (about 45 s on 2 CPU cores, 25 s with warm caches)."""
   require_data()
   tiny = ["schedule.total_steps=6", "dp.expected_batch_size=64", "perf.microbatch_size=64",
-          "dp.accountant=rdp", "eval.every_steps=1000", "schedule.public_batch_size=64"]
+          "dp.accountant=rdp", "eval.every_steps=1000", "schedule.public_batch_size=64",
+          "mesh.data=1"]  # one of the 8 virtual devices: sharded runs have their own tests
   workdir = tmp_path / "sweep"
   proc = subprocess.run(
       [sys.executable, "launch/sweep.py", "--config=experiments/continual.py:dp",
