@@ -27,6 +27,7 @@ plan (samplers are functions of (seed, step)), reads only the rows of each batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -167,6 +168,7 @@ def make_layout(mesh: Mesh, params: PyTree, opt_state: PyTree = ()) -> Layout:
 # Batches, one slice per process
 
 
+@functools.lru_cache(maxsize=64)  # called for every batch: the answer depends on the shape only
 def process_rows(mesh: Mesh, rows: int) -> slice:
   """The contiguous rows of a `rows`-row batch that this process's devices hold."""
   check_divides(rows, mesh, "The batch size")

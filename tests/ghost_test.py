@@ -49,6 +49,14 @@ class SharedDense(nn.Module):
     return nn.Dense(3)(shared(jnp.tanh(shared(x))))
 
 
+class Conv1D(nn.Module):
+  """A 1-D convolution: not handled by ghost, so its params must go to the vmap fallback."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3,), strides=2)(x.reshape((x.shape[0], -1, 1)))
+    return nn.Dense(3)(jnp.tanh(x).reshape((x.shape[0], -1)))
+
+
 def _vit():
   return models.build_model("vit", num_classes=3, variant="Ti", patch_size=4, image_size=8,
                             depth=2, width=16, num_heads=2, mlp_dim=32,
@@ -57,7 +65,7 @@ def _vit():
 
 MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_models.MODELS["conv"],
           "attention": lambda: toy_models.MODELS["attention"], "strided_conv": StridedConv,
-          "shared_dense": SharedDense, "vit": _vit,
+          "shared_dense": SharedDense, "vit": _vit, "conv1d": Conv1D,
           "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
                                             num_groups=4, input_shape=toy_models.IMAGE_SHAPE)}
 

@@ -57,8 +57,9 @@ class _Layer:
 def _layer_param_names(module: nn.Module) -> set[str] | None:
   """The param names ghost computes for `module`, or None if this configuration is unsupported."""
   if isinstance(module, nn.Conv):
-    if module.feature_group_count != 1 or module.mask is not None or (
-        isinstance(module.padding, str) and module.padding.upper() not in ("SAME", "VALID")):
+    if (len(module.kernel_size) != 2 or module.feature_group_count != 1
+        or module.mask is not None or (isinstance(module.padding, str)
+                                       and module.padding.upper() not in ("SAME", "VALID"))):
       return None
     return {"kernel", "bias"} if module.use_bias else {"kernel"}
   if isinstance(module, (nn.Dense, nn.DenseGeneral)):
@@ -134,29 +135,19 @@ def _bias_sq_norms(g: jax.Array) -> jax.Array:
 
 
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """The conv's input patches [m, H', W', C·kh·kw] (same windows as the conv's outputs)."""
-  spatial = x.ndim - 2
-  kernel = tuple(module.kernel_size)
-  strides = module.strides or 1
-  strides = (strides,) * spatial if isinstance(strides, int) else tuple(strides)
-  dilation = module.kernel_dilation or 1
-  dilation = (dilation,) * spatial if isinstance(dilation, int) else tuple(dilation)
-  input_dilation = module.input_dilation or 1
-  input_dilation = ((input_dilation,) * spatial if isinstance(input_dilation, int)
-                    else tuple(input_dilation))
+  """The 2-D conv's input patches [m, H', W', C·kh·kw] (same windows as its outputs)."""
+  pair = lambda v: (v or 1,) * 2 if isinstance(v or 1, int) else tuple(v)
   padding = module.padding
   if isinstance(padding, str):
     padding = padding.upper()
   elif isinstance(padding, int):
-    padding = [(padding, padding)] * spatial
+    padding = [(padding, padding)] * 2
   else:
     padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-  specs = ("NHWC", "HWIO", "NHWC") if spatial == 2 else None
-  if specs is None:
-    raise GhostUnsupportedError("ghost clipping supports 2-D convolutions only.")
   return jax.lax.conv_general_dilated_patches(
-      x.astype(jnp.float32), kernel, strides, padding, lhs_dilation=input_dilation,
-      rhs_dilation=dilation, dimension_numbers=specs)
+      x.astype(jnp.float32), tuple(module.kernel_size), pair(module.strides), padding,
+      lhs_dilation=pair(module.input_dilation), rhs_dilation=pair(module.kernel_dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _normalized(module: nn.Module, x: jax.Array) -> jax.Array:

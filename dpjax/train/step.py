@@ -163,10 +163,11 @@ def make_total(layout: parallel.Layout | None = None) -> Callable:
                                                    layout.replicated))
 
 
-def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule) -> clipping.ClippedSum:
-  """An empty `ClippedSum`: float32 zeros like params (no layout; see `make_zero_sum`)."""
+def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule,
+                     leading: tuple[int, ...] = ()) -> clipping.ClippedSum:
+  """An empty `ClippedSum`: float32 zeros like params, each leaf with `leading` axes in front."""
   return clipping.ClippedSum(
-      jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+      jax.tree_util.tree_map(lambda p: jnp.zeros(leading + p.shape, jnp.float32), params),
       jnp.float32(rule.sensitivity), clipping.zero_stats())
 
 
@@ -179,12 +180,8 @@ def make_zero_sum(rule: clipping.ClipRule, layout: parallel.Layout | None = None
   if layout is None:
     return jax.jit(lambda params: zero_clipped_sum(params, rule))
   devices = (parallel.mesh_size(layout.mesh),)
-
-  def zeros(params):
-    return clipping.ClippedSum(
-        jax.tree_util.tree_map(lambda p: jnp.zeros(devices + p.shape, jnp.float32), params),
-        jnp.float32(rule.sensitivity), clipping.zero_stats())
-  return jax.jit(zeros, in_shardings=(layout.sharding(layout.params),),
+  return jax.jit(lambda params: zero_clipped_sum(params, rule, devices),
+                 in_shardings=(layout.sharding(layout.params),),
                  out_shardings=_partial_sum_sharding(layout))
 
 
