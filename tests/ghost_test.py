@@ -95,18 +95,26 @@ def test_ghost_norms_with_a_frozen_subset():
 RULES = [clipping.FlatClip(0.3), clipping.AutomaticClip(0.3, 0.01), clipping.NormalizedClip(0.3)]
 
 
-@pytest.mark.parametrize("name,rule", [("conv", r) for r in RULES] + [("vit", RULES[0])])
-def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule):
+@pytest.mark.parametrize("name,rule,frozen", [("conv", r, False) for r in RULES] + [
+    (name, RULES[0], False) for name in sorted(MODELS) if name != "conv"] + [
+    ("attention", RULES[0], True), ("strided_conv", RULES[1], True)])
+def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
+  """Book-keeping (weighted sums of the layers' factored terms, no second backward pass) gives
+  the vmap path's clipped sum, leaf by leaf: kernels (conv kernels re-laid out from patches),
+  biases, norm scales, fallback leaves, and frozen leaves (zeros)."""
   model = MODELS[name]()
   params = toy_models.init(model)
+  trainable = (clipping.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path
+                                       or "Conv_1" in path) if frozen else None)
   losses = batch_losses_of(model)
   example_loss = lambda p, ex: losses(p, jax.tree_util.tree_map(lambda x: x[None], ex))[0]
   batch = toy_models.batch(12, seed=4, scale=3.0)
   mask = jnp.arange(12) < 10
   fast = jax.jit(lambda p: ghost.clipped_grad_sum(losses, p, batch, mask, rule,
-                                                  microbatch_size=4))(params)
+                                                  microbatch_size=4, trainable=trainable))(params)
   slow = jax.jit(lambda p: clipping.clipped_grad_sum(example_loss, p, batch, mask, rule,
-                                                     microbatch_size=4))(params)
+                                                     microbatch_size=4,
+                                                     trainable=trainable))(params)
   for a, b in zip(jax.tree_util.tree_leaves(fast.grad_sum), jax.tree_util.tree_leaves(slow.grad_sum)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   for a, b in zip(fast.stats, slow.stats):
@@ -155,3 +163,28 @@ def test_a_loss_hiding_its_layers_in_remat_is_refused_not_miscounted():
   losses = jax.checkpoint(batch_losses_of(model))
   with pytest.raises(ghost.GhostUnsupportedError, match="remat"):
     jax.jit(lambda p: ghost.ghost_sq_norms(losses, p, toy_models.batch(4)))(params)
+
+
+class TokenMLP(nn.Module):
+  """Dense layers over 16 tokens in bfloat16 (float32 params): kernel terms are rounded."""
+  @nn.compact
+  def __call__(self, x):
+    tokens = x.reshape((x.shape[0], 16, -1))
+    tokens = nn.Dense(32, dtype=jnp.bfloat16)(tokens)
+    tokens = nn.Dense(32, dtype=jnp.bfloat16)(jnp.tanh(tokens))
+    return nn.Dense(3, dtype=jnp.bfloat16)(tokens.mean(axis=1)).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("rule", RULES[:2])
+def test_bfloat16_contributions_stay_within_the_clip_bound(rule):
+  """Each example's clipped contribution, computed alone from bfloat16 activations and output
+  gradients, has norm ≤ C: the rounding of the scaled output gradients is covered by the factor."""
+  model = TokenMLP()
+  params = toy_models.init(model)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(16, seed=5, scale=50.0)
+  alone = jax.jit(jax.vmap(lambda one_hot: ghost.clipped_grad_sum(
+      losses, params, batch, one_hot, rule).grad_sum))(jnp.eye(16))
+  norms = jax.vmap(clipping.global_norm)(alone)
+  assert float(jnp.min(norms)) > 0.5 * rule.sensitivity  # scaled down, not vanished
+  assert float(jnp.max(norms)) <= rule.sensitivity

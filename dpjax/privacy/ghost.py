@@ -1,16 +1,22 @@
 """Ghost clipping: per-example gradient norms without per-example gradients (Li et al. 2022).
 
-One microbatch of m examples costs two batched backward passes instead of m per-example ones:
-  1. a forward pass through the model in which every supported layer's output gets a zero
-     "probe" added; the gradient of Σᵢ ℓᵢ w.r.t. the probes is each example's output gradient gᵢ
-     (rows do not interact: no BatchNorm), and each layer's input aᵢ is recorded. Each example's
-     squared gradient norm is then summed layer by layer from (aᵢ, gᵢ):
-       Dense / DenseGeneral / Conv (via its patches) kernel, with T positions (tokens, pixels):
-         ‖Σₜ aₜ gₜᵀ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ)   ("ghost norm", O(T²(d+p)))   or, when cheaper,
-         the per-example gradient itself (O(T·d·p)): the mixed rule of fastDP, chosen per layer;
-       biases ‖Σₜ gₜ‖²; LayerNorm / GroupNorm scale ‖Σₜ gₜ ⊙ x̂ₜ‖² and bias ‖Σₜ gₜ‖².
-  2. the gradient of Σᵢ maskᵢ·wᵢ·ℓᵢ with wᵢ = the clip rule's factor for ‖∇ℓᵢ‖ (held constant):
-     exactly Σᵢ clip(∇ℓᵢ), one batched backward pass.
+One microbatch of m examples costs one batched forward and backward pass, as non-private
+training does (book-keeping, Bu et al. 2023):
+  1. a forward pass in which every supported layer's output gets a zero "probe" added; the
+     gradient of Σᵢ ℓᵢ w.r.t. the probes is each example's output gradient gᵢ (rows do not
+     interact: no BatchNorm), and each layer's input aᵢ is recorded. No parameter gradient is
+     formed in this pass. Each parameter's per-example gradient is then a factored term:
+       Dense / DenseGeneral / Conv (via its patches) kernel, T positions (tokens, pixels):
+         ∇ᵢ = Σₜ aᵢₜ gᵢₜᵀ, whose squared norm is Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) ("ghost norm", O(T²(d+p)))
+         or, when cheaper, that of the instantiated gradient (O(T·d·p)): fastDP's mixed rule;
+       biases Σₜ gₜ; LayerNorm / GroupNorm scale Σₜ gₜ ⊙ x̂ₜ and bias Σₜ gₜ (small, instantiated).
+  2. each example's factor wᵢ from the clip rule and its norm; the clipped sum is then, layer by
+     layer, Σᵢ wᵢ∇ᵢ = Σᵢ,ₜ aᵢₜ (wᵢgᵢₜ)ᵀ: one matmul per kernel, the same one a backward pass makes.
+
+Precision: matmuls accumulate in float32 (float32 operands at full precision, no TF32). With
+bfloat16 activations, wᵢgᵢ is rounded to bfloat16 before the matmul, which can move the
+contribution by up to eps·Σₜ‖aₜ‖‖gₜ‖·wᵢ; an example that is scaled down gets its factor from its
+norm plus that slack, so its contribution stays within the clip bound (tested).
 
 Parameters no supported layer owns (a ViT's class token and position embedding, custom layers
 such as weight-standardised convs, a layer called twice per example) fall back to per-example
@@ -110,28 +116,71 @@ def _trace_layers(batch_losses: BatchLosses, params: PyTree, batch: PyTree):
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-example squared norms of one layer's parameter gradients from (inputs, output grads).
+# Each parameter's per-example gradient, as a factored term built from (inputs, output grads):
+#   _Outer(a [m, T, d], g [m, T, p]): ∇ᵢ = Σₜ aᵢₜ gᵢₜᵀ (a kernel; never instantiated per example),
+#   _Summed(h [m, p]):                ∇ᵢ = hᵢ (biases, norm scales: small, instantiated in float32).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+  a: jax.Array
+  g: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Summed:
+  h: jax.Array
 
 
 def _rows(x: jax.Array, features: int) -> jax.Array:
-  """[m, ..., features] -> [m, T, features] in float32."""
-  return x.reshape(x.shape[0], -1, features).astype(jnp.float32)
+  """[m, ..., features] -> [m, T, features], dtype kept (matmuls accumulate in float32)."""
+  return x.reshape(x.shape[0], -1, features)
 
 
-def _kernel_sq_norms(a: jax.Array, g: jax.Array) -> jax.Array:
-  """‖Σₜ aₜ gₜᵀ‖² per example for a [m, T, d], g [m, T, p]: ghost or instantiated, by cost."""
-  _, t, d = a.shape
-  p = g.shape[-1]
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  """einsum accumulating in float32; float32 operands at full precision (no TF32 rounding, which
+  would let a clipped contribution exceed its bound)."""
+  full = all(x.dtype == jnp.float32 for x in operands)
+  return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST if full else None)
+
+
+def _outer_sq_norms(term: _Outer) -> jax.Array:
+  """‖Σₜ aₜ gₜᵀ‖² per example [m]: the ghost norm or the instantiated gradient, by cost."""
+  _, t, d = term.a.shape
+  p = term.g.shape[-1]
   if t * t * (d + p) <= t * d * p:  # the ghost norm is cheaper
-    gram_a = jnp.einsum("mtd,msd->mts", a, a)
-    gram_g = jnp.einsum("mtp,msp->mts", g, g)
-    return jnp.sum(gram_a * gram_g, axis=(1, 2))
-  per_example = jnp.einsum("mtd,mtp->mdp", a, g)
-  return jnp.sum(jnp.square(per_example), axis=(1, 2))
+    gram_a = _einsum("mtd,msd->mts", term.a, term.a)
+    gram_g = _einsum("mtp,msp->mts", term.g, term.g)
+    return jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
+  return jnp.sum(jnp.square(_einsum("mtd,mtp->mdp", term.a, term.g)), axis=(1, 2))
 
 
-def _bias_sq_norms(g: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=-1)
+def _sq_norms(term) -> jax.Array:
+  if isinstance(term, _Outer):
+    return _outer_sq_norms(term)
+  return jnp.sum(jnp.square(term.h), axis=-1)
+
+
+def _rounding_slack(term) -> jax.Array:
+  """An upper bound [m] on how much rounding w·g to g's dtype can add to ‖w·∇ᵢ‖, per unit w:
+  eps·Σₜ ‖aₜ‖‖gₜ‖ for a low-precision kernel term (zero for float32 and instantiated terms)."""
+  if not isinstance(term, _Outer) or term.g.dtype == jnp.float32:
+    return jnp.zeros(term.a.shape[0] if isinstance(term, _Outer) else term.h.shape[0],
+                     jnp.float32)
+  norms = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
+  eps = float(jnp.finfo(term.g.dtype).eps)
+  return eps * jnp.sum(norms(term.a) * norms(term.g), axis=1)
+
+
+def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
+  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term, [p] otherwise)."""
+  if isinstance(term, _Summed):
+    return jnp.sum(jnp.where(real[:, None], weights[:, None] * term.h, 0.0), axis=0)
+  scaled = weights[:, None, None] * term.g.astype(jnp.float32)
+  scaled = jnp.where(real[:, None, None], scaled, 0.0).astype(term.g.dtype)
+  a = jnp.where(real[:, None, None], term.a, jnp.zeros((), term.a.dtype))
+  return _einsum("mtd,mtp->dp", a, scaled)
 
 
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
@@ -145,7 +194,7 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
   else:
     padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
   return jax.lax.conv_general_dilated_patches(
-      x.astype(jnp.float32), tuple(module.kernel_size), pair(module.strides), padding,
+      x, tuple(module.kernel_size), pair(module.strides), padding,
       lhs_dilation=pair(module.input_dilation), rhs_dilation=pair(module.kernel_dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -156,22 +205,19 @@ def _normalized(module: nn.Module, x: jax.Array) -> jax.Array:
   return plain.apply({}, x).astype(jnp.float32)
 
 
-def _layer_sq_norms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> jax.Array:
-  """Σ over the layer's trainable params of their per-example squared gradient norms, [m]."""
-  module, total = layer.module, jnp.zeros(g.shape[0], jnp.float32)
-  g = g.astype(jnp.float32)
+def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> dict:
+  """{param name: its per-example gradient as a factored term} for the layer's trainable params."""
+  module, terms = layer.module, {}
   if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-    features = g.shape[-1]
-    gf = _rows(g, features)
+    gf = _rows(g, g.shape[-1]).astype(jnp.float32)
     if trainable.get("scale"):
-      total += jnp.sum(jnp.square(jnp.sum(gf * _rows(_normalized(module, x), features), 1)), -1)
+      terms["scale"] = _Summed(jnp.sum(gf * _rows(_normalized(module, x), g.shape[-1]), 1))
     if trainable.get("bias"):
-      total += _bias_sq_norms(gf)
-    return total
+      terms["bias"] = _Summed(jnp.sum(gf, 1))
+    return terms
   if isinstance(module, nn.Conv):
-    a = _conv_patches(module, x)
-    a = a.reshape(a.shape[0], -1, a.shape[-1])
-    gf = _rows(g, g.shape[-1])
+    a = _conv_patches(module, x.astype(g.dtype))
+    a, gf = _rows(a, a.shape[-1]), _rows(g, g.shape[-1])
   else:
     axes = _axes(module.axis) if isinstance(module, nn.DenseGeneral) else (-1,)
     contracted = len(axes)
@@ -179,12 +225,20 @@ def _layer_sq_norms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) 
       raise GhostUnsupportedError(f"{'/'.join(layer.path)}: DenseGeneral over non-trailing axes.")
     d = math.prod(x.shape[x.ndim - contracted:])
     out_features = math.prod(g.shape[x.ndim - contracted:])
-    a, gf = _rows(x, d), _rows(g, out_features)
+    a, gf = _rows(x.astype(g.dtype), d), _rows(g, out_features)
   if trainable.get("kernel"):
-    total += _kernel_sq_norms(a, gf)
+    terms["kernel"] = _Outer(a, gf)
   if trainable.get("bias"):
-    total += _bias_sq_norms(gf)
-  return total
+    terms["bias"] = _Summed(jnp.sum(gf.astype(jnp.float32), 1))
+  return terms
+
+
+def _as_param(module: nn.Module, name: str, flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """A weighted sum of a layer's terms, in its param's shape (conv patches are channel-major)."""
+  if isinstance(module, nn.Conv) and name == "kernel":
+    kh, kw, c, o = shape
+    return flat.reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
+  return flat.reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,13 +264,11 @@ def _coverage(layers, params, trainable) -> tuple[list[int], PyTree]:
   return used, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), left)
 
 
-def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
-                   trainable: PyTree | None = None, fallback: str = "vmap") -> jax.Array:
-  """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
-  gradients of the supported layers.
-
-  batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
-  """
+def _per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
+                       trainable: PyTree | None, fallback: str) -> dict:
+  """{leaf path: per-example gradient term} for every trainable leaf: factored terms for the
+  leaves of supported layers (one forward and one backward pass, to the layers' outputs only),
+  and per-example gradients ([m, *shape], by vmap(grad)) for the leaves left to the fallback."""
   layers = _trace_layers(batch_losses, params, batch)
   used, left = _coverage(layers, params, trainable)
   if fallback == "error" and any(jax.tree_util.tree_leaves(left)):
@@ -229,7 +281,8 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   # Zeros built from the batch, so that under shard_map they vary across devices as the batch
   # does: the gradient w.r.t. a device-invariant probe would be summed over the devices.
   anchor = jnp.zeros_like(jax.tree_util.tree_leaves(batch)[0], jnp.float32).ravel()[:1].sum()
-  probes = [jnp.zeros(shape.shape, jnp.float32) + anchor for _, shape in layers]
+  probes = [(jnp.zeros(shape.shape, jnp.float32) + anchor).astype(shape.dtype)
+            for _, shape in layers]
   trainable_flags = (jax.tree_util.tree_map(lambda _: True, params) if trainable is None
                      else trainable)
 
@@ -243,7 +296,7 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
             "The loss called its layers differently from the traced forward pass (is the model "
             "wrapped in jax.checkpoint / remat?). Ghost clipping needs the plain batched loss.")
       inputs.append(x)
-      return y + probes[i].astype(y.dtype)
+      return y + probes[i]
     return jnp.sum(_intercepting(batch_losses, add_probe)(params, batch)), inputs
 
   output_grads, inputs = jax.grad(summed_loss, has_aux=True)(probes)
@@ -252,15 +305,29 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
         f"The loss called {len(inputs)} supported layers but its traced forward pass called "
         f"{len(layers)} (is the model wrapped in jax.checkpoint / remat?). Ghost clipping needs "
         "the plain batched loss.")
-  total = jnp.zeros(jax.tree_util.tree_leaves(batch)[0].shape[0], jnp.float32)
+  terms = {}
   for i in used:
     layer = layers[i][0]
     flags = _subtree(trainable_flags, layer.path)
-    total += _layer_sq_norms(layer, inputs[i], output_grads[i],
-                             {name: bool(flags[name]) for name in layer.param_names})
+    found = _layer_terms(layer, inputs[i], output_grads[i],
+                         {name: bool(flags[name]) for name in layer.param_names})
+    terms.update({layer.path + (name,): (layer.module, term) for name, term in found.items()})
   if any(jax.tree_util.tree_leaves(left)):
-    total += _fallback_sq_norms(batch_losses, params, batch, left)
-  return total
+    per_example = _fallback_grads(batch_losses, params, batch, left)
+    for path, grad in zip(_leaf_paths(per_example), jax.tree_util.tree_leaves(per_example)):
+      terms[path] = (None, _Summed(grad.reshape(grad.shape[0], -1).astype(jnp.float32)))
+  return terms
+
+
+def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
+                   trainable: PyTree | None = None, fallback: str = "vmap") -> jax.Array:
+  """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
+  gradients of the supported layers.
+
+  batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
+  """
+  terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
+  return sum(_sq_norms(term) for _, term in terms.values())
 
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
@@ -269,14 +336,13 @@ def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
   return tree
 
 
-def _fallback_sq_norms(batch_losses, params, batch, left) -> jax.Array:
-  """Per-example squared norms of the gradients w.r.t. the `left` leaves, by vmap(grad)."""
+def _fallback_grads(batch_losses, params, batch, left) -> PyTree:
+  """Per-example gradients [m, *shape] w.r.t. the `left` leaves (None elsewhere), by vmap(grad)."""
   mine, rest = clipping.partition(params, left)
 
   def one(example):
     single = jax.tree_util.tree_map(lambda x: x[None], example)
-    grad = jax.grad(lambda p: batch_losses(clipping.merge(p, rest), single)[0])(mine)
-    return clipping.global_norm(grad) ** 2
+    return jax.grad(lambda p: batch_losses(clipping.merge(p, rest), single)[0])(mine)
   return jax.vmap(one)(batch)
 
 
@@ -284,7 +350,8 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
                      fallback: str = "vmap") -> clipping.ClippedSum:
-  """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping; the same result as `clipping.clipped_grad_sum`.
+  """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the same result as
+  `clipping.clipped_grad_sum` (float32), without per-example gradients or a second backward pass.
 
   batch_losses(params, batch) -> [m] per-example losses; examples: leaves [n, ...]; mask [n];
   rule: a rule with a per-example factor (flat, automatic, normalized). See the module docstring.
@@ -304,18 +371,22 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
 
   def clip_chunk(chunk):
     batch, chunk_mask = chunk
-    norms = jnp.sqrt(ghost_sq_norms(batch_losses, params, batch, trainable, fallback))
+    terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
+    layer_norms = [jnp.sqrt(_sq_norms(term)) for _, term in terms.values()]
+    norms = jnp.sqrt(sum(jnp.square(x) for x in layer_norms))
     factors, was_clipped = rule.factor(norms)
+    # A scaled-down low-precision output gradient is rounded before it is summed: the factor of
+    # a scaled-down example is computed from an upper bound of its norm that covers the rounding,
+    # so that its contribution stays within the clip bound.
+    bound = jnp.sqrt(sum(jnp.square(x + _rounding_slack(term))
+                         for x, (_, term) in zip(layer_norms, terms.values())))
+    factors = jnp.where(factors < 1.0, jnp.minimum(factors, rule.factor(bound)[0]), factors)
     real = chunk_mask > 0
-    weights = jax.lax.stop_gradient(jnp.where(real, factors, 0.0))
-
-    def weighted(t):
-      losses = batch_losses(clipping.merge(t, frozen_p), batch)
-      return jnp.sum(jnp.where(real, weights * losses.astype(jnp.float32), 0.0))
-    summed = jax.grad(weighted)(train_p)
-    summed = jax.tree_util.tree_map(
-        lambda g: None if g is None else g.astype(jnp.float32), summed,
-        is_leaf=lambda x: x is None)
+    weights = jnp.where(real, factors, 0.0)
+    sums = {path: _weighted_sum(term, weights, real) for path, (_, term) in terms.items()}
+    summed = jax.tree_util.tree_map_with_path(
+        lambda p, x: _as_param(terms[clipping.path_to_names(p)][0], p[-1].key,
+                               sums[clipping.path_to_names(p)], x.shape), train_p)
     return summed, clipping.microbatch_stats(norms, was_clipped, real)
 
   return clipping.sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)
