@@ -123,10 +123,41 @@ def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
 
 
 def test_layers_ghost_cannot_handle_fail_loudly_when_asked():
-  model = _vit()  # class token and position embedding belong to no supported layer
+  model = MODELS["wrn"]()  # weight-standardised convs: a custom layer ghost knows nothing about
   params = toy_models.init(model)
-  with pytest.raises(ghost.GhostUnsupportedError, match="class_token"):
+  with pytest.raises(ghost.GhostUnsupportedError, match="kernel"):
     ghost.ghost_sq_norms(batch_losses_of(model), params, toy_models.batch(2), fallback="error")
+
+
+def test_the_vit_needs_no_fallback():
+  """Its class token and position embedding come from TokenEmbedding.ghost_grads."""
+  model = _vit()
+  params = toy_models.init(model)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(4, seed=6)
+  np.testing.assert_allclose(
+      np.sqrt(ghost.ghost_sq_norms(losses, params, batch, fallback="error")),
+      np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
+
+
+def test_a_subclass_of_a_self_described_layer_is_not_trusted():
+  class ShiftedEmbedding(models.vit.TokenEmbedding):  # inherits ghost_grads, changes the maths
+    def __call__(self, patches):
+      return 2.0 * super().__call__(patches)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      tokens = ShiftedEmbedding()(x.reshape((x.shape[0], 4, -1)))
+      return nn.Dense(3)(tokens.mean(axis=1))
+  model = Model()
+  params = toy_models.init(model)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(4, seed=7)
+  with pytest.raises(ghost.GhostUnsupportedError, match="position_embedding"):
+    ghost.ghost_sq_norms(losses, params, batch, fallback="error")
+  np.testing.assert_allclose(np.sqrt(ghost.ghost_sq_norms(losses, params, batch)),
+                             np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
 
 
 def test_a_subclass_of_a_supported_layer_is_not_trusted():

@@ -209,7 +209,7 @@ def test_vit_16_at_224_has_the_published_size(variant, num_params):
   model = models.build_model("vit", 1000, variant=variant, patch_size=16, image_size=224)
   params = _abstract_params(model, (224, 224, 3))
   assert abs(_num_params(params) - num_params) / num_params < 0.01
-  assert params["position_embedding"].shape[1] == 14 * 14 + 1
+  assert params["embedding"]["position_embedding"].shape[1] == 14 * 14 + 1
 
 
 @pytest.mark.parametrize("variant, sizes", [

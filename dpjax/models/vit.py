@@ -91,6 +91,27 @@ class EncoderBlock(nn.Module):
     return tokens + nn.Dense(width, name="mlp_out")(hidden)
 
 
+class TokenEmbedding(nn.Module):
+  """Prepends a learned class token and adds learned position embeddings:
+  patches [batch, n, width] -> tokens [batch, n + 1, width]."""
+
+  @nn.compact
+  def __call__(self, patches: jax.Array) -> jax.Array:
+    batch, n, width = patches.shape
+    class_token = self.param("class_token", nn.initializers.zeros, (1, 1, width))
+    tokens = jnp.concatenate(
+        [jnp.broadcast_to(class_token, (batch, 1, width)).astype(patches.dtype), patches], axis=1)
+    position = self.param("position_embedding", nn.initializers.normal(stddev=0.02),
+                          (1, n + 1, width))
+    return tokens + position.astype(patches.dtype)
+
+  def ghost_grads(self, inputs: jax.Array, output_grads: jax.Array) -> dict[str, jax.Array]:
+    """Per-example gradients of the params from the output gradients g [m, n + 1, width], for
+    ghost clipping (`dpjax.privacy.ghost`): position_embedding gᵢ, class_token gᵢ[0]."""
+    del inputs
+    return {"class_token": output_grads[:, None, :1], "position_embedding": output_grads[:, None]}
+
+
 class ViT(nn.Module):
   """Vision Transformer classifier (ViT-Ti/16 at 224: 5.7M parameters, ViT-B/16: 86M, 1000 classes).
 
@@ -115,10 +136,7 @@ class ViT(nn.Module):
     patch = (self.patch_size, self.patch_size)
     x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="patch_embedding")(images)
     x = x.reshape((x.shape[0], -1, self.width))  # [batch, num_patches, width]
-    class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(class_token, (x.shape[0], 1, self.width)), x], axis=1)
-    position_init = nn.initializers.normal(stddev=0.02)
-    x = x + self.param("position_embedding", position_init, (1, x.shape[1], self.width))
+    x = TokenEmbedding(name="embedding")(x)
     for index in range(self.depth):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.attention, name=f"block{index}")(x)
     x = nn.LayerNorm(name="final_norm")(x)

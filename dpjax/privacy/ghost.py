@@ -18,8 +18,11 @@ bfloat16 activations, wᵢgᵢ is rounded to bfloat16 before the matmul, which c
 contribution by up to eps·Σₜ‖aₜ‖‖gₜ‖·wᵢ; an example that is scaled down gets its factor from its
 norm plus that slack, so its contribution stays within the clip bound (tested).
 
-Parameters no supported layer owns (a ViT's class token and position embedding, custom layers
-such as weight-standardised convs, a layer called twice per example) fall back to per-example
+A module class of one's own joins by defining `ghost_grads(self, inputs, output_grads) ->
+{param name: per-example gradients [m, *param.shape]}` (dpjax's ViT `TokenEmbedding` does, for
+its class token and position embedding); a subclass that does not define it again is not trusted.
+Parameters no supported layer owns (custom layers such as weight-standardised convs, a layer
+called twice per example) fall back to per-example
 gradients by `vmap(grad)` restricted to those parameters (fallback="vmap"), or raise
 `GhostUnsupportedError` (fallback="error"). They are never silently left out of the norm: every
 trainable leaf is accounted for by exactly one layer record or by the fallback (checked at trace
@@ -60,8 +63,15 @@ class _Layer:
   param_names: frozenset
 
 
+def _is_supported(module_type: type) -> bool:
+  """A supported flax layer (exact type), or a module class that defines `ghost_grads` itself."""
+  return module_type in SUPPORTED or "ghost_grads" in vars(module_type)
+
+
 def _layer_param_names(module: nn.Module) -> set[str] | None:
   """The param names ghost computes for `module`, or None if this configuration is unsupported."""
+  if "ghost_grads" in vars(type(module)):
+    return set(module.variables.get("params", {}))
   if isinstance(module, nn.Conv):
     if (len(module.kernel_size) != 2 or module.feature_group_count != 1
         or module.mask is not None or (isinstance(module.padding, str)
@@ -89,7 +99,7 @@ def _intercepting(batch_losses: BatchLosses, on_layer: Callable) -> BatchLosses:
   layer call (exact type match)."""
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or type(module) not in SUPPORTED:
+    if context.method_name != "__call__" or not _is_supported(type(module)):
       return next_fun(*args, **kwargs)
     outputs = next_fun(*args, **kwargs)
     names = _layer_param_names(module)
@@ -145,42 +155,37 @@ def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST if full else None)
 
 
-def _outer_sq_norms(term: _Outer) -> jax.Array:
-  """‖Σₜ aₜ gₜᵀ‖² per example [m]: the ghost norm or the instantiated gradient, by cost."""
+def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
+  """(‖∇ᵢ‖² [m], rounding slack [m]). For a kernel term, the norm is the ghost norm or that of the
+  instantiated gradient, whichever is cheaper; the slack bounds how much rounding wᵢgᵢ to g's
+  dtype can add to ‖wᵢ∇ᵢ‖ per unit wᵢ: eps·Σₜ‖aₜ‖‖gₜ‖ (zero for float32 and instantiated terms)."""
+  if isinstance(term, _Summed):
+    return jnp.sum(jnp.square(term.h), axis=-1), jnp.zeros(term.h.shape[0], jnp.float32)
   _, t, d = term.a.shape
   p = term.g.shape[-1]
+  eps = 0.0 if term.g.dtype == jnp.float32 else float(jnp.finfo(term.g.dtype).eps)
   if t * t * (d + p) <= t * d * p:  # the ghost norm is cheaper
     gram_a = _einsum("mtd,msd->mts", term.a, term.a)
     gram_g = _einsum("mtp,msp->mts", term.g, term.g)
-    return jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
-  return jnp.sum(jnp.square(_einsum("mtd,mtp->mdp", term.a, term.g)), axis=(1, 2))
-
-
-def _sq_norms(term) -> jax.Array:
-  if isinstance(term, _Outer):
-    return _outer_sq_norms(term)
-  return jnp.sum(jnp.square(term.h), axis=-1)
-
-
-def _rounding_slack(term) -> jax.Array:
-  """An upper bound [m] on how much rounding w·g to g's dtype can add to ‖w·∇ᵢ‖, per unit w:
-  eps·Σₜ ‖aₜ‖‖gₜ‖ for a low-precision kernel term (zero for float32 and instantiated terms)."""
-  if not isinstance(term, _Outer) or term.g.dtype == jnp.float32:
-    return jnp.zeros(term.a.shape[0] if isinstance(term, _Outer) else term.h.shape[0],
-                     jnp.float32)
+    sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
+    diagonal = lambda gram: jnp.diagonal(gram, axis1=1, axis2=2)  # ‖aₜ‖², ‖gₜ‖²
+    return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=1)
+  sq = jnp.sum(jnp.square(_einsum("mtd,mtp->mdp", term.a, term.g)), axis=(1, 2))
+  if not eps:
+    return sq, jnp.zeros_like(sq)
   norms = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
-  eps = float(jnp.finfo(term.g.dtype).eps)
-  return eps * jnp.sum(norms(term.a) * norms(term.g), axis=1)
+  return sq, eps * jnp.sum(norms(term.a) * norms(term.g), axis=1)
 
 
 def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
-  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term, [p] otherwise)."""
+  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term, [p] otherwise). Padded
+  rows get exact zeros in the scaled output gradients; their activations must be finite (the
+  trainer pads with real examples)."""
   if isinstance(term, _Summed):
     return jnp.sum(jnp.where(real[:, None], weights[:, None] * term.h, 0.0), axis=0)
   scaled = weights[:, None, None] * term.g.astype(jnp.float32)
   scaled = jnp.where(real[:, None, None], scaled, 0.0).astype(term.g.dtype)
-  a = jnp.where(real[:, None, None], term.a, jnp.zeros((), term.a.dtype))
-  return _einsum("mtd,mtp->dp", a, scaled)
+  return _einsum("mtd,mtp->dp", term.a, scaled)
 
 
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
@@ -208,6 +213,10 @@ def _normalized(module: nn.Module, x: jax.Array) -> jax.Array:
 def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> dict:
   """{param name: its per-example gradient as a factored term} for the layer's trainable params."""
   module, terms = layer.module, {}
+  if "ghost_grads" in vars(type(module)):
+    grads = module.ghost_grads(x, g)
+    return {name: _Summed(grads[name].reshape(g.shape[0], -1).astype(jnp.float32))
+            for name in layer.param_names if trainable.get(name)}
   if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
     gf = _rows(g, g.shape[-1]).astype(jnp.float32)
     if trainable.get("scale"):
@@ -327,7 +336,7 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-  return sum(_sq_norms(term) for _, term in terms.values())
+  return sum(_sq_norms_and_slack(term)[0] for _, term in terms.values())
 
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
@@ -372,14 +381,13 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   def clip_chunk(chunk):
     batch, chunk_mask = chunk
     terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-    layer_norms = [jnp.sqrt(_sq_norms(term)) for _, term in terms.values()]
-    norms = jnp.sqrt(sum(jnp.square(x) for x in layer_norms))
+    sq_and_slack = [_sq_norms_and_slack(term) for _, term in terms.values()]
+    norms = jnp.sqrt(sum(sq for sq, _ in sq_and_slack))
     factors, was_clipped = rule.factor(norms)
     # A scaled-down low-precision output gradient is rounded before it is summed: the factor of
     # a scaled-down example is computed from an upper bound of its norm that covers the rounding,
     # so that its contribution stays within the clip bound.
-    bound = jnp.sqrt(sum(jnp.square(x + _rounding_slack(term))
-                         for x, (_, term) in zip(layer_norms, terms.values())))
+    bound = jnp.sqrt(sum(jnp.square(jnp.sqrt(sq) + slack) for sq, slack in sq_and_slack))
     factors = jnp.where(factors < 1.0, jnp.minimum(factors, rule.factor(bound)[0]), factors)
     real = chunk_mask > 0
     weights = jnp.where(real, factors, 0.0)
