@@ -16,6 +16,9 @@ Blocks (see experiments/*.py for complete examples):
   distributed multi-process setup (dpjax.parallel.initialize_distributed): coordinator address,
               process count and id; empty/0/-1 = from the environment (launch/multiprocess.py,
               SLURM, Cloud TPU) or a single process
+  finetune    which parameters train (dpjax.finetune): start from a trained workdir's params
+              (init_from, reset_head), a layer selection, and sparse row masks (SPARTA's private
+              selection, or the magnitude / random baselines)
   optimizer   optax optimizer and learning rate
   schedule    number of steps, learning-rate schedule, public batch size
   eval, checkpoint
@@ -27,7 +30,8 @@ import ml_collections
 from ml_collections import config_dict
 
 # The blocks that decide the training trajectory; a checkpoint must agree with the config on them.
-TRAJECTORY_BLOCKS = ("seed", "data", "model", "dp", "mixing", "optimizer", "schedule")
+TRAJECTORY_BLOCKS = ("seed", "data", "model", "dp", "mixing", "finetune", "optimizer",
+                     "schedule")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -55,6 +59,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1,
                        cpu_collectives="gloo")
+  # sparse.method: none | sparta (warmup_steps training all selected leaves but the prunable
+  # kernels, then selection_steps DP steps that only score rows, then the top `fraction` of
+  # rows) | magnitude | random (rows chosen at step 0). Sparse steps count as private steps.
+  c.finetune = dict(init_from="", reset_head=False, selection="all", num_blocks=1, patterns="",
+                    sparse=dict(method="none", fraction=0.2, warmup_steps=0, selection_steps=0))
   c.optimizer = dict(name="sgd", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.999,
                      weight_decay=0.0)
   c.schedule = dict(total_steps=100, lr_schedule="constant", warmup_steps=0,
@@ -89,6 +98,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"perf.per_example_method='ghost' needs dp.clip flat, automatic or "
                      f"normalized (it scales each example's whole gradient), not {dp.clip!r}; "
                      "use perf.per_example_method='vmap'.")
+  sparse = config.finetune.sparse
+  if sparse.method not in ("none", "sparta", "magnitude", "random"):
+    raise ValueError(f"finetune.sparse.method must be none, sparta, magnitude or random, got "
+                     f"{sparse.method!r}.")
+  if sparse.method != "none":
+    if not 0 < sparse.fraction <= 1:
+      raise ValueError(f"finetune.sparse.fraction must be in (0, 1], got {sparse.fraction}.")
+    if perf.per_example_method == "ghost":
+      raise ValueError("Sparse fine-tuning masks per-example gradients element by element, which "
+                       "ghost clipping does not do; use perf.per_example_method='vmap'.")
+    if config.mixing.schedule != "switch" or config.mixing.switch_step != 0:
+      raise ValueError("Sparse fine-tuning runs private steps only: set mixing.schedule='switch' "
+                       "and mixing.switch_step=0 (pre-train on public data in a run of its own "
+                       "and start from it with finetune.init_from).")
+  if sparse.method == "sparta":
+    if sparse.selection_steps <= 0 or sparse.warmup_steps < 0:
+      raise ValueError("finetune.sparse.method='sparta' needs selection_steps > 0 (DP steps that "
+                       "score rows) and warmup_steps >= 0.")
+    if sparse.warmup_steps + sparse.selection_steps >= config.schedule.total_steps:
+      raise ValueError(
+          f"finetune.sparse: warmup_steps + selection_steps = "
+          f"{sparse.warmup_steps + sparse.selection_steps} leaves no sparse fine-tuning step "
+          f"within schedule.total_steps = {config.schedule.total_steps}.")
   if perf.microbatch_size <= 0:
     raise ValueError(f"perf.microbatch_size must be > 0, got {perf.microbatch_size}.")
   if config.schedule.total_steps <= 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -104,3 +104,44 @@ def _check_same_config(saved: dict | None, current: dict, where: str) -> None:
     raise CheckpointError(
         f"The checkpoint at {where} was made with a different config ({detail}). Resume with the "
         "same config, or use a new --workdir for the new one.")
+
+
+def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str], bool]
+                   = lambda top_module: False) -> PyTree:
+  """The params of `workdir`'s latest checkpoint (any dpjax run, any optimizer), checked against
+  `template` (the model's freshly initialised params): same leaves, same shapes. Top-level
+  modules for which keep_template(name) is True keep the template's values (e.g. a head that is
+  re-initialised for fine-tuning). Raises CheckpointError with what differs."""
+  manager = Checkpointer(workdir)
+  step = manager.latest_step()
+  where = manager.directory
+  if step is None:
+    raise CheckpointError(f"There is no checkpoint in {where} to start from; train there first "
+                          "or fix finetune.init_from.")
+  try:
+    restored = manager._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types for unreadable files
+    raise CheckpointError(f"The checkpoint at {where}/{step} could not be read "
+                          f"({type(e).__name__}: {e}); it may be corrupt.") from e
+  saved = restored["state"]["params"]
+  flat_saved = {"/".join(str(getattr(k, "key", k)) for k in path): v
+                for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  problems, leaves = [], []
+  for path, t in jax.tree_util.tree_flatten_with_path(template)[0]:
+    names = [str(getattr(k, "key", k)) for k in path]
+    name = "/".join(names)
+    if keep_template(names[0]):
+      leaves.append(t)
+    elif name not in flat_saved:
+      problems.append(f"{name} missing")
+    elif tuple(flat_saved[name].shape) != tuple(t.shape):
+      problems.append(f"{name}: saved {tuple(flat_saved[name].shape)} vs model {tuple(t.shape)}")
+    else:
+      leaves.append(np.asarray(flat_saved[name], dtype=t.dtype))
+  if problems:
+    raise CheckpointError(
+        f"The params at {where}/{step} do not fit this model ({'; '.join(problems[:8])}). Use the "
+        "same model config as the run that wrote them (finetune.reset_head=True re-initialises "
+        "a head of another size).")
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)

@@ -14,11 +14,12 @@ import os
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
 from dpjax import config as config_lib
-from dpjax import data, mixing, parallel
+from dpjax import data, finetune, mixing, parallel
 from dpjax.privacy import accounting, clipping, noise, sampling
 from dpjax.train import checkpoint, metrics, monitor as monitor_lib, state as state_lib
 from dpjax.train import step as step_lib
@@ -117,8 +118,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     parallel.check_divides(config.schedule.public_batch_size, mesh, "schedule.public_batch_size")
   schedule = state_lib.alpha_schedule(config)
   model, params = state_lib.create_model(config, parts.private)
+  order = state_lib.module_order(model, params, parts.private)
+  params = state_lib.finetune_start(config, params, order)
+  tuning = state_lib.finetuning(config, params, order)
   rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
-  run = _Run(config, workdir, parts, test, schedule, model, rule, mesh, params)
+  run = _Run(config, workdir, parts, test, schedule, model, rule, mesh, params, tuning)
   return run.train(show_progress)
 
 
@@ -130,10 +134,12 @@ def load_trained_state(config: ml_collections.ConfigDict, workdir: str) -> tuple
   when it was made with a different config.
   """
   parts, _ = state_lib.load_data(config)
-  _, params = state_lib.create_model(config, parts.private)
+  model, params = state_lib.create_model(config, parts.private)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  template = _state(*_initial_state(config, state_lib.create_optimizer(config), params, mesh), 0,
-                    mesh)
+  tuning = state_lib.finetuning(config, params,
+                                state_lib.module_order(model, params, parts.private))
+  optimizer = state_lib.create_training_optimizer(config, tuning)
+  template = _state(*_initial_state(config, optimizer, params, mesh), 0, mesh)
   restored = checkpoint.Checkpointer(workdir).restore(template,
                                                       config_lib.trajectory_view(config))
   if restored is None:
@@ -156,9 +162,11 @@ def _state(params, opt_state, step, mesh):
 class _Run:
   """One training run's pieces and its loop (host control flow; device work in `step`)."""
 
-  def __init__(self, config, workdir, parts, test, schedule, model, rule, mesh, params):
+  def __init__(self, config, workdir, parts, test, schedule, model, rule, mesh, params, tuning):
     self.config, self.workdir, self.parts, self.schedule = config, workdir, parts, schedule
-    self.rule, self.optimizer = rule, state_lib.create_optimizer(config)
+    self.rule, self.tuning = rule, tuning
+    self.optimizer = state_lib.create_training_optimizer(config, tuning)
+    self.masked = tuning.masked
     self.auto = schedule if isinstance(schedule, mixing.AutoSwitch) else None
     self.main = parallel.is_main_process()
     self.mesh, self.initial = mesh, _initial_state(config, self.optimizer, params, mesh)
@@ -168,9 +176,10 @@ class _Run:
     # Ghost clipping holds no per-example gradients; remat (vmap path only) would hide its layers.
     batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype)
                     if config.perf.per_example_method == "ghost" else None)
-    self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
+    self.accumulate = step_lib.make_accumulate(example_loss, rule, trainable=tuning.trainable,
+                                              layout=self.layout,
                                               grad_dtype=step_lib.grad_dtype(config.perf.dtype),
-                                              batch_losses=batch_losses)
+                                              batch_losses=batch_losses, masked=self.masked)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
     self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)
@@ -202,6 +211,9 @@ class _Run:
                                                self.plan.expected_batch_size,
                                                seed=self.config.seed)
     self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout, donate=True)
+    self.score = (step_lib.make_score(self.noise_tx, self.layout)
+                  if self.noise_tx is not None and self.config.finetune.sparse.method == "sparta"
+                  else None)
     self.switch_step = mixing.first_private_step(self.schedule, self.config.schedule.total_steps)
 
   def _make_monitor(self, model, heldout):
@@ -283,6 +295,13 @@ class _Run:
     if step == self.switch_step:
       opt_state = opt_state._replace(
           base=step_lib.reset_moments(opt_state.base, self.config.mixing.reset_moments))
+    if self.score is not None:
+      opt_state = self._sparta_phase(step, params, opt_state)
+      if self._selecting(step):  # a DP step whose release only scores rows: no update
+        acc = self._private_sum(step, params, opt_state)
+        opt_state = self.score(opt_state, acc.grad_sum)
+        ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
+        return params, opt_state, clipping.summarize(acc.stats)
     public_grad = None
     if mixing.reads_public(alpha):
       batch = self._fetch(self.parts.public, self.public_batches.indices(step))
@@ -292,7 +311,7 @@ class _Run:
     if mixing.reads_private(alpha):
       if self.plan.noise_multiplier is None:
         raise AssertionError("a private step without a noise multiplier")
-      acc = self._private_sum(step, params)
+      acc = self._private_sum(step, params, opt_state)
       clipped = acc.grad_sum
       logs.update(clipping.summarize(acc.stats))
     params, opt_state = self.apply(params, opt_state, public_grad, clipped, np.float32(alpha))
@@ -302,11 +321,46 @@ class _Run:
       ledger.record_public()
     return params, opt_state, logs
 
-  def _private_sum(self, step, params):
+  def _private_sum(self, step, params, opt_state):
     acc = self.zero_sum(params)
+    # Sparse fine-tuning: per-example gradients are masked by the optimizer state's element mask.
+    inputs = (params, finetune.find_mask_state(opt_state.base).mask) if self.masked else params
     for indices, mask in self.sampler.batch(step).microbatches():
-      acc = self.accumulate(acc, params, *self._fetch(self.parts.private, indices, mask))
+      acc = self.accumulate(acc, inputs, *self._fetch(self.parts.private, indices, mask))
     return self.total(acc)
+
+  # ---------------------------------------------------------------------------------------------
+  # SPARTA: warm-up (prunable kernels frozen), selection steps (score rows), sparse fine-tuning.
+  @property
+  def _rows_args(self):
+    return self.tuning.selection, self.tuning.order
+
+  def _selecting(self, step):
+    sparse = self.config.finetune.sparse
+    return sparse.warmup_steps <= step < sparse.warmup_steps + sparse.selection_steps
+
+  def _sparta_phase(self, step, params, opt_state):
+    """At the first selection step: every selected element trains and scores start at zero. At
+    the first sparse step: the top rows by score, and the first moments reset (as SPARTA)."""
+    sparse = self.config.finetune.sparse
+    if step not in (sparse.warmup_steps, sparse.warmup_steps + sparse.selection_steps):
+      return opt_state
+    host = parallel.to_host(opt_state)
+    state = finetune.find_mask_state(host.base)
+    shapes = state.scores  # params' structure and shapes
+    if step == sparse.warmup_steps:
+      state = finetune.MaskState(finetune.selection_mask(shapes, self.tuning.selection),
+                                 jax.tree_util.tree_map(np.zeros_like, state.scores))
+      base = host.base
+    else:
+      state = state._replace(mask=finetune.top_rows(finetune.score_rows(state.scores), shapes,
+                                                    self.tuning.selection, sparse.fraction,
+                                                    self.tuning.order))
+      base = step_lib.reset_moments(host.base, "first")
+      self._say(f"SPARTA: rows selected at step {step}; kept fractions "
+                f"{finetune.kept_fraction(state.mask, shapes, *self._rows_args)}")
+    host = host._replace(base=finetune.replace_mask_state(base, state))
+    return parallel.place(host, self.mesh)
 
   def _fetch(self, dataset, indices, mask=None):
     """The global batch of `indices` (and its mask) split over the mesh; this process reads and
@@ -376,6 +430,20 @@ class _Run:
           f"its state is at step {step}; the checkpoint is inconsistent. Use a new --workdir.")
     return state["params"], state["opt_state"], step, ledger
 
+  def _finetune_summary(self, params, opt_state) -> dict[str, Any]:
+    """How many parameters trained at the end (selected leaves, and the element mask's ones)."""
+    sizes = [int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)]
+    state = finetune.find_mask_state(opt_state.base)
+    masks = (jax.tree_util.tree_leaves(parallel.to_host(state.mask)) if state is not None
+             else [np.ones(1)] * len(sizes))
+    summary = dict(selection=self.config.finetune.selection,
+                   sparse=self.config.finetune.sparse.method, total_params=sum(sizes),
+                   trainable_params=int(sum(float(np.mean(m)) * n for m, n in zip(masks, sizes))))
+    if self.masked:
+      summary["kept_fraction"] = finetune.kept_fraction(parallel.to_host(state.mask),
+                                                        parallel.to_host(params), *self._rows_args)
+    return summary
+
   def _finish(self, step, params, opt_state, ledger, writer, stopped, seconds):
     self._save(step, params, opt_state, ledger)
     evaluation = self._eval(params)
@@ -384,7 +452,8 @@ class _Run:
     writer.close()
     results = dict(evaluation, steps=step, stopped=stopped or "completed",
                    train_seconds=seconds, privacy=statement,
-                   switch_step=self.auto.switch_step if self.auto else self.switch_step)
+                   switch_step=self.auto.switch_step if self.auto else self.switch_step,
+                   finetune=self._finetune_summary(params, opt_state))
     if self.main:
       with open(os.path.join(self.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -10,7 +11,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpjax import data, mixing, models
+from dpjax import data, finetune, mixing, models
+from dpjax.train import checkpoint
 
 
 def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, data.Dataset]:
@@ -80,3 +82,56 @@ def preprocessor(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np
   if config.data.standardize:
     return lambda images: data.standardize(images, config.data.name)
   return data.to_float
+
+
+def module_order(model: Any, params: Any, dataset: data.Dataset) -> list[str]:
+  """The model's top-level modules in forward-pass order (`finetune.call_order`)."""
+  return finetune.call_order(model, params, jnp.zeros((1,) + dataset.image_shape, jnp.float32))
+
+
+def finetune_start(config: ml_collections.ConfigDict, params: Any, order: list[str]) -> Any:
+  """The params training starts from: `finetune.init_from`'s (a trained workdir), with the head
+  re-initialised if finetune.reset_head; else `params` unchanged."""
+  f = config.finetune
+  if not f.init_from:
+    return params
+  head = finetune.head_module(params, order)
+  return checkpoint.restore_params(f.init_from, params,
+                                   keep_template=lambda m: f.reset_head and m == head)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+  """What trains: the leaf selection (bool pytree), trainable (None when every leaf is
+  selected), the initial element mask (None: no restriction) and whether per-example gradients
+  are element-masked (sparse methods)."""
+  order: list[str]
+  selection: Any
+  trainable: Any | None
+  initial_mask: Any | None
+  masked: bool
+
+
+def finetuning(config: ml_collections.ConfigDict, params: Any, order: list[str]) -> FineTuning:
+  f, sparse = config.finetune, config.finetune.sparse
+  selection = finetune.select(params, f.selection, f.num_blocks, f.patterns, order)
+  trainable = None if all(jax.tree_util.tree_leaves(selection)) else selection
+  if sparse.method == "none":
+    mask = None if trainable is None else finetune.selection_mask(params, selection)
+  elif sparse.method == "sparta":
+    mask = (finetune.warmup_mask(params, selection, order) if sparse.warmup_steps > 0
+            else finetune.selection_mask(params, selection))
+  else:
+    scores = (finetune.magnitude_rows(params) if sparse.method == "magnitude"
+              else finetune.random_rows(params, config.seed))
+    mask = finetune.top_rows(scores, params, selection, sparse.fraction, order)
+  return FineTuning(order, selection, trainable, mask, sparse.method != "none")
+
+
+def create_training_optimizer(config: ml_collections.ConfigDict, tuning: FineTuning
+                              ) -> optax.GradientTransformation:
+  """The config's optimizer, followed by `finetune.mask_updates` when fine-tuning restricts it."""
+  optimizer = create_optimizer(config)
+  if tuning.initial_mask is None:
+    return optimizer
+  return optax.chain(optimizer, finetune.mask_updates(tuning.initial_mask))

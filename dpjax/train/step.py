@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpjax import mixing, parallel
+from dpjax import finetune, mixing, parallel
 from dpjax.privacy import clipping, ghost
 
 PyTree = Any
@@ -99,7 +99,8 @@ def grad_dtype(compute_dtype: str) -> Any:
 
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     trainable: PyTree | None = None, layout: parallel.Layout | None = None,
-                    grad_dtype: Any = None, batch_losses: Callable | None = None) -> Callable:
+                    grad_dtype: Any = None, batch_losses: Callable | None = None,
+                    masked: bool = False) -> Callable:
   """jit (acc, params, microbatch, mask) -> acc + the microbatch's `ClippedSum`.
 
   acc is a `ClippedSum`; start from `make_zero_sum(rule, layout)(params)`. The sum's sensitivity is
@@ -111,8 +112,16 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   grad_dtype: see `clipping.clipped_grad_sum`.
   batch_losses: if given (`make_batch_losses`), per-example norms come from ghost clipping
     (`dpjax.privacy.ghost`) instead of vmap(grad); the clipped sum is the same.
+  masked: if True, `params` is a pair (params, element mask) and each per-example gradient is
+    mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; vmap path only).
   """
   def local_sum(params, microbatch, mask):
+    if masked:
+      params, element_mask = params
+      loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
+      part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
+                                       trainable=trainable, grad_dtype=grad_dtype)
+      return part.grad_sum, part.stats
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
                                     trainable=trainable)
@@ -125,8 +134,10 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
     return clipping.ClipStats(*jax.lax.psum(stats[:3], parallel.MESH_AXES),
                               jax.lax.pmax(stats.norm_max, parallel.MESH_AXES))
 
+  param_specs = (layout.params, layout.params) if masked and layout else (
+      layout.params if layout else None)
   clipped_sum = local_sum if layout is None else parallel.sharded_gradient_sum(
-      local_sum, layout.mesh, layout.params, reduce_stats, partial=True)
+      local_sum, layout.mesh, param_specs, reduce_stats, partial=True)
 
   def accumulate(acc, params, microbatch, mask):
     grad_sum, stats = clipped_sum(params, microbatch, mask)
@@ -136,7 +147,7 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   if layout is None:
     return jax.jit(accumulate, donate_argnums=0)
   acc_sharding = _partial_sum_sharding(layout)
-  return jax.jit(accumulate, in_shardings=(acc_sharding, layout.sharding(layout.params),
+  return jax.jit(accumulate, in_shardings=(acc_sharding, layout.sharding(param_specs),
                                            layout.batch, layout.batch),
                  out_shardings=acc_sharding, donate_argnums=0)
 
@@ -219,6 +230,25 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
           donate_argnums=donated)
     return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha)
   return apply_sharded
+
+
+def make_score(noise_tx: optax.GradientTransformation, layout: parallel.Layout | None = None
+               ) -> Callable:
+  """jit (opt_state, clipped grad sum) -> opt_state for SPARTA's selection steps: the step's Gaussian
+  release (noise drawn once, as in `make_apply`) is added, as |noisy gradient|, to the selection
+  scores in the optimizer state's `finetune.MaskState`; params and moments are not touched."""
+  def score(opt_state, clipped_sum):
+    private_grad, noise_state = noise_tx.update(clipped_sum, opt_state.noise)
+    state = finetune.find_mask_state(opt_state.base)
+    # noise_tx already divides by the expected batch size: accumulate |(Σ clip(gᵢ) + noise) / B|.
+    state = state._replace(scores=finetune.accumulate_scores(state.scores, private_grad, 1.0))
+    return OptState(noise_state, finetune.replace_mask_state(opt_state.base, state))
+
+  if layout is None:
+    return jax.jit(score)
+  opt_sharding = layout.sharding(layout.opt_state)
+  return jax.jit(score, in_shardings=(opt_sharding, layout.sharding(layout.params)),
+                 out_shardings=opt_sharding)
 
 
 def make_evaluate(model: nn.Module, layout: parallel.Layout | None = None) -> Callable:
