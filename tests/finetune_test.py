@@ -1,0 +1,239 @@
+"""Tests for dpjax.finetune and fine-tuning in the trainer: layer selections, frozen leaves (no
+per-example gradients, zero update), element masks, SPARTA's private row selection."""
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpjax import finetune, models
+from dpjax.privacy import clipping, noise
+from dpjax.train import checkpoint, loop
+from dpjax.train import step as step_lib
+from tests import toy_models
+from tests.conftest import require_data
+from tests.e2e_test import small_config
+
+
+def _vit():
+  model = models.build_model("vit", num_classes=3, variant="Ti", patch_size=4, image_size=8,
+                             depth=2, width=16, num_heads=2, mlp_dim=32,
+                             input_shape=toy_models.IMAGE_SHAPE)
+  params = toy_models.init(model)
+  return params, finetune.call_order(model, params, jnp.zeros((1,) + toy_models.IMAGE_SHAPE))
+
+
+def _chosen(params, selection):
+  return sorted("/".join(clipping.path_to_names(p)) for p, keep in
+                jax.tree_util.tree_flatten_with_path(selection)[0] if keep)
+
+
+def test_selections_on_a_vit():
+  params, order = _vit()
+  assert order[:2] == ["patch_embedding", "embedding"] and order[-1] == "head"
+  pick = lambda name, **kw: _chosen(params, finetune.select(params, name, order=order, **kw))
+  assert pick("head") == ["head/bias", "head/kernel"]
+  assert pick("last_blocks", num_blocks=1) == [p for p in pick("all") if p.startswith(
+      ("block1/", "final_norm/", "head/"))]
+  assert "block0/mlp_in/kernel" in pick("last_blocks", num_blocks=2)
+  assert pick("last_blocks", num_blocks=0) == ["head/bias", "head/kernel"]
+  norms = pick("head_norms")
+  assert "block0/attention_norm/scale" in norms and "block0/mlp_in/kernel" not in norms
+  attention = pick("attention")
+  assert "block1/attention/query/kernel" in attention
+  assert not any("norm" in p or "mlp" in p for p in attention)
+  assert all(p.endswith("bias") or p.startswith("head/") for p in pick("bias"))
+  assert pick("mlp") == sorted([p for p in pick("all") if "/mlp_in/" in p or "/mlp_out/" in p]
+                               + ["head/bias", "head/kernel"])
+  assert pick("patterns", patterns=r"^embedding/, query/kernel") == [
+      "block0/attention/query/kernel", "block1/attention/query/kernel",
+      "embedding/class_token", "embedding/position_embedding"]
+
+
+def test_bad_selections_are_refused_clearly():
+  params, order = _vit()
+  with pytest.raises(finetune.SelectionError, match="matches no parameter"):
+    finetune.select(params, "patterns", patterns="no_such_layer")
+  with pytest.raises(finetune.SelectionError, match="Unknown finetune selection"):
+    finetune.select(params, "heads")
+  with pytest.raises(finetune.SelectionError, match="does not fit|do not fit"):
+    finetune.mask_updates(jax.tree_util.tree_map(lambda p: jnp.ones(p.shape[:-1] + (1,)),
+                                                 params)).init(params)
+  with pytest.raises(finetune.SelectionError, match=r"\(0, 1\]"):
+    finetune.top_rows(finetune.magnitude_rows(params), params,
+                      finetune.select(params, "all"), 1.5, order)
+
+
+def _shapes_in(jaxpr) -> set:
+  """Every intermediate's shape in a jaxpr and its sub-jaxprs (scan, pjit, custom_vjp…)."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found |= _shapes_in(inner)
+  return found
+
+
+def test_frozen_leaves_get_no_per_example_gradients():
+  """The jaxpr of the clipped sum holds [m, *kernel] per-example gradients for trained kernels
+  only: with the conv frozen, no array of shape [m, 3, 3, 1, 4] exists anywhere in it."""
+  model = toy_models.MODELS["conv"]
+  params = toy_models.init(model)
+  loss = toy_models.per_example_loss(model)
+  batch, mask = toy_models.batch(8), jnp.ones(8)
+  frozen_shape = (8,) + params["Conv_0"]["kernel"].shape
+  trained_shape = (8,) + params["Dense_0"]["kernel"].shape
+  order = finetune.call_order(model, params, jnp.zeros((1,) + toy_models.IMAGE_SHAPE))
+  assert order == ["Conv_0", "GroupNorm_0", "Dense_0"]  # names sort differently
+  head = finetune.select(params, "head", order=order)
+  shapes = lambda trainable: _shapes_in(jax.make_jaxpr(lambda p: clipping.clipped_grad_sum(
+      loss, p, batch, mask, clipping.FlatClip(1.0), trainable=trainable))(params).jaxpr)
+  assert frozen_shape in shapes(None)  # the check can see per-example conv gradients
+  assert frozen_shape not in shapes(head) and trained_shape in shapes(head)
+
+
+def test_masked_params_mask_the_gradient_and_equal_the_delta_form():
+  """Training W with masked gradients and masked updates (the trainer's form) equals training ΔW
+  in W = W₀ + M ⊙ ΔW, with SGD + momentum; masked elements never move."""
+  model = toy_models.MODELS["dense"]
+  w0 = toy_models.init(model)
+  loss = lambda p, b: jnp.mean(jax.vmap(toy_models.per_example_loss(model), (None, 0))(p, b))
+  batch = toy_models.batch(6, scale=2.0)
+  mask = jax.tree_util.tree_map(
+      lambda p: (jax.random.uniform(jax.random.PRNGKey(p.size), p.shape) < 0.5).astype(
+          jnp.float32), w0)
+  grad = jax.grad(lambda p: loss(finetune.masked_params(p, mask), batch))(w0)
+  full = jax.grad(loss)(w0, batch)
+  for g, f, m in zip(*map(jax.tree_util.tree_leaves, (grad, full, mask))):
+    np.testing.assert_allclose(g, f * m, rtol=1e-6, atol=1e-8)
+
+  opt = optax.sgd(0.5, momentum=0.9)
+  masked_opt = optax.chain(opt, finetune.mask_updates(mask))
+  w, state = w0, masked_opt.init(w0)
+  delta = jax.tree_util.tree_map(jnp.zeros_like, w0)
+  delta_state = opt.init(delta)
+  for _ in range(3):
+    g = jax.grad(lambda p: loss(finetune.masked_params(p, mask), batch))(w)
+    updates, state = masked_opt.update(g, state, w)
+    w = optax.apply_updates(w, updates)
+    gd = jax.grad(lambda d: loss(finetune.delta_params(w0, d, mask), batch))(delta)
+    updates, delta_state = opt.update(gd, delta_state, delta)
+    delta = optax.apply_updates(delta, updates)
+  for a, b in zip(jax.tree_util.tree_leaves(w),
+                  jax.tree_util.tree_leaves(finetune.delta_params(w0, delta, mask))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b, m in zip(*map(jax.tree_util.tree_leaves, (w, w0, mask))):
+    np.testing.assert_array_equal(np.where(m == 0, a, 0), np.where(m == 0, b, 0))
+
+
+def test_top_rows_keep_the_best_rows_of_each_prunable_kernel():
+  params, order = _vit()
+  selection = finetune.select(params, "all")
+  scores = finetune.magnitude_rows(params)
+  mask = finetune.top_rows(scores, params, selection, 0.25, order)
+  kernel = params["block0"]["mlp_in"]["kernel"]  # [16, 32]: 8 of 32 rows
+  rows = np.asarray(mask["block0"]["mlp_in"]["kernel"][0])
+  assert rows.sum() == 8
+  np.testing.assert_array_equal(np.flatnonzero(rows),
+                                np.sort(np.argsort(-np.abs(kernel).sum(0))[:8]))
+  assert np.all(np.asarray(mask["head"]["kernel"]) == 1)  # the head trains whole
+  assert np.all(np.asarray(mask["block0"]["mlp_in"]["bias"]) == 1)  # so do biases
+  fractions = finetune.kept_fraction(mask, params, selection, order)
+  assert "head/kernel" not in fractions and fractions["block1/attention/query/kernel"] == 0.25
+
+
+def test_selection_scores_carry_the_steps_noise():
+  """SPARTA's scores come from the step's own release: with zero clipped sums, each score is
+  |N(0, (σ·C)²)| / B — mean σ·C·√(2/π) / B — from the noise the ledger accounts for."""
+  sigma, clip, batch = 2.0, 0.5, 64.0
+  params = {"w": jnp.zeros((200, 500))}
+  tx = noise.add_gaussian_noise(sigma, clip, batch, seed=3)
+  opt = optax.chain(optax.sgd(1.0), finetune.mask_updates({"w": jnp.ones((200, 500))}))
+  opt_state = step_lib.OptState(tx.init(params), opt.init(params))
+  scored = step_lib.make_score(tx)(opt_state, params)
+  scores = np.asarray(finetune.find_mask_state(scored.base).scores["w"])
+  np.testing.assert_allclose(scores.mean(), sigma * clip * np.sqrt(2 / np.pi) / batch, rtol=0.01)
+  assert int(scored.noise.count) == 1  # the noise key moved on, as after a training step
+
+
+# ------------------------------------------------------------------------------------------------
+# In the trainer (real data)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, dataset_cache):
+  require_data()
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  loop.train_and_evaluate(small_config(schedule=dict(total_steps=6, public_batch_size=128),
+                                       mixing=dict(switch_step=6)), workdir, show_progress=False)
+  return workdir
+
+
+def _finetune_config(pretrained, steps, **finetune_block):
+  return small_config(schedule=dict(total_steps=steps, public_batch_size=128),
+                      mixing=dict(switch_step=0), finetune=dict(init_from=pretrained,
+                                                                **finetune_block))
+
+
+def _final_params(config, workdir):
+  return loop.load_trained_state(config, workdir)[0]
+
+
+def test_head_only_fine_tuning_leaves_every_other_leaf_exactly_as_pretrained(pretrained, tmp_path):
+  config = _finetune_config(pretrained, 4, selection="head")
+  r = loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  before = _final_params(small_config(schedule=dict(total_steps=6, public_batch_size=128),
+                                      mixing=dict(switch_step=6)), pretrained)
+  after = _final_params(config, str(tmp_path))
+  for module in ("conv1", "conv2", "fc1"):
+    for name in ("kernel", "bias"):
+      np.testing.assert_array_equal(after[module][name], before[module][name])
+  assert not np.allclose(after["fc2"]["kernel"], before["fc2"]["kernel"])
+  assert r["finetune"]["trainable_params"] == after["fc2"]["kernel"].size + after["fc2"]["bias"].size
+  assert r["privacy"]["private_steps"] == 4
+
+
+def test_sparta_run_accounts_every_private_step_and_trains_only_selected_rows(pretrained, tmp_path):
+  config = _finetune_config(pretrained, 7, sparse=dict(method="sparta", fraction=0.25,
+                                                       warmup_steps=2, selection_steps=2))
+  r = loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  # ε of every private step, selection steps included, straight from dp_accounting.
+  privacy = r["privacy"]
+  assert privacy["private_steps"] == 7
+  event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      privacy["sampling_rate"], dp_accounting.GaussianDpEvent(privacy["noise_multiplier"])), 7)
+  accountant = dp_accounting.rdp.RdpAccountant()
+  accountant.compose(event)
+  assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(privacy["delta"]), rel=1e-9)
+  assert privacy["epsilon"] <= config.dp.target_epsilon
+  # Prunable kernels: frozen in warm-up, untouched while scoring, then only the chosen rows move.
+  before = _final_params(small_config(schedule=dict(total_steps=6, public_batch_size=128),
+                                      mixing=dict(switch_step=6)), pretrained)
+  after = _final_params(config, str(tmp_path))
+  assert r["finetune"]["kept_fraction"] == {"conv1/kernel": 0.25, "conv2/kernel": 0.25,
+                                           "fc1/kernel": 0.25}
+  for module in ("conv1", "conv2", "fc1"):
+    moved = np.any(after[module]["kernel"] != before[module]["kernel"],
+                   axis=tuple(range(before[module]["kernel"].ndim - 1)))
+    assert 0 < moved.sum() <= 0.25 * moved.size
+  assert not np.allclose(after["fc2"]["kernel"], before["fc2"]["kernel"])  # the head trains
+
+
+def test_fine_tuning_errors_are_clear(pretrained, tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+    loop.train_and_evaluate(_finetune_config(str(tmp_path / "nothing"), 2), str(tmp_path / "a"),
+                            show_progress=False)
+  wrong_model = _finetune_config(pretrained, 2)
+  wrong_model.model.name = "wrn"
+  wrong_model.model.depth, wrong_model.model.width = 10, 1
+  with pytest.raises(checkpoint.CheckpointError, match="do not fit this model"):
+    loop.train_and_evaluate(wrong_model, str(tmp_path / "b"), show_progress=False)
+  ghost_sparse = _finetune_config(pretrained, 2, sparse=dict(method="random"))
+  ghost_sparse.perf.per_example_method = "ghost"
+  with pytest.raises(ValueError, match="ghost"):
+    loop.train_and_evaluate(ghost_sparse, str(tmp_path / "c"), show_progress=False)
