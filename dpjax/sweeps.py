@@ -130,8 +130,10 @@ def collect(workdir: str) -> list[dict]:
     if os.path.exists(os.path.join(run, "variant.json")):
       with open(os.path.join(run, "variant.json")) as f:
         overrides = {k: _number(v) for k, v in json.load(f)["overrides"].items()}
-    rows.append(dict(variant=os.path.basename(run), workdir=run, **overrides,
-                     **_flatten(report.load_results(run))))
+    row = dict(variant=os.path.basename(run), workdir=run, **overrides)
+    # A result that repeats a swept key (e.g. finetune.selection) keeps the override's value.
+    row.update({k: v for k, v in _flatten(report.load_results(run)).items() if k not in row})
+    rows.append(row)
   return sorted(rows, key=lambda r: _natural(r["variant"]))
 
 
