@@ -147,14 +147,13 @@ def select(params: PyTree, selection: str = "all", num_blocks: int = 1,
 
 def check_mask(params: PyTree, mask: PyTree) -> None:
   """Raises SelectionError unless `mask` has params' structure and every leaf's shape."""
-  try:
-    pairs = jax.tree_util.tree_map(lambda p, m: (p.shape, np.shape(m)), params, mask)
-  except ValueError as e:
-    raise SelectionError(f"The mask's structure does not match the params': {e}") from e
-  bad = [f"{'/'.join(clipping.path_to_names(path))}: param {p} vs mask {m}"
-         for path, (p, m) in jax.tree_util.tree_flatten_with_path(
-             pairs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
-             and all(isinstance(s, tuple) for s in x))[0] if p != m]
+  if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(mask):
+    raise SelectionError(f"The mask's structure does not match the params': "
+                         f"{jax.tree_util.tree_structure(mask)} vs "
+                         f"{jax.tree_util.tree_structure(params)}.")
+  bad = [f"{'/'.join(path)}: param {p.shape} vs mask {np.shape(m)}"
+         for path, p, m in zip(_paths(params), jax.tree_util.tree_leaves(params),
+                               jax.tree_util.tree_leaves(mask)) if p.shape != np.shape(m)]
   if bad:
     raise SelectionError("Mask shapes do not fit their parameters: " + "; ".join(bad))
 
@@ -231,8 +230,9 @@ def _check_fraction(fraction: float) -> None:
 def top_rows(row_scores: PyTree, params: PyTree, selection: PyTree, fraction: float,
              order: Sequence[str] | None = None) -> PyTree:
   """Element mask: on each prunable leaf the top `fraction` of output rows (last axis) by
-  row_scores (a pytree of [rows] arrays, or None for other leaves) train; every other selected
-  leaf trains whole; unselected leaves stay frozen. Ties go to the lower index."""
+  row_scores (a pytree of [rows] arrays with params' structure; only prunable leaves' are read)
+  train; every other selected leaf trains whole; unselected leaves stay frozen. Ties go to the
+  lower index."""
   _check_fraction(fraction)
   rows_of = prunable(params, selection, order)
 
@@ -244,8 +244,7 @@ def top_rows(row_scores: PyTree, params: PyTree, selection: PyTree, fraction: fl
     order = jnp.argsort(-jnp.asarray(scores), stable=True)
     chosen = jnp.zeros(rows, jnp.float32).at[order[:keep]].set(1.0)
     return jnp.broadcast_to(chosen, p.shape).astype(jnp.float32)
-  return jax.tree_util.tree_map(leaf_mask, params, selection, rows_of, row_scores,
-                                is_leaf=lambda x: x is None)
+  return jax.tree_util.tree_map(leaf_mask, params, selection, rows_of, row_scores)
 
 
 def score_rows(scores: PyTree) -> PyTree:
@@ -267,9 +266,10 @@ def random_rows(params: PyTree, seed: int) -> PyTree:
       tree, [jax.random.uniform(k, (p.shape[-1],)) for k, p in zip(keys, leaves)])
 
 
-def accumulate_scores(scores: PyTree, noisy_grad: PyTree, batch_size: float) -> PyTree:
-  """scores + |noisy clipped gradient sum| / B (post-processing of the step's Gaussian release)."""
-  return jax.tree_util.tree_map(lambda s, g: s + jnp.abs(g) / batch_size, scores, noisy_grad)
+def accumulate_scores(scores: PyTree, noisy_grad: PyTree) -> PyTree:
+  """scores + |noisy_grad|, noisy_grad = (Σᵢ clip(gᵢ) + noise) / B as the noise transformation
+  releases it (post-processing of the step's Gaussian release)."""
+  return jax.tree_util.tree_map(lambda s, g: s + jnp.abs(g), scores, noisy_grad)
 
 
 def warmup_mask(params: PyTree, selection: PyTree, order: Sequence[str] | None = None) -> PyTree:

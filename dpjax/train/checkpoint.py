@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dpjax import parallel
+from dpjax.privacy import clipping
 
 PyTree = Any
 
@@ -68,22 +69,28 @@ class Checkpointer:
       self._refuse_unreadable_leftovers()
       return None
     where = os.path.join(self.directory, str(step))
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(
-          f"The checkpoint at {where} could not be read ({type(e).__name__}: {e}). It may be "
-          "corrupt or from another model. Move it away to restart from an earlier checkpoint, or "
-          "use a new --workdir to start afresh.") from e
-    state, record = restored["state"], dict(restored["record"])
+    state, record = self.read(step, template)
     if state_digest(state) != record.get("digest"):
       raise CheckpointError(
           f"The checkpoint at {where} is corrupt: its arrays do not match the digest saved with "
           "them. Move it away to restart from an earlier checkpoint, or use a new --workdir.")
     _check_same_config(record.get("config"), expected_config, where)
     return state, record
+
+  def read(self, step: int, template: PyTree | None = None) -> tuple[PyTree, dict]:
+    """(state, record) at `step`, as `template`'s pytree, or as saved (nested dicts of arrays)
+    without one. Raises CheckpointError if the files cannot be read; checks nothing else."""
+    abstract = (None if template is None
+                else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for unreadable files
+      raise CheckpointError(
+          f"The checkpoint at {os.path.join(self.directory, str(step))} could not be read "
+          f"({type(e).__name__}: {e}). It may be corrupt or from another model. Move it away to "
+          "restart from an earlier checkpoint, or use a new --workdir to start afresh.") from e
+    return restored["state"], dict(restored["record"])
 
   def _refuse_unreadable_leftovers(self) -> None:
     if os.path.isdir(self.directory) and any(
@@ -118,27 +125,21 @@ def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str]
   if step is None:
     raise CheckpointError(f"There is no checkpoint in {where} to start from; train there first "
                           "or fix finetune.init_from.")
-  try:
-    restored = manager._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), record=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types for unreadable files
-    raise CheckpointError(f"The checkpoint at {where}/{step} could not be read "
-                          f"({type(e).__name__}: {e}); it may be corrupt.") from e
-  saved = restored["state"]["params"]
-  flat_saved = {"/".join(str(getattr(k, "key", k)) for k in path): v
+  saved = manager.read(step)[0]["params"]
+  flat_saved = {clipping.path_to_names(path): v
                 for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   problems, leaves = [], []
   for path, t in jax.tree_util.tree_flatten_with_path(template)[0]:
-    names = [str(getattr(k, "key", k)) for k in path]
+    names = clipping.path_to_names(path)
     name = "/".join(names)
     if keep_template(names[0]):
       leaves.append(t)
-    elif name not in flat_saved:
+    elif names not in flat_saved:
       problems.append(f"{name} missing")
-    elif tuple(flat_saved[name].shape) != tuple(t.shape):
-      problems.append(f"{name}: saved {tuple(flat_saved[name].shape)} vs model {tuple(t.shape)}")
+    elif tuple(flat_saved[names].shape) != tuple(t.shape):
+      problems.append(f"{name}: saved {tuple(flat_saved[names].shape)} vs model {tuple(t.shape)}")
     else:
-      leaves.append(np.asarray(flat_saved[name], dtype=t.dtype))
+      leaves.append(np.asarray(flat_saved[names], dtype=t.dtype))
   if problems:
     raise CheckpointError(
         f"The params at {where}/{step} do not fit this model ({'; '.join(problems[:8])}). Use the "

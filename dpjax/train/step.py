@@ -116,17 +116,15 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
     mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; vmap path only).
   """
   def local_sum(params, microbatch, mask):
+    loss = example_loss
     if masked:
       params, element_mask = params
       loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
-      part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
-                                       trainable=trainable, grad_dtype=grad_dtype)
-      return part.grad_sum, part.stats
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
                                     trainable=trainable)
     else:
-      part = clipping.clipped_grad_sum(example_loss, params, microbatch, mask, rule,
+      part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
                                        trainable=trainable, grad_dtype=grad_dtype)
     return part.grad_sum, part.stats
 
@@ -134,8 +132,8 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
     return clipping.ClipStats(*jax.lax.psum(stats[:3], parallel.MESH_AXES),
                               jax.lax.pmax(stats.norm_max, parallel.MESH_AXES))
 
-  param_specs = (layout.params, layout.params) if masked and layout else (
-      layout.params if layout else None)
+  param_specs = None if layout is None else (
+      (layout.params, layout.params) if masked else layout.params)
   clipped_sum = local_sum if layout is None else parallel.sharded_gradient_sum(
       local_sum, layout.mesh, param_specs, reduce_stats, partial=True)
 
@@ -240,8 +238,7 @@ def make_score(noise_tx: optax.GradientTransformation, layout: parallel.Layout |
   def score(opt_state, clipped_sum):
     private_grad, noise_state = noise_tx.update(clipped_sum, opt_state.noise)
     state = finetune.find_mask_state(opt_state.base)
-    # noise_tx already divides by the expected batch size: accumulate |(Σ clip(gᵢ) + noise) / B|.
-    state = state._replace(scores=finetune.accumulate_scores(state.scores, private_grad, 1.0))
+    state = state._replace(scores=finetune.accumulate_scores(state.scores, private_grad))
     return OptState(noise_state, finetune.replace_mask_state(opt_state.base, state))
 
   if layout is None:
