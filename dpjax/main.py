@@ -9,7 +9,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpjax import parallel
-from dpjax.train import loop
+from dpjax.train import contrastive_loop, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -22,6 +22,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   parallel.initialize_distributed(**_CONFIG.value.distributed)
+  if "contrastive" in _CONFIG.value:  # experiments/contrastive.py
+    results = contrastive_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+    print(f"method {results['method']}  epsilon {results['privacy']['epsilon']:.3f}  linear probe "
+          + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in results["probe"].items()))
+    return
   results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
   if parallel.is_main_process():
     print(f"test accuracy {results['test_accuracy']:.4f}  "

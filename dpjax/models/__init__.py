@@ -10,6 +10,7 @@ from dpjax.models.dp_checks import (
     assert_dp_compatible,
     assert_no_cross_example_dependence,
 )
+from dpjax.models.projection import ProjectedEncoder
 from dpjax.models.registry import build_model, model_names
 from dpjax.models.vit import EncoderBlock, ViT, vit_config
 from dpjax.models.wrn import WideResNet, WideResNetBlock, WSConv, standardize_kernel
@@ -19,6 +20,7 @@ __all__ = [
     "Cifar10TanhCNN",
     "EncoderBlock",
     "MnistTanhCNN",
+    "ProjectedEncoder",
     "ViT",
     "WSConv",
     "WideResNet",

@@ -1,0 +1,332 @@
+"""Contrastive (SimCLR-style) pre-training with Logit-DP, the naive DP baseline or no privacy,
+followed by linear probes of the learned representation.
+
+Each step: a Poisson batch of private training images (rate q = dp.expected_batch_size / N),
+padded to a multiple of perf.microbatch_size; two augmented views per image on the device
+(`dpjax.data.augment`, randomness from (seed, step, image index)); the method's clipped gradient
+sum (`dpjax.contrastive`); Gaussian noise of std σ·S once per step (S the method's sensitivity);
+the optimizer. The ledger records every private step; the budget guard runs before each.
+
+Privacy unit: one training image, i.e. both of its views; add/remove adjacency. Labels are never
+read during pre-training. The naive method's sensitivity needs a largest batch
+(`contrastive.max_batch_size`): a Poisson batch above it is released as noise only, which keeps
+the change from adding or removing one image within (2·max − 1)·C. Logit-DP's bound holds for
+every batch size (it is taken at n = N), so its batches are never cut.
+
+The linear probes after training read labels non-privately (train on a dataset's training split,
+test on its test split): they measure the representation and are not part of the guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpjax import config as config_lib
+from dpjax import contrastive, data, models, probe
+from dpjax.data import augment
+from dpjax.privacy import accounting, noise, sampling
+from dpjax.train import checkpoint, metrics, state as state_lib
+from dpjax.train import loop
+
+METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
+_AUGMENT_STREAM = 0xA06
+
+
+def default_block() -> ml_collections.ConfigDict:
+  """The `contrastive` config block (experiments/contrastive.py sets it)."""
+  return ml_collections.ConfigDict(dict(
+      # logit_dp | naive | nonprivate | random_init (no training: probes of the initial encoder)
+      method="logit_dp", temperature=1.0,
+      # The encoder: model.name's network with `representation_dim` outputs, then the projection
+      # head Dense(hidden_dim) -> tanh -> Dense(embedding_dim).
+      representation_dim=64, hidden_dim=128, embedding_dim=32,
+      # naive only: the largest batch (a privacy parameter); 0 = E[n] + 5·sqrt(E[n]), rounded up
+      # to a multiple of perf.microbatch_size.
+      max_batch_size=0,
+      augment=dict(crop_scale_min=0.3, flip=True, brightness=0.4, contrast=0.4, noise_std=0.0),
+      # Linear probes after training, one per dataset (train split -> test split); 0 = all.
+      probe=dict(datasets="fashion_mnist,mnist", train_examples=0, test_examples=0, steps=500,
+                 l2=1e-4, learning_rate=0.05),
+      eval_batch_size=512))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for contrastive configs that cannot run correctly."""
+  c = config.contrastive
+  if c.method not in METHODS:
+    raise ValueError(f"contrastive.method must be one of {METHODS}, got {c.method!r}.")
+  if not (math.isfinite(c.temperature) and c.temperature > 0):
+    raise ValueError(f"contrastive.temperature must be > 0, got {c.temperature!r}.")
+  if config.data.public_fraction != 0 or config.data.public_name:
+    raise ValueError("Contrastive pre-training treats every training image as private: set "
+                     "data.public_fraction=0 and leave data.public_name empty.")
+  if config.dp.clip != "flat":
+    raise ValueError(f"Contrastive methods clip pair (Logit-DP) or row (naive) gradients to "
+                     f"dp.clip_norm: set dp.clip='flat', not {config.dp.clip!r}.")
+  if c.method in ("logit_dp", "naive"):
+    if config.dp.noise_multiplier is None and config.dp.target_epsilon is None:
+      raise ValueError("Set dp.noise_multiplier or dp.target_epsilon for a DP method.")
+  if c.max_batch_size < 0:
+    raise ValueError(f"contrastive.max_batch_size must be >= 0, got {c.max_batch_size}.")
+  if config.perf.microbatch_size <= 0:
+    raise ValueError(f"perf.microbatch_size must be > 0, got {config.perf.microbatch_size}.")
+  if config.schedule.total_steps < 0:
+    raise ValueError("schedule.total_steps must be >= 0.")
+
+
+def max_batch_size(config: ml_collections.ConfigDict, expected: float) -> int:
+  """The naive method's largest batch: contrastive.max_batch_size, or E[n] + 5·sqrt(E[n]) rounded
+  up to a multiple of perf.microbatch_size (a larger Poisson batch has probability < 1e-6)."""
+  if config.contrastive.max_batch_size:
+    return int(config.contrastive.max_batch_size)
+  m = config.perf.microbatch_size
+  return int(math.ceil((expected + 5 * math.sqrt(expected)) / m) * m)
+
+
+def sensitivity(config: ml_collections.ConfigDict, num_private: int) -> float:
+  """The method's L2 sensitivity under add/remove of one image (1.0, unused, when not DP)."""
+  c, clip = config.contrastive, config.dp.clip_norm
+  if c.method == "logit_dp":
+    return contrastive.logit_dp_sensitivity(clip, c.temperature, num_private, "add_remove")
+  if c.method == "naive":
+    return contrastive.naive_sensitivity(
+        clip, max_batch_size(config, config.dp.expected_batch_size), "add_remove")
+  return 1.0
+
+
+def plan_privacy(config: ml_collections.ConfigDict, num_private: int) -> loop.PrivacyPlan:
+  """Sampling rate, private steps and σ (calibrated to dp.target_epsilon when unset)."""
+  dp, c = config.dp, config.contrastive
+  private = c.method in ("logit_dp", "naive")
+  steps = config.schedule.total_steps if c.method != "random_init" else 0
+  q = dp.expected_batch_size / num_private
+  if not 0 < q <= 1:
+    raise ValueError(f"dp.expected_batch_size = {dp.expected_batch_size} must be in (0, "
+                     f"{num_private}], the number of training images.")
+  sigma = None
+  if private and steps:
+    accounting.check_delta(dp.delta, num_private)
+    sigma = dp.noise_multiplier
+    if sigma is None:
+      sigma = accounting.calibrate_noise(dp.target_epsilon, dp.delta, q, steps, dp.accountant)
+  clip = {"logit_dp": "Logit-DP pair clipping", "naive": "per-row clipping"}.get(c.method, "none")
+  return loop.PrivacyPlan(num_private if private else 0, float(dp.expected_batch_size), q,
+                          steps if private else 0, None if sigma is None else float(sigma),
+                          dp.delta, dp.accountant, dp.target_epsilon, clip, dp.clip_norm,
+                          sensitivity(config, num_private))
+
+
+def create_model(config: ml_collections.ConfigDict, dataset: data.Dataset
+                 ) -> tuple[models.ProjectedEncoder, Any]:
+  """(encoder with projection head, params); refuses BatchNorm anywhere in it."""
+  c = config.contrastive
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  backbone = models.build_model(config.model.name, num_classes=c.representation_dim,
+                                input_shape=dataset.image_shape, **kwargs)
+  model = models.ProjectedEncoder(backbone, c.hidden_dim, c.embedding_dim)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed),
+                                  jnp.zeros((1,) + dataset.image_shape, jnp.float32))
+  models.assert_dp_compatible(model, variables)
+  return model, variables["params"]
+
+
+def create_optimizer(config: ml_collections.ConfigDict, plan: loop.PrivacyPlan
+                     ) -> optax.GradientTransformation:
+  """Noise on the clipped sum (DP) or the plain mean over the expected batch, then the optimizer."""
+  base = state_lib.create_optimizer(config)
+  if plan.noise_multiplier is None:
+    return optax.chain(optax.scale(1.0 / plan.expected_batch_size), base)
+  return noise.dp_optimizer(base, noise_multiplier=plan.noise_multiplier,
+                            sensitivity=plan.sensitivity,
+                            expected_batch_size=plan.expected_batch_size, seed=config.seed)
+
+
+def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  a = config.contrastive.augment
+  return dict(crop_scale=(a.crop_scale_min, 1.0), flip=a.flip, brightness=a.brightness,
+              contrast=a.contrast, noise_std=a.noise_std)
+
+
+def make_grad_sum(model, config: ml_collections.ConfigDict):
+  """(params, views_a, views_b, mask) -> ContrastiveSum for the config's method."""
+  c, perf = config.contrastive, config.perf
+  embed = lambda params, images: model.apply({"params": params}, images)[0]
+  chunks = dict(row_chunk=perf.get("row_chunk", 8), jacobian_chunk=perf.get("jacobian_chunk") or None)
+  if c.method == "logit_dp":
+    fn = functools.partial(contrastive.logit_dp_grad_sum, pair_clip_norm=config.dp.clip_norm,
+                           **chunks)
+  elif c.method == "naive":
+    fn = functools.partial(contrastive.naive_grad_sum, row_clip_norm=config.dp.clip_norm, **chunks)
+  else:
+    fn = contrastive.nonprivate_grad_sum
+  return lambda params, a, b, mask: fn(embed, params, a, b, mask, temperature=c.temperature)
+
+
+def make_train_step(model, config: ml_collections.ConfigDict,
+                    optimizer: optax.GradientTransformation):
+  """The jitted step (params, opt_state, images [n, H, W, C] float32, ids [n], mask [n], step)
+  -> (params, opt_state). Compiles once per padded batch size."""
+  grad_sum = make_grad_sum(model, config)
+  views_kw = augment_kwargs(config)
+  base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _AUGMENT_STREAM)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, images, ids, mask, step_index):
+    views_a, views_b = augment.two_views(jax.random.fold_in(base_key, step_index), images, ids,
+                                         **views_kw)
+    summed = grad_sum(params, views_a, views_b, mask)
+    updates, opt_state = optimizer.update(summed.grad_sum, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def make_eval_loss(model, config: ml_collections.ConfigDict):
+  """(params, images, ids) -> mean InfoNCE loss per image on fixed views (test images only)."""
+  views_kw = augment_kwargs(config)
+  key = jax.random.PRNGKey(12345)
+  temperature = config.contrastive.temperature
+
+  @jax.jit
+  def loss(params, images, ids):
+    views_a, views_b = augment.two_views(key, images, ids, **views_kw)
+    embed = lambda x: model.apply({"params": params}, x)[0]
+    sims = contrastive.similarities(embed(views_a), embed(views_b))
+    return contrastive.info_nce_loss(sims, jnp.ones(len(ids), bool), temperature) / len(ids)
+
+  return loss
+
+
+def batch_for_step(sampler: sampling.PoissonSampler, step: int, capacity: int | None
+                   ) -> sampling.PaddedBatch:
+  """The step's padded Poisson batch. With a capacity (naive method), a batch above it becomes
+  `capacity` masked rows: the step releases noise only, so the sensitivity bound still holds."""
+  batch = sampler.batch(step)
+  if capacity is None:
+    return batch
+  if batch.size > capacity:
+    return sampling.PaddedBatch(np.zeros(capacity, np.int64), np.zeros(capacity, bool),
+                                sampler.microbatch_size)
+  return sampling.pad_to_microbatches(batch.indices[batch.mask], sampler.microbatch_size,
+                                      capacity // sampler.microbatch_size)
+
+
+def run_probes(model, params, config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+  """A linear probe of the representation on each of contrastive.probe.datasets."""
+  p = config.contrastive.probe
+  features_fn = jax.jit(lambda images: model.apply({"params": params}, images)[1])
+  results = {}
+  for name in [n.strip() for n in p.datasets.split(",") if n.strip()]:
+    load = lambda split: data.load_dataset(name, split, config.data.dir or None,
+                                           config.data.cache_dir or None,
+                                           verify=config.data.verify)
+    train, test = load("train"), load("test")
+    features = lambda ds, limit: probe.extract_features(
+        features_fn, data.to_float(ds.images[:limit or len(ds)]), batch_size=1000)
+    train_labels = train.labels[:p.train_examples or len(train)]
+    test_labels = test.labels[:p.test_examples or len(test)]
+    results[name] = probe.linear_probe(
+        features(train, p.train_examples), train_labels, features(test, p.test_examples),
+        test_labels, num_classes=train.num_classes, l2=p.l2, steps=p.steps,
+        learning_rate=p.learning_rate, seed=config.seed)
+  return results
+
+
+def _expected_config(config: ml_collections.ConfigDict) -> dict:
+  return dict(config_lib.trajectory_view(config), contrastive=config.contrastive.to_dict())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       show_progress: bool = True) -> dict[str, Any]:
+  """Pre-trains as `config` says (resuming from `workdir`), probes, writes results.json."""
+  validate(config)
+  parts, test = state_lib.load_data(config)
+  train = parts.private
+  model, params = create_model(config, train)
+  plan = plan_privacy(config, len(train))
+  optimizer = create_optimizer(config, plan)
+  opt_state = optimizer.init(params)
+  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
+  record = lambda ledger: dict(ledger=ledger.to_json(), config=_expected_config(config),
+                               plan=dataclasses.asdict(plan))
+  state = lambda p, o, s: dict(params=p, opt_state=o, step=np.int32(s))
+  restored = checkpointer.restore(state(params, opt_state, 0), _expected_config(config))
+  start, ledger = 0, accounting.PrivacyLedger()
+  if restored is not None:
+    saved, saved_record = restored
+    params, opt_state, start = saved["params"], saved["opt_state"], int(saved["step"])
+    ledger = accounting.PrivacyLedger.from_json(saved_record["ledger"])
+  total = config.schedule.total_steps if config.contrastive.method != "random_init" else 0
+  private = plan.noise_multiplier is not None
+  capacity = (max_batch_size(config, plan.expected_batch_size)
+              if config.contrastive.method == "naive" else None)
+  sampler = sampling.PoissonSampler(len(train), plan.sampling_rate, config.perf.microbatch_size,
+                                    seed=config.seed)
+  budget = (accounting.PrivacyBudget(config.dp.target_epsilon, plan.delta, plan.accountant)
+            if private and config.dp.target_epsilon is not None else None)
+  train_step = make_train_step(model, config, optimizer)
+  eval_loss = make_eval_loss(model, config)
+  eval_rows = np.arange(min(config.contrastive.eval_batch_size, len(test)))
+  eval_images = jnp.asarray(data.to_float(test.images[eval_rows]))
+  evaluate = lambda p: float(eval_loss(p, eval_images, jnp.asarray(eval_rows, jnp.int32)))
+  writer = metrics.MetricsWriter(workdir)
+  progress = metrics.Progress(total, start, show_progress)
+  stopped, started = "completed", time.time()
+  step = start
+  for step in range(start, total):
+    if budget is not None:
+      try:
+        budget.check(ledger, plan.sampling_rate, plan.noise_multiplier,
+                     hint=plan.planned_private_steps)
+      except accounting.BudgetExceededError as e:
+        print(f"Stopping before step {step}: {e}")
+        stopped = "budget"
+        break
+    batch = batch_for_step(sampler, step, capacity)
+    images = data.to_float(train.images[batch.indices])
+    params, opt_state = train_step(params, opt_state, images, batch.indices.astype(np.int32),
+                                   batch.mask, np.int32(step))
+    if private:
+      ledger.record_private(plan.sampling_rate, plan.noise_multiplier)
+    else:
+      ledger.record_public()
+    done = step + 1
+    if done % config.eval.every_steps == 0 and done != total:
+      epsilon = ledger.epsilon(plan.delta, plan.accountant)
+      writer.write(done, "eval", dict(test_contrastive_loss=evaluate(params), epsilon=epsilon))
+    if done % config.checkpoint.every_steps == 0 and done != total:
+      checkpointer.save(done, state(params, opt_state, done), record(ledger))
+    progress.update(1)
+  else:
+    step = total
+  progress.close()
+  seconds = time.time() - started
+  checkpointer.save(step, state(params, opt_state, step), record(ledger))
+  statement = loop.privacy_statement(plan, ledger)
+  statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels are "
+                                  "not read); add/remove adjacency")
+  results = dict(method=config.contrastive.method, temperature=config.contrastive.temperature,
+                 steps=step, stopped=stopped, train_seconds=seconds,
+                 test_contrastive_loss=evaluate(params), privacy=statement,
+                 probe=run_probes(model, params, config))
+  writer.write(step, "final", dict(test_contrastive_loss=results["test_contrastive_loss"],
+                                   epsilon=statement["epsilon"],
+                                   **{f"probe_{k}": v["test_accuracy"]
+                                      for k, v in results["probe"].items()}))
+  writer.close()
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(loop.format_statement(statement))
+  return results
