@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
   record = lambda ledger: dict(ledger=ledger.to_json(), config=_expected_config(config),
                                plan=dataclasses.asdict(plan))
-  state = lambda p, o, s: dict(params=p, opt_state=o, step=np.int32(s))
+  state = lambda p, o, s: dict(params=p, opt_state=o, step=jnp.asarray(s, jnp.int32))
   restored = checkpointer.restore(state(params, opt_state, 0), _expected_config(config))
   start, ledger = 0, accounting.PrivacyLedger()
   if restored is not None:
@@ -328,5 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  print(loop.format_statement(statement))
+  print(loop.format_statement(statement) if private else
+        f"Privacy: none. Method {config.contrastive.method!r} trains without clipping or noise, so "
+        "this encoder has no differential-privacy guarantee.")
   return results

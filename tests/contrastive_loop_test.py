@@ -1,0 +1,130 @@
+"""The contrastive pre-training trainer (dpjax.train.contrastive_loop) on Fashion-MNIST, tiny."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+
+from dpjax import contrastive
+from dpjax.privacy import sampling
+from dpjax.train import contrastive_loop
+from tests.conftest import require_data
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "contrastive.py"
+_SPEC = importlib.util.spec_from_file_location("contrastive_experiment", _PATH)
+experiment = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(experiment)
+
+
+def tiny_config(method="logit_dp", **dp):
+  c = experiment.get_config(method)
+  c.contrastive.update(representation_dim=16, hidden_dim=16, embedding_dim=8, eval_batch_size=64)
+  c.contrastive.probe.update(datasets="fashion_mnist", train_examples=600, test_examples=300,
+                             steps=50)
+  c.dp.update(expected_batch_size=16, target_epsilon=3.0, **dp)
+  c.perf.update(microbatch_size=16, row_chunk=8)
+  c.schedule.total_steps = 3
+  c.eval.every_steps = 2
+  c.checkpoint.every_steps = 2
+  return c
+
+
+def test_logit_dp_run_spends_what_dp_accounting_says_and_resumes(tmp_path, dataset_cache):
+  require_data()
+  config = tiny_config()
+  results = contrastive_loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  p = results["privacy"]
+  assert results["steps"] == 3 and p["private_steps"] == 3 and p["public_steps"] == 0
+  q = 16 / 60000
+  assert p["sampling_rate"] == pytest.approx(q)
+  assert p["sensitivity"] == contrastive.logit_dp_sensitivity(1.0, 1.0, 60000)
+  accountant = dp_accounting.pld.PLDAccountant()
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(
+      q, dp_accounting.GaussianDpEvent(p["noise_multiplier"])), 3)
+  assert p["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+  assert p["epsilon"] <= 3.0
+  assert 0.1 < results["probe"]["fashion_mnist"]["test_accuracy"] <= 1.0
+  with open(os.path.join(tmp_path, "results.json")) as f:
+    assert json.load(f)["privacy"]["epsilon"] == p["epsilon"]
+  # Rerunning resumes from the final checkpoint: no step is trained or counted twice.
+  again = contrastive_loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  assert again["privacy"]["private_steps"] == 3 and again["privacy"]["epsilon"] == p["epsilon"]
+  assert again["test_contrastive_loss"] == pytest.approx(results["test_contrastive_loss"])
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "random_init"])
+def test_runs_without_dp_say_so(tmp_path, dataset_cache, method):
+  require_data()
+  results = contrastive_loop.train_and_evaluate(tiny_config(method), str(tmp_path),
+                                                show_progress=False)
+  assert results["privacy"]["non_private"] and results["privacy"]["epsilon"] == 0.0
+  assert results["steps"] == (3 if method == "nonprivate" else 0)
+
+
+def test_naive_batches_above_capacity_release_noise_only():
+  sampler = sampling.PoissonSampler(1000, 0.05, microbatch_size=8, seed=0)
+  sizes = [sampler.batch(s).size for s in range(200)]
+  capacity = 56
+  assert max(sizes) > capacity > min(sizes)  # both cases occur
+  for step, size in enumerate(sizes):
+    batch = contrastive_loop.batch_for_step(sampler, step, capacity)
+    assert len(batch.indices) == capacity  # one shape: one compilation
+    if size > capacity:
+      assert not batch.mask.any()
+    else:
+      real = sampler.indices(step)
+      np.testing.assert_array_equal(batch.indices[batch.mask], real)
+  # The sensitivity the trainer uses is the bound at the capacity.
+  config = tiny_config("naive")
+  config.contrastive.max_batch_size = capacity
+  assert contrastive_loop.sensitivity(config, 1000) == (2 * capacity - 1) * 1.0
+
+
+def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
+  config = tiny_config("logit_dp", noise_multiplier=0.7)
+  config.optimizer.update(name="sgd", learning_rate=1.0, momentum=0.0)
+  plan = contrastive_loop.plan_privacy(config, 60000)
+  assert plan.noise_multiplier == 0.7 and plan.sensitivity == pytest.approx(16.58, abs=0.2)
+  zeros = {"w": np.zeros((200, 250), np.float32)}
+  optimizer = contrastive_loop.create_optimizer(config, plan)
+  state = optimizer.init(zeros)
+  first, state = optimizer.update(zeros, state, zeros)
+  second, _ = optimizer.update(zeros, state, zeros)
+  expected = 0.7 * plan.sensitivity / 16  # σ·S divided by the expected batch size; sgd: −lr·g
+  for update in (first, second):
+    assert float(np.std(update["w"])) == pytest.approx(expected, rel=0.02)  # 50k draws: ±0.6%
+  assert not np.allclose(first["w"], second["w"])  # a fresh draw each step
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c.contrastive.update(method="simclr"), "contrastive.method"),
+    (lambda c: c.contrastive.update(temperature=0.0), "temperature"),
+    (lambda c: c.data.update(public_fraction=0.1), "public_fraction"),
+    (lambda c: c.dp.update(clip="automatic"), "clip"),
+    (lambda c: c.dp.update(target_epsilon=None), "target_epsilon"),
+])
+def test_bad_configs_are_refused(change, match):
+  config = tiny_config()
+  change(config)
+  with pytest.raises(ValueError, match=match):
+    contrastive_loop.validate(config)
+
+
+def test_the_encoder_refuses_batchnorm():
+  import flax.linen as nn
+  from dpjax import models
+
+  class WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=False)(x.reshape((x.shape[0], -1)))
+
+  model = models.ProjectedEncoder(WithBatchNorm())
+  with pytest.raises(models.BatchNormInDPModelError):
+    models.assert_dp_compatible(model, example_input=jax.ShapeDtypeStruct((1, 4, 4, 1),
+                                                                          np.float32))
