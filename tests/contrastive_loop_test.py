@@ -117,6 +117,7 @@ def test_bad_configs_are_refused(change, match):
 
 def test_the_encoder_refuses_batchnorm():
   import flax.linen as nn
+
   from dpjax import models
 
   class WithBatchNorm(nn.Module):

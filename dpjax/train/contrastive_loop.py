@@ -37,8 +37,8 @@ from dpjax import config as config_lib
 from dpjax import contrastive, data, models, probe
 from dpjax.data import augment
 from dpjax.privacy import accounting, noise, sampling
-from dpjax.train import checkpoint, metrics, state as state_lib
-from dpjax.train import loop
+from dpjax.train import checkpoint, loop, metrics
+from dpjax.train import state as state_lib
 
 METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
 _AUGMENT_STREAM = 0xA06
@@ -163,7 +163,8 @@ def make_grad_sum(model, config: ml_collections.ConfigDict):
   """(params, views_a, views_b, mask) -> ContrastiveSum for the config's method."""
   c, perf = config.contrastive, config.perf
   embed = lambda params, images: model.apply({"params": params}, images)[0]
-  chunks = dict(row_chunk=perf.get("row_chunk", 8), jacobian_chunk=perf.get("jacobian_chunk") or None)
+  chunks = {"row_chunk": perf.get("row_chunk", 8),
+            "jacobian_chunk": perf.get("jacobian_chunk") or None}
   if c.method == "logit_dp":
     fn = functools.partial(contrastive.logit_dp_grad_sum, pair_clip_norm=config.dp.clip_norm,
                            **chunks)
@@ -228,19 +229,17 @@ def run_probes(model, params, config: ml_collections.ConfigDict) -> dict[str, di
   p = config.contrastive.probe
   features_fn = jax.jit(lambda images: model.apply({"params": params}, images)[1])
   results = {}
+  features = lambda images: probe.extract_features(features_fn, data.to_float(images),
+                                                   batch_size=1000)
   for name in [n.strip() for n in p.datasets.split(",") if n.strip()]:
-    load = lambda split: data.load_dataset(name, split, config.data.dir or None,
-                                           config.data.cache_dir or None,
-                                           verify=config.data.verify)
-    train, test = load("train"), load("test")
-    features = lambda ds, limit: probe.extract_features(
-        features_fn, data.to_float(ds.images[:limit or len(ds)]), batch_size=1000)
-    train_labels = train.labels[:p.train_examples or len(train)]
-    test_labels = test.labels[:p.test_examples or len(test)]
+    train, test = (data.load_dataset(name, split, config.data.dir or None,
+                                     config.data.cache_dir or None, verify=config.data.verify)
+                   for split in ("train", "test"))
+    n_train, n_test = p.train_examples or len(train), p.test_examples or len(test)
     results[name] = probe.linear_probe(
-        features(train, p.train_examples), train_labels, features(test, p.test_examples),
-        test_labels, num_classes=train.num_classes, l2=p.l2, steps=p.steps,
-        learning_rate=p.learning_rate, seed=config.seed)
+        features(train.images[:n_train]), train.labels[:n_train],
+        features(test.images[:n_test]), test.labels[:n_test], num_classes=train.num_classes,
+        l2=p.l2, steps=p.steps, learning_rate=p.learning_rate, seed=config.seed)
   return results
 
 
