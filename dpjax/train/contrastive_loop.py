@@ -177,7 +177,7 @@ def make_grad_sum(model, config: ml_collections.ConfigDict):
 
 def make_train_step(model, config: ml_collections.ConfigDict,
                     optimizer: optax.GradientTransformation):
-  """The jitted step (params, opt_state, images [n, H, W, C] float32, ids [n], mask [n], step)
+  """The jitted step (params, opt_state, images [n, H, W, C] uint8, ids [n], mask [n], step)
   -> (params, opt_state). Compiles once per padded batch size."""
   grad_sum = make_grad_sum(model, config)
   views_kw = augment_kwargs(config)
@@ -185,6 +185,7 @@ def make_train_step(model, config: ml_collections.ConfigDict,
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, images, ids, mask, step_index):
+    images = images.astype(jnp.float32) / 255.0  # uint8 crosses to the device, as data.to_float
     views_a, views_b = augment.two_views(jax.random.fold_in(base_key, step_index), images, ids,
                                          **views_kw)
     summed = grad_sum(params, views_a, views_b, mask)
@@ -212,16 +213,15 @@ def make_eval_loss(model, config: ml_collections.ConfigDict):
 
 def batch_for_step(sampler: sampling.PoissonSampler, step: int, capacity: int | None
                    ) -> sampling.PaddedBatch:
-  """The step's padded Poisson batch. With a capacity (naive method), a batch above it becomes
-  `capacity` masked rows: the step releases noise only, so the sensitivity bound still holds."""
+  """The step's padded Poisson batch. With a capacity (naive method) every batch has the same
+  padded shape, `capacity` rounded up to whole microbatches; a batch of more than `capacity` real
+  examples becomes all padding: the step releases noise only, so the sensitivity bound holds."""
   batch = sampler.batch(step)
   if capacity is None:
     return batch
-  if batch.size > capacity:
-    return sampling.PaddedBatch(np.zeros(capacity, np.int64), np.zeros(capacity, bool),
-                                sampler.microbatch_size)
-  return sampling.pad_to_microbatches(batch.indices[batch.mask], sampler.microbatch_size,
-                                      capacity // sampler.microbatch_size)
+  microbatches = -(-capacity // sampler.microbatch_size)
+  real = batch.indices[batch.mask] if batch.size <= capacity else np.zeros(0, np.int64)
+  return sampling.pad_to_microbatches(real, sampler.microbatch_size, microbatches)
 
 
 def run_probes(model, params, config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
@@ -267,6 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     saved, saved_record = restored
     params, opt_state, start = saved["params"], saved["opt_state"], int(saved["step"])
     ledger = accounting.PrivacyLedger.from_json(saved_record["ledger"])
+    if ledger.private_steps + ledger.public_steps != start:
+      raise checkpoint.CheckpointError(
+          f"The checkpoint's ledger counts {ledger.private_steps + ledger.public_steps} steps but "
+          f"its state is at step {start}; it is inconsistent. Use a new --workdir.")
   total = config.schedule.total_steps if config.contrastive.method != "random_init" else 0
   private = plan.noise_multiplier is not None
   capacity = (max_batch_size(config, plan.expected_batch_size)
@@ -294,8 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         stopped = "budget"
         break
     batch = batch_for_step(sampler, step, capacity)
-    images = data.to_float(train.images[batch.indices])
-    params, opt_state = train_step(params, opt_state, images, batch.indices.astype(np.int32),
+    params, opt_state = train_step(params, opt_state, train.images[batch.indices],
+                                   batch.indices.astype(np.int32),
                                    batch.mask, np.int32(step))
     if private:
       ledger.record_private(plan.sampling_rate, plan.noise_multiplier)
