@@ -2,7 +2,8 @@
 
 Blocks (see experiments/*.py for complete examples):
   data        dataset name, data/cache dirs, public fraction or a separate public dataset,
-              verify (require the official files' checksums; False accepts any well-formed files)
+              verify (require the official files' checksums; False accepts any well-formed files),
+              train_examples (use only the first N of the training split; 0: all)
   model       name plus keyword arguments for `dpjax.models.build_model`
   dp          the privacy mechanism: clip rule and norm, noise multiplier and/or target (ε, δ),
               accountant, expected private batch size, sampler
@@ -22,12 +23,17 @@ Blocks (see experiments/*.py for complete examples):
   optimizer   optax optimizer and learning rate
   schedule    number of steps, learning-rate schedule, public batch size
   eval, checkpoint
+  audit       canaries for privacy audits (dpjax.audit): how many, mislabelled or noise images,
+              their seed, the seed of the coin flips that insert each one, and the part (private
+              or public) they join; 0 canaries (the default) changes nothing
 """
 
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
+
+from dpjax.audit import canaries
 
 # The blocks that decide the training trajectory; a checkpoint must agree with the config on them.
 TRAJECTORY_BLOCKS = ("seed", "data", "model", "dp", "mixing", "finetune", "optimizer",
@@ -38,8 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
   """A complete config with every field; experiments change what they need."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # train_examples: train on the first N examples of the training split only (0: all of it).
   c.data = dict(name="fashion_mnist", dir="", cache_dir="", public_fraction=0.1,
-                public_name="", standardize=False, verify=True)
+                public_name="", standardize=False, verify=True, train_examples=0)
   c.model = dict(name="cnn_tanh")
   c.dp = dict(clip="flat", clip_norm=0.1, stability=0.01,
               noise_multiplier=config_dict.placeholder(float),
@@ -70,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
                     public_batch_size=256)
   c.eval = dict(every_steps=50, batch_size=1000)
   c.checkpoint = dict(every_steps=100, max_to_keep=2)
+  # Canaries (dpjax.audit.canaries): `canaries` examples, each inserted into `insert_into` with
+  # probability 1/2 (coin flips from inclusion_seed); audit the run with `python -m dpjax.audit`.
+  c.audit = dict(canaries=0, kind="mislabel", seed=0, inclusion_seed=0, insert_into="private")
   c.log_every_steps = 10
   return c
 
@@ -125,6 +135,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"perf.microbatch_size must be > 0, got {perf.microbatch_size}.")
   if config.schedule.total_steps <= 0:
     raise ValueError(f"schedule.total_steps must be > 0, got {config.schedule.total_steps}.")
+  if config.data.train_examples < 0:
+    raise ValueError(f"data.train_examples must be >= 0 (0: all), got "
+                     f"{config.data.train_examples}.")
+  canaries.validate(config.audit)
 
 
 def agreement_view(config: ml_collections.ConfigDict) -> dict:
@@ -133,6 +147,10 @@ def agreement_view(config: ml_collections.ConfigDict) -> dict:
 
 
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:
-  """The part of the config that must match for a checkpoint to be resumed."""
+  """The part of the config that must match for a checkpoint to be resumed (the `audit` block
+  only when it inserts canaries, so runs without them match checkpoints from before it)."""
   full = config.to_dict()
-  return {k: full[k] for k in TRAJECTORY_BLOCKS}
+  view = {k: full[k] for k in TRAJECTORY_BLOCKS}
+  if full.get("audit", {}).get("canaries"):
+    view["audit"] = full["audit"]
+  return view

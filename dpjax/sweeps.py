@@ -146,7 +146,8 @@ def write_csv(rows: list[dict], path: str) -> None:
     writer.writerows(rows)
 
 
-def _figure(num_axes: int = 1):
+def figure(num_axes: int = 1):
+  """(Figure, axes [num_axes]) in rows of up to 3, for writing PNGs with fig.savefig."""
   # matplotlib's Figure (not pyplot) writes PNGs with the Agg canvas and leaves the global backend
   # alone; imported here so that expanding and printing commands stays fast.
   from matplotlib.figure import Figure
@@ -164,7 +165,7 @@ def plot_accuracy(rows: list[dict], x_key: str, group_key: str | None, path: str
       groups.setdefault(row.get(group_key) if group_key else None, []).append(row)
   if not groups:
     raise ValueError(f"No finished variant has {x_key!r}; choose one of the swept keys.")
-  fig, (ax,) = _figure()
+  fig, (ax,) = figure()
   for group, members in groups.items():
     members.sort(key=lambda r: r[x_key])
     ax.plot([r[x_key] for r in members], [r["test_accuracy"] for r in members], marker="o",
@@ -199,7 +200,7 @@ def plot_curves(workdir_or_rows: str | list[dict], keys: list[str] | None, path:
   keys = [k for k in (found if keys is None else keys) if k in found]
   if not keys:
     return False
-  fig, axes = _figure(len(keys))
+  fig, axes = figure(len(keys))
   for ax, key in zip(axes, keys):
     values = []
     for variant, records in curves.items():

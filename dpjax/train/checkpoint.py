@@ -92,6 +92,21 @@ class Checkpointer:
           "restart from an earlier checkpoint, or use a new --workdir to start afresh.") from e
     return restored["state"], dict(restored["record"])
 
+  def read_record(self, step: int | None = None) -> dict:
+    """The JSON record (ledger, config, plan, digest) at `step` (default: the latest) without
+    reading the arrays. Raises CheckpointError when there is none or it cannot be read."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"There is no checkpoint in {self.directory}.")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          record=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for unreadable files
+      raise CheckpointError(f"The record of the checkpoint at "
+                            f"{os.path.join(self.directory, str(step))} could not be read "
+                            f"({type(e).__name__}: {e}).") from e
+    return dict(restored["record"])
+
   def _refuse_unreadable_leftovers(self) -> None:
     if os.path.isdir(self.directory) and any(
         name.isdigit() or ".orbax-checkpoint-tmp" in name for name in os.listdir(self.directory)):

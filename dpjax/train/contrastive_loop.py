@@ -72,6 +72,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.public_fraction != 0 or config.data.public_name:
     raise ValueError("Contrastive pre-training treats every training image as private: set "
                      "data.public_fraction=0 and leave data.public_name empty.")
+  if config.audit.canaries:
+    raise ValueError("audit.canaries are labelled examples for supervised training; the "
+                     "contrastive trainer does not insert them. Set audit.canaries=0.")
   if config.dp.clip != "flat":
     raise ValueError(f"Contrastive methods clip pair (Logit-DP) or row (naive) gradients to "
                      f"dp.clip_norm: set dp.clip='flat', not {config.dp.clip!r}.")

@@ -117,6 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if len(parts.public):
     parallel.check_divides(config.schedule.public_batch_size, mesh, "schedule.public_batch_size")
   schedule = state_lib.alpha_schedule(config)
+  check_canaries_train(config, schedule)
   model, params = state_lib.create_model(config, parts.private)
   order = state_lib.module_order(model, params, parts.private)
   params = state_lib.finetune_start(config, params, order)
@@ -126,14 +127,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return run.train(show_progress)
 
 
-def load_trained_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict]:
+def check_canaries_train(config: ml_collections.ConfigDict,
+                         schedule: mixing.AlphaSchedule) -> None:
+  """Refuses canaries inserted into a part that no step of a fixed schedule reads (an audit of
+  them would be vacuous); an automatic schedule decides later and is not checked."""
+  if not config.audit.canaries or isinstance(schedule, mixing.AutoSwitch):
+    return
+  total = config.schedule.total_steps
+  private = mixing.count_private_steps(schedule, total)
+  # A step with α in (0, 1) reads both parts; α = 0 reads no public data, α = 1 no private data.
+  public = sum(mixing.reads_public(schedule(t)) for t in range(total))
+  if config.audit.insert_into == "private" and not private:
+    raise ValueError("audit.insert_into='private' but no step reads private data (α = 1 "
+                     "throughout): the canaries would never be trained on. For a non-private "
+                     "run, set audit.insert_into='public'.")
+  if config.audit.insert_into == "public" and not public:
+    raise ValueError("audit.insert_into='public' but no step reads public data (α = 0 "
+                     "throughout): the canaries would never be trained on. Insert them into the "
+                     "private set (audit.insert_into='private').")
+
+
+def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
+                       parts: data.PublicPrivate | None = None) -> tuple[Any, dict]:
   """(params, record) of `workdir`'s latest checkpoint, laid out on this process's mesh.
 
   The checkpoint may have been written by any number of processes and devices. record holds the
   privacy ledger (JSON), the plan and the step. Raises CheckpointError when there is none, or
-  when it was made with a different config.
+  when it was made with a different config. `parts`: the config's training data, if loaded.
   """
-  parts, _ = state_lib.load_data(config)
+  parts = parts or state_lib.load_data(config)[0]
   model, params = state_lib.create_model(config, parts.private)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   tuning = state_lib.finetuning(config, params,

@@ -12,20 +12,46 @@ import numpy as np
 import optax
 
 from dpjax import data, finetune, mixing, models
+from dpjax.audit import canaries as canaries_lib
 from dpjax.train import checkpoint
 
 
-def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, data.Dataset]:
-  """(public/private training parts, test set). The test set is used for evaluation only."""
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+  """A run's data: the public/private training parts (with any inserted canaries appended to
+  the part `config.audit.insert_into` names), the test set, and the canaries (None without)."""
+  parts: data.PublicPrivate
+  test: data.Dataset
+  canaries: canaries_lib.Canaries | None
+
+
+def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
+  """Loads the config's datasets, keeps the first data.train_examples training examples (all if
+  0), takes out canaries (config.audit) and splits the rest."""
   c = config.data
   load = lambda name, split: data.load_dataset(name, split, c.dir or None, c.cache_dir or None,
                                                verify=c.verify)
   train = load(c.name, "train")
+  if c.train_examples:
+    if c.train_examples > len(train):
+      raise ValueError(f"data.train_examples = {c.train_examples} exceeds the {len(train)} "
+                       f"examples of {c.name}'s training split.")
+    train = train.subset(np.arange(c.train_examples), f"first {c.train_examples}")
+  train, canaries = canaries_lib.take_canaries(train, config.audit)
   if c.public_name:
     parts = data.pair_datasets(load(c.public_name, "train"), train)
   else:
     parts = data.split_dataset(train, c.public_fraction, config.seed)
-  return parts, load(c.name, "test")
+  if canaries is not None:
+    parts = dataclasses.replace(parts, **{canaries.part: canaries_lib.insert(
+        getattr(parts, canaries.part), canaries)})
+  return TrainingData(parts, load(c.name, "test"), canaries)
+
+
+def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, data.Dataset]:
+  """(public/private training parts, test set). The test set is used for evaluation only."""
+  loaded = load_training_data(config)
+  return loaded.parts, loaded.test
 
 
 def alpha_schedule(config: ml_collections.ConfigDict) -> mixing.AlphaSchedule:
