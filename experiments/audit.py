@@ -11,7 +11,8 @@ the non-private model to memorise what it can.
 VARIANT:
   nonprivate  everything public, α = 1: plain training, no DP guarantee (canaries join the
               public set)
-  eps1, eps8  DP-SGD on everything (private set, α = 0) to ε = 1 or 8 at δ = 1e-5 (PLD)
+  epsE        DP-SGD on everything (private set, α = 0) to ε = E at δ = 1e-5 (PLD): eps1 and eps8
+              are the experiment's; larger E (eps50, eps1000) show how the audit grows with ε
 INCLUSION: audit.inclusion_seed (default 0, the audited run); shadow runs for LiRA use 1, 2, ...
   and the same seed offset for training randomness (config.seed), so each is an independent run
   with its own coin flips over the same canaries.
@@ -21,7 +22,6 @@ import ml_collections
 
 from dpjax import config as config_lib
 
-VARIANTS = {"nonprivate": None, "eps1": 1.0, "eps8": 8.0}
 TRAIN_EXAMPLES = 10_000
 CANARIES = 1000
 STEPS = 2000
@@ -30,8 +30,7 @@ BATCH = 256
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, inclusion = (list((arg or "nonprivate").split(",")) + ["0"])[:2]
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+  epsilon = _epsilon(variant)
   inclusion = int(inclusion)
   config = config_lib.default_config()
   config.seed = inclusion
@@ -43,7 +42,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.perf.microbatch_size = 256
   config.eval.every_steps = 500
   config.checkpoint.every_steps = 1000
-  epsilon = VARIANTS[variant]
   # The DP mechanism; the non-private variant has no private step, so it never applies there.
   config.dp.update(clip="flat", clip_norm=1.0, target_epsilon=epsilon or 8.0, delta=1e-5,
                    accountant="pld", expected_batch_size=BATCH)
@@ -56,3 +54,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mixing.update(schedule="switch", switch_step=0)
     config.audit.insert_into = "private"
   return config
+
+
+def _epsilon(variant: str) -> float | None:
+  """None for "nonprivate", E for "epsE"."""
+  if variant == "nonprivate":
+    return None
+  try:
+    epsilon = float(variant.removeprefix("eps")) if variant.startswith("eps") else -1.0
+  except ValueError:
+    epsilon = -1.0
+  if not epsilon > 0:
+    raise ValueError(f"Unknown variant {variant!r}; use nonprivate or epsE with E > 0 (eps1, "
+                     "eps8, ...).")
+  return epsilon

@@ -22,6 +22,12 @@ def _tpr(a: dict, fpr: str) -> str:
   return f"{t['value']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]"
 
 
+def _consistent(report: dict) -> str:
+  if report["accountant"]["epsilon_upper_bound"] is None:
+    return "—"  # no claim to check
+  return "yes" if report["consistent_with_accountant"] else "**NO**"
+
+
 def main(workdir: str) -> None:
   rows = []
   for path in sorted(glob.glob(os.path.join(workdir, "*", "audit", "audit.json"))):
@@ -45,7 +51,7 @@ def main(workdir: str) -> None:
                _tpr(a, "0.001"), _tpr(a, "0.01"),
                f"{a['one_run']['epsilon_lower_bound']:.3f} ({a['one_run']['num_correct']}/"
                f"{a['one_run']['num_guesses']})",
-               ("yes" if report["consistent_with_accountant"] else "**NO**") if first else ""]
+               _consistent(report) if first else ""]
       print("| " + " | ".join(cells) + " |")
   print()
   for name, report, _ in rows:

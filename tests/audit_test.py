@@ -6,6 +6,8 @@ without noise memorises its canaries within seconds on a CPU.
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +76,15 @@ def test_the_audit_catches_the_same_run_without_its_noise(tmp_path, monkeypatch)
   assert not report["consistent_with_accountant"]
   with pytest.raises(audit.PrivacyViolation, match="PRIVACY VIOLATION"):
     audit.check_against_accountant(report)
+  # The command line writes the report, then exits with status 2 and says why.
+  out = tmp_path / "cli"
+  done = subprocess.run([sys.executable, "-m", "dpjax.audit", f"--workdir={tmp_path}",
+                         f"--out={out}", "--population=200", "--bootstrap=20"],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "PRIVACY VIOLATION" in done.stderr
+  assert json.load(open(out / "audit.json"))["consistent_with_accountant"] is False
+  assert (out / "roc.png").exists()
 
 
 def test_an_unfinished_run_is_refused(tmp_path):
