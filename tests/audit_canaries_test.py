@@ -96,6 +96,8 @@ def test_training_data_appends_the_included_canaries_to_the_private_part(dataset
   k = int(loaded.canaries.included.sum())
   assert len(loaded.parts.public) == 490 and len(loaded.parts.private) == 4410 + k
   assert loaded.canaries.source_indices.max() < 5000 and len(loaded.test) == 10000
+  # The sampling rate's N counts the canaries as m/2, whatever the coin flips gave.
+  assert state_lib.accounting_size(loaded) == 4410 + 50
   np.testing.assert_array_equal(loaded.parts.private.labels[-k:],
                                 loaded.canaries.labels[loaded.canaries.included])
   c.data.train_examples = 70000

@@ -48,7 +48,9 @@ def test_a_dp_run_audits_below_its_accountant_epsilon(tmp_path):
   privacy = results["privacy"]
   report = audit.audit_run(str(tmp_path), num_population=500, num_bootstrap=50)
   canaries = report["canaries"]
-  assert privacy["num_private_examples"] == HEAD + canaries["inserted"]
+  # q = B/N with N counting the canaries as m/2, whatever the coin flips gave.
+  assert privacy["num_private_examples"] == HEAD + 100 != HEAD + canaries["inserted"]
+  assert privacy["sampling_rate"] == pytest.approx(128 / (HEAD + 100))
   upper = report["accountant"]["epsilon_upper_bound"]
   assert upper == pytest.approx(min(privacy["epsilon_by_accountant"].values()))
   assert report["epsilon_lower_bound"] <= upper, (

@@ -144,7 +144,7 @@ def audit_run(workdir: str, shadow_workdirs: Sequence[str] = (), confidence: flo
                     nonmembers_from="test", **metrics(member, nonmember))
   report = dict(workdir=os.path.abspath(workdir),
                 shadow_workdirs=[os.path.abspath(w) for w in shadow_workdirs],
-                accountant=_accountant_summary(privacy), confidence=confidence,
+                accountant=_accountant_summary(privacy, target.canaries), confidence=confidence,
                 population=population, canaries=None, epsilon_lower_bound=None,
                 curves=dict(population=roc.roc_curve(member, nonmember)))
   if target.canaries is None:
@@ -210,15 +210,20 @@ def _check_same_canaries(target: RunOutputs, shadow: RunOutputs) -> None:
                      "(same audit.inclusion_seed?); a shadow must flip its own coins.")
 
 
-def _accountant_summary(privacy: dict) -> dict[str, Any]:
-  """The accountant's ε (the smallest over accountants: each is a valid upper bound) or None."""
+def _accountant_summary(privacy: dict, canaries: canaries_lib.Canaries | None
+                        ) -> dict[str, Any]:
+  """The accountant's claim: epsilon_upper_bound is the smallest ε over its accountants (each
+  is a valid upper bound), or None when the run claims nothing about the audited examples (a
+  non-private run, or canaries in the public set, which no DP guarantee covers)."""
   non_private = privacy.get("non_private") or privacy.get("noise_multiplier") is None
   valid = [e for e in privacy.get("epsilon_by_accountant", {}).values()
            if e is not None and math.isfinite(e)]
-  upper = None if non_private or not valid else min(valid)
+  covered = canaries is None or canaries.part == "private"
+  upper = None if non_private or not valid or not covered else min(valid)
   return dict(epsilon=privacy["epsilon"], delta=privacy["delta"],
               accountant=privacy["accountant"], epsilon_upper_bound=upper,
-              non_private=bool(non_private), private_steps=privacy["private_steps"],
+              non_private=bool(non_private), canaries_covered_by_claim=covered,
+              private_steps=privacy["private_steps"],
               noise_multiplier=privacy["noise_multiplier"])
 
 

@@ -113,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   parallel.check_same_config(config_lib.agreement_view(config))
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
-  parts, test = state_lib.load_data(config)
+  loaded = state_lib.load_training_data(config)
+  parts, test = loaded.parts, loaded.test
   if len(parts.public):
     parallel.check_divides(config.schedule.public_batch_size, mesh, "schedule.public_batch_size")
   schedule = state_lib.alpha_schedule(config)
@@ -123,7 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   params = state_lib.finetune_start(config, params, order)
   tuning = state_lib.finetuning(config, params, order)
   rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
-  run = _Run(config, workdir, parts, test, schedule, model, rule, mesh, params, tuning)
+  run = _Run(config, workdir, parts, test, schedule, model, rule, mesh, params, tuning,
+             state_lib.accounting_size(loaded))
   return run.train(show_progress)
 
 
@@ -184,8 +186,10 @@ def _state(params, opt_state, step, mesh):
 class _Run:
   """One training run's pieces and its loop (host control flow; device work in `step`)."""
 
-  def __init__(self, config, workdir, parts, test, schedule, model, rule, mesh, params, tuning):
+  def __init__(self, config, workdir, parts, test, schedule, model, rule, mesh, params, tuning,
+               accounting_size):
     self.config, self.workdir, self.parts, self.schedule = config, workdir, parts, schedule
+    self.accounting_size = accounting_size  # N of q = B/N (state.accounting_size)
     self.rule, self.tuning = rule, tuning
     self.optimizer = state_lib.create_training_optimizer(config, tuning)
     self.masked = tuning.masked
@@ -225,7 +229,7 @@ class _Run:
 
   def _set_plan(self):
     """(Re)plans privacy from the schedule as far as it is decided; builds the mechanism."""
-    self.plan = plan_privacy(self.config, len(self.parts.private), self.schedule,
+    self.plan = plan_privacy(self.config, self.accounting_size, self.schedule,
                              self.rule.sensitivity)
     self.noise_tx = None  # a run without private steps has no Gaussian mechanism at all
     if self.plan.noise_multiplier is not None:
@@ -250,7 +254,7 @@ class _Run:
                                                   labels)["test_loss"]
     return monitor_lib.PublicMonitor(self.config, self.public_train, heldout,
                                      step_lib.make_example_loss(model), self.rule,
-                                     self.preprocess, heldout_loss, len(self.parts.private))
+                                     self.preprocess, heldout_loss, self.accounting_size)
 
   # ---------------------------------------------------------------------------------------------
   def train(self, show_progress: bool) -> dict[str, Any]:

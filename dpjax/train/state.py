@@ -48,6 +48,21 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   return TrainingData(parts, load(c.name, "test"), canaries)
 
 
+def accounting_size(loaded: TrainingData) -> int:
+  """The private set size N that the sampling rate q = expected_batch_size / N is computed from.
+
+  Its real size, except that canaries inserted into it count as ⌊m/2⌋, their expected number:
+  then q (and the noise calibrated from it) does not depend on the canaries' coin flips, so
+  adding or removing a canary changes the data and nothing else, as the DP analysis (and the
+  one-run audit's theorem) assume.
+  """
+  size = len(loaded.parts.private)
+  c = loaded.canaries
+  if c is not None and c.part == "private":
+    size += len(c) // 2 - int(c.included.sum())
+  return size
+
+
 def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, data.Dataset]:
   """(public/private training parts, test set). The test set is used for evaluation only."""
   loaded = load_training_data(config)
