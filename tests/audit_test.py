@@ -4,15 +4,18 @@ The runs train on the first 2000 examples of Fashion-MNIST (data.train_examples)
 without noise memorises its canaries within seconds on a CPU.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dpjax import config as config_lib
 from dpjax.audit import audit
+from dpjax.audit import canaries as canaries_lib
 from dpjax.privacy import noise
 from dpjax.train import loop
 from tests.conftest import require_data
@@ -92,3 +95,55 @@ def test_the_audit_catches_the_same_run_without_its_noise(tmp_path, monkeypatch)
 def test_an_unfinished_run_is_refused(tmp_path):
   with pytest.raises(audit.AuditError, match="results.json"):
     audit.audit_run(str(tmp_path / "nothing"))
+
+
+def _fake_run(name, included, difficulty, rng, gap=3.0, privacy=None):
+  """RunOutputs whose canary-label logit is difficulty + gap·inserted + noise (no training)."""
+  m, k = len(included), 10
+  canaries = canaries_lib.Canaries(np.zeros((m, 2, 2, 1), np.uint8), np.zeros(m, np.int32),
+                                   np.full(m, -1), included, "noise", "private")
+  logits = rng.normal(0, 0.3, (m, k))
+  logits[:, 0] += difficulty + gap * included
+  population = lambda: (rng.normal(size=(300, k)), rng.integers(0, k, 300))
+  privacy = privacy or dict(epsilon=8.0, delta=1e-5, accountant="pld", noise_multiplier=1.0,
+                            private_steps=10, non_private=False,
+                            epsilon_by_accountant=dict(pld=8.0, rdp=9.0))
+  return audit.RunOutputs(name, None, dict(privacy=privacy), canaries, logits,
+                          *population(), *population(), "private")
+
+
+def test_lira_with_shadow_runs_and_shadows_that_cannot_calibrate(monkeypatch):
+  rng = np.random.default_rng(0)
+  m = 400
+  difficulty = rng.normal(0, 4, m)
+  flips = {f"run{i}": rng.random(m) < 0.5 for i in range(5)}
+  flips["copy"] = flips["run0"]
+  runs = {name: _fake_run(name, f, difficulty, rng) for name, f in flips.items()}
+  monkeypatch.setattr(audit, "run_outputs", lambda workdir, *args, **kwargs: runs[workdir])
+  report = audit.audit_run("run0", ["run1", "run2", "run3", "run4"], num_bootstrap=20)
+  attacks = report["canaries"]["attacks"]
+  assert set(attacks) == {"loss_threshold", "lira_online", "lira_offline"}
+  # Per-canary difficulty hides membership from a global threshold; the shadows calibrate it.
+  assert attacks["loss_threshold"]["auc"] < 0.8 < attacks["lira_online"]["auc"]
+  assert report["epsilon_lower_bound"] == attacks["lira_online"]["one_run"][
+      "epsilon_lower_bound"] > 1.0
+  assert report["bound"]["attack"] in ("lira_online", "lira_offline")
+  with pytest.raises(audit.AuditError, match="coins"):
+    audit.audit_run("run0", ["run1", "copy"], num_bootstrap=20)
+  other = runs["run1"]
+  runs["other"] = dataclasses.replace(other, canaries=dataclasses.replace(
+      other.canaries, labels=other.canaries.labels + 1))
+  with pytest.raises(audit.AuditError, match="does not have the target's canaries"):
+    audit.audit_run("run0", ["other"], num_bootstrap=20)
+
+
+def test_canaries_in_the_public_set_are_not_held_against_the_private_claim(monkeypatch):
+  rng = np.random.default_rng(1)
+  included = rng.random(200) < 0.5
+  run = _fake_run("public", included, np.zeros(200), rng, gap=10.0)
+  run = dataclasses.replace(run, canaries=dataclasses.replace(run.canaries, part="public"))
+  monkeypatch.setattr(audit, "run_outputs", lambda *args, **kwargs: run)
+  report = audit.audit_run("public", num_bootstrap=20)
+  assert report["epsilon_lower_bound"] > 2.0  # public canaries leak freely ...
+  assert report["accountant"]["epsilon_upper_bound"] is None  # ... and no claim covers them
+  audit.check_against_accountant(report)
