@@ -39,7 +39,7 @@ def _config(noise_multiplier=8.0):
   c.optimizer.update(name="adam", learning_rate=5e-3)
   c.schedule.update(total_steps=250, public_batch_size=128)
   c.audit.update(canaries=200, kind="noise")
-  c.perf.microbatch_size = 128
+  c.perf.microbatch_size = 64  # Poisson batches of ~128 fill 2-3 microbatches, little padding
   c.eval.update(every_steps=10_000, batch_size=1000)
   c.checkpoint.every_steps = 10_000
   c.mesh.data = 1

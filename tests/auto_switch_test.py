@@ -24,17 +24,18 @@ def auto_config(**blocks):
 
 
 def _with_scrambled_private_data(monkeypatch):
-  original = state_lib.load_data
+  original = state_lib.load_training_data
 
   def load(config):
-    parts, test = original(config)
+    loaded = original(config)
     rng = np.random.default_rng(123)
+    parts = loaded.parts
     private = dataclasses.replace(
         parts.private, images=rng.integers(0, 256, parts.private.images.shape, np.uint8),
         labels=rng.permutation(parts.private.labels))
-    return data.PublicPrivate(parts.public, private), test
+    return dataclasses.replace(loaded, parts=data.PublicPrivate(parts.public, private))
 
-  monkeypatch.setattr(state_lib, "load_data", load)
+  monkeypatch.setattr(state_lib, "load_training_data", load)
 
 
 def _curvature_records(workdir):

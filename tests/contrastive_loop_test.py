@@ -107,6 +107,7 @@ def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
     (lambda c: c.data.update(public_fraction=0.1), "public_fraction"),
     (lambda c: c.dp.update(clip="automatic"), "clip"),
     (lambda c: c.dp.update(target_epsilon=None), "target_epsilon"),
+    (lambda c: c.audit.update(canaries=10), "audit.canaries"),
 ])
 def test_bad_configs_are_refused(change, match):
   config = tiny_config()
