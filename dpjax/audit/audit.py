@@ -153,7 +153,7 @@ def audit_run(workdir: str, shadow_workdirs: Sequence[str] = (), confidence: flo
                        "have nothing to calibrate.")
     report["consistent_with_accountant"] = True
     return report
-  scores = _canary_scores(target, shadow_workdirs, num_population, seed)
+  scores = _canary_scores(target, shadow_workdirs, seed)
   included = target.canaries.included
   per_attack = 1.0 - (1.0 - confidence) / len(scores)  # Bonferroni over the attacks
   canary_attacks = {}
@@ -177,8 +177,8 @@ def audit_run(workdir: str, shadow_workdirs: Sequence[str] = (), confidence: flo
   return report
 
 
-def _canary_scores(target: RunOutputs, shadow_workdirs: Sequence[str], num_population: int,
-                   seed: int) -> dict[str, np.ndarray]:
+def _canary_scores(target: RunOutputs, shadow_workdirs: Sequence[str], seed: int
+                   ) -> dict[str, np.ndarray]:
   """Each canary attack's scores [m]: loss threshold, plus LiRA with shadow runs."""
   c = target.canaries
   scores = dict(loss_threshold=attacks.loss_threshold_scores(
