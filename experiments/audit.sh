@@ -24,11 +24,17 @@ for v in $VARIANTS; do
   done
 done
 printf '%s\n' "${jobs[@]}" | xargs -P "${JOBS:-1}" -I{} bash -c {}
+pids=()
 for v in $VARIANTS; do
   shadows=$(seq -s, -f "$W/${v}_shadow%g" 1 "$SHADOWS")
   cmd="$PY -m dpjax.audit --workdir=$W/$v ${shadows:+--shadow_workdirs=$shadows}"
   echo "$cmd" > "$W/$v.audit.cmd"
   $cmd > "$W/$v.audit.log" 2>&1 &
+  pids+=("$!:$v")
 done
-wait
+failed=0
+for p in "${pids[@]}"; do  # status 2: the audit exceeded the accountant's epsilon
+  wait "${p%%:*}" || { echo "audit of ${p#*:} failed: see $W/${p#*:}.audit.log" >&2; failed=1; }
+done
 $PY experiments/audit_table.py "$W"
+exit $failed

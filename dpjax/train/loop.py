@@ -135,10 +135,10 @@ def check_canaries_train(config: ml_collections.ConfigDict,
   them would be vacuous); an automatic schedule decides later and is not checked."""
   if not config.audit.canaries or isinstance(schedule, mixing.AutoSwitch):
     return
-  total = config.schedule.total_steps
-  private = mixing.count_private_steps(schedule, total)
   # A step with α in (0, 1) reads both parts; α = 0 reads no public data, α = 1 no private data.
-  public = sum(mixing.reads_public(schedule(t)) for t in range(total))
+  alphas = [schedule(t) for t in range(config.schedule.total_steps)]
+  private = any(mixing.reads_private(a) for a in alphas)
+  public = any(mixing.reads_public(a) for a in alphas)
   if config.audit.insert_into == "private" and not private:
     raise ValueError("audit.insert_into='private' but no step reads private data (α = 1 "
                      "throughout): the canaries would never be trained on. For a non-private "
@@ -157,7 +157,8 @@ def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
   privacy ledger (JSON), the plan and the step. Raises CheckpointError when there is none, or
   when it was made with a different config. `parts`: the config's training data, if loaded.
   """
-  parts = parts or state_lib.load_data(config)[0]
+  if parts is None:
+    parts = state_lib.load_data(config)[0]
   model, params = state_lib.create_model(config, parts.private)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   tuning = state_lib.finetuning(config, params,
