@@ -46,11 +46,14 @@ class Steps:
   """The DP and non-DP steps of one model on one mesh, with their random data and state."""
 
   def __init__(self, model_key: str, mesh, microbatch: int, microbatches: int, dtype: str,
-               clip: str = "flat", attention: str | None = None, method: str = "vmap"):
+               clip: str = "flat", attention: str | None = None, method: str = "vmap",
+               scan_blocks: bool = False):
     kwargs, shape, classes = MODELS[model_key]
     kwargs = dict(kwargs)
     if attention:
       kwargs["attention"] = attention
+    if scan_blocks:
+      kwargs["scan_blocks"] = True
     model = models.build_model(kwargs.pop("name"), num_classes=classes, input_shape=shape,
                                **kwargs)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1,) + shape, np.float32))
@@ -79,6 +82,7 @@ class Steps:
           image=rng.standard_normal((n,) + shape).astype(np.float32),
           label=rng.integers(0, classes, n).astype(np.int32)), n)
 
+    self.params, self.batch_losses, self.rule = params, batch_losses, rule
     self.microbatches = [rows(microbatch) for _ in range(microbatches)]
     self.mask = parallel.global_batch(mesh, np.ones(microbatch, bool), microbatch)
     self.public = rows(self.batch)
@@ -92,6 +96,31 @@ class Steps:
   def non_dp(self, params, opt_state):
     grad, _ = self.public_grad(params, self.public)
     return self.apply(params, opt_state, grad, None, np.float32(1.0))
+
+  def pieces(self) -> dict[str, Callable[[], Any]]:
+    """The parts of the two steps, each alone on the first microbatch: the non-DP gradient, the
+    DP accumulate (per-example norms, clipping, clipped sum) and, for ghost, its norms only."""
+    params = self.state[0]
+    found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
+             "accumulate": lambda: self.accumulate(self.zero_sum(params), params,
+                                                   self.microbatches[0], self.mask)}
+    if self.batch_losses is not None:
+      from dpjax.privacy import ghost
+      norms = jax.jit(lambda p, b: ghost.ghost_sq_norms(self.batch_losses, p, b))
+      found["ghost_norms"] = lambda: norms(params, self.microbatches[0])
+    return found
+
+  def time_pieces(self, repeats: int) -> dict[str, float]:
+    """Median ms of each of `pieces()` (compiled first, `repeats` calls timed together)."""
+    times = {}
+    for name, piece in self.pieces().items():
+      jax.block_until_ready(piece())
+      start = time.perf_counter()
+      for _ in range(repeats):
+        out = piece()
+      jax.block_until_ready(out)
+      times[f"{name}_ms"] = 1e3 * (time.perf_counter() - start) / repeats
+    return times
 
   def measure(self, name: str, windows: int, steps: int) -> dict[str, float]:
     """Compile time and median examples/s of `name` ('dp' or 'non_dp')."""

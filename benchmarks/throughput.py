@@ -36,16 +36,18 @@ def run_one(args: argparse.Namespace) -> dict:
 
   mesh = parallel.make_mesh(1, 1)
   steps = harness.Steps(args.model, mesh, args.microbatch, args.microbatches, args.dtype,
-                        args.clip, args.attention or None, args.per_example)
+                        args.clip, args.attention or None, args.per_example, bool(args.scan))
   result = dict(model=args.model, clip=args.clip, dtype=args.dtype, microbatch=args.microbatch,
                 microbatches=args.microbatches, batch=steps.batch, attention=args.attention,
-                per_example=args.per_example, num_params=steps.num_params)
+                scan=args.scan, per_example=args.per_example, num_params=steps.num_params)
   # Non-DP first: the allocator's peak after it is the non-DP step's; after the DP step, the
   # overall peak is the DP step's whenever that is the larger (peaks only grow).
   result.update(steps.measure("non_dp", args.windows, args.steps),
                 non_dp_peak_memory_mb=harness.peak_memory_mb(mesh))
   result.update(steps.measure("dp", args.windows, args.steps))
   result["dp_over_non_dp"] = result["dp_examples_per_s"] / result["non_dp_examples_per_s"]
+  if args.breakdown:
+    result["pieces"] = steps.time_pieces(args.steps)
   result.update(harness.device_facts(), peak_memory_mb=harness.peak_memory_mb(mesh))
   return result
 
@@ -60,9 +62,12 @@ def configurations(args: argparse.Namespace) -> list[dict]:
   rows = []
   for (model, microbatch, k), clip, dtype, method in itertools.product(
       suite, args.clips.split(","), args.dtypes.split(","), args.methods.split(",")):
-    attentions = args.attentions.split(",") if model.startswith("vit") else [""]
+    vit = model.startswith("vit")
+    attentions = args.attentions.split(",") if vit else [""]
+    scans = [int(v) for v in args.scans.split(",")] if vit else [0]
     rows += [dict(model=model, microbatch=microbatch, microbatches=k, clip=clip, dtype=dtype,
-                  attention=a, per_example=method) for a in attentions]
+                  attention=a, scan=scan, per_example=method)
+             for a, scan in itertools.product(attentions, scans)]
   return rows
 
 
@@ -76,13 +81,18 @@ def main() -> None:
   parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
   parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum")
   parser.add_argument("--methods", default="vmap", help="per-example method: vmap,ghost")
+  parser.add_argument("--scans", default="0",
+                      help="ViT blocks: 0 (one per layer), 1 (nn.scan), or 0,1 for both")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the non-DP gradient, the DP accumulate and ghost's norms "
+                           "alone on one microbatch")
   parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--out", default="")
   # one configuration, internal
   for name in ("model", "clip", "dtype", "attention", "per_example"):
     parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
-  for name in ("microbatch", "microbatches"):
+  for name in ("microbatch", "microbatches", "scan"):
     parser.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.model:
@@ -93,7 +103,8 @@ def main() -> None:
   rows = []
   for config in configurations(args):
     flags = [f"--{k}={v}" for k, v in config.items()] + [
-        f"--steps={args.steps}", f"--windows={args.windows}"]
+        f"--steps={args.steps}", f"--windows={args.windows}"] + (
+        ["--breakdown"] if args.breakdown else [])
     done = subprocess.run([sys.executable, "-m", "benchmarks.throughput"] + flags,
                           capture_output=True, text=True)
     if done.returncode:
@@ -115,12 +126,13 @@ def write(path: str, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| model | clip | per-example | dtype | attention | microbatch × k | non-DP ex/s | "
-           "DP ex/s | DP ÷ non-DP | DP compile s | non-DP peak MB | peak MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | clip | per-example | dtype | attention | scan | microbatch × k | "
+           "non-DP ex/s | DP ex/s | DP ÷ non-DP | DP compile s | non-DP peak MB | peak MB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     head = (f"| {r['model']} | {r['clip']} | {r['per_example']} | {r['dtype']} | "
-            f"{r.get('attention') or '-'} | {r['microbatch']} × {r['microbatches']} |")
+            f"{r.get('attention') or '-'} | {'yes' if r.get('scan') else 'no'} | "
+            f"{r['microbatch']} × {r['microbatches']} |")
     if "failed" in r:
       lines.append(head + f" failed: {r['failed']} ||||||")
       continue

@@ -12,11 +12,7 @@ from dpjax.privacy import clipping, ghost
 from tests import toy_models
 
 
-def batch_losses_of(model):
-  def losses(params, batch):
-    logits = model.apply({"params": params}, batch["image"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  return losses
+batch_losses_of = toy_models.batch_losses
 
 
 def vmap_sq_norms(batch_losses, params, batch, trainable=None):
@@ -57,15 +53,30 @@ class Conv1D(nn.Module):
     return nn.Dense(3)(jnp.tanh(x).reshape((x.shape[0], -1)))
 
 
-def _vit():
+def _vit(scan_blocks=False):
   return models.build_model("vit", num_classes=3, variant="Ti", patch_size=4, image_size=8,
                             depth=2, width=16, num_heads=2, mlp_dim=32,
-                            input_shape=toy_models.IMAGE_SHAPE)
+                            input_shape=toy_models.IMAGE_SHAPE, scan_blocks=scan_blocks)
+
+
+class ScanWithoutGhostAxes(nn.Module):
+  """Dense blocks under nn.scan that stacks only params: ghost's variables cannot follow."""
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(h.shape[-1])(h)), None
+    h = x.reshape((x.shape[0], 4, -1))
+    h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)()(
+        h, None)
+    return nn.Dense(3)(h.mean(axis=1))
 
 
 MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_models.MODELS["conv"],
           "attention": lambda: toy_models.MODELS["attention"], "strided_conv": StridedConv,
           "shared_dense": SharedDense, "vit": _vit, "conv1d": Conv1D,
+          "vit_scan": lambda: _vit(scan_blocks=True),
           "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
                                             num_groups=4, input_shape=toy_models.IMAGE_SHAPE)}
 
@@ -129,9 +140,11 @@ def test_layers_ghost_cannot_handle_fail_loudly_when_asked():
     ghost.ghost_sq_norms(batch_losses_of(model), params, toy_models.batch(2), fallback="error")
 
 
-def test_the_vit_needs_no_fallback():
-  """Its class token and position embedding come from TokenEmbedding.ghost_grads."""
-  model = _vit()
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_the_vit_needs_no_fallback(scan_blocks):
+  """Its class token and position embedding come from TokenEmbedding.ghost_grads; its scanned
+  blocks' layers are read slice by slice."""
+  model = _vit(scan_blocks)
   params = toy_models.init(model)
   losses = batch_losses_of(model)
   batch = toy_models.batch(4, seed=6)
@@ -170,13 +183,16 @@ def test_a_subclass_of_a_supported_layer_is_not_trusted():
     def __call__(self, x):
       return ScaledDense(3)(x.reshape((x.shape[0], -1)))
 
-  model = Net()
+  assert_fallback_is_right_or_refused(Net(), toy_models.batch(4, seed=1), "ScaledDense_0")
+
+
+def assert_fallback_is_right_or_refused(model, batch, unsupported):
+  """Leaves ghost cannot read get vmap norms (right), or fallback='error' names them."""
   params = toy_models.init(model)
   losses = batch_losses_of(model)
-  batch = toy_models.batch(4, seed=1)
   np.testing.assert_allclose(np.sqrt(ghost.ghost_sq_norms(losses, params, batch)),
                              np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
-  with pytest.raises(ghost.GhostUnsupportedError, match="ScaledDense_0"):
+  with pytest.raises(ghost.GhostUnsupportedError, match=unsupported):
     ghost.ghost_sq_norms(losses, params, batch, fallback="error")
 
 
@@ -188,12 +204,31 @@ def test_per_layer_clipping_is_refused():
                            clipping.per_layer_clip(params, 1.0))
 
 
-def test_a_loss_hiding_its_layers_in_remat_is_refused_not_miscounted():
+def test_a_loss_under_remat_gets_the_same_norms():
+  """Probes and inputs are flax variables, so they pass through jax.checkpoint."""
   model = toy_models.MODELS["conv"]
   params = toy_models.init(model)
-  losses = jax.checkpoint(batch_losses_of(model))
-  with pytest.raises(ghost.GhostUnsupportedError, match="remat"):
-    jax.jit(lambda p: ghost.ghost_sq_norms(losses, p, toy_models.batch(4)))(params)
+  batch = toy_models.batch(4)
+  plain = batch_losses_of(model)
+  got = jax.jit(lambda p: ghost.ghost_sq_norms(jax.checkpoint(plain), p, batch))(params)
+  np.testing.assert_allclose(np.sqrt(got), np.sqrt(vmap_sq_norms(plain, params, batch)),
+                             rtol=1e-5)
+
+
+def test_a_scan_that_does_not_stack_ghost_variables_goes_to_the_fallback():
+  """flax drops the undeclared collections inside the scan: its layers are never read, so their
+  params are per-example-differentiated by the fallback (or refused), never left out."""
+  assert_fallback_is_right_or_refused(ScanWithoutGhostAxes(), toy_models.batch(3),
+                                      "ScanBlock_0/Dense_0/kernel")
+
+
+def test_a_loss_that_does_not_pass_ghost_variables_is_refused():
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  plain = batch_losses_of(model)
+  losses = lambda p, b, ghost_variables=None: plain(p, b)
+  with pytest.raises(ghost.GhostUnsupportedError, match="apply_model"):
+    ghost.ghost_sq_norms(losses, params, toy_models.batch(2))
 
 
 class TokenMLP(nn.Module):

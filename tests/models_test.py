@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from dpjax import models
-from dpjax.models import registry
+from dpjax.models import registry, vit
 
 NUM_CLASSES = 10
 BATCH = 3
@@ -380,3 +380,19 @@ def test_vit_fused_and_einsum_attention_agree():
   with pytest.raises(ValueError, match="attention 'flash' is unknown"):
     models.build_model("vit", num_classes=5, variant="Ti", patch_size=8, image_size=32,
                        attention="flash")
+
+
+def test_a_scanned_vit_computes_the_same_function():
+  """scan_blocks=True stacks the blocks' params; with stack_blocks' params the logits agree."""
+  sizes = dict(variant="Ti", patch_size=4, image_size=8, depth=3, width=16, num_heads=2,
+               mlp_dim=32)
+  plain = models.build_model("vit", num_classes=5, **sizes)
+  scanned = models.build_model("vit", num_classes=5, scan_blocks=True, **sizes)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+  params = plain.init(jax.random.PRNGKey(0), images)["params"]
+  stacked = vit.stack_blocks(params, depth=3)
+  shapes = jax.tree_util.tree_map(jnp.shape, scanned.init(jax.random.PRNGKey(0), images)["params"])
+  assert jax.tree_util.tree_map(jnp.shape, stacked) == shapes
+  assert shapes["blocks"]["mlp_in"]["kernel"] == (3, 16, 32)
+  np.testing.assert_allclose(scanned.apply({"params": stacked}, images),
+                             plain.apply({"params": params}, images), rtol=1e-5, atol=1e-6)

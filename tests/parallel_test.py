@@ -40,9 +40,7 @@ class _make_dp_step:
     self.zero_sum = step_lib.make_zero_sum(rule, layout)
     batch_losses = None
     if ghost:
-      def batch_losses(p, batch):
-        logits = model.apply({"params": p}, batch["image"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+      batch_losses = toy_models.batch_losses(model)
     self.accumulate = step_lib.make_accumulate(loss, rule, layout=layout,
                                                batch_losses=batch_losses)
     self.total = step_lib.make_total(layout)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dpjax.privacy import ghost
+
 
 class Dense(nn.Module):
   @nn.compact
@@ -43,6 +45,16 @@ def per_example_loss(model):
     logits = model.apply({"params": params}, example["image"][None])
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"][None])[0]
   return loss
+
+
+def batch_losses(model):
+  """losses(params, batch[, ghost_variables]) -> [m] (or with the mutated ghost variables)."""
+  def losses(params, batch, ghost_variables=None):
+    found = ghost.apply_model(model, params, batch["image"], ghost_variables)
+    logits, mutated = found if ghost_variables is not None else (found, None)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return losses if ghost_variables is None else (losses, mutated)
+  return losses
 
 
 def batch(n, seed=0, scale=1.0):

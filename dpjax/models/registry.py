@@ -13,7 +13,9 @@ image, used for the BatchNorm check and where the architecture depends on it):
   vit               ViT; variant="Ti" ("Ti", "S", "B"), patch_size=16, image_size (default
                     input_shape[0], else 224), overrides of width / depth / num_heads / mlp_dim.
                     input_shape defaults to (image_size, image_size, 3); attention="fused"
-                    (jax.nn.dot_product_attention) or "einsum" (flax's written-out softmax).
+                    (jax.nn.dot_product_attention) or "einsum" (flax's written-out softmax);
+                    scan_blocks=True runs the blocks as one nn.scan (compiles once, not depth
+                    times; params["blocks"] stacked along a leading depth axis).
 """
 
 from collections.abc import Callable
@@ -71,13 +73,15 @@ def _build_wrn_16_4(
 
 def _build_vit(
     num_classes: int, variant: str = "Ti", patch_size: int = 16, image_size: int | None = None,
-    input_shape: InputShape | None = None, attention: str = "fused", **overrides: int,
+    input_shape: InputShape | None = None, attention: str = "fused", scan_blocks: bool = False,
+    **overrides: int,
 ) -> tuple[nn.Module, InputShape]:
   if image_size is None:
     image_size = 224 if input_shape is None else input_shape[0]
   config = vit.vit_config(variant, patch_size=patch_size, image_size=image_size, **overrides)
   input_shape = (image_size, image_size, 3) if input_shape is None else tuple(input_shape)
-  return vit.ViT(num_classes=num_classes, attention=attention, **config), input_shape
+  return vit.ViT(num_classes=num_classes, attention=attention, scan_blocks=scan_blocks,
+                 **config), input_shape
 
 
 _BUILDERS: dict[str, Builder] = {

@@ -91,6 +91,14 @@ class EncoderBlock(nn.Module):
     return tokens + nn.Dense(width, name="mlp_out")(hidden)
 
 
+class ScannedBlock(EncoderBlock):
+  """An EncoderBlock in nn.scan's (carry, input) -> (carry, output) form: tokens are the carry."""
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, unused: None) -> tuple[jax.Array, None]:
+    return super().__call__(tokens), None
+
+
 class TokenEmbedding(nn.Module):
   """Prepends a learned class token and adds learned position embeddings:
   patches [batch, n, width] -> tokens [batch, n + 1, width]."""
@@ -118,7 +126,8 @@ class ViT(nn.Module):
   Maps images [batch, image_size, image_size, channels] (float32) to logits [batch, num_classes]:
   patches [batch, (image_size/patch_size)**2, width] -> prepend class token -> add position
   embedding -> depth EncoderBlocks -> LayerNorm -> Dense head on the class token.
-  Build the size arguments with `vit_config`.
+  Build the size arguments with `vit_config`. With scan_blocks the params of the blocks are
+  params["blocks"] stacked along a leading depth axis (`stack_blocks` converts).
   """
 
   num_classes: int
@@ -129,6 +138,10 @@ class ViT(nn.Module):
   num_heads: int = 3
   mlp_dim: int = 768
   attention: str = "fused"  # or "einsum"; see ATTENTION_FNS
+  # scan_blocks: the blocks as one nn.scan over a stack of their params (params["blocks"], each
+  # leaf [depth, ...]): the same function, compiled once for all blocks instead of depth times.
+  # Every variable collection stacks along the scanned axis (ghost clipping's included).
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -137,8 +150,13 @@ class ViT(nn.Module):
     x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="patch_embedding")(images)
     x = x.reshape((x.shape[0], -1, self.width))  # [batch, num_patches, width]
     x = TokenEmbedding(name="embedding")(x)
-    for index in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.attention, name=f"block{index}")(x)
+    if self.scan_blocks:
+      blocks = nn.scan(ScannedBlock, variable_axes={True: 0}, split_rngs={"params": True},
+                       length=self.depth)
+      x, _ = blocks(self.num_heads, self.mlp_dim, self.attention, name="blocks")(x, None)
+    else:
+      for index in range(self.depth):
+        x = EncoderBlock(self.num_heads, self.mlp_dim, self.attention, name=f"block{index}")(x)
     x = nn.LayerNorm(name="final_norm")(x)
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
@@ -151,3 +169,11 @@ class ViT(nn.Module):
       raise ValueError(
           f"This ViT takes images [batch, {self.image_size}, {self.image_size}, channels], got "
           f"shape {tuple(shape)}; build it with image_size matching the data.")
+
+
+def stack_blocks(params: dict, depth: int) -> dict:
+  """The params of a ViT with separate blocks (block0 … block{depth-1}) as those of the same ViT
+  with scan_blocks=True (params["blocks"], leaves stacked along a leading depth axis)."""
+  blocks = [params[f"block{index}"] for index in range(depth)]
+  rest = {name: value for name, value in params.items() if not name.startswith("block")}
+  return {**rest, "blocks": jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *blocks)}

@@ -2,27 +2,35 @@
 
 One microbatch of m examples costs one batched forward and backward pass, as non-private
 training does (book-keeping, Bu et al. 2023):
-  1. a forward pass in which every supported layer's output gets a zero "probe" added; the
-     gradient of Σᵢ ℓᵢ w.r.t. the probes is each example's output gradient gᵢ (rows do not
-     interact: no BatchNorm), and each layer's input aᵢ is recorded. No parameter gradient is
-     formed in this pass. Each parameter's per-example gradient is then a factored term:
+  1. a forward pass in which every supported layer's output gets a zero "probe" added (a flax
+     variable of collection PROBES); the gradient of Σᵢ ℓᵢ w.r.t. the probes is each example's
+     output gradient gᵢ (rows do not interact: no BatchNorm), and each layer's input aᵢ is sown
+     into collection INPUTS. No parameter gradient is formed in this pass. Being flax variables,
+     probes and inputs follow `nn.scan` (a scanned stack of blocks, stacked params) and
+     `nn.remat`/`jax.checkpoint`: a scanned layer's norms are summed over its slices and its
+     clipped sum is formed slice by slice. Each parameter's per-example gradient is then a factored term:
        Dense / DenseGeneral / Conv (via its patches) kernel, T positions (tokens, pixels):
          ∇ᵢ = Σₜ aᵢₜ gᵢₜᵀ, whose squared norm is Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) ("ghost norm", O(T²(d+p)))
          or, when cheaper, that of the instantiated gradient (O(T·d·p)): fastDP's mixed rule;
        biases Σₜ gₜ; LayerNorm / GroupNorm scale Σₜ gₜ ⊙ x̂ₜ and bias Σₜ gₜ (small, instantiated).
   2. each example's factor wᵢ from the clip rule and its norm; the clipped sum is then, layer by
-     layer, Σᵢ wᵢ∇ᵢ = Σᵢ,ₜ aᵢₜ (wᵢgᵢₜ)ᵀ: one matmul per kernel, the same one a backward pass makes.
+     layer, Σᵢ wᵢ∇ᵢ = Σᵢ,ₜ (wᵢaᵢₜ) gᵢₜᵀ or aᵢₜ (wᵢgᵢₜ)ᵀ (whichever factor is narrower is scaled):
+     one matmul per kernel, the same one a backward pass makes.
+
+The loss must be written so that ghost can pass its variables in: see `BatchLosses` and
+`apply_model`.
 
 Precision: matmuls accumulate in float32 (float32 operands at full precision, no TF32). With
-bfloat16 activations, wᵢgᵢ is rounded to bfloat16 before the matmul, which can move the
+bfloat16 activations, wᵢaᵢ or wᵢgᵢ is rounded to bfloat16 before the matmul, which can move the
 contribution by up to eps·Σₜ‖aₜ‖‖gₜ‖·wᵢ; an example that is scaled down gets its factor from its
-norm plus that slack, so its contribution stays within the clip bound (tested).
+norm plus that slack (summed over a scanned layer's slices, which only loosens the bound), so its
+contribution stays within the clip bound (tested).
 
 A module class of one's own joins by defining `ghost_grads(self, inputs, output_grads) ->
 {param name: per-example gradients [m, *param.shape]}` (dpjax's ViT `TokenEmbedding` does, for
 its class token and position embedding); a subclass that does not define it again is not trusted.
 Parameters no supported layer owns (custom layers such as weight-standardised convs, a layer
-called twice per example) fall back to per-example
+called twice per example, a scan over more than one axis) fall back to per-example
 gradients by `vmap(grad)` restricted to those parameters (fallback="vmap"), or raise
 `GhostUnsupportedError` (fallback="error"). They are never silently left out of the norm: every
 trainable leaf is accounted for by exactly one layer record or by the fallback (checked at trace
@@ -47,8 +55,24 @@ import jax.numpy as jnp
 from dpjax.privacy import clipping
 
 PyTree = Any
-BatchLosses = Callable[[PyTree, PyTree], jax.Array]  # (params, batch [m, ...]) -> losses [m]
+# batch_losses(params, batch [m, ...]) -> losses [m]; batch_losses(params, batch, ghost_variables)
+# -> (losses [m], mutated variables): the model applied to {"params": params, **ghost_variables}
+# with mutable=COLLECTIONS (`apply_model` does that part).
+BatchLosses = Callable[..., Any]
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.LayerNorm, nn.GroupNorm)
+PROBES = "ghost_probes"  # zeros added to each supported layer's output: their gradient is gᵢ
+INPUTS = "ghost_inputs"  # each supported layer's input aᵢ, sown
+COLLECTIONS = (PROBES, INPUTS)
+
+
+def apply_model(model: nn.Module, params: PyTree, inputs: Any,
+                ghost_variables: dict | None = None) -> Any:
+  """model.apply for a BatchLosses: outputs, or (outputs, mutated variables) when ghost clipping
+  passes its `ghost_variables` (a module scanned with nn.scan must stack every collection along
+  its axis: `variable_axes={True: 0}`, as dpjax's ViT does)."""
+  if ghost_variables is None:
+    return model.apply({"params": params}, inputs)
+  return model.apply({"params": params, **ghost_variables}, inputs, mutable=list(COLLECTIONS))
 
 
 class GhostUnsupportedError(ValueError):
@@ -61,6 +85,7 @@ class _Layer:
   module: nn.Module  # an unbound clone (its attributes only)
   path: tuple[str, ...]
   param_names: frozenset
+  shapes: dict  # {param name: its shape in one call} (under nn.scan: one slice of the stack)
 
 
 def _is_supported(module_type: type) -> bool:
@@ -94,35 +119,59 @@ def _axes(axes) -> tuple[int, ...]:
   return (axes,) if isinstance(axes, int) else tuple(axes)
 
 
-def _intercepting(batch_losses: BatchLosses, on_layer: Callable) -> BatchLosses:
-  """batch_losses with on_layer(layer, inputs, outputs) -> outputs called at each supported
-  layer call (exact type match)."""
+def _intercepting(batch_losses: BatchLosses, layers: dict) -> Callable:
+  """(params, batch, probes) -> (losses [m], {path: (inputs, ...) per call}): batch_losses with
+  every supported layer call (exact type match) recorded in `layers` (path -> _Layer, first call),
+  its input sown into COLLECTIONS' INPUTS and a probe (PROBES, zeros if absent) added to its
+  output. Inside `nn.scan` both collections stack along the scanned axis."""
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not _is_supported(type(module)):
       return next_fun(*args, **kwargs)
     outputs = next_fun(*args, **kwargs)
-    names = _layer_param_names(module)
-    own = frozenset(module.variables.get("params", {}))
-    layer = _Layer(module.clone(parent=None), tuple(module.path),
-                   own if names is not None and own == names else frozenset())
-    return on_layer(layer, args[0], outputs)
+    own = module.variables.get("params", {})
+    if tuple(module.path) not in layers:
+      names = _layer_param_names(module)
+      layers[tuple(module.path)] = _Layer(
+          module.clone(parent=None), tuple(module.path),
+          frozenset(own) if names is not None and set(own) == names else frozenset(),
+          {name: tuple(jnp.shape(value)) for name, value in own.items()})
+    module.sow(INPUTS, "inputs", args[0] if args else kwargs["inputs"])
+    return module.perturb("probe", outputs, collection=PROBES)
 
-  def losses(params, batch):
+  def losses(params, batch, probes):
     with nn.intercept_methods(interceptor):
-      return batch_losses(params, batch)
+      found = batch_losses(params, batch, {} if probes is None else {PROBES: probes})
+    if layers and not (isinstance(found, tuple) and len(found) == 2 and INPUTS in found[1]):
+      raise GhostUnsupportedError(
+          "batch_losses(params, batch, ghost_variables) must apply the model to "
+          "{'params': params, **ghost_variables} with mutable=ghost.COLLECTIONS and return "
+          "(losses, mutated variables) (see `ghost.apply_model`); it returned no sown layer "
+          "inputs.")
+    return found[0], {name: found[1].get(name, {}) for name in COLLECTIONS}
   return losses
 
 
-def _trace_layers(batch_losses: BatchLosses, params: PyTree, batch: PyTree):
-  """[(layer, output ShapeDtypeStruct)] in call order, from an abstract forward pass."""
-  seen = []
+def _layer_calls(batch_losses: BatchLosses, params: PyTree, batch: PyTree):
+  """({path: _Layer}, {path: probe ShapeDtypeStruct}, {path: number of calls}), from an abstract
+  forward pass. Under nn.scan the probe shapes carry the scanned axis in front."""
+  layers: dict = {}
+  _, mutated = jax.eval_shape(_intercepting(batch_losses, layers), params, batch, None)
+  flat = lambda tree, leaf: {path[:-1]: value for path, value in _flat_paths(tree, leaf).items()}
+  probes = flat(mutated[PROBES], "probe")
+  calls = {path: len(value) for path, value in flat(mutated[INPUTS], "inputs").items()}
+  return layers, probes, calls
 
-  def record(layer, inputs, outputs):
-    seen.append((layer, jax.ShapeDtypeStruct(outputs.shape, outputs.dtype)))
-    return outputs
-  jax.eval_shape(_intercepting(batch_losses, record), params, batch)
-  return seen
+
+def _flat_paths(tree: dict, leaf: str) -> dict:
+  """{(module path..., leaf): value} of a nested variables dict, stopping at `leaf`."""
+  found = {}
+  for name, value in tree.items():
+    if name == leaf:
+      found[(leaf,)] = value
+    elif isinstance(value, dict):
+      found.update({(name,) + path: v for path, v in _flat_paths(value, leaf).items()})
+  return found
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,12 +180,14 @@ def _trace_layers(batch_losses: BatchLosses, params: PyTree, batch: PyTree):
 #   _Summed(h [m, p]):                ∇ᵢ = hᵢ (biases, norm scales: small, instantiated in float32).
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Outer:
   a: jax.Array
   g: jax.Array
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Summed:
   h: jax.Array
@@ -178,14 +229,19 @@ def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
 
 
 def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
-  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term, [p] otherwise). Padded
-  rows get exact zeros in the scaled output gradients; their activations must be finite (the
-  trainer pads with real examples)."""
+  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term, [p] otherwise). A kernel
+  term scales the narrower of its factors (aᵢ or gᵢ) by wᵢ, rounded back to its dtype; padded
+  rows get exact zeros there, so the other factor's padded rows must be finite (the trainer pads
+  with real examples)."""
   if isinstance(term, _Summed):
     return jnp.sum(jnp.where(real[:, None], weights[:, None] * term.h, 0.0), axis=0)
-  scaled = weights[:, None, None] * term.g.astype(jnp.float32)
-  scaled = jnp.where(real[:, None, None], scaled, 0.0).astype(term.g.dtype)
-  return _einsum("mtd,mtp->dp", term.a, scaled)
+
+  def scaled(x):
+    x = weights[:, None, None] * x.astype(jnp.float32)
+    return jnp.where(real[:, None, None], x, 0.0).astype(term.g.dtype)
+  if term.a.shape[-1] < term.g.shape[-1]:
+    return _einsum("mtd,mtp->dp", scaled(term.a), term.g)
+  return _einsum("mtd,mtp->dp", term.a, scaled(term.g))
 
 
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
@@ -242,6 +298,17 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> 
   return terms
 
 
+def _summed_param(found: tuple, name: str, weights: jax.Array, real: jax.Array,
+                  shape: tuple[int, ...]) -> jax.Array:
+  """Σᵢ wᵢ·∇ᵢ of one param leaf [*shape] from its (module, term, stacked) entry; a stacked term
+  is summed slice by slice along its scanned axis (shape[0])."""
+  module, term, stacked = found
+  if not stacked:
+    return _as_param(module, name, _weighted_sum(term, weights, real), shape)
+  one = lambda t: _as_param(module, name, _weighted_sum(t, weights, real), shape[1:])
+  return jax.vmap(one)(term)
+
+
 def _as_param(module: nn.Module, name: str, flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """A weighted sum of a layer's terms, in its param's shape (conv patches are channel-major)."""
   if isinstance(module, nn.Conv) and name == "kernel":
@@ -257,29 +324,43 @@ def _leaf_paths(tree: PyTree) -> list[tuple[str, ...]]:
   return [clipping.path_to_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _coverage(layers, params, trainable) -> tuple[list[int], PyTree]:
-  """(indices of the layer calls whose norms ghost computes, bool pytree of the trainable leaves
-  left to the fallback). A module called more than once per example goes to the fallback."""
-  calls: dict[tuple[str, ...], int] = {}
-  for layer, _ in layers:
-    calls[layer.path] = calls.get(layer.path, 0) + 1
-  used = [i for i, (layer, _) in enumerate(layers)
-          if layer.param_names and calls[layer.path] == 1]
-  covered = {layers[i][0].path + (name,) for i in used for name in layers[i][0].param_names}
+def _stack_depth(layer: _Layer, params: PyTree) -> int | None:
+  """How many leading axes the layer's params carry beyond one call's shapes (0, or 1 under
+  nn.scan), or None if they do not match."""
+  leaves = _subtree(params, layer.path)
+  extra = {len(jnp.shape(leaves[name])) - len(shape) for name, shape in layer.shapes.items()}
+  if len(extra) != 1 or not extra <= {0, 1}:
+    return None
+  depth = extra.pop()
+  if any(tuple(jnp.shape(leaves[name]))[depth:] != shape for name, shape in layer.shapes.items()):
+    return None
+  return depth
+
+
+def _coverage(layers: dict, calls: dict, params, trainable) -> tuple[dict, PyTree]:
+  """({path: stack depth} of the layers whose norms ghost computes, bool pytree of the trainable
+  leaves left to the fallback). A module called more than once per example goes to the fallback,
+  as do params whose shapes ghost cannot read (a scan over more than one axis)."""
+  used = {}
+  for path, layer in layers.items():
+    depth = _stack_depth(layer, params) if layer.param_names else None
+    if depth is not None and calls.get(path) == 1:
+      used[path] = depth
+  covered = {path + (name,) for path in used for name in layers[path].param_names}
   flags = jax.tree_util.tree_leaves(trainable) if trainable is not None else None
-  paths = _leaf_paths(params)
   left = [(flags is None or bool(flags[k])) and path not in covered
-          for k, path in enumerate(paths)]
+          for k, path in enumerate(_leaf_paths(params))]
   return used, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), left)
 
 
 def _per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
                        trainable: PyTree | None, fallback: str) -> dict:
-  """{leaf path: per-example gradient term} for every trainable leaf: factored terms for the
-  leaves of supported layers (one forward and one backward pass, to the layers' outputs only),
-  and per-example gradients ([m, *shape], by vmap(grad)) for the leaves left to the fallback."""
-  layers = _trace_layers(batch_losses, params, batch)
-  used, left = _coverage(layers, params, trainable)
+  """{leaf path: (module, term, stacked)} for every trainable leaf: factored terms for the leaves
+  of supported layers (one forward and one backward pass, to the layers' outputs only; under
+  nn.scan each term array carries the scanned axis in front and `stacked` is True), and
+  per-example gradients ([m, *shape], by vmap(grad)) for the leaves left to the fallback."""
+  layers, probe_shapes, calls = _layer_calls(batch_losses, params, batch)
+  used, left = _coverage(layers, calls, params, trainable)
   if fallback == "error" and any(jax.tree_util.tree_leaves(left)):
     names = ["/".join(p) for p, keep in zip(_leaf_paths(params), jax.tree_util.tree_leaves(left))
              if keep]
@@ -290,42 +371,41 @@ def _per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   # Zeros built from the batch, so that under shard_map they vary across devices as the batch
   # does: the gradient w.r.t. a device-invariant probe would be summed over the devices.
   anchor = jnp.zeros_like(jax.tree_util.tree_leaves(batch)[0], jnp.float32).ravel()[:1].sum()
-  probes = [(jnp.zeros(shape.shape, jnp.float32) + anchor).astype(shape.dtype)
-            for _, shape in layers]
-  trainable_flags = (jax.tree_util.tree_map(lambda _: True, params) if trainable is None
-                     else trainable)
+  probes = {}
+  for path, shape in probe_shapes.items():
+    _subtree(probes, path, create=True)["probe"] = (
+        jnp.zeros(shape.shape, jnp.float32) + anchor).astype(shape.dtype)
 
   def summed_loss(probes):
-    inputs, k = [], iter(range(len(probes)))
-
-    def add_probe(layer, x, y):
-      i = next(k, None)
-      if i is None or layer.path != layers[i][0].path:
-        raise GhostUnsupportedError(
-            "The loss called its layers differently from the traced forward pass (is the model "
-            "wrapped in jax.checkpoint / remat?). Ghost clipping needs the plain batched loss.")
-      inputs.append(x)
-      return y + probes[i]
-    return jnp.sum(_intercepting(batch_losses, add_probe)(params, batch)), inputs
+    losses, mutated = _intercepting(batch_losses, {})(params, batch, probes)
+    return jnp.sum(losses), mutated[INPUTS]
 
   output_grads, inputs = jax.grad(summed_loss, has_aux=True)(probes)
-  if len(inputs) != len(layers):
-    raise GhostUnsupportedError(
-        f"The loss called {len(inputs)} supported layers but its traced forward pass called "
-        f"{len(layers)} (is the model wrapped in jax.checkpoint / remat?). Ghost clipping needs "
-        "the plain batched loss.")
+  trainable_flags = (jax.tree_util.tree_map(lambda _: True, params) if trainable is None
+                     else trainable)
   terms = {}
-  for i in used:
-    layer = layers[i][0]
-    flags = _subtree(trainable_flags, layer.path)
-    found = _layer_terms(layer, inputs[i], output_grads[i],
-                         {name: bool(flags[name]) for name in layer.param_names})
-    terms.update({layer.path + (name,): (layer.module, term) for name, term in found.items()})
+  for path, depth in used.items():
+    layer = layers[path]
+    flags = _subtree(trainable_flags, path)
+    flags = {name: bool(flags[name]) for name in layer.param_names}
+    terms_of = lambda x, g: _layer_terms(layer, x, g, flags)
+    found = (jax.vmap(terms_of) if depth else terms_of)(
+        _subtree(inputs, path)["inputs"][0], _subtree(output_grads, path)["probe"])
+    terms.update({path + (name,): (layer.module, term, bool(depth))
+                  for name, term in found.items()})
   if any(jax.tree_util.tree_leaves(left)):
     per_example = _fallback_grads(batch_losses, params, batch, left)
     for path, grad in zip(_leaf_paths(per_example), jax.tree_util.tree_leaves(per_example)):
-      terms[path] = (None, _Summed(grad.reshape(grad.shape[0], -1).astype(jnp.float32)))
+      terms[path] = (None, _Summed(grad.reshape(grad.shape[0], -1).astype(jnp.float32)), False)
   return terms
+
+
+def _term_sq_norms_and_slack(term, stacked: bool) -> tuple[jax.Array, jax.Array]:
+  """`_sq_norms_and_slack`, summed over the scanned axis of a stacked term."""
+  if not stacked:
+    return _sq_norms_and_slack(term)
+  sq, slack = jax.vmap(_sq_norms_and_slack)(term)
+  return jnp.sum(sq, axis=0), jnp.sum(slack, axis=0)
 
 
 def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
@@ -336,12 +416,15 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-  return sum(_sq_norms_and_slack(term)[0] for _, term in terms.values())
+  return sum(_term_sq_norms_and_slack(term, stacked)[0] for _, term, stacked in terms.values())
 
 
-def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
+def _subtree(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
   for name in path:
-    tree = tree[name]
+    if create:
+      tree = tree.setdefault(name, {})
+    else:
+      tree = tree[name]
   return tree
 
 
@@ -381,7 +464,7 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   def clip_chunk(chunk):
     batch, chunk_mask = chunk
     terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-    sq_and_slack = [_sq_norms_and_slack(term) for _, term in terms.values()]
+    sq_and_slack = [_term_sq_norms_and_slack(term, stacked) for _, term, stacked in terms.values()]
     norms = jnp.sqrt(sum(sq for sq, _ in sq_and_slack))
     factors, was_clipped = rule.factor(norms)
     # A scaled-down low-precision output gradient is rounded before it is summed: the factor of
@@ -391,10 +474,9 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
     factors = jnp.where(factors < 1.0, jnp.minimum(factors, rule.factor(bound)[0]), factors)
     real = chunk_mask > 0
     weights = jnp.where(real, factors, 0.0)
-    sums = {path: _weighted_sum(term, weights, real) for path, (_, term) in terms.items()}
     summed = jax.tree_util.tree_map_with_path(
-        lambda p, x: _as_param(terms[clipping.path_to_names(p)][0], p[-1].key,
-                               sums[clipping.path_to_names(p)], x.shape), train_p)
+        lambda p, x: _summed_param(terms[clipping.path_to_names(p)], p[-1].key, weights, real,
+                                   x.shape), train_p)
     return summed, clipping.microbatch_stats(norms, was_clipped, real)
 
   return clipping.sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)

@@ -49,15 +49,19 @@ def make_example_loss(model: nn.Module, dtype: str = "float32", remat: bool = Fa
 
 
 def make_batch_losses(model: nn.Module, dtype: str = "float32", remat: bool = False
-                      ) -> Callable[[PyTree, dict], jax.Array]:
+                      ) -> Callable[..., Any]:
   """losses(params, batch) -> [m] per-example losses of a batch {image [m, H, W, C], label [m]},
-  computed in `dtype` (the batched form that ghost clipping needs)."""
+  computed in `dtype` (the batched form that ghost clipping needs); losses(params, batch,
+  ghost_variables) -> (losses, mutated variables), the form `dpjax.privacy.ghost` calls."""
   compute_dtype = jnp.dtype(dtype)
 
-  def losses(params, batch):
+  def losses(params, batch, ghost_variables=None):
     cast = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
-    logits = model.apply({"params": cast}, batch["image"].astype(compute_dtype))
-    return cross_entropy(logits, batch["label"])
+    images = batch["image"].astype(compute_dtype)
+    if ghost_variables is None:
+      return cross_entropy(ghost.apply_model(model, cast, images), batch["label"])
+    logits, mutated = ghost.apply_model(model, cast, images, ghost_variables)
+    return cross_entropy(logits, batch["label"]), mutated
 
   return jax.checkpoint(losses) if remat else losses
 
