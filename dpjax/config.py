@@ -10,8 +10,9 @@ Blocks (see experiments/*.py for complete examples):
   mixing      the α schedule (or the automatic switch) and whether to reset optimizer moments at
               the public→private switch
   curvature   public-data curvature statistics (tr(H), decelerator, α*) logged during training
-  perf        microbatch size, dtype, remat, per-example method (vmap | ghost): never change the
-              privacy event
+  perf        microbatch size (0: the largest that fits in memory_fraction of the free device
+              memory, dpjax.train.microbatch_size), dtype, remat, per-example method (vmap |
+              ghost): never change the privacy event
   mesh        device mesh: `data` (-1: every device left) × `fsdp` (params and optimizer state
               split over it); never changes the privacy event or, beyond float rounding, the result
   distributed multi-process setup (dpjax.parallel.initialize_distributed): coordinator address,
@@ -62,7 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.curvature = dict(every_steps=0, batch_size=128, num_probes=8)
   # per_example_method: "vmap" (per-example gradients) or "ghost" (ghost clipping: norms from
   # layer inputs and output gradients, dpjax.privacy.ghost; flat / automatic / normalized clip).
-  c.perf = dict(microbatch_size=128, dtype="float32", remat=False, per_example_method="vmap")
+  # microbatch_size: private examples per accumulate call; 0 = automatic, the largest power of
+  # two (times the device count) up to dp.expected_batch_size whose step XLA estimates to fit in
+  # memory_fraction of the free device memory (dpjax.train.microbatch_size).
+  c.perf = dict(microbatch_size=128, memory_fraction=0.9, dtype="float32", remat=False,
+                per_example_method="vmap")
   c.mesh = dict(data=-1, fsdp=1)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1,
                        cpu_collectives="gloo")
@@ -131,8 +136,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"finetune.sparse: warmup_steps + selection_steps = "
           f"{sparse.warmup_steps + sparse.selection_steps} leaves no sparse fine-tuning step "
           f"within schedule.total_steps = {config.schedule.total_steps}.")
-  if perf.microbatch_size <= 0:
-    raise ValueError(f"perf.microbatch_size must be > 0, got {perf.microbatch_size}.")
+  if perf.microbatch_size < 0:
+    raise ValueError(f"perf.microbatch_size must be > 0, or 0 to choose it from the free device "
+                     f"memory; got {perf.microbatch_size}.")
+  if not 0 < perf.memory_fraction <= 1:
+    raise ValueError(f"perf.memory_fraction (the part of the free device memory an automatic "
+                     f"microbatch size may use) must be in (0, 1], got {perf.memory_fraction}.")
   if config.schedule.total_steps <= 0:
     raise ValueError(f"schedule.total_steps must be > 0, got {config.schedule.total_steps}.")
   if config.data.train_examples < 0:

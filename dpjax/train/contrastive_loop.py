@@ -84,7 +84,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if c.max_batch_size < 0:
     raise ValueError(f"contrastive.max_batch_size must be >= 0, got {c.max_batch_size}.")
   if config.perf.microbatch_size <= 0:
-    raise ValueError(f"perf.microbatch_size must be > 0, got {config.perf.microbatch_size}.")
+    raise ValueError(f"perf.microbatch_size must be > 0 for the contrastive trainer (0, chosen "
+                     f"from free memory, is for the supervised trainer only); got "
+                     f"{config.perf.microbatch_size}.")
   if config.schedule.total_steps < 0:
     raise ValueError("schedule.total_steps must be >= 0.")
 

@@ -9,10 +9,11 @@ private step; the ledger records the step (public-only steps cost nothing). Devi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -21,8 +22,8 @@ import numpy as np
 from dpjax import config as config_lib
 from dpjax import data, finetune, mixing, parallel
 from dpjax.privacy import accounting, clipping, noise, sampling
-from dpjax.train import checkpoint, metrics, monitor as monitor_lib, state as state_lib
-from dpjax.train import step as step_lib
+from dpjax.train import checkpoint, metrics, microbatch_size, monitor as monitor_lib
+from dpjax.train import state as state_lib, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   parallel.check_same_config(config_lib.agreement_view(config))
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
+  if config.perf.microbatch_size:  # 0: chosen from the free memory, a multiple of the devices
+    parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
   loaded = state_lib.load_training_data(config)
   parts, test = loaded.parts, loaded.test
   if len(parts.public):
@@ -200,8 +202,8 @@ class _Run:
     self.layout = parallel.make_layout(mesh, *self.initial)
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
-    # Ghost clipping holds no per-example gradients; remat (vmap path only) would hide its layers.
-    batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype)
+    # Ghost clipping holds no per-example gradients.
+    batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype, config.perf.remat)
                     if config.perf.per_example_method == "ghost" else None)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, trainable=tuning.trainable,
                                               layout=self.layout,
@@ -221,8 +223,9 @@ class _Run:
     self.monitor = self._make_monitor(model, heldout)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
     self._set_plan()
+    self.microbatch = self._choose_microbatch_size(parts.private)
     self.sampler = (sampling.PoissonSampler(len(parts.private), self.plan.sampling_rate,
-                                            config.perf.microbatch_size, seed=config.seed)
+                                            self.microbatch["microbatch_size"], seed=config.seed)
                     if len(parts.private) else None)
     self.budget = (accounting.PrivacyBudget(config.dp.target_epsilon, self.plan.delta,
                                             self.plan.accountant)
@@ -242,6 +245,39 @@ class _Run:
                   if self.noise_tx is not None and self.config.finetune.sparse.method == "sparta"
                   else None)
     self.switch_step = mixing.first_private_step(self.schedule, self.config.schedule.total_steps)
+
+  def _choose_microbatch_size(self, private: data.Dataset) -> dict[str, Any]:
+    """perf.microbatch_size, or (0) the largest candidate whose accumulate step XLA estimates to
+    fit in perf.memory_fraction of the free memory, the same on every process. Performance only:
+    the privacy plan is fixed before and does not depend on it. Returns what to record."""
+    perf = self.config.perf
+    if perf.microbatch_size:
+      return dict(microbatch_size=perf.microbatch_size, microbatch_size_auto=False)
+    candidates = microbatch_size.candidate_sizes(self.plan.expected_batch_size,
+                                                 parallel.mesh_size(self.mesh))
+    if not len(private) or (self.auto is None and not self.plan.planned_private_steps):
+      return dict(microbatch_size=candidates[0], microbatch_size_auto=True)  # never used
+    measure = self._accumulate_bytes(private)
+    free = microbatch_size.free_memory_bytes(self.mesh.local_devices)
+    size = microbatch_size.choose_on_every_process(measure, free, candidates,
+                                                   perf.memory_fraction)
+    self._say(f"perf.microbatch_size = 0: chose {size} (largest of {candidates} within "
+              f"{perf.memory_fraction:g} of {free / 2**20:.0f} MiB free per device; XLA estimates "
+              f"{measure(size) / 2**20:.1f} MiB for its accumulate step).")
+    return dict(microbatch_size=size, microbatch_size_auto=True, step_bytes=measure(size),
+                free_bytes=free)
+
+  def _accumulate_bytes(self, private: data.Dataset) -> Callable[[int], int]:
+    """m -> XLA's estimate (bytes per device) for `self.accumulate` on a microbatch of m rows,
+    compiled on abstract arguments shaped like the private data's (each m once)."""
+    params, opt_state = self.initial
+    inputs = (params, finetune.find_mask_state(opt_state.base).mask) if self.masked else params
+    acc = jax.eval_shape(self.zero_sum, params)
+    one = (dict(image=self.preprocess(private.images[:1]), label=private.labels[:1]),
+           np.ones(1, bool))  # one row of (microbatch, mask)
+    return functools.cache(microbatch_size.measure_jitted(
+        self.accumulate,
+        lambda m: (acc, inputs, *microbatch_size.abstract_rows(one, m, self.layout.batch))))
 
   def _make_monitor(self, model, heldout):
     if not (self.auto or self.config.curvature.every_steps) or not len(self.public_train):
@@ -266,6 +302,7 @@ class _Run:
     stopped, epsilon, last = None, ledger.epsilon(self.plan.delta, self.plan.accountant), {}
     accuracy = loss = float("nan")  # test accuracy at the last evaluation, loss at the last log
     start_time = time.time()
+    writer.write(start, "perf", self.microbatch)
     step = start
     for step in range(start, total):
       self._watch_public_statistics(step, params, writer)
@@ -480,7 +517,7 @@ class _Run:
     results = dict(evaluation, steps=step, stopped=stopped or "completed",
                    train_seconds=seconds, privacy=statement,
                    switch_step=self.auto.switch_step if self.auto else self.switch_step,
-                   finetune=self._finetune_summary(params, opt_state))
+                   finetune=self._finetune_summary(params, opt_state), perf=self.microbatch)
     if self.main:
       with open(os.path.join(self.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
