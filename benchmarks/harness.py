@@ -99,14 +99,19 @@ class Steps:
 
   def pieces(self) -> dict[str, Callable[[], Any]]:
     """The parts of the two steps, each alone on the first microbatch: the non-DP gradient, the
-    DP accumulate (per-example norms, clipping, clipped sum) and, for ghost, its norms only."""
+    DP accumulate (per-example norms, clipping, clipped sum) and, for ghost, its forward + backward
+    pass to the layers' outputs (`ghost_backward`: the factored terms) and its norms (that pass +
+    the norms)."""
     params = self.state[0]
     found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
              "accumulate": lambda: self.accumulate(self.zero_sum(params), params,
                                                    self.microbatches[0], self.mask)}
     if self.batch_losses is not None:
       from dpjax.privacy import ghost
+      backward = jax.jit(lambda p, b: [term for _, term, _ in ghost._per_example_terms(
+          self.batch_losses, p, b, None, "vmap").values()])
       norms = jax.jit(lambda p, b: ghost.ghost_sq_norms(self.batch_losses, p, b))
+      found["ghost_backward"] = lambda: backward(params, self.microbatches[0])
       found["ghost_norms"] = lambda: norms(params, self.microbatches[0])
     return found
 

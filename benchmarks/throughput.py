@@ -31,6 +31,8 @@ QUICK = [("cnn_tanh", 32, 2), ("vit_test", 8, 2)]
 
 
 def run_one(args: argparse.Namespace) -> dict:
+  import jax
+
   from benchmarks import harness
   from dpjax import parallel
 
@@ -48,6 +50,17 @@ def run_one(args: argparse.Namespace) -> dict:
   result["dp_over_non_dp"] = result["dp_examples_per_s"] / result["non_dp_examples_per_s"]
   if args.breakdown:
     result["pieces"] = steps.time_pieces(args.steps)
+  if args.profile:
+    from benchmarks import profile
+    for name in ("non_dp", "dp"):
+      def run(step=getattr(steps, name)):
+        for _ in range(3):
+          steps.state = step(*steps.state)
+        jax.block_until_ready(steps.state)
+      try:
+        result[f"{name}_profile"] = profile.kernel_times(run, f"{args.profile}/{name}")
+      except Exception as e:  # a trace that cannot be written or read loses no measurement
+        result[f"{name}_profile"] = dict(error=repr(e)[:500])
   result.update(harness.device_facts(), peak_memory_mb=harness.peak_memory_mb(mesh))
   return result
 
@@ -86,6 +99,9 @@ def main() -> None:
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the non-DP gradient, the DP accumulate and ghost's norms "
                            "alone on one microbatch")
+  parser.add_argument("--profile", default="",
+                      help="folder for profiler traces: adds each step's device time per kernel "
+                           "(3 steps) to the JSON rows")
   parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--out", default="")
@@ -104,7 +120,8 @@ def main() -> None:
   for config in configurations(args):
     flags = [f"--{k}={v}" for k, v in config.items()] + [
         f"--steps={args.steps}", f"--windows={args.windows}"] + (
-        ["--breakdown"] if args.breakdown else [])
+        ["--breakdown"] if args.breakdown else []) + (
+        [f"--profile={args.profile}/{len(rows)}"] if args.profile else [])
     done = subprocess.run([sys.executable, "-m", "benchmarks.throughput"] + flags,
                           capture_output=True, text=True)
     if done.returncode:

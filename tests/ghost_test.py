@@ -36,6 +36,16 @@ class StridedConv(nn.Module):
     return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 
 
+class TilingConv(nn.Module):
+  """Convolutions whose windows tile the input (stride = kernel, no padding), as a ViT's patch
+  embedding: ghost takes their patches by a reshape. The first drops a remainder column."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID")(x)
+    x = nn.Conv(4, (2, 2), strides=2, padding=0, use_bias=False)(jnp.tanh(x))
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
 class SharedDense(nn.Module):
   """One Dense layer used twice per example: its norm is not a sum of two ghost norms."""
   @nn.compact
@@ -75,6 +85,7 @@ class ScanWithoutGhostAxes(nn.Module):
 
 MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_models.MODELS["conv"],
           "attention": lambda: toy_models.MODELS["attention"], "strided_conv": StridedConv,
+          "tiling_conv": TilingConv,
           "shared_dense": SharedDense, "vit": _vit, "conv1d": Conv1D,
           "vit_scan": lambda: _vit(scan_blocks=True),
           "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
@@ -90,6 +101,26 @@ def test_ghost_norms_equal_vmap_norms(name):
   expected = jax.jit(lambda p, b: vmap_sq_norms(losses, p, b))(params, batch)
   got = jax.jit(lambda p, b: ghost.ghost_sq_norms(losses, p, b))(params, batch)
   np.testing.assert_allclose(np.sqrt(got), np.sqrt(expected), rtol=1e-5)
+
+
+def test_tiling_conv_patches_are_a_reshape_of_the_input():
+  """A ViT's patch embedding gets its patches without an (identity-kernel) convolution, and in
+  the order its kernel is laid out in."""
+  for module, tiles in [(nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID"), True),
+                        (nn.Conv(5, (2, 2), strides=2, padding=0), True),
+                        (nn.Conv(5, (2, 2), strides=2, padding="SAME"), False),
+                        (nn.Conv(5, (3, 3), strides=2, padding="VALID"), False)]:
+    assert ghost._tiles(module) == tiles
+  module = nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  jaxpr = str(jax.make_jaxpr(lambda v: ghost._conv_patches(module, v))(x))
+  assert "conv_general_dilated" not in jaxpr
+  params = module.init(jax.random.PRNGKey(1), x)["params"]
+  patches = ghost._conv_patches(module, x)  # [2, 4, 2, 18]
+  assert patches.shape == (2, 4, 2, 18)
+  kernel = params["kernel"].reshape(-1, 5)
+  np.testing.assert_allclose(patches @ kernel + params["bias"], module.apply({"params": params}, x),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_ghost_norms_with_a_frozen_subset():

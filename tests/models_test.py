@@ -382,12 +382,15 @@ def test_vit_fused_and_einsum_attention_agree():
                        attention="flash")
 
 
-def test_a_scanned_vit_computes_the_same_function():
-  """scan_blocks=True stacks the blocks' params; with stack_blocks' params the logits agree."""
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_a_scanned_vit_computes_the_same_function(unroll):
+  """scan_blocks=True stacks the blocks' params; with stack_blocks' params the logits agree
+  (whatever the scan's unroll)."""
   sizes = dict(variant="Ti", patch_size=4, image_size=8, depth=3, width=16, num_heads=2,
                mlp_dim=32)
   plain = models.build_model("vit", num_classes=5, **sizes)
-  scanned = models.build_model("vit", num_classes=5, scan_blocks=True, **sizes)
+  scanned = models.build_model("vit", num_classes=5, scan_blocks=True, scan_unroll=unroll,
+                               **sizes)
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
   params = plain.init(jax.random.PRNGKey(0), images)["params"]
   stacked = vit.stack_blocks(params, depth=3)

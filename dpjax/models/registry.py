@@ -74,14 +74,14 @@ def _build_wrn_16_4(
 def _build_vit(
     num_classes: int, variant: str = "Ti", patch_size: int = 16, image_size: int | None = None,
     input_shape: InputShape | None = None, attention: str = "fused", scan_blocks: bool = False,
-    **overrides: int,
+    scan_unroll: int = 1, **overrides: int,
 ) -> tuple[nn.Module, InputShape]:
   if image_size is None:
     image_size = 224 if input_shape is None else input_shape[0]
   config = vit.vit_config(variant, patch_size=patch_size, image_size=image_size, **overrides)
   input_shape = (image_size, image_size, 3) if input_shape is None else tuple(input_shape)
   return vit.ViT(num_classes=num_classes, attention=attention, scan_blocks=scan_blocks,
-                 **config), input_shape
+                 scan_unroll=scan_unroll, **config), input_shape
 
 
 _BUILDERS: dict[str, Builder] = {

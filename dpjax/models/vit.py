@@ -142,6 +142,7 @@ class ViT(nn.Module):
   # leaf [depth, ...]): the same function, compiled once for all blocks instead of depth times.
   # Every variable collection stacks along the scanned axis (ghost clipping's included).
   scan_blocks: bool = False
+  scan_unroll: int = 1  # blocks per iteration of the scan (lax.scan's unroll)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -152,7 +153,7 @@ class ViT(nn.Module):
     x = TokenEmbedding(name="embedding")(x)
     if self.scan_blocks:
       blocks = nn.scan(ScannedBlock, variable_axes={True: 0}, split_rngs={"params": True},
-                       length=self.depth)
+                       length=self.depth, unroll=self.scan_unroll)
       x, _ = blocks(self.num_heads, self.mlp_dim, self.attention, name="blocks")(x, None)
     else:
       for index in range(self.depth):

@@ -244,19 +244,43 @@ def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
   return _einsum("mtd,mtp->dp", term.a, scaled(term.g))
 
 
-def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """The 2-D conv's input patches [m, H', W', C·kh·kw] (same windows as its outputs)."""
-  pair = lambda v: (v or 1,) * 2 if isinstance(v or 1, int) else tuple(v)
+def _pair(value) -> tuple[int, int]:
+  value = value or 1
+  return (value,) * 2 if isinstance(value, int) else tuple(value)
+
+
+def _conv_padding(module: nn.Conv):
+  """The conv's padding as "SAME", "VALID" or [(low, high)] * 2."""
   padding = module.padding
   if isinstance(padding, str):
-    padding = padding.upper()
-  elif isinstance(padding, int):
-    padding = [(padding, padding)] * 2
-  else:
-    padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    return padding.upper()
+  if isinstance(padding, int):
+    return [(padding, padding)] * 2
+  return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+
+
+def _tiles(module: nn.Conv) -> bool:
+  """Whether the conv's windows tile its input: stride = kernel size, no padding or dilation (a
+  ViT's patch embedding). Its patches are then a reshape of the input, in (kh, kw, C) order;
+  other convs get theirs from `conv_general_dilated_patches`, in (C, kh, kw) order."""
+  padding = _conv_padding(module)
+  return (_pair(module.strides) == tuple(module.kernel_size)
+          and _pair(module.input_dilation) == _pair(module.kernel_dilation) == (1, 1)
+          and (padding == "VALID" or padding == [(0, 0)] * 2))
+
+
+def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+  """The 2-D conv's input patches [m, H', W', kh·kw·C] (same windows as its outputs; the order
+  within a patch is `_tiles`')."""
+  kh, kw = module.kernel_size
+  if _tiles(module):  # a reshape and a transpose instead of an identity-kernel convolution
+    m, h, w, c = x.shape
+    rows, cols = h // kh, w // kw  # VALID drops the remainder
+    x = x[:, :rows * kh, :cols * kw].reshape(m, rows, kh, cols, kw, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(m, rows, cols, kh * kw * c)
   return jax.lax.conv_general_dilated_patches(
-      x, tuple(module.kernel_size), pair(module.strides), padding,
-      lhs_dilation=pair(module.input_dilation), rhs_dilation=pair(module.kernel_dilation),
+      x, (kh, kw), _pair(module.strides), _conv_padding(module),
+      lhs_dilation=_pair(module.input_dilation), rhs_dilation=_pair(module.kernel_dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -310,8 +334,9 @@ def _summed_param(found: tuple, name: str, weights: jax.Array, real: jax.Array,
 
 
 def _as_param(module: nn.Module, name: str, flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """A weighted sum of a layer's terms, in its param's shape (conv patches are channel-major)."""
-  if isinstance(module, nn.Conv) and name == "kernel":
+  """A weighted sum of a layer's terms, in its param's shape (see `_tiles` for the order of conv
+  patches)."""
+  if isinstance(module, nn.Conv) and name == "kernel" and not _tiles(module):
     kh, kw, c, o = shape
     return flat.reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
   return flat.reshape(shape)
