@@ -13,10 +13,43 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import os
 import pathlib
+import re
 from typing import Any, Callable
 
 import jax
+
+
+def dump_flags(dump_dir: str) -> str:
+  """XLA_FLAGS that make XLA write each module's optimized HLO as text under `dump_dir` (set
+  before jax starts; `annotate` reads them)."""
+  return (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+          " --xla_dump_hlo_pass_re=^$").strip()
+
+
+def annotate(kernels: list[dict], dump_dir: str) -> list[dict]:
+  """Adds to each kernel the shape and the JAX op name (`source`) of the HLO instruction it runs,
+  looked up by name (fusion_12 -> %fusion.12) in the optimized HLO that XLA dumped for the
+  kernel's module (its `long_name`, e.g. jit_accumulate; names repeat across modules)."""
+  found: dict[tuple[str, str], str] = {}
+  for path in pathlib.Path(dump_dir).glob("*after_optimizations.txt"):
+    module = path.name.split(".")[1] if path.name.count(".") > 1 else ""
+    for line in path.read_text().splitlines():
+      match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name=\"([^\"]*)\"", line)
+      if match:
+        found.setdefault((module, _key(match.group(1))), f"{match.group(2)} {match.group(3)}")
+  for kernel in kernels:
+    for name in (kernel["name"], kernel["hlo_op"]):
+      key = (kernel.get("long_name", ""), _key(name))
+      if key in found:
+        kernel["source"] = found[key][:400]
+        break
+  return kernels
+
+
+def _key(name: str) -> str:
+  return name.replace(".", "_").replace("-", "_")
 
 
 def kernel_times(run: Callable[[], Any], trace_dir: str, top: int = 40) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -58,7 +59,9 @@ def run_one(args: argparse.Namespace) -> dict:
           steps.state = step(*steps.state)
         jax.block_until_ready(steps.state)
       try:
-        result[f"{name}_profile"] = profile.kernel_times(run, f"{args.profile}/{name}")
+        found = profile.kernel_times(run, f"{args.profile}/{name}")
+        profile.annotate(found["kernels"], f"{args.profile}/hlo")
+        result[f"{name}_profile"] = found
       except Exception as e:  # a trace that cannot be written or read loses no measurement
         result[f"{name}_profile"] = dict(error=repr(e)[:500])
   result.update(harness.device_facts(), peak_memory_mb=harness.peak_memory_mb(mesh))
@@ -122,8 +125,12 @@ def main() -> None:
         f"--steps={args.steps}", f"--windows={args.windows}"] + (
         ["--breakdown"] if args.breakdown else []) + (
         [f"--profile={args.profile}/{len(rows)}"] if args.profile else [])
+    env = dict(os.environ)
+    if args.profile:  # the optimized HLO, to name what each kernel computes
+      from benchmarks import profile
+      env["XLA_FLAGS"] = profile.dump_flags(f"{args.profile}/{len(rows)}/hlo")
     done = subprocess.run([sys.executable, "-m", "benchmarks.throughput"] + flags,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if done.returncode:
       print(f"FAILED {config}:\n{done.stderr[-3000:]}", file=sys.stderr)
       rows.append(dict(config, failed=done.stderr.strip().splitlines()[-1][:300]))

@@ -30,3 +30,25 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
         {"ghost_backward_ms", "ghost_norms_ms"} if row["per_example"] == "ghost" else set())
     assert set(row["pieces"]) == pieces and min(row["pieces"].values()) > 0
   assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
+
+
+def test_profile_names_kernels_after_the_dumped_hlo(tmp_path):
+  """A kernel of the trace is matched to its HLO instruction (fusion_12 -> %fusion.12) in XLA's
+  optimized-HLO dump, which gives its shape and the JAX op it came from."""
+  from benchmarks import profile
+  (tmp_path / "module_0001.jit_step.sm_9.0_gpu_after_optimizations.txt").write_text(
+      '  %fusion.12 = f32[8,197,197]{2,1,0} fusion(%p0, %p1), kind=kCustom, '
+      'metadata={op_name="jit(accumulate)/ghost/gram" source_file="x.py"}\n'
+      '  ROOT %copy.3 = bf16[4]{0} copy(%p2), metadata={op_name="jit(step)/copy"}\n')
+  (tmp_path / "module_0002.jit_other.sm_9.0_gpu_after_optimizations.txt").write_text(
+      '  %fusion.12 = f32[2]{0} fusion(%p0), metadata={op_name="jit(other)/x"}\n')
+  kernels = profile.annotate(
+      [dict(name="fusion_12", hlo_op="", long_name="jit_step"),
+       dict(name="k", hlo_op="copy.3", long_name="jit_step"),
+       dict(name="unknown", hlo_op="", long_name="jit_step"),
+       dict(name="fusion_12", hlo_op="", long_name="jit_other")], str(tmp_path))
+  assert kernels[0]["source"] == "f32[8,197,197]{2,1,0} jit(accumulate)/ghost/gram"
+  assert kernels[1]["source"] == "bf16[4]{0} jit(step)/copy"
+  assert "source" not in kernels[2]
+  assert kernels[3]["source"] == "f32[2]{0} jit(other)/x"
+  assert "--xla_dump_to=/d" in profile.dump_flags("/d")

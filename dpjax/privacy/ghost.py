@@ -233,8 +233,8 @@ def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
   term scales the narrower of its factors (aᵢ or gᵢ) by wᵢ, rounded back to its dtype; padded
   rows get exact zeros there, so the other factor's padded rows must be finite (the trainer pads
   with real examples)."""
-  if isinstance(term, _Summed):
-    return jnp.sum(jnp.where(real[:, None], weights[:, None] * term.h, 0.0), axis=0)
+  if isinstance(term, _Summed):  # a matrix-vector product over the row axis
+    return _einsum("m,mk->k", weights, jnp.where(real[:, None], term.h, 0.0))
 
   def scaled(x):
     x = weights[:, None, None] * x.astype(jnp.float32)
