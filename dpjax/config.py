@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   # the automatic switch computes them at its checks anyway).
   c.curvature = dict(every_steps=0, batch_size=128, num_probes=8)
   # per_example_method: "vmap" (per-example gradients) or "ghost" (ghost clipping: norms from
-  # layer inputs and output gradients, dpjax.privacy.ghost; flat / automatic / normalized clip).
+  # layer inputs and output gradients, dpjax.privacy.ghost; every clip rule of dp.clip).
   # microbatch_size: private examples per accumulate call; 0 = automatic, the largest power of
   # two (times the device count) up to dp.expected_batch_size whose step XLA estimates to fit in
   # memory_fraction of the free device memory (dpjax.train.microbatch_size).
@@ -109,10 +109,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if perf.per_example_method not in ("vmap", "ghost"):
     raise ValueError(f"perf.per_example_method must be 'vmap' or 'ghost', got "
                      f"{perf.per_example_method!r}.")
-  if perf.per_example_method == "ghost" and dp.clip not in ("flat", "automatic", "normalized"):
-    raise ValueError(f"perf.per_example_method='ghost' needs dp.clip flat, automatic or "
-                     f"normalized (it scales each example's whole gradient), not {dp.clip!r}; "
-                     "use perf.per_example_method='vmap'.")
   sparse = config.finetune.sparse
   if sparse.method not in ("none", "sparta", "magnitude", "random"):
     raise ValueError(f"finetune.sparse.method must be none, sparta, magnitude or random, got "

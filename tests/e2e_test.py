@@ -165,9 +165,10 @@ def test_perf_flags_do_not_change_the_privacy_event(tmp_path):
   assert changed["privacy"] == base["privacy"]
 
 
-def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path):
+@pytest.mark.parametrize("clip", ["flat", "per_layer"])
+def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path, clip):
   """perf.per_example_method is a perf flag: same privacy event, same model up to rounding."""
-  blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1))
+  blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1), dp=dict(clip=clip))
   base = small_config(**blocks)
   ghost_config = small_config(perf=dict(per_example_method="ghost"), **blocks)
   assert config_lib.trajectory_view(ghost_config) == config_lib.trajectory_view(base)
@@ -207,8 +208,8 @@ def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
     (dict(perf=dict(microbatch_size=30), mesh=dict(data=4)), parallel.MeshError,
      "perf.microbatch_size = 30 does not split evenly over the 4 devices"),
     (dict(mesh=dict(data=64)), parallel.MeshError, "only 8 are present"),
-    (dict(perf=dict(per_example_method="ghost"), dp=dict(clip="per_layer")), ValueError,
-     "needs dp.clip flat, automatic or normalized"),
+    (dict(perf=dict(per_example_method="gost")), ValueError,
+     "per_example_method must be 'vmap' or 'ghost'"),
     (dict(dp=dict(delta=1e-3)), ValueError, "1/N"),
 ])
 def test_clear_errors(tmp_path, blocks, error, match):

@@ -139,13 +139,19 @@ RULES = [clipping.FlatClip(0.3), clipping.AutomaticClip(0.3, 0.01), clipping.Nor
 
 @pytest.mark.parametrize("name,rule,frozen", [("conv", r, False) for r in RULES] + [
     (name, RULES[0], False) for name in sorted(MODELS) if name != "conv"] + [
-    ("attention", RULES[0], True), ("strided_conv", RULES[1], True)])
+    ("attention", RULES[0], True), ("strided_conv", RULES[1], True)] + [
+    (name, "per_layer", False) for name in ("conv", "vit_scan", "conv1d")] + [
+    ("strided_conv", "per_layer", True)])
 def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
   """Book-keeping (weighted sums of the layers' factored terms, no second backward pass) gives
   the vmap path's clipped sum, leaf by leaf: kernels (conv kernels re-laid out from patches),
-  biases, norm scales, fallback leaves, and frozen leaves (zeros)."""
+  biases, norm scales, fallback leaves, and frozen leaves (zeros); per-layer clipping scales
+  each layer's terms by that layer's own factor (groups of a scanned stack: one per layer kind,
+  as on the vmap path)."""
   model = MODELS[name]()
   params = toy_models.init(model)
+  if rule == "per_layer":  # most (example, layer) pairs scaled down at this scale, not all
+    rule = clipping.per_layer_clip(params, 2.0)
   trainable = (clipping.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path
                                        or "Conv_1" in path) if frozen else None)
   losses = batch_losses_of(model)
@@ -227,12 +233,18 @@ def assert_fallback_is_right_or_refused(model, batch, unsupported):
     ghost.ghost_sq_norms(losses, params, batch, fallback="error")
 
 
-def test_per_layer_clipping_is_refused():
+def test_a_rule_without_factors_or_a_leaf_without_a_group_is_refused():
   model = toy_models.MODELS["dense"]
   params = toy_models.init(model)
-  with pytest.raises(ghost.GhostUnsupportedError, match="per-layer"):
-    ghost.clipped_grad_sum(batch_losses_of(model), params, toy_models.batch(2), jnp.ones(2),
-                           clipping.per_layer_clip(params, 1.0))
+  losses, batch = batch_losses_of(model), toy_models.batch(2)
+
+  class ElementClip(clipping.ClipRule):  # clips element by element: no factor per example
+    sensitivity = 1.0
+  with pytest.raises(ghost.GhostUnsupportedError, match="scales the whole gradient"):
+    ghost.clipped_grad_sum(losses, params, batch, jnp.ones(2), ElementClip())
+  rule = clipping.GroupClip({"Dense_0": 1.0}, group_of=lambda path: path[0])
+  with pytest.raises(ValueError, match="Dense_1/kernel falls in group 'Dense_1'"):
+    ghost.clipped_grad_sum(losses, params, batch, jnp.ones(2), rule)
 
 
 def test_a_loss_under_remat_gets_the_same_norms():
@@ -285,3 +297,18 @@ def test_bfloat16_contributions_stay_within_the_clip_bound(rule):
   norms = jax.vmap(clipping.global_norm)(alone)
   assert float(jnp.min(norms)) > 0.5 * rule.sensitivity  # scaled down, not vanished
   assert float(jnp.max(norms)) <= rule.sensitivity
+
+
+def test_bfloat16_per_layer_contributions_stay_within_each_layers_bound():
+  """Per-layer clipping in bfloat16: each layer's part of each example's contribution has norm
+  ≤ its C_g (the rounding slack is taken per group)."""
+  model = TokenMLP()
+  params = toy_models.init(model)
+  rule = clipping.per_layer_clip(params, 0.3)
+  batch = toy_models.batch(16, seed=5, scale=50.0)
+  alone = jax.jit(jax.vmap(lambda one_hot: ghost.clipped_grad_sum(
+      batch_losses_of(model), params, batch, one_hot, rule).grad_sum))(jnp.eye(16))
+  for layer, part in alone.items():
+    norms = jax.vmap(clipping.global_norm)(part)
+    assert float(jnp.max(norms)) <= rule.clip_norms[layer], layer
+    assert float(jnp.max(norms)) > 0.5 * rule.clip_norms[layer], layer

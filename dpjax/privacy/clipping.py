@@ -169,20 +169,28 @@ class GroupClip(ClipRule):
       members = [i for i, g in enumerate(groups) if g == name]
       block = [paths_leaves[i][1] for i in members]
       norm = global_norm(block)
-      c = self.clip_norms[name]
-      factor = c / jnp.maximum(norm, c)
+      factor, was_clipped = self.group_factor(name, norm)
       for i, leaf in zip(members, block):
         clipped[i] = leaf.astype(jnp.float32) * factor  # float32: see _scale
       norms_sq[name] = norm * norm
-      any_clipped = jnp.maximum(any_clipped, (norm > c).astype(jnp.float32))
+      any_clipped = jnp.maximum(any_clipped, was_clipped)
     total_norm = jnp.sqrt(sum(norms_sq.values()))
     return jax.tree_util.tree_unflatten(treedef, clipped), total_norm, any_clipped
 
+  def group_factor(self, name: str, norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scale factor, 1.0 if scaled down) of group `name` for a block of L2 norm `norm`."""
+    c = self.clip_norms[name]
+    return c / jnp.maximum(norm, c), (norm > c).astype(jnp.float32)
+
   def _group(self, path) -> str:
-    name = self.group_of(path_to_names(path))
+    return self.group_named(path_to_names(path))
+
+  def group_named(self, names: tuple[str, ...]) -> str:
+    """The group of the leaf at `names` (its key path as strings); ValueError if it has no C_g."""
+    name = self.group_of(names)
     if name not in self.clip_norms:
       raise ValueError(
-          f"Parameter {'/'.join(path_to_names(path))} falls in group {name!r}, which has no clip "
+          f"Parameter {'/'.join(names)} falls in group {name!r}, which has no clip "
           f"norm; known groups: {sorted(self.clip_norms)}. Add it to clip_norms.")
     return name
 

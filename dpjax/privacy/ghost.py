@@ -38,13 +38,14 @@ time), and supported layers are matched by exact type, so a subclass with extra 
 treated as unsupported.
 
 Privacy: the same per-example factors as the vmap path (flat, automatic and normalized clip
-rules), computed from norms equal to the vmap ones up to float32 rounding (tests/ghost_test.py);
-the sum's sensitivity is rule.sensitivity. Per-layer (group) clipping is not supported here.
+rules; per group for per-layer `GroupClip`), computed from norms equal to the vmap ones up to
+float32 rounding (tests/ghost_test.py); the sum's sensitivity is rule.sensitivity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -463,6 +464,26 @@ def _fallback_grads(batch_losses, params, batch, left) -> PyTree:
   return jax.vmap(one)(batch)
 
 
+def _group_factors(rule: clipping.ClipRule) -> Callable[[str, jax.Array], tuple]:
+  """(group, norms [m]) -> (factors [m], 1.0 where scaled down): one group of all leaves for rules
+  that scale the whole gradient (flat, automatic, normalized), a group per `GroupClip` group."""
+  if isinstance(rule, clipping.GroupClip):
+    return rule.group_factor
+  try:
+    rule.factor(jnp.float32(1.0))
+  except NotImplementedError as e:
+    raise GhostUnsupportedError(
+        f"Ghost clipping needs a clip rule that scales the whole gradient or each group of it "
+        f"({e}) — flat, automatic, normalized or per-layer (GroupClip); use "
+        "perf.per_example_method='vmap'.")
+  return lambda name, norm: rule.factor(norm)
+
+
+def _group_of(rule: clipping.ClipRule, path: tuple[str, ...]) -> str:
+  """The clip group of a leaf (its path of names): `GroupClip`'s, or one group for other rules."""
+  return rule.group_named(path) if isinstance(rule, clipping.GroupClip) else ""
+
+
 def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree,
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
@@ -471,15 +492,11 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   `clipping.clipped_grad_sum` (float32), without per-example gradients or a second backward pass.
 
   batch_losses(params, batch) -> [m] per-example losses; examples: leaves [n, ...]; mask [n];
-  rule: a rule with a per-example factor (flat, automatic, normalized). See the module docstring.
+  rule: flat, automatic, normalized (one factor per example) or a `GroupClip` (per-layer: one
+    factor per example and group, from the group's ghost norm). See the module docstring.
   """
   clipping.reject_batch_stats(params)
-  try:
-    rule.factor(jnp.float32(1.0))
-  except NotImplementedError as e:
-    raise GhostUnsupportedError(
-        f"Ghost clipping needs a clip rule that scales the whole gradient ({e}) — flat, "
-        "automatic or normalized; use perf.per_example_method='vmap' for per-layer clipping.")
+  group_factor = _group_factors(rule)
   if fallback not in ("vmap", "error"):
     raise ValueError(f"fallback must be 'vmap' or 'error', got {fallback!r}.")
   n = int(mask.shape[0])
@@ -489,19 +506,29 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   def clip_chunk(chunk):
     batch, chunk_mask = chunk
     terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-    sq_and_slack = [_term_sq_norms_and_slack(term, stacked) for _, term, stacked in terms.values()]
-    norms = jnp.sqrt(sum(sq for sq, _ in sq_and_slack))
-    factors, was_clipped = rule.factor(norms)
-    # A scaled-down low-precision output gradient is rounded before it is summed: the factor of
-    # a scaled-down example is computed from an upper bound of its norm that covers the rounding,
-    # so that its contribution stays within the clip bound.
-    bound = jnp.sqrt(sum(jnp.square(jnp.sqrt(sq) + slack) for sq, slack in sq_and_slack))
-    factors = jnp.where(factors < 1.0, jnp.minimum(factors, rule.factor(bound)[0]), factors)
+    groups: dict[str, list] = {}  # clip group -> [(leaf path, sq [m], slack [m]), ...]
+    for path, (_, term, stacked) in terms.items():
+      groups.setdefault(_group_of(rule, path), []).append(
+          (path,) + _term_sq_norms_and_slack(term, stacked))
     real = chunk_mask > 0
-    weights = jnp.where(real, factors, 0.0)
+    weights, sq_norms, clipped = {}, [], []
+    for name, members in groups.items():
+      norm = jnp.sqrt(sum(sq for _, sq, _ in members))
+      factor, was_clipped = group_factor(name, norm)
+      # A scaled-down low-precision output gradient is rounded before it is summed: the factor
+      # of a scaled-down example is computed from an upper bound of its norm that covers the
+      # rounding, so that its contribution stays within the clip bound.
+      bound = jnp.sqrt(sum(jnp.square(jnp.sqrt(sq) + slack) for _, sq, slack in members))
+      factor = jnp.where(factor < 1.0, jnp.minimum(factor, group_factor(name, bound)[0]), factor)
+      weights.update({path: jnp.where(real, factor, 0.0) for path, _, _ in members})
+      sq_norms.append(jnp.square(norm))
+      clipped.append(was_clipped)
     summed = jax.tree_util.tree_map_with_path(
-        lambda p, x: _summed_param(terms[clipping.path_to_names(p)], p[-1].key, weights, real,
-                                   x.shape), train_p)
-    return summed, clipping.microbatch_stats(norms, was_clipped, real)
+        lambda p, x: _summed_param(terms[clipping.path_to_names(p)], p[-1].key,
+                                   weights[clipping.path_to_names(p)], real, x.shape), train_p)
+    zeros = jnp.zeros(real.shape, jnp.float32)
+    norms = jnp.sqrt(sum(sq_norms, zeros))  # the whole gradient's norm, for the statistics
+    return summed, clipping.microbatch_stats(
+        norms, functools.reduce(jnp.maximum, clipped, zeros), real)
 
   return clipping.sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)
