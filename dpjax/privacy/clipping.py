@@ -81,7 +81,8 @@ class ClipRule:
 
   def factor(self, norm: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(scale factor, 1.0 if scaled down) for a gradient of global L2 norm `norm`; rules that
-    scale the whole gradient by one factor define it (ghost clipping needs it)."""
+    scale the whole gradient by one factor define it (ghost clipping uses it; for `GroupClip`
+    it uses `group_factor`)."""
     raise NotImplementedError(
         f"{type(self).__name__} does not scale the whole gradient by one factor.")
 
