@@ -46,6 +46,25 @@ class TilingConv(nn.Module):
     return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 
 
+class Embeddings(nn.Module):
+  """Embedding lookups with repeated and negative (wrapping) indices, and a one-row table that
+  broadcasts whatever the index."""
+  @nn.compact
+  def __call__(self, x):
+    idx = jnp.clip(jnp.floor(2.0 * x.reshape((x.shape[0], -1))), -7, 6).astype(jnp.int32)
+    h = nn.Embed(7, 4)(idx) + nn.Embed(1, 4)(idx[:, :5]).sum(axis=1, keepdims=True)
+    return nn.Dense(3)(jnp.tanh(h).mean(axis=1))
+
+
+class TiedEmbedding(nn.Module):
+  """An embedding table also read by `attend` (tied output weights): not one factored term."""
+  @nn.compact
+  def __call__(self, x):
+    idx = jnp.clip(jnp.floor(2.0 * x.reshape((x.shape[0], -1))), 0, 6).astype(jnp.int32)
+    embed = nn.Embed(7, 4)
+    return embed.attend(jnp.tanh(embed(idx)).mean(axis=1))[:, :3]
+
+
 class SharedDense(nn.Module):
   """One Dense layer used twice per example: its norm is not a sum of two ghost norms."""
   @nn.compact
@@ -85,7 +104,7 @@ class ScanWithoutGhostAxes(nn.Module):
 
 MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_models.MODELS["conv"],
           "attention": lambda: toy_models.MODELS["attention"], "strided_conv": StridedConv,
-          "tiling_conv": TilingConv,
+          "tiling_conv": TilingConv, "embed": Embeddings,
           "shared_dense": SharedDense, "vit": _vit, "conv1d": Conv1D,
           "vit_scan": lambda: _vit(scan_blocks=True),
           "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
@@ -231,6 +250,11 @@ def assert_fallback_is_right_or_refused(model, batch, unsupported):
                              np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
   with pytest.raises(ghost.GhostUnsupportedError, match=unsupported):
     ghost.ghost_sq_norms(losses, params, batch, fallback="error")
+
+
+def test_an_embedding_tied_to_the_output_goes_to_the_fallback():
+  assert_fallback_is_right_or_refused(TiedEmbedding(), toy_models.batch(4, seed=1, scale=2.0),
+                                      "embedding")
 
 
 def test_a_rule_without_factors_or_a_leaf_without_a_group_is_refused():

@@ -12,6 +12,8 @@ training does (book-keeping, Bu et al. 2023):
        Dense / DenseGeneral / Conv (via its patches) kernel, T positions (tokens, pixels):
          ∇ᵢ = Σₜ aᵢₜ gᵢₜᵀ, whose squared norm is Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) ("ghost norm", O(T²(d+p)))
          or, when cheaper, that of the instantiated gradient (O(T·d·p)): fastDP's mixed rule;
+       Embed table, T looked-up rows idxₜ: ∇ᵢ = Σₜ e_{idxₜ} gₜᵀ, squared norm
+         Σₜ,ₛ [idxₜ = idxₛ] (gₜ·gₛ); its clipped sum is a scatter-add of the wᵢgᵢₜ (float32);
        biases Σₜ gₜ; LayerNorm / GroupNorm scale Σₜ gₜ ⊙ x̂ₜ and bias Σₜ gₜ (small, instantiated).
   2. each example's factor wᵢ from the clip rule and its norm; the clipped sum is then, layer by
      layer, Σᵢ wᵢ∇ᵢ = Σᵢ,ₜ (wᵢaᵢₜ) gᵢₜᵀ or aᵢₜ (wᵢgᵢₜ)ᵀ (whichever factor is narrower is scaled):
@@ -30,7 +32,8 @@ A module class of one's own joins by defining `ghost_grads(self, inputs, output_
 {param name: per-example gradients [m, *param.shape]}` (dpjax's ViT `TokenEmbedding` does, for
 its class token and position embedding); a subclass that does not define it again is not trusted.
 Parameters no supported layer owns (custom layers such as weight-standardised convs, a layer
-called twice per example, a scan over more than one axis) fall back to per-example
+called twice per example or read by another of its methods, such as an embedding tied to the
+output through `nn.Embed.attend`, a scan over more than one axis) fall back to per-example
 gradients by `vmap(grad)` restricted to those parameters (fallback="vmap"), or raise
 `GhostUnsupportedError` (fallback="error"). They are never silently left out of the norm: every
 trainable leaf is accounted for by exactly one layer record or by the fallback (checked at trace
@@ -60,7 +63,7 @@ PyTree = Any
 # -> (losses [m], mutated variables): the model applied to {"params": params, **ghost_variables}
 # with mutable=COLLECTIONS (`apply_model` does that part).
 BatchLosses = Callable[..., Any]
-SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.LayerNorm, nn.GroupNorm)
+SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.LayerNorm, nn.GroupNorm)
 PROBES = "ghost_probes"  # zeros added to each supported layer's output: their gradient is gᵢ
 INPUTS = "ghost_inputs"  # each supported layer's input aᵢ, sown
 COLLECTIONS = (PROBES, INPUTS)
@@ -98,6 +101,8 @@ def _layer_param_names(module: nn.Module) -> set[str] | None:
   """The param names ghost computes for `module`, or None if this configuration is unsupported."""
   if "ghost_grads" in vars(type(module)):
     return set(module.variables.get("params", {}))
+  if isinstance(module, nn.Embed):
+    return {"embedding"}
   if isinstance(module, nn.Conv):
     if (len(module.kernel_size) != 2 or module.feature_group_count != 1
         or module.mask is not None or (isinstance(module.padding, str)
@@ -127,7 +132,14 @@ def _intercepting(batch_losses: BatchLosses, layers: dict) -> Callable:
   output. Inside `nn.scan` both collections stack along the scanned axis."""
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not _is_supported(type(module)):
+    if not _is_supported(type(module)):
+      return next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+      if context.method_name != "setup" and not context.method_name.startswith("_"):
+        # Another method reads the layer's params (nn.Embed.attend: tied weights): its gradient
+        # is not in the call's factored term, so the layer's params go to the fallback.
+        layers[tuple(module.path)] = _Layer(module.clone(parent=None), tuple(module.path),
+                                            frozenset(), {})
       return next_fun(*args, **kwargs)
     outputs = next_fun(*args, **kwargs)
     own = module.variables.get("params", {})
@@ -178,7 +190,8 @@ def _flat_paths(tree: dict, leaf: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Each parameter's per-example gradient, as a factored term built from (inputs, output grads):
 #   _Outer(a [m, T, d], g [m, T, p]): ∇ᵢ = Σₜ aᵢₜ gᵢₜᵀ (a kernel; never instantiated per example),
-#   _Summed(h [m, p]):                ∇ᵢ = hᵢ (biases, norm scales: small, instantiated in float32).
+#   _Summed(h [m, p]):                ∇ᵢ = hᵢ (biases, norm scales: small, instantiated in float32),
+#   _Lookup(idx [m, T], g [m, T, d]): ∇ᵢ = Σₜ e_{idxᵢₜ} gᵢₜᵀ (an embedding table's rows).
 
 
 @jax.tree_util.register_dataclass
@@ -192,6 +205,16 @@ class _Outer:
 @dataclasses.dataclass(frozen=True)
 class _Summed:
   h: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Lookup:
+  """An embedding table's term: rows idx [m, T] (in range) looked up, output grads g [m, T, d]:
+  ∇ᵢ = Σₜ e_{idxₜ} gₜᵀ, whose squared norm is Σₜ,ₛ [idxₜ = idxₛ] (gₜ·gₛ)."""
+  idx: jax.Array
+  g: jax.Array
+  rows: int = dataclasses.field(metadata=dict(static=True))
 
 
 def _rows(x: jax.Array, features: int) -> jax.Array:
@@ -213,6 +236,11 @@ def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
   dtype can add to ‖wᵢ∇ᵢ‖ per unit wᵢ: eps·Σₜ‖aₜ‖‖gₜ‖ (zero for float32 and instantiated terms)."""
   if isinstance(term, _Summed):
     return jnp.sum(jnp.square(term.h), axis=-1), jnp.zeros(term.h.shape[0], jnp.float32)
+  if isinstance(term, _Lookup):  # its weighted sum is formed in float32: no rounding slack
+    same_row = term.idx[:, :, None] == term.idx[:, None, :]
+    gram = _einsum("mtp,msp->mts", term.g, term.g)
+    sq = jnp.maximum(jnp.sum(jnp.where(same_row, gram, 0.0), axis=(1, 2)), 0.0)
+    return sq, jnp.zeros_like(sq)
   _, t, d = term.a.shape
   p = term.g.shape[-1]
   eps = 0.0 if term.g.dtype == jnp.float32 else float(jnp.finfo(term.g.dtype).eps)
@@ -236,6 +264,11 @@ def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
   with real examples)."""
   if isinstance(term, _Summed):  # a matrix-vector product over the row axis
     return _einsum("m,mk->k", weights, jnp.where(real[:, None], term.h, 0.0))
+  if isinstance(term, _Lookup):  # each example's scaled output grads added into their rows
+    g = jnp.where(real[:, None, None], term.g.astype(jnp.float32), 0.0) * weights[:, None, None]
+    features = g.shape[-1]
+    return jnp.zeros((term.rows, features), jnp.float32).at[term.idx.reshape(-1)].add(
+        g.reshape(-1, features))
 
   def scaled(x):
     x = weights[:, None, None] * x.astype(jnp.float32)
@@ -285,6 +318,17 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _lookup_term(module: nn.Embed, indices: jax.Array, g: jax.Array) -> _Lookup:
+  """The embedding's term, with the rows `jnp.take` reads: negative indices wrap, out-of-range
+  ones read no row (no gradient), and a one-row table is broadcast whatever the index."""
+  rows = module.num_embeddings
+  idx = indices.reshape(indices.shape[0], -1)
+  idx = jnp.zeros_like(idx) if rows == 1 else jnp.where(idx < 0, idx + rows, idx)
+  g = _rows(g, g.shape[-1])
+  g = jnp.where(((idx >= 0) & (idx < rows))[:, :, None], g, jnp.zeros((), g.dtype))
+  return _Lookup(idx, g, rows)
+
+
 def _normalized(module: nn.Module, x: jax.Array) -> jax.Array:
   """x̂: the norm layer's output with scale 1 and bias 0."""
   plain = module.clone(use_scale=False, use_bias=False, parent=None)
@@ -298,6 +342,8 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> 
     grads = module.ghost_grads(x, g)
     return {name: _Summed(grads[name].reshape(g.shape[0], -1).astype(jnp.float32))
             for name in layer.param_names if trainable.get(name)}
+  if isinstance(module, nn.Embed):
+    return {"embedding": _lookup_term(module, x, g)} if trainable.get("embedding") else {}
   if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
     gf = _rows(g, g.shape[-1]).astype(jnp.float32)
     if trainable.get("scale"):
