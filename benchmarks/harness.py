@@ -130,20 +130,30 @@ class Steps:
   def measure(self, name: str, windows: int, steps: int) -> dict[str, float]:
     """Compile time and median examples/s of `name` ('dp' or 'non_dp')."""
     step: Callable = getattr(self, name)
+
+    def advance():
+      self.state = step(*self.state)
+      return self.state
+    first_s, step_s = time_steps(advance, windows, steps)
+    rate = self.batch / step_s
+    return {f"{name}_examples_per_s": rate, f"{name}_step_ms": 1e3 * step_s,
+            f"{name}_compile_s": max(first_s - step_s, 0.0)}
+
+
+def time_steps(advance: Callable[[], Any], windows: int, steps: int) -> tuple[float, float]:
+  """(seconds of the first call, median seconds per call): `advance()` dispatches one step and
+  returns its output; each of `windows` windows dispatches `steps` steps and blocks once."""
+  start = time.perf_counter()
+  jax.block_until_ready(advance())
+  first = time.perf_counter() - start
+  per_step = []
+  for _ in range(windows):
     start = time.perf_counter()
-    self.state = step(*self.state)
-    jax.block_until_ready(self.state)
-    first = time.perf_counter() - start
-    rates = []
-    for _ in range(windows):
-      start = time.perf_counter()
-      for _ in range(steps):
-        self.state = step(*self.state)
-      jax.block_until_ready(self.state)
-      rates.append(self.batch * steps / (time.perf_counter() - start))
-    rate = statistics.median(rates)
-    return {f"{name}_examples_per_s": rate, f"{name}_step_ms": 1e3 * self.batch / rate,
-            f"{name}_compile_s": max(first - self.batch / rate, 0.0)}
+    for _ in range(steps):
+      out = advance()
+    jax.block_until_ready(out)
+    per_step.append((time.perf_counter() - start) / steps)
+  return first, statistics.median(per_step)
 
 
 def peak_memory_mb(mesh) -> float:

@@ -1,11 +1,12 @@
 """Where a step's device time goes: a JAX profiler trace of a few steps, summed per kernel.
 
-  summary = profile.kernel_times(lambda: run_steps(), "/tmp/trace")  # [(name, ms, calls), ...]
+  summary = profile.kernel_times(run_steps, "/tmp/trace")  # {"track_ms", "kernels"}
+  profile.annotate(summary["kernels"], dump_dir)  # with XLA_FLAGS=dump_flags(dump_dir) set
 
 `jax.profiler.trace(..., create_perfetto_trace=True)` writes `perfetto_trace.json.gz`; its events
 on the accelerator's tracks (process names mentioning a device, "/device:GPU:0" say) are grouped
-by kernel name, with the HLO op and a shortened long name of the first event as a hint of what
-the kernel computes (XLA fusion names alone say little).
+by kernel name, with the HLO op and module of the first event; `annotate` adds what each kernel
+computes from XLA's optimized-HLO dump (fusion names alone say little).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def dump_flags(dump_dir: str) -> str:
 def annotate(kernels: list[dict], dump_dir: str) -> list[dict]:
   """Adds to each kernel the shape and the JAX op name (`source`) of the HLO instruction it runs,
   looked up by name (fusion_12 -> %fusion.12) in the optimized HLO that XLA dumped for the
-  kernel's module (its `long_name`, e.g. jit_accumulate; names repeat across modules)."""
+  kernel's `module` (e.g. jit_accumulate; names repeat across modules)."""
   found: dict[tuple[str, str], str] = {}
   for path in pathlib.Path(dump_dir).glob("*after_optimizations.txt"):
     module = path.name.split(".")[1] if path.name.count(".") > 1 else ""
@@ -41,7 +42,7 @@ def annotate(kernels: list[dict], dump_dir: str) -> list[dict]:
         found.setdefault((module, _key(match.group(1))), f"{match.group(2)} {match.group(3)}")
   for kernel in kernels:
     for name in (kernel["name"], kernel["hlo_op"]):
-      key = (kernel.get("long_name", ""), _key(name))
+      key = (kernel.get("module", ""), _key(name))
       if key in found:
         kernel["source"] = found[key][:400]
         break
@@ -54,7 +55,7 @@ def _key(name: str) -> str:
 
 def kernel_times(run: Callable[[], Any], trace_dir: str, top: int = 40) -> dict:
   """Traces `run()` (which must block until its device work is done) and returns {"track_ms":
-  {track: ms}, "kernels": [{track, name, ms, calls, hlo_op, long_name}, ...] (largest first, `top`
+  {track: ms}, "kernels": [{track, name, ms, calls, hlo_op, module}, ...] (largest first, `top`
   of them)}: a track is a device thread of the trace ("Stream", "XLA Ops", "XLA Modules", ...);
   the same time shows on several of them."""
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -82,8 +83,8 @@ def kernel_times(run: Callable[[], Any], trace_dir: str, top: int = 40) -> dict:
     if not entry[2]:
       args = e.get("args", {})
       entry[2] = str(args.get("hlo_op", ""))
-      entry[3] = str(args.get("long_name", args.get("hlo_module", "")))[:300]
-  kernels = [dict(track=track, name=name, ms=v[0], calls=v[1], hlo_op=v[2], long_name=v[3])
+      entry[3] = str(args.get("hlo_module", ""))
+  kernels = [dict(track=track, name=name, ms=v[0], calls=v[1], hlo_op=v[2], module=v[3])
              for (track, name), v in sums.items()]
   kernels.sort(key=lambda k: -k["ms"])
   totals = collections.Counter()

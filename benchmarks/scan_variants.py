@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,19 +39,10 @@ def run(model_key: str, variant: str, batch: int, steps: int, windows: int) -> d
   rng = np.random.default_rng(0)
   data = dict(image=jnp.asarray(rng.standard_normal((batch,) + shape), jnp.float32),
               label=jnp.asarray(rng.integers(0, classes, batch), jnp.int32))
-  start = time.perf_counter()
-  jax.block_until_ready(grad(params, data))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(windows):
-    start = time.perf_counter()
-    for _ in range(steps):
-      out = grad(params, data)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / steps)
-  ms = 1e3 * statistics.median(times)
+  first_s, step_s = harness.time_steps(lambda: grad(params, data), windows, steps)
+  ms = 1e3 * step_s
   return dict(model=model_key, variant=variant, batch=batch, step_ms=ms,
-              examples_per_s=1e3 * batch / ms, compile_s=first - ms / 1e3,
+              examples_per_s=1e3 * batch / ms, compile_s=first_s - step_s,
               **harness.device_facts())
 
 

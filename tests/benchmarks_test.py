@@ -43,12 +43,25 @@ def test_profile_names_kernels_after_the_dumped_hlo(tmp_path):
   (tmp_path / "module_0002.jit_other.sm_9.0_gpu_after_optimizations.txt").write_text(
       '  %fusion.12 = f32[2]{0} fusion(%p0), metadata={op_name="jit(other)/x"}\n')
   kernels = profile.annotate(
-      [dict(name="fusion_12", hlo_op="", long_name="jit_step"),
-       dict(name="k", hlo_op="copy.3", long_name="jit_step"),
-       dict(name="unknown", hlo_op="", long_name="jit_step"),
-       dict(name="fusion_12", hlo_op="", long_name="jit_other")], str(tmp_path))
+      [dict(name="fusion_12", hlo_op="", module="jit_step"),
+       dict(name="k", hlo_op="copy.3", module="jit_step"),
+       dict(name="unknown", hlo_op="", module="jit_step"),
+       dict(name="fusion_12", hlo_op="", module="jit_other")], str(tmp_path))
   assert kernels[0]["source"] == "f32[8,197,197]{2,1,0} jit(accumulate)/ghost/gram"
   assert kernels[1]["source"] == "bf16[4]{0} jit(step)/copy"
   assert "source" not in kernels[2]
   assert kernels[3]["source"] == "f32[2]{0} jit(other)/x"
   assert "--xla_dump_to=/d" in profile.dump_flags("/d")
+
+
+def test_scan_variants_benchmark_writes_a_row_per_variant(tmp_path):
+  out = tmp_path / "s.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  done = subprocess.run([sys.executable, "-m", "benchmarks.scan_variants", "--model=vit_test",
+                         "--variants=unrolled,scan", "--batch=4", "--steps=1", "--windows=1",
+                         f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["unrolled", "scan"]
+  assert all(r["step_ms"] > 0 and r["compile_s"] > 0 for r in rows)
