@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -133,13 +134,20 @@ def main() -> None:
                           capture_output=True, text=True, env=env)
     if done.returncode:
       print(f"FAILED {config}:\n{done.stderr[-3000:]}", file=sys.stderr)
-      rows.append(dict(config, failed=done.stderr.strip().splitlines()[-1][:300]))
+      rows.append(dict(config, failed=failure(done.stderr)))
       write(args.out, rows)
       continue
     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     write(args.out, rows)  # after every row: a run cut short keeps what it measured
   print(markdown_table(rows))
+
+
+def failure(stderr: str) -> str:
+  """The exception line of a failed configuration's stderr (JAX appends notes after it)."""
+  lines = [line for line in stderr.strip().splitlines() if line.strip()] or ["(no stderr)"]
+  found = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+  return (found or lines)[-1][:500]
 
 
 def write(path: str, rows: list[dict]) -> None:

@@ -65,3 +65,17 @@ def test_scan_variants_benchmark_writes_a_row_per_variant(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["variant"] for r in rows] == ["unrolled", "scan"]
   assert all(r["step_ms"] > 0 and r["compile_s"] > 0 for r in rows)
+
+
+def test_summed_terms_variants_agree(tmp_path):
+  """Every formulation times the same norm and weighted sum (they agree to float32 rounding)."""
+  from benchmarks import summed_terms
+  out = tmp_path / "t.json"
+  done = subprocess.run([sys.executable, "-m", "benchmarks.summed_terms", "--shape=4x5x6",
+                         "--steps=1", "--windows=1", f"--out={out}"], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == list(summed_terms.VARIANTS)
+  assert all(r["ms"] > 0 and r["max_rel_error"] < 1e-5 for r in rows)

@@ -142,6 +142,24 @@ def test_tiling_conv_patches_are_a_reshape_of_the_input():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_the_weighted_sum_scales_the_factor_that_needs_no_transpose():
+  """On a tie (d = p), wᵢ scales the factor with one feature axis: attention's query/key/value
+  output grads and the out projection's inputs are per-head arrays that XLA lays out head-major
+  (scaling them cost a transpose per layer on an H200); a conv scales its output grads."""
+  model = toy_models.MODELS["attention"]
+  params = toy_models.init(model)
+  terms = ghost._per_example_terms(batch_losses_of(model), params, toy_models.batch(2), None,
+                                   "error")
+  scales = {"/".join(path[-2:]): term.scale_inputs for path, (_, term, _) in terms.items()
+            if isinstance(term, ghost._Outer)}
+  assert scales == {"query/kernel": True, "key/kernel": True, "value/kernel": True,
+                    "out/kernel": False, "Dense_0/kernel": True, "Dense_1/kernel": True}
+  conv = toy_models.MODELS["conv"]
+  terms = ghost._per_example_terms(batch_losses_of(conv), toy_models.init(conv),
+                                   toy_models.batch(2), None, "error")
+  assert not terms[("Conv_0", "kernel")][1].scale_inputs
+
+
 def test_ghost_norms_with_a_frozen_subset():
   model = toy_models.MODELS["attention"]
   params = toy_models.init(model)

@@ -60,13 +60,16 @@ def vit_config(
 
 
 def fused_attention(query, key, value, bias=None, mask=None, **unused):
-  """`jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies, else XLA) with flax's
-  attention_fn signature; [batch, tokens, heads, head_dim] in and out. No dropout."""
+  """`jax.nn.dot_product_attention` with flax's attention_fn signature; [batch, tokens, heads,
+  head_dim] in and out. No dropout. XLA's implementation (jax ≤ 0.11 picks it by default): the
+  scores [batch, heads, T, T] are formed in memory."""
   del unused
   return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
 
 
-# attention="einsum": flax's softmax(QKᵀ/√d)V written out; "fused": one fused op.
+# attention="einsum": flax's softmax(QKᵀ/√d)V written out; "fused": one op (XLA's). cuDNN's
+# flash attention (jax.nn.dot_product_attention(implementation="cudnn")) refuses these models in
+# training on jax 0.11.2 (sequence lengths 197 and 65: "Unsupported sequence length").
 ATTENTION_FNS = {"einsum": nn.dot_product_attention, "fused": fused_attention}
 
 

@@ -197,8 +197,11 @@ def _flat_paths(tree: dict, leaf: str) -> dict:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Outer:
+  """A kernel's term. Its weighted sum scales the narrower factor by wᵢ; on a tie, a if
+  `scale_inputs`: the factor that needs no transpose (`_layer_terms` decides)."""
   a: jax.Array
   g: jax.Array
+  scale_inputs: bool = dataclasses.field(metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -263,6 +266,7 @@ def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
   rows get exact zeros there, so the other factor's padded rows must be finite (the trainer pads
   with real examples)."""
   if isinstance(term, _Summed):  # a matrix-vector product over the row axis
+    weights, real = _unshared(weights, real)
     return _einsum("m,mk->k", weights, jnp.where(real[:, None], term.h, 0.0))
   if isinstance(term, _Lookup):  # each example's scaled output grads added into their rows
     g = jnp.where(real[:, None, None], term.g.astype(jnp.float32), 0.0) * weights[:, None, None]
@@ -273,9 +277,18 @@ def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
   def scaled(x):
     x = weights[:, None, None] * x.astype(jnp.float32)
     return jnp.where(real[:, None, None], x, 0.0).astype(term.g.dtype)
-  if term.a.shape[-1] < term.g.shape[-1]:
+  d, p = term.a.shape[-1], term.g.shape[-1]
+  if d < p or (d == p and term.scale_inputs):
     return _einsum("mtd,mtp->dp", scaled(term.a), term.g)
   return _einsum("mtd,mtp->dp", term.a, scaled(term.g))
+
+
+def _unshared(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """The arrays behind an optimization barrier, for a reduction that reads them: otherwise XLA
+  merges it with every other layer's elementwise use of the weights into one multi-output
+  fusion, which then runs at the reduction's pace (2.3 ms of a 64 ms ViT-B/16 step on an H200:
+  `benchmarks/results/README.md`)."""
+  return jax.lax.optimization_barrier(arrays)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -354,6 +367,7 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> 
   if isinstance(module, nn.Conv):
     a = _conv_patches(module, x.astype(g.dtype))
     a, gf = _rows(a, a.shape[-1]), _rows(g, g.shape[-1])
+    scale_inputs = False  # patches are a transpose (or a convolution) of the input
   else:
     axes = _axes(module.axis) if isinstance(module, nn.DenseGeneral) else (-1,)
     contracted = len(axes)
@@ -362,8 +376,11 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> 
     d = math.prod(x.shape[x.ndim - contracted:])
     out_features = math.prod(g.shape[x.ndim - contracted:])
     a, gf = _rows(x.astype(g.dtype), d), _rows(g, out_features)
+    # Features over several axes (attention heads) come out of, or go into, per-head matmuls
+    # whose layout XLA keeps head-major: scaling that factor would add a transpose.
+    scale_inputs = contracted == 1 or g.ndim - (x.ndim - contracted) > 1
   if trainable.get("kernel"):
-    terms["kernel"] = _Outer(a, gf)
+    terms["kernel"] = _Outer(a, gf, scale_inputs)
   if trainable.get("bias"):
     terms["bias"] = _Summed(jnp.sum(gf.astype(jnp.float32), 1))
   return terms
