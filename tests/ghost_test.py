@@ -26,13 +26,15 @@ def vmap_sq_norms(batch_losses, params, batch, trainable=None):
 
 
 class StridedConv(nn.Module):
-  """Convolutions with stride, explicit padding, dilation, no bias, and a GroupNorm."""
+  """Convolutions with stride, explicit padding, dilation (kernel and input), no bias, and a
+  GroupNorm."""
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(6, (3, 3), strides=2, padding=((1, 2), (0, 1)))(x)
     x = nn.GroupNorm(num_groups=3)(jnp.tanh(x))
     x = nn.Conv(4, (2, 2), padding="SAME", kernel_dilation=2, use_bias=False)(x)
     x = nn.Conv(4, (3, 3), strides=(1, 2), padding="VALID")(jnp.tanh(x))
+    x = nn.Conv(3, (2, 2), padding=((1, 0), (0, 1)), input_dilation=2)(jnp.tanh(x))
     return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 
 
@@ -122,21 +124,24 @@ def test_ghost_norms_equal_vmap_norms(name):
   np.testing.assert_allclose(np.sqrt(got), np.sqrt(expected), rtol=1e-5)
 
 
-def test_tiling_conv_patches_are_a_reshape_of_the_input():
-  """A ViT's patch embedding gets its patches without an (identity-kernel) convolution, and in
-  the order its kernel is laid out in."""
-  for module, tiles in [(nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID"), True),
-                        (nn.Conv(5, (2, 2), strides=2, padding=0), True),
-                        (nn.Conv(5, (2, 2), strides=2, padding="SAME"), False),
-                        (nn.Conv(5, (3, 3), strides=2, padding="VALID"), False)]:
-    assert ghost._tiles(module) == tiles
-  module = nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID")
+@pytest.mark.parametrize("module,tiles,shape", [
+    (nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID"), True, (2, 4, 2, 18)),
+    (nn.Conv(5, (2, 2), strides=2, padding=0), True, (2, 4, 4, 12)),
+    (nn.Conv(5, (2, 2), strides=2, padding="SAME"), False, (2, 4, 4, 12)),
+    (nn.Conv(5, (3, 3), strides=2, padding="VALID"), False, (2, 3, 3, 27)),
+    (nn.Conv(5, (3, 3), padding="SAME", kernel_dilation=(2, 1)), False, (2, 8, 8, 27)),
+    (nn.Conv(5, (3, 2), strides=(2, 1), padding=((2, 0), (1, 3))), False, (2, 4, 11, 18))])
+def test_conv_patches_are_gathered_from_the_input(module, tiles, shape):
+  """Convs without input dilation get their patches without an (identity-kernel) convolution:
+  a reshape when the windows tile the input (a ViT's patch embedding), else strided slices; in
+  the order the kernel is laid out in, so patches @ kernel is the conv."""
+  assert ghost._tiles(module) == tiles and not ghost._channels_first(module)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
   jaxpr = str(jax.make_jaxpr(lambda v: ghost._conv_patches(module, v))(x))
   assert "conv_general_dilated" not in jaxpr
   params = module.init(jax.random.PRNGKey(1), x)["params"]
-  patches = ghost._conv_patches(module, x)  # [2, 4, 2, 18]
-  assert patches.shape == (2, 4, 2, 18)
+  patches = ghost._conv_patches(module, x)
+  assert patches.shape == shape
   kernel = params["kernel"].reshape(-1, 5)
   np.testing.assert_allclose(patches @ kernel + params["bias"], module.apply({"params": params}, x),
                              rtol=1e-5, atol=1e-5)

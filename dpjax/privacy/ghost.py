@@ -308,23 +308,46 @@ def _conv_padding(module: nn.Conv):
 
 def _tiles(module: nn.Conv) -> bool:
   """Whether the conv's windows tile its input: stride = kernel size, no padding or dilation (a
-  ViT's patch embedding). Its patches are then a reshape of the input, in (kh, kw, C) order;
-  other convs get theirs from `conv_general_dilated_patches`, in (C, kh, kw) order."""
+  ViT's patch embedding). Its patches are then a reshape of the input (see `_conv_patches`)."""
   padding = _conv_padding(module)
   return (_pair(module.strides) == tuple(module.kernel_size)
           and _pair(module.input_dilation) == _pair(module.kernel_dilation) == (1, 1)
           and (padding == "VALID" or padding == [(0, 0)] * 2))
 
 
+def _channels_first(module: nn.Conv) -> bool:
+  """Whether the conv's patches are in (C, kh, kw) order (input dilation: patches from
+  `conv_general_dilated_patches`) rather than (kh, kw, C)."""
+  return _pair(module.input_dilation) != (1, 1)
+
+
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """The 2-D conv's input patches [m, H', W', kh·kw·C] (same windows as its outputs; the order
-  within a patch is `_tiles`')."""
+  """The 2-D conv's input patches [m, H', W', kh·kw·C] (same windows as its outputs), without
+  an identity-kernel convolution (9·C output channels for a 3×3 conv: ~9× the layer's own
+  FLOPs) where the conv has no input dilation: a reshape when its windows tile the input
+  (`_tiles`), else kh·kw strided slices of the padded input; in (kh, kw, C) order, or
+  (C, kh, kw) from `conv_general_dilated_patches` (`_channels_first`)."""
   kh, kw = module.kernel_size
-  if _tiles(module):  # a reshape and a transpose instead of an identity-kernel convolution
+  if _tiles(module):
     m, h, w, c = x.shape
     rows, cols = h // kh, w // kw  # VALID drops the remainder
     x = x[:, :rows * kh, :cols * kw].reshape(m, rows, kh, cols, kw, c)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(m, rows, cols, kh * kw * c)
+  if not _channels_first(module):
+    (sh, sw), (dh, dw) = _pair(module.strides), _pair(module.kernel_dilation)
+    padding = _conv_padding(module)
+    if isinstance(padding, str):  # as lax.conv_general_dilated pads: for the dilated kernel
+      padding = jax.lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
+                                        (sh, sw), padding)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    [(0, 0, 0)] + [(low, high, 0) for low, high in padding] + [(0, 0, 0)])
+    m, h, w, c = x.shape
+    rows, cols = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+    windows = [jax.lax.slice(x, (0, i * dh, j * dw, 0),
+                             (m, i * dh + (rows - 1) * sh + 1, j * dw + (cols - 1) * sw + 1, c),
+                             (1, sh, sw, 1))
+               for i in range(kh) for j in range(kw)]
+    return jnp.stack(windows, axis=3).reshape(m, rows, cols, kh * kw * c)
   return jax.lax.conv_general_dilated_patches(
       x, (kh, kw), _pair(module.strides), _conv_padding(module),
       lhs_dilation=_pair(module.input_dilation), rhs_dilation=_pair(module.kernel_dilation),
@@ -367,7 +390,7 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> 
   if isinstance(module, nn.Conv):
     a = _conv_patches(module, x.astype(g.dtype))
     a, gf = _rows(a, a.shape[-1]), _rows(g, g.shape[-1])
-    scale_inputs = False  # patches are a transpose (or a convolution) of the input
+    scale_inputs = False  # patches are gathered from the input (slices, a transpose)
   else:
     axes = _axes(module.axis) if isinstance(module, nn.DenseGeneral) else (-1,)
     contracted = len(axes)
@@ -398,9 +421,9 @@ def _summed_param(found: tuple, name: str, weights: jax.Array, real: jax.Array,
 
 
 def _as_param(module: nn.Module, name: str, flat: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """A weighted sum of a layer's terms, in its param's shape (see `_tiles` for the order of conv
-  patches)."""
-  if isinstance(module, nn.Conv) and name == "kernel" and not _tiles(module):
+  """A weighted sum of a layer's terms, in its param's shape (see `_channels_first` for the order
+  of conv patches)."""
+  if isinstance(module, nn.Conv) and name == "kernel" and _channels_first(module):
     kh, kw, c, o = shape
     return flat.reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
   return flat.reshape(shape)
