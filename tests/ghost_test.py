@@ -183,7 +183,7 @@ RULES = [clipping.FlatClip(0.3), clipping.AutomaticClip(0.3, 0.01), clipping.Nor
     (name, RULES[0], False) for name in sorted(MODELS) if name != "conv"] + [
     ("attention", RULES[0], True), ("strided_conv", RULES[1], True)] + [
     (name, "per_layer", False) for name in ("conv", "vit_scan", "conv1d")] + [
-    ("strided_conv", "per_layer", True)])
+    ("strided_conv", "per_layer", True), ("wrn", "per_layer", True)])
 def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
   """Book-keeping (weighted sums of the layers' factored terms, no second backward pass) gives
   the vmap path's clipped sum, leaf by leaf: kernels (conv kernels re-laid out from patches),
@@ -213,17 +213,18 @@ def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
 
 
 def test_layers_ghost_cannot_handle_fail_loudly_when_asked():
-  model = MODELS["wrn"]()  # weight-standardised convs: a custom layer ghost knows nothing about
+  model = MODELS["conv1d"]()  # a 1-D convolution: a configuration ghost does not handle
   params = toy_models.init(model)
   with pytest.raises(ghost.GhostUnsupportedError, match="kernel"):
     ghost.ghost_sq_norms(batch_losses_of(model), params, toy_models.batch(2), fallback="error")
 
 
-@pytest.mark.parametrize("scan_blocks", [False, True])
-def test_the_vit_needs_no_fallback(scan_blocks):
-  """Its class token and position embedding come from TokenEmbedding.ghost_grads; its scanned
-  blocks' layers are read slice by slice."""
-  model = _vit(scan_blocks)
+@pytest.mark.parametrize("name", ["vit", "vit_scan", "wrn"])
+def test_the_vit_and_the_wrn_need_no_fallback(name):
+  """The ViT's class token and position embedding come from TokenEmbedding.ghost_grads, its
+  scanned blocks' layers are read slice by slice; the WRN's weight-standardised convs from
+  WSConv.ghost_grads (kernel, gain, bias)."""
+  model = MODELS[name]()
   params = toy_models.init(model)
   losses = batch_losses_of(model)
   batch = toy_models.batch(4, seed=6)

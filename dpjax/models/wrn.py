@@ -47,12 +47,36 @@ class WSConv(nn.Module):
     kernel = self.param("kernel", kernel_init, kernel_shape)
     gain = self.param("gain", nn.initializers.ones, (self.features,))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    fan_in = math.prod(kernel_shape[:-1])
-    scaled_kernel = standardize_kernel(kernel, self.eps) * (gain / math.sqrt(fan_in))
     outputs = jax.lax.conv_general_dilated(
-        inputs, scaled_kernel, window_strides=(self.strides, self.strides),
+        inputs, self._scaled_kernel(kernel, gain), window_strides=(self.strides, self.strides),
         padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return outputs + bias
+
+  def _scaled_kernel(self, kernel: jax.Array, gain: jax.Array) -> jax.Array:
+    fan_in = math.prod(kernel.shape[:-1])
+    return standardize_kernel(kernel, self.eps) * (gain / math.sqrt(fan_in))
+
+  def ghost_grads(self, inputs: jax.Array, output_grads: jax.Array) -> dict[str, jax.Array]:
+    """Per-example gradients [m, *shape] of kernel, gain and bias for ghost clipping
+    (`dpjax.privacy.ghost`; called bound to the params), from the inputs [m, H, W, C_in] and the
+    output gradients g [m, H', W', features]: the used kernel's gradient Σₜ pₜgₜᵀ from the input
+    patches pₜ (one batched matmul, float32 accumulation), pulled back through the
+    standardisation (linear in that gradient, so per example by vmap); bias Σₜ gₜ. Float32,
+    from the float32 params: the same per-example gradients that clipping then bounds."""
+    from dpjax.privacy import ghost  # dpjax.privacy does not import models
+
+    params = self.variables["params"]
+    kernel, gain = (params[name].astype(jnp.float32) for name in ("kernel", "gain"))
+    patches = ghost.conv_patches(inputs.astype(output_grads.dtype), self.kernel_size,
+                                 self.strides, self.padding)
+    m = inputs.shape[0]
+    used = jnp.einsum("mtd,mtp->mdp", patches.reshape(m, -1, patches.shape[-1]),
+                      output_grads.reshape(m, -1, self.features),
+                      preferred_element_type=jnp.float32)
+    _, pullback = jax.vjp(self._scaled_kernel, kernel, gain)
+    kernel_grads, gain_grads = jax.vmap(pullback)(used.reshape((m,) + kernel.shape))
+    bias_grads = jnp.sum(output_grads.astype(jnp.float32), axis=(1, 2))
+    return {"kernel": kernel_grads, "gain": gain_grads, "bias": bias_grads}
 
 
 class PreActivationConv(nn.Module):

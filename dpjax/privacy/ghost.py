@@ -29,9 +29,12 @@ norm plus that slack (summed over a scanned layer's slices, which only loosens t
 contribution stays within the clip bound (tested).
 
 A module class of one's own joins by defining `ghost_grads(self, inputs, output_grads) ->
-{param name: per-example gradients [m, *param.shape]}` (dpjax's ViT `TokenEmbedding` does, for
-its class token and position embedding); a subclass that does not define it again is not trusted.
-Parameters no supported layer owns (custom layers such as weight-standardised convs, a layer
+{param name: per-example gradients [m, *param.shape]}`, which ghost calls bound to the module's
+params (`self.variables`); dpjax's ViT `TokenEmbedding` does (class token, position embedding), and
+so does the WRN's weight-standardised `WSConv` (its kernel's per-example gradient from the input
+patches, `conv_patches`, pulled back through the standardisation); a subclass that does not
+define it again is not trusted.
+Parameters no supported layer owns (custom layers without `ghost_grads`, a layer
 called twice per example or read by another of its methods, such as an embedding tied to the
 output through `nn.Embed.attend`, a scan over more than one axis) fall back to per-example
 gradients by `vmap(grad)` restricted to those parameters (fallback="vmap"), or raise
@@ -308,7 +311,7 @@ def _conv_padding(module: nn.Conv):
 
 def _tiles(module: nn.Conv) -> bool:
   """Whether the conv's windows tile its input: stride = kernel size, no padding or dilation (a
-  ViT's patch embedding). Its patches are then a reshape of the input (see `_conv_patches`)."""
+  ViT's patch embedding). Its patches are then a reshape of the input (see `conv_patches`)."""
   padding = _conv_padding(module)
   return (_pair(module.strides) == tuple(module.kernel_size)
           and _pair(module.input_dilation) == _pair(module.kernel_dilation) == (1, 1)
@@ -321,35 +324,43 @@ def _channels_first(module: nn.Conv) -> bool:
   return _pair(module.input_dilation) != (1, 1)
 
 
-def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """The 2-D conv's input patches [m, H', W', kh·kw·C] (same windows as its outputs), without
-  an identity-kernel convolution (9·C output channels for a 3×3 conv: ~9× the layer's own
-  FLOPs) where the conv has no input dilation: a reshape when its windows tile the input
-  (`_tiles`), else kh·kw strided slices of the padded input; in (kh, kw, C) order, or
-  (C, kh, kw) from `conv_general_dilated_patches` (`_channels_first`)."""
-  kh, kw = module.kernel_size
-  if _tiles(module):
-    m, h, w, c = x.shape
+def conv_patches(x: jax.Array, kernel_size: tuple[int, int], strides=1, padding="VALID",
+                 kernel_dilation=1) -> jax.Array:
+  """A 2-D conv's input patches [m, H', W', kh·kw·C] in (kh, kw, C) order (the order of an HWIO
+  kernel reshaped to [kh·kw·C, O]: patches @ kernel is the conv), for x [m, H, W, C] and the
+  conv's strides, padding ("SAME", "VALID" or [(low, high)] * 2) and kernel dilation.
+
+  No identity-kernel convolution (9·C output channels for a 3×3 conv, ~9× the layer's own
+  FLOPs): a reshape when the windows tile the input (stride = kernel, no padding or dilation: a
+  ViT's patch embedding), else kh·kw strided slices of the padded input."""
+  (kh, kw), (sh, sw), (dh, dw) = kernel_size, _pair(strides), _pair(kernel_dilation)
+  if isinstance(padding, str):  # as lax.conv_general_dilated pads: for the dilated kernel
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
+                                      (sh, sw), padding.upper())
+  m, h, w, c = x.shape
+  if (sh, sw) == (kh, kw) and (dh, dw) == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
     rows, cols = h // kh, w // kw  # VALID drops the remainder
     x = x[:, :rows * kh, :cols * kw].reshape(m, rows, kh, cols, kw, c)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(m, rows, cols, kh * kw * c)
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                  [(0, 0, 0)] + [(low, high, 0) for low, high in padding] + [(0, 0, 0)])
+  m, h, w, c = x.shape
+  rows, cols = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
+  windows = [jax.lax.slice(x, (0, i * dh, j * dw, 0),
+                           (m, i * dh + (rows - 1) * sh + 1, j * dw + (cols - 1) * sw + 1, c),
+                           (1, sh, sw, 1))
+             for i in range(kh) for j in range(kw)]
+  return jnp.stack(windows, axis=3).reshape(m, rows, cols, kh * kw * c)
+
+
+def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+  """An nn.Conv's input patches: `conv_patches`, or under input dilation those of
+  `conv_general_dilated_patches`, in (C, kh, kw) order (`_channels_first`)."""
   if not _channels_first(module):
-    (sh, sw), (dh, dw) = _pair(module.strides), _pair(module.kernel_dilation)
-    padding = _conv_padding(module)
-    if isinstance(padding, str):  # as lax.conv_general_dilated pads: for the dilated kernel
-      padding = jax.lax.padtype_to_pads(x.shape[1:3], ((kh - 1) * dh + 1, (kw - 1) * dw + 1),
-                                        (sh, sw), padding)
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                    [(0, 0, 0)] + [(low, high, 0) for low, high in padding] + [(0, 0, 0)])
-    m, h, w, c = x.shape
-    rows, cols = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
-    windows = [jax.lax.slice(x, (0, i * dh, j * dw, 0),
-                             (m, i * dh + (rows - 1) * sh + 1, j * dw + (cols - 1) * sw + 1, c),
-                             (1, sh, sw, 1))
-               for i in range(kh) for j in range(kw)]
-    return jnp.stack(windows, axis=3).reshape(m, rows, cols, kh * kw * c)
+    return conv_patches(x, tuple(module.kernel_size), module.strides, _conv_padding(module),
+                        module.kernel_dilation)
   return jax.lax.conv_general_dilated_patches(
-      x, (kh, kw), _pair(module.strides), _conv_padding(module),
+      x, tuple(module.kernel_size), _pair(module.strides), _conv_padding(module),
       lhs_dilation=_pair(module.input_dilation), rhs_dilation=_pair(module.kernel_dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -371,11 +382,13 @@ def _normalized(module: nn.Module, x: jax.Array) -> jax.Array:
   return plain.apply({}, x).astype(jnp.float32)
 
 
-def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict) -> dict:
-  """{param name: its per-example gradient as a factored term} for the layer's trainable params."""
+def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict,
+                 params: dict) -> dict:
+  """{param name: its per-example gradient as a factored term} for the layer's trainable params
+  (`params`: the layer's own, one slice of a scanned stack)."""
   module, terms = layer.module, {}
-  if "ghost_grads" in vars(type(module)):
-    grads = module.ghost_grads(x, g)
+  if "ghost_grads" in vars(type(module)):  # called bound to its params
+    grads = module.apply({"params": params}, x, g, method=type(module).ghost_grads)
     return {name: _Summed(grads[name].reshape(g.shape[0], -1).astype(jnp.float32))
             for name in layer.param_names if trainable.get(name)}
   if isinstance(module, nn.Embed):
@@ -500,9 +513,10 @@ def _per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
     layer = layers[path]
     flags = _subtree(trainable_flags, path)
     flags = {name: bool(flags[name]) for name in layer.param_names}
-    terms_of = lambda x, g: _layer_terms(layer, x, g, flags)
+    terms_of = lambda x, g, own: _layer_terms(layer, x, g, flags, own)
     found = (jax.vmap(terms_of) if depth else terms_of)(
-        _subtree(inputs, path)["inputs"][0], _subtree(output_grads, path)["probe"])
+        _subtree(inputs, path)["inputs"][0], _subtree(output_grads, path)["probe"],
+        {name: _subtree(params, path)[name] for name in layer.shapes})
     terms.update({path + (name,): (layer.module, term, bool(depth))
                   for name, term in found.items()})
   if any(jax.tree_util.tree_leaves(left)):
