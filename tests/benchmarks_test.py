@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -79,3 +81,31 @@ def test_summed_terms_variants_agree(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert [r["variant"] for r in rows] == list(summed_terms.VARIANTS)
   assert all(r["ms"] > 0 and r["max_rel_error"] < 1e-5 for r in rows)
+
+
+def test_affine_max_extrapolates_the_line_through_two_sizes():
+  from benchmarks.max_batch import affine_max
+  points = {8: 100 + 8 * 10, 16: 100 + 16 * 10}  # 100 fixed + 10 per row
+  assert affine_max(points, budget=100 + 57 * 10, multiple=8) == 56
+  assert affine_max(points, budget=100 + 64 * 10, multiple=8) == 64
+  assert affine_max(points, budget=50, multiple=8) == 0
+  with pytest.raises(ValueError, match="does not grow"):
+    affine_max({8: 10, 16: 10}, budget=100, multiple=8)
+
+
+def test_max_batch_benchmark_finds_sizes_that_fit(tmp_path):
+  """Each largest size is a multiple of --multiple whose compiled step XLA says fits."""
+  out = tmp_path / "m.json"
+  done = subprocess.run([sys.executable, "-m", "benchmarks.max_batch", "--quick",
+                         f"--out={out}"], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)),
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["per_example"] for r in rows] == ["ghost", "vmap"]
+  for r in rows:
+    budget = r["limit_mb"] * r["fraction"]
+    for name in ("dp", "non_dp"):
+      assert r[f"{name}_max_rows"] > 0 and r[f"{name}_max_rows"] % 4 == 0
+      assert r[f"{name}_mb_at_max"] <= budget
+  assert rows[0]["dp_max_rows"] > rows[1]["dp_max_rows"]  # ghost holds no per-example grads
