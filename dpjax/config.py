@@ -116,9 +116,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sparse.method != "none":
     if not 0 < sparse.fraction <= 1:
       raise ValueError(f"finetune.sparse.fraction must be in (0, 1], got {sparse.fraction}.")
-    if perf.per_example_method == "ghost":
-      raise ValueError("Sparse fine-tuning masks per-example gradients element by element, which "
-                       "ghost clipping does not do; use perf.per_example_method='vmap'.")
     if config.mixing.schedule != "switch" or config.mixing.switch_step != 0:
       raise ValueError("Sparse fine-tuning runs private steps only: set mixing.schedule='switch' "
                        "and mixing.switch_step=0 (pre-train on public data in a run of its own "

@@ -233,7 +233,20 @@ def test_fine_tuning_errors_are_clear(pretrained, tmp_path):
   wrong_model.model.depth, wrong_model.model.width = 10, 1
   with pytest.raises(checkpoint.CheckpointError, match="do not fit this model"):
     loop.train_and_evaluate(wrong_model, str(tmp_path / "b"), show_progress=False)
-  ghost_sparse = _finetune_config(pretrained, 2, sparse=dict(method="random"))
-  ghost_sparse.perf.per_example_method = "ghost"
-  with pytest.raises(ValueError, match="ghost"):
-    loop.train_and_evaluate(ghost_sparse, str(tmp_path / "c"), show_progress=False)
+
+
+def test_sparse_fine_tuning_with_ghost_clipping_trains_like_vmap(pretrained, tmp_path):
+  """perf.per_example_method is a perf flag under element masks too: same privacy event, same
+  model up to rounding (ghost instantiates the masked layers' per-example gradients)."""
+  runs = {}
+  for method in ("vmap", "ghost"):
+    config = _finetune_config(pretrained, 3, sparse=dict(method="sparta", fraction=0.25,
+                                                         warmup_steps=1, selection_steps=1))
+    config.perf.per_example_method = method
+    runs[method] = (loop.train_and_evaluate(config, str(tmp_path / method), show_progress=False),
+                    _final_params(config, str(tmp_path / method)))
+  assert runs["ghost"][0]["privacy"] == runs["vmap"][0]["privacy"]
+  assert runs["ghost"][0]["finetune"] == runs["vmap"][0]["finetune"]
+  for x, y in zip(jax.tree_util.tree_leaves(runs["vmap"][1]),
+                  jax.tree_util.tree_leaves(runs["ghost"][1])):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)

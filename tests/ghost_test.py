@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpjax import models
+from dpjax import finetune, models
 from dpjax.privacy import clipping, ghost
 from tests import toy_models
 
@@ -210,6 +210,35 @@ def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
   for a, b in zip(fast.stats, slow.stats):
     np.testing.assert_allclose(a, b, rtol=1e-5)
   assert fast.sensitivity == slow.sensitivity
+
+
+@pytest.mark.parametrize("name", ["strided_conv", "vit_scan", "embed", "wrn", "conv1d"])
+def test_ghost_with_an_element_mask_equals_vmap_of_the_masked_loss(name):
+  """Sparse fine-tuning: each per-example gradient is M ⊙ ∇ℓᵢ before clipping. Covers kernels
+  (an input-dilated conv's patches in (C, kh, kw) order), scanned stacks, embeddings, a module's
+  own ghost_grads and the vmap fallback."""
+  model = MODELS[name]()
+  params = toy_models.init(model)
+  keys = iter(jax.random.split(jax.random.PRNGKey(7), 100))
+  element_mask = jax.tree_util.tree_map(
+      lambda w: (jax.random.uniform(next(keys), w.shape) < 0.5).astype(jnp.float32), params)
+  losses = batch_losses_of(model)
+  example_loss = lambda p, ex: losses(finetune.masked_params(p, element_mask),
+                                      jax.tree_util.tree_map(lambda x: x[None], ex))[0]
+  batch = toy_models.batch(8, seed=4, scale=3.0)
+  mask = jnp.arange(8) < 7
+  norms = jax.vmap(lambda ex: clipping.global_norm(jax.grad(example_loss)(params, ex)))(batch)
+  rule = clipping.FlatClip(float(np.median(norms[:7])))  # about half the examples scaled down
+  fast = jax.jit(lambda p: ghost.clipped_grad_sum(losses, p, batch, mask, rule,
+                                                  microbatch_size=4,
+                                                  element_mask=element_mask))(params)
+  slow = jax.jit(lambda p: clipping.clipped_grad_sum(example_loss, p, batch, mask, rule,
+                                                     microbatch_size=4))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(fast.grad_sum), jax.tree_util.tree_leaves(slow.grad_sum)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(fast.stats, slow.stats):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+  assert 0 < float(fast.stats.num_clipped) < 7  # some examples scaled down, not all
 
 
 def test_layers_ghost_cannot_handle_fail_loudly_when_asked():

@@ -422,6 +422,22 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict,
   return terms
 
 
+def _masked(module: nn.Module | None, name: str, term, mask: jax.Array) -> _Summed:
+  """The term's per-example gradients instantiated [m, size] (float32) times the element mask
+  M [*shape] (one slice of a scanned stack), flattened in the order `_as_param` reads: an element
+  mask breaks a kernel's outer-product form, so its norm cannot be a ghost norm."""
+  if isinstance(term, _Outer):
+    h = _einsum("mtd,mtp->mdp", term.a, term.g)
+  elif isinstance(term, _Lookup):
+    h = jax.vmap(lambda idx, g: jnp.zeros((term.rows, g.shape[-1]), jnp.float32).at[idx].add(
+        g.astype(jnp.float32)))(term.idx, term.g)
+  else:
+    h = term.h
+  if isinstance(module, nn.Conv) and name == "kernel" and _channels_first(module):
+    mask = mask.transpose(2, 0, 1, 3)  # (kh, kw, C, O) -> the patches' (C, kh, kw, O)
+  return _Summed(h.reshape(h.shape[0], -1) * mask.reshape(1, -1).astype(jnp.float32))
+
+
 def _summed_param(found: tuple, name: str, weights: jax.Array, real: jax.Array,
                   shape: tuple[int, ...]) -> jax.Array:
   """Σᵢ wᵢ·∇ᵢ of one param leaf [*shape] from its (module, term, stacked) entry; a stacked term
@@ -587,13 +603,17 @@ def _group_of(rule: clipping.ClipRule, path: tuple[str, ...]) -> str:
 def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree,
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
-                     fallback: str = "vmap") -> clipping.ClippedSum:
+                     fallback: str = "vmap",
+                     element_mask: PyTree | None = None) -> clipping.ClippedSum:
   """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the same result as
   `clipping.clipped_grad_sum` (float32), without per-example gradients or a second backward pass.
 
   batch_losses(params, batch) -> [m] per-example losses; examples: leaves [n, ...]; mask [n];
   rule: flat, automatic, normalized (one factor per example) or a `GroupClip` (per-layer: one
     factor per example and group, from the group's ghost norm). See the module docstring.
+  element_mask: optional pytree like params (0/1): each per-example gradient is M ⊙ ∇ℓᵢ before
+    clipping, as `clipping.clipped_grad_sum` of a loss of `finetune.masked_params` (sparse
+    fine-tuning). The masked leaves' per-example gradients are instantiated (`_masked`).
   """
   clipping.reject_batch_stats(params)
   group_factor = _group_factors(rule)
@@ -603,9 +623,17 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   m = n if microbatch_size is None else int(microbatch_size)
   train_p, frozen_p = clipping.partition(params, trainable)
 
+  masks = ({} if element_mask is None else
+           dict(zip(_leaf_paths(element_mask), jax.tree_util.tree_leaves(element_mask))))
+
   def clip_chunk(chunk):
     batch, chunk_mask = chunk
     terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
+    for path, (module, term, stacked) in terms.items():
+      if path in masks:
+        masked = functools.partial(_masked, module, path[-1])
+        terms[path] = (module, (jax.vmap(masked) if stacked else masked)(term, masks[path]),
+                       stacked)
     groups: dict[str, list] = {}  # clip group -> [(leaf path, sq [m], slack [m]), ...]
     for path, (_, term, stacked) in terms.items():
       groups.setdefault(_group_of(rule, path), []).append(

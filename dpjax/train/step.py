@@ -117,16 +117,17 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   batch_losses: if given (`make_batch_losses`), per-example norms come from ghost clipping
     (`dpjax.privacy.ghost`) instead of vmap(grad); the clipped sum is the same.
   masked: if True, `params` is a pair (params, element mask) and each per-example gradient is
-    mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; vmap path only).
+    mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; ghost: `element_mask`).
   """
   def local_sum(params, microbatch, mask):
-    loss = example_loss
+    loss, element_mask = example_loss, None
     if masked:
       params, element_mask = params
       loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
-                                    trainable=trainable)
+                                    trainable=trainable,
+                                    element_mask=element_mask)
     else:
       part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
                                        trainable=trainable, grad_dtype=grad_dtype)
