@@ -309,15 +309,6 @@ def _conv_padding(module: nn.Conv):
   return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
 
 
-def _tiles(module: nn.Conv) -> bool:
-  """Whether the conv's windows tile its input: stride = kernel size, no padding or dilation (a
-  ViT's patch embedding). Its patches are then a reshape of the input (see `conv_patches`)."""
-  padding = _conv_padding(module)
-  return (_pair(module.strides) == tuple(module.kernel_size)
-          and _pair(module.input_dilation) == _pair(module.kernel_dilation) == (1, 1)
-          and (padding == "VALID" or padding == [(0, 0)] * 2))
-
-
 def _channels_first(module: nn.Conv) -> bool:
   """Whether the conv's patches are in (C, kh, kw) order (input dilation: patches from
   `conv_general_dilated_patches`) rather than (kh, kw, C)."""
