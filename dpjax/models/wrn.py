@@ -63,7 +63,7 @@ class WSConv(nn.Module):
     patches pₜ (one batched matmul, float32 accumulation), pulled back through the
     standardisation (linear in that gradient, so per example by vmap); bias Σₜ gₜ. Float32,
     from the float32 params: the same per-example gradients that clipping then bounds."""
-    from dpjax.privacy import ghost  # dpjax.privacy does not import models
+    from dpjax.privacy import ghost  # here: a model alone does not need dpjax.privacy
 
     params = self.variables["params"]
     kernel, gain = (params[name].astype(jnp.float32) for name in ("kernel", "gain"))
