@@ -11,6 +11,7 @@ import pytest
 
 from dpjax import finetune, models
 from dpjax.privacy import clipping, ghost
+from dpjax.train import step as step_lib
 from tests import toy_models
 
 
@@ -218,11 +219,12 @@ def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
   assert fast.sensitivity == slow.sensitivity
 
 
-@pytest.mark.parametrize("name", ["strided_conv", "vit_scan", "embed", "conv1d"])
+@pytest.mark.parametrize("name", ["strided_conv", "vit_scan", "embed", "conv1d", "wrn"])
 def test_ghost_with_an_element_mask_equals_vmap_of_the_masked_loss(name):
   """Sparse fine-tuning: each per-example gradient is M ⊙ ∇ℓᵢ before clipping. Covers kernels
-  (an input-dilated conv's patches in (C, kh, kw) order), scanned stacks, embeddings, a module's
-  own ghost_grads and the vmap fallback."""
+  (an input-dilated conv's patches in (C, kh, kw) order), scanned stacks, embeddings, modules'
+  own ghost_grads (the ViT's token embedding; the WRN's factored WSConv terms, instantiated) and
+  the vmap fallback."""
   model = MODELS[name]()
   params = toy_models.init(model)
   keys = iter(jax.random.split(jax.random.PRNGKey(7), 100))
@@ -378,6 +380,22 @@ def test_bfloat16_contributions_stay_within_the_clip_bound(rule):
       losses, params, batch, one_hot, rule).grad_sum))(jnp.eye(16))
   norms = jax.vmap(clipping.global_norm)(alone)
   assert float(jnp.min(norms)) > 0.5 * rule.sensitivity  # scaled down, not vanished
+  assert float(jnp.max(norms)) <= rule.sensitivity
+
+
+def test_bfloat16_weight_standardised_contributions_stay_within_the_clip_bound():
+  """The WRN in bfloat16 (params cast, as the trainer does): each WSConv's kernel and gain
+  gradients are pulled back from a sum rounded in bfloat16, and the factor covers that rounding
+  times the pullback's gain."""
+  model = MODELS["wrn"]()
+  params = toy_models.init(model)
+  losses = step_lib.make_batch_losses(model, "bfloat16")
+  batch = toy_models.batch(32, seed=5)
+  rule = clipping.FlatClip(0.05)  # all scaled down; without the slack, some end above C
+  alone = jax.jit(jax.vmap(lambda one_hot: ghost.clipped_grad_sum(
+      losses, params, batch, one_hot, rule, fallback="error").grad_sum))(jnp.eye(32))
+  norms = jax.vmap(clipping.global_norm)(alone)
+  assert float(jnp.min(norms)) > 0.5 * rule.sensitivity
   assert float(jnp.max(norms)) <= rule.sensitivity
 
 

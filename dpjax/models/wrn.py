@@ -5,6 +5,8 @@ pre-activation blocks ordered ReLU -> GroupNorm(16 groups) -> WSConv, no BatchNo
 GroupNorm normalises each example on its own, so per-example gradients stay per-example.
 """
 
+import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -56,27 +58,84 @@ class WSConv(nn.Module):
     fan_in = math.prod(kernel.shape[:-1])
     return standardize_kernel(kernel, self.eps) * (gain / math.sqrt(fan_in))
 
-  def ghost_grads(self, inputs: jax.Array, output_grads: jax.Array) -> dict[str, jax.Array]:
-    """Per-example gradients [m, *shape] of kernel, gain and bias for ghost clipping
-    (`dpjax.privacy.ghost`; called bound to the params), from the inputs [m, H, W, C_in] and the
-    output gradients g [m, H', W', features]: the used kernel's gradient Σₜ pₜgₜᵀ from the input
-    patches pₜ (one batched matmul, float32 accumulation), pulled back through the
-    standardisation (linear in that gradient, so per example by vmap); bias Σₜ gₜ. Float32,
-    from the float32 params: the same per-example gradients that clipping then bounds."""
+  def ghost_grads(self, inputs: jax.Array, output_grads: jax.Array) -> dict:
+    """Per-example gradients of kernel, gain and bias for ghost clipping (`dpjax.privacy.ghost`;
+    called bound to the params), from the inputs [m, H, W, C_in] and the output gradients
+    g [m, H', W', features]: kernel and gain as `StandardizedConvTerm`s (factored: the used
+    kernel's gradient Σₜ pₜgₜᵀ from the input patches pₜ, pulled back through the
+    standardisation), the bias's as [m, features] (Σₜ gₜ, float32)."""
     from dpjax.privacy import ghost  # here: a model alone does not need dpjax.privacy
 
     params = self.variables["params"]
     kernel, gain = (params[name].astype(jnp.float32) for name in ("kernel", "gain"))
     patches = ghost.conv_patches(inputs.astype(output_grads.dtype), self.kernel_size,
                                  self.strides, self.padding)
-    m = inputs.shape[0]
-    used = jnp.einsum("mtd,mtp->mdp", patches.reshape(m, -1, patches.shape[-1]),
-                      output_grads.reshape(m, -1, self.features),
-                      preferred_element_type=jnp.float32)
-    _, pullback = jax.vjp(self._scaled_kernel, kernel, gain)
-    kernel_grads, gain_grads = jax.vmap(pullback)(used.reshape((m,) + kernel.shape))
+    m, fan_in = inputs.shape[0], math.prod(kernel.shape[:-1])
+    flat = kernel.reshape(fan_in, self.features)
+    var = jnp.var(flat, axis=0)
+    inv_std = jax.lax.rsqrt(jnp.maximum(var, self.eps))
+    term = functools.partial(
+        StandardizedConvTerm, patches.reshape(m, -1, fan_in),
+        output_grads.reshape(m, -1, self.features), (flat - jnp.mean(flat, axis=0)) * inv_std,
+        inv_std, gain / math.sqrt(fan_in), (var > self.eps).astype(jnp.float32))
     bias_grads = jnp.sum(output_grads.astype(jnp.float32), axis=(1, 2))
-    return {"kernel": kernel_grads, "gain": gain_grads, "bias": bias_grads}
+    return {"kernel": term(part="kernel"), "gain": term(part="gain"), "bias": bias_grads}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StandardizedConvTerm:
+  """Per-example gradients of a WSConv's kernel or gain (`part`), factored for ghost clipping
+  (the `ghost.Term` methods).
+
+  The used kernel is K = s ⊙ gain/√n, s the kernel standardised per output channel o over its
+  fan-in n (variance floored at eps). Example i's gradient w.r.t. K is Gᵢ = Σₜ pᵢₜgᵢₜᵀ
+  [n, features] (input patches p [m, T, n], output gradients g [m, T, features]); pulled back,
+    kernel: (gainₒ/(√n σₒ)) (Gₒ − mean(Gₒ)·1 − βₒ sₒ (sₒ·Gₒ)/n)   (βₒ = 1 unless var is floored),
+    gain:   sₒ·Gₒ/√n.
+  The pullback is linear and the same for every example, so the clipped sum is the pullback of
+  Σᵢ wᵢGᵢ (one matmul, `ghost.outer_sum`): no per-example gradient is stored for it. The norms
+  instantiate Gᵢ (float32, one batched matmul) and square-sum its pullback, computed from the
+  same formula as the sum's. Rounding wᵢgᵢ to bfloat16 in that matmul moves ‖Gᵢ‖ by at most
+  `ghost.rounding_slack`, and the pullback by at most its largest per-channel gain (kernel:
+  max gainₒ/(√n σₒ), gain: max ‖sₒ‖/√n ≤ 1) times that: the slack reported.
+  """
+  patches: jax.Array  # [m, T, n], g's dtype
+  output_grads: jax.Array  # [m, T, features]
+  standardized: jax.Array  # s [n, features], float32
+  inv_std: jax.Array  # 1/σ [features]
+  gain_scale: jax.Array  # gain/√n [features]
+  active: jax.Array  # β [features]: 1.0 where the variance is not floored
+  part: str = dataclasses.field(metadata=dict(static=True))  # "kernel" or "gain"
+
+  def _pullback(self, used: jax.Array) -> jax.Array:
+    """[..., n, features] (the used kernel's gradients) -> [..., n·features] or [..., features]."""
+    n = used.shape[-2]
+    along_s = jnp.sum(used * self.standardized, axis=-2, keepdims=True)  # sₒ·Gₒ
+    if self.part == "gain":
+      return along_s[..., 0, :] / math.sqrt(n)
+    centred = used - jnp.mean(used, axis=-2, keepdims=True)
+    kernel = (centred - self.active * self.standardized * along_s / n) * (
+        self.gain_scale * self.inv_std)
+    return kernel.reshape(kernel.shape[:-2] + (-1,))
+
+  def instantiate(self) -> jax.Array:
+    from dpjax.privacy import ghost
+    return self._pullback(ghost.per_example_outer(self.patches, self.output_grads))
+
+  def sq_norms_and_slack(self) -> tuple[jax.Array, jax.Array]:
+    from dpjax.privacy import ghost
+    sq = jnp.sum(jnp.square(self.instantiate()), axis=-1)
+    if self.part == "gain":
+      lipschitz = jnp.max(jnp.sqrt(jnp.sum(jnp.square(self.standardized), axis=0)
+                                   / self.standardized.shape[0]))
+    else:
+      lipschitz = jnp.max(jnp.abs(self.gain_scale) * self.inv_std)
+    return sq, lipschitz * ghost.rounding_slack(self.patches, self.output_grads)
+
+  def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
+    from dpjax.privacy import ghost
+    return self._pullback(ghost.outer_sum(self.patches, self.output_grads, weights, real))
 
 
 class PreActivationConv(nn.Module):

@@ -29,11 +29,13 @@ norm plus that slack (summed over a scanned layer's slices, which only loosens t
 contribution stays within the clip bound (tested).
 
 A module class of one's own joins by defining `ghost_grads(self, inputs, output_grads) ->
-{param name: per-example gradients [m, *param.shape]}`, which ghost calls bound to the module's
-params (`self.variables`); dpjax's ViT `TokenEmbedding` does (class token, position embedding), and
-so does the WRN's weight-standardised `WSConv` (its kernel's per-example gradient from the input
-patches, `conv_patches`, pulled back through the standardisation); a subclass that does not
-define it again is not trusted.
+{param name: per-example gradients [m, *param.shape], or a factored term}`, which ghost calls
+bound to the module's params (`self.variables`); dpjax's ViT `TokenEmbedding` does (class token,
+position embedding). A factored term is a pytree with the methods of `Term` (its norms, its
+weighted sum, its instantiated gradients); the WRN's weight-standardised `WSConv` returns one
+(`wrn.StandardizedConvTerm`: the used kernel's gradient from the input patches, `conv_patches`,
+pulled back through the standardisation once, after the weighted sum). A subclass that does not
+define `ghost_grads` again is not trusted.
 Parameters no supported layer owns (custom layers without `ghost_grads`, a layer
 called twice per example or read by another of its methods, such as an embedding tied to the
 output through `nn.Embed.attend`, a scan over more than one axis) fall back to per-example
@@ -53,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
@@ -223,6 +225,27 @@ class _Lookup:
   rows: int = dataclasses.field(metadata=dict(static=True))
 
 
+class Term(Protocol):
+  """A param's per-example gradients in a factored form of a module's own (from its
+  `ghost_grads`; a pytree: under nn.scan, ghost vmaps these methods over the scanned axis)."""
+
+  def sq_norms_and_slack(self) -> tuple[jax.Array, jax.Array]:
+    """(‖∇ᵢ‖² [m], slack [m]): the squared norms of exactly the per-example gradients whose
+    weighted sum `weighted_sum` forms, and a bound per unit wᵢ on how far rounding in that sum
+    can move example i's contribution (zero if none: see `rounding_slack`)."""
+
+  def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
+    """Σᵢ wᵢ·∇ᵢ over the rows where `real`, float32, flattened in the param's order."""
+
+  def instantiate(self) -> jax.Array:
+    """The per-example gradients [m, size], float32, flattened in the param's order."""
+
+
+def _is_term(value) -> bool:
+  return all(hasattr(value, name) for name in ("sq_norms_and_slack", "weighted_sum",
+                                               "instantiate"))
+
+
 def _rows(x: jax.Array, features: int) -> jax.Array:
   """[m, ..., features] -> [m, T, features], dtype kept (matmuls accumulate in float32)."""
   return x.reshape(x.shape[0], -1, features)
@@ -240,6 +263,8 @@ def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
   """(‖∇ᵢ‖² [m], rounding slack [m]). For a kernel term, the norm is the ghost norm or that of the
   instantiated gradient, whichever is cheaper; the slack bounds how much rounding wᵢgᵢ to g's
   dtype can add to ‖wᵢ∇ᵢ‖ per unit wᵢ: eps·Σₜ‖aₜ‖‖gₜ‖ (zero for float32 and instantiated terms)."""
+  if _is_term(term):
+    return term.sq_norms_and_slack()
   if isinstance(term, _Summed):
     return jnp.sum(jnp.square(term.h), axis=-1), jnp.zeros(term.h.shape[0], jnp.float32)
   if isinstance(term, _Lookup):  # its weighted sum is formed in float32: no rounding slack
@@ -256,18 +281,47 @@ def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
     sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
     diagonal = lambda gram: jnp.diagonal(gram, axis1=1, axis2=2)  # ‖aₜ‖², ‖gₜ‖²
     return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=1)
-  sq = jnp.sum(jnp.square(_einsum("mtd,mtp->mdp", term.a, term.g)), axis=(1, 2))
-  if not eps:
-    return sq, jnp.zeros_like(sq)
+  sq = jnp.sum(jnp.square(per_example_outer(term.a, term.g)), axis=(1, 2))
+  return sq, rounding_slack(term.a, term.g)
+
+
+def per_example_outer(a: jax.Array, g: jax.Array) -> jax.Array:
+  """Σₜ aᵢₜ gᵢₜᵀ [m, d, p], float32, for a [m, T, d], g [m, T, p]: instantiated kernel
+  gradients (one batched matmul)."""
+  return _einsum("mtd,mtp->mdp", a, g)
+
+
+def rounding_slack(a: jax.Array, g: jax.Array) -> jax.Array:
+  """[m]: eps·Σₜ‖aᵢₜ‖‖gᵢₜ‖ for a [m, T, d], g [m, T, p], a bound per unit wᵢ on how far
+  rounding the scaled factor to g's dtype moves example i's part of `outer_sum` (zero for
+  float32)."""
+  if g.dtype == jnp.float32:
+    return jnp.zeros(g.shape[0], jnp.float32)
   norms = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
-  return sq, eps * jnp.sum(norms(term.a) * norms(term.g), axis=1)
+  return float(jnp.finfo(g.dtype).eps) * jnp.sum(norms(a) * norms(g), axis=1)
+
+
+def outer_sum(a: jax.Array, g: jax.Array, weights: jax.Array, real: jax.Array,
+              scale_inputs: bool = False) -> jax.Array:
+  """Σᵢ wᵢ Σₜ aᵢₜ gᵢₜᵀ [d, p] (float32 accumulation) over the rows where `real`, for
+  a [m, T, d], g [m, T, p], weights [m]: one matmul, with the narrower factor scaled by wᵢ and
+  rounded back to g's dtype (on a tie d = p, a if `scale_inputs`). Padded rows get exact zeros
+  there, so the other factor's padded rows must be finite (the trainer pads with real
+  examples)."""
+  def scaled(x):
+    x = weights[:, None, None] * x.astype(jnp.float32)
+    return jnp.where(real[:, None, None], x, 0.0).astype(g.dtype)
+  d, p = a.shape[-1], g.shape[-1]
+  if d < p or (d == p and scale_inputs):
+    return _einsum("mtd,mtp->dp", scaled(a), g)
+  return _einsum("mtd,mtp->dp", a, scaled(g))
 
 
 def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
-  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term, [p] otherwise). A kernel
-  term scales the narrower of its factors (aᵢ or gᵢ) by wᵢ, rounded back to its dtype; padded
-  rows get exact zeros there, so the other factor's padded rows must be finite (the trainer pads
-  with real examples)."""
+  """Σᵢ wᵢ·∇ᵢ over the real rows, in float32 ([d, p] for a kernel term (`outer_sum`), [p] or
+  flattened otherwise)."""
+  if _is_term(term):
+    return term.weighted_sum(weights, real)
   if isinstance(term, _Summed):  # a matrix-vector product over the row axis
     weights, real = _unshared(weights, real)
     return _einsum("m,mk->k", weights, jnp.where(real[:, None], term.h, 0.0))
@@ -276,14 +330,7 @@ def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
     features = g.shape[-1]
     return jnp.zeros((term.rows, features), jnp.float32).at[term.idx.reshape(-1)].add(
         g.reshape(-1, features))
-
-  def scaled(x):
-    x = weights[:, None, None] * x.astype(jnp.float32)
-    return jnp.where(real[:, None, None], x, 0.0).astype(term.g.dtype)
-  d, p = term.a.shape[-1], term.g.shape[-1]
-  if d < p or (d == p and term.scale_inputs):
-    return _einsum("mtd,mtp->dp", scaled(term.a), term.g)
-  return _einsum("mtd,mtp->dp", term.a, scaled(term.g))
+  return outer_sum(term.a, term.g, weights, real, term.scale_inputs)
 
 
 def _unshared(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -380,8 +427,9 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict,
   module, terms = layer.module, {}
   if "ghost_grads" in vars(type(module)):  # called bound to its params
     grads = module.apply({"params": params}, x, g, method=type(module).ghost_grads)
-    return {name: _Summed(grads[name].reshape(g.shape[0], -1).astype(jnp.float32))
-            for name in layer.param_names if trainable.get(name)}
+    as_term = lambda grad: (grad if _is_term(grad) else
+                            _Summed(grad.reshape(g.shape[0], -1).astype(jnp.float32)))
+    return {name: as_term(grads[name]) for name in layer.param_names if trainable.get(name)}
   if isinstance(module, nn.Embed):
     return {"embedding": _lookup_term(module, x, g)} if trainable.get("embedding") else {}
   if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
@@ -417,8 +465,10 @@ def _masked(module: nn.Module | None, name: str, term, mask: jax.Array) -> _Summ
   """The term's per-example gradients instantiated [m, size] (float32) times the element mask
   M [*shape] (one slice of a scanned stack), flattened in the order `_as_param` reads: an element
   mask breaks a kernel's outer-product form, so its norm cannot be a ghost norm."""
-  if isinstance(term, _Outer):
-    h = _einsum("mtd,mtp->mdp", term.a, term.g)
+  if _is_term(term):
+    h = term.instantiate()
+  elif isinstance(term, _Outer):
+    h = per_example_outer(term.a, term.g)
   elif isinstance(term, _Lookup):
     h = jax.vmap(lambda idx, g: jnp.zeros((term.rows, g.shape[-1]), jnp.float32).at[idx].add(
         g.astype(jnp.float32)))(term.idx, term.g)
