@@ -94,11 +94,18 @@ class StandardizedConvTerm:
     kernel: (gainₒ/(√n σₒ)) (Gₒ − mean(Gₒ)·1 − βₒ sₒ (sₒ·Gₒ)/n)   (βₒ = 1 unless var is floored),
     gain:   sₒ·Gₒ/√n.
   The pullback is linear and the same for every example, so the clipped sum is the pullback of
-  Σᵢ wᵢGᵢ (one matmul, `ghost.outer_sum`): no per-example gradient is stored for it. The norms
-  instantiate Gᵢ (float32, one batched matmul) and square-sum its pullback, computed from the
-  same formula as the sum's. Rounding wᵢgᵢ to bfloat16 in that matmul moves ‖Gᵢ‖ by at most
-  `ghost.rounding_slack`, and the pullback by at most its largest per-channel gain (kernel:
-  max gainₒ/(√n σₒ), gain: max ‖sₒ‖/√n ≤ 1) times that: the slack reported.
+  Σᵢ wᵢGᵢ (one matmul, `ghost.outer_sum`): no per-example gradient is stored for it.
+  Norms, per output channel (the terms of sₒ and 1 are orthogonal, ‖sₒ‖² = n·rₒ):
+    gain:   (sₒ·Gₒ)²/n, with sₒ·Gₒ = Σₜ (pₜ·sₒ) gₜₒ (the patches times s: one plain matmul);
+    kernel: where instantiating Gᵢ costs less than the ghost norm (T·n·p ≤ T²(n + p), fastDP's
+      rule, many positions), the square-sum of the pullback of Gᵢ (float32, one batched matmul);
+      else cₒ(‖Gₒ‖² − (1·Gₒ)²/n − βₒ(2 − rₒ)(sₒ·Gₒ)²/n), cₒ = (gainₒ/(√n σₒ))², with
+      Σₒ cₒ‖Gₒ‖² = Σₜ,ₛ (pₜ·pₛ)(Σₒ cₒ gₜₒ gₛₒ) (ghost norm) and 1·Gₒ = Σₜ (Σ pₜ) gₜₒ: nothing of
+      size n·p per example. The subtraction is accurate to float32 rounding relative to
+      cₒ‖Gₒ‖² (pₜ·sₒ in bfloat16 is taken as two matmuls, s split into high and low halves).
+  Rounding wᵢgᵢ to bfloat16 in the sum's matmul moves ‖Gᵢ‖ by at most `ghost.rounding_slack`,
+  and the pullback by at most its largest per-channel gain (kernel: max gainₒ/(√n σₒ), gain:
+  max ‖sₒ‖/√n ≤ 1) times that: the slack reported.
   """
   patches: jax.Array  # [m, T, n], g's dtype
   output_grads: jax.Array  # [m, T, features]
@@ -125,13 +132,38 @@ class StandardizedConvTerm:
 
   def sq_norms_and_slack(self) -> tuple[jax.Array, jax.Array]:
     from dpjax.privacy import ghost
-    sq = jnp.sum(jnp.square(self.instantiate()), axis=-1)
+    (_, t, n), p = self.patches.shape, self.output_grads.shape[-1]
+    g = self.output_grads.astype(jnp.float32)
+    full = jax.lax.Precision.HIGHEST
+    along_s = jnp.einsum("mtp,mtp->mp", self._patches_times_s(), g, precision=full)  # sₒ·Gₒ
     if self.part == "gain":
-      lipschitz = jnp.max(jnp.sqrt(jnp.sum(jnp.square(self.standardized), axis=0)
-                                   / self.standardized.shape[0]))
+      sq = jnp.sum(jnp.square(along_s), axis=-1) / n
+      lipschitz = jnp.max(jnp.sqrt(jnp.sum(jnp.square(self.standardized), axis=0) / n))
     else:
       lipschitz = jnp.max(jnp.abs(self.gain_scale) * self.inv_std)
+      if t * n * p <= t * t * (n + p):
+        sq = jnp.sum(jnp.square(self.instantiate()), axis=-1)
+      else:
+        c = jnp.square(self.gain_scale * self.inv_std)
+        gram_p = jnp.einsum("mtd,msd->mts", self.patches, self.patches,
+                            preferred_element_type=jnp.float32, precision=full)
+        gram_g = jnp.einsum("mtp,msp,p->mts", g, g, c, precision=full)
+        sums = jnp.sum(self.patches, axis=-1, dtype=jnp.float32)  # Σ pₜ [m, T]
+        along_1 = jnp.einsum("mt,mtp->mp", sums, g, precision=full)  # 1·Gₒ
+        r = jnp.sum(jnp.square(self.standardized), axis=0) / n
+        sq = jnp.maximum(jnp.sum(gram_p * gram_g, axis=(1, 2)) - jnp.sum(
+            c * (jnp.square(along_1) + self.active * (2.0 - r) * jnp.square(along_s)),
+            axis=-1) / n, 0.0)
     return sq, lipschitz * ghost.rounding_slack(self.patches, self.output_grads)
+
+  def _patches_times_s(self) -> jax.Array:
+    """pₜ·sₒ [m, T, features], float32: two bfloat16 matmuls (s = high + low) for bfloat16
+    patches, one at full precision for float32."""
+    parts = ((self.standardized,) if self.patches.dtype == jnp.float32 else
+             (high := self.standardized.astype(self.patches.dtype),
+              (self.standardized - high.astype(jnp.float32)).astype(self.patches.dtype)))
+    return sum(jnp.einsum("mtn,np->mtp", self.patches, part, preferred_element_type=jnp.float32,
+                          precision=jax.lax.Precision.HIGHEST) for part in parts)
 
   def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
     from dpjax.privacy import ghost
