@@ -60,16 +60,7 @@ def kernel_times(run: Callable[[], Any], trace_dir: str, top: int = 40) -> dict:
   the same time shows on several of them."""
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run()
-  found = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))
-  if not found:
-    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-  with gzip.open(found[-1], "rt") as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, name in names.items() if "device" in name.lower()
-            and "cpu" not in name.lower()}
+  events, device = _events(trace_dir)
   threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
   sums: dict[tuple, list] = collections.defaultdict(lambda: [0.0, 0, "", ""])
@@ -91,3 +82,33 @@ def kernel_times(run: Callable[[], Any], trace_dir: str, top: int = 40) -> dict:
   for k in kernels:
     totals[k["track"]] += k["ms"]
   return dict(track_ms=dict(totals), kernels=kernels[:top])
+
+
+def host_event_times(trace_dir: str, top: int = 40) -> list[dict]:
+  """[{name, ms, calls}, ...] (largest first, `top` of them): the host-side events of the trace
+  under `trace_dir` (not on an accelerator's tracks: XLA's compile passes, say), summed by name.
+  Events nest, so the sums overlap."""
+  events, device = _events(trace_dir)
+  sums: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") not in device and "dur" in e:
+      sums[e["name"]][0] += e["dur"] / 1e3
+      sums[e["name"]][1] += 1
+  found = [dict(name=name, ms=v[0], calls=v[1]) for name, v in sums.items()]
+  return sorted(found, key=lambda k: -k["ms"])[:top]
+
+
+def _events(trace_dir: str) -> tuple[list[dict], set]:
+  """(the events of the last perfetto trace under `trace_dir`, the pids of accelerator tracks:
+  process names mentioning a device other than a CPU)."""
+  found = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))
+  if not found:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(found[-1], "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, name in names.items() if "device" in name.lower()
+            and "cpu" not in name.lower()}
+  return events, device

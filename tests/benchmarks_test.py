@@ -108,3 +108,22 @@ def test_max_batch_benchmark_finds_sizes_that_fit(tmp_path):
   for name in ("dp", "non_dp"):
     assert row[f"{name}_max_rows"] > 8 and row[f"{name}_max_rows"] % 4 == 0
     assert row[f"{name}_mb_at_max"] <= budget
+
+
+def test_compile_time_benchmark_sums_the_compiles_host_events(tmp_path):
+  """One row per XLA_FLAGS variant, with the variant's flags in force and XLA's own compile
+  events (the small CNN, ghost: one compile per variant)."""
+  out = tmp_path / "c.json"
+  done = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--model=cnn_tanh",
+                         "--microbatch=4", "--events", "--variants=baseline=;two_threads="
+                         "--xla_cpu_parallel_codegen_split_count=2", f"--out={out}"], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)),
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["baseline", "two_threads"]
+  assert rows[1]["xla_flags"].endswith("--xla_cpu_parallel_codegen_split_count=2")
+  for row in rows:
+    assert row["compile_s"] > 0 and row["hlo_ops"] > 100
+    names = [event["name"] for event in row["host_events"]]
+    assert any("Compile" in name for name in names), names

@@ -1,0 +1,129 @@
+"""Where the DP step's compile time goes: host time of tracing + lowering and of XLA's compile,
+per XLA_FLAGS variant, with the compile's own host trace events summed by name.
+
+Each variant runs in its own subprocess (XLA_FLAGS are read when the backend starts): the
+trainer's DP `accumulate` step (`benchmarks/harness.py`) is lowered on abstract arguments and
+compiled once, nothing runs. With `--events`, the compile runs under `jax.profiler.trace` and the
+host-side events (XLA's passes, LLVM/PTX compilation, autotuning: whatever XLA annotates) are
+summed by name; events nest, so the sums overlap.
+
+  python -m benchmarks.compile_time --model vit_b16_224 --method ghost --events \\
+      --variants "baseline=;llvm_parallel=--xla_gpu_enable_llvm_module_compilation_parallelism=true" \\
+      --out $OUT/compile.json
+  python -m benchmarks.compile_time --quick --out /tmp/c.json      # CPU smoke run
+
+Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+QUICK = dict(model="vit_test", method="ghost", microbatch=8, variants="baseline=")
+
+
+def run_one(args: argparse.Namespace) -> dict:
+  import jax
+  import numpy as np
+
+  from benchmarks import harness, profile
+  from dpjax import parallel
+  from dpjax.train import microbatch_size
+
+  jax.config.update("jax_enable_compilation_cache", False)  # measure the compile, not a cache
+  steps = harness.Steps(args.model, parallel.make_mesh(1, 1), args.microbatch, 1, args.dtype,
+                        args.clip, None, args.method)
+  params = steps.state[0]
+  _, shape, _ = harness.MODELS[args.model]
+  one = dict(image=np.zeros((1,) + shape, np.float32), label=np.zeros(1, np.int32))
+  rows = microbatch_size.abstract_rows((one, np.ones(1, bool)), args.microbatch,
+                                       steps.layout.batch)
+  start = time.perf_counter()
+  lowered = steps.accumulate.lower(jax.eval_shape(steps.zero_sum, params), params, *rows)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  if args.trace_dir:
+    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+      lowered.compile()
+  else:
+    lowered.compile()
+  result = dict(model=args.model, method=args.method, clip=args.clip, dtype=args.dtype,
+                microbatch=args.microbatch, variant=args.variant,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                hlo_ops=lowered.as_text().count("\n"), lower_s=lower_s,
+                compile_s=time.perf_counter() - start)
+  if args.trace_dir:
+    result["host_events"] = profile.host_event_times(args.trace_dir, top=args.top)
+  result.update(harness.device_facts())
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a small ViT on CPU")
+  parser.add_argument("--model", default="vit_b16_224")
+  parser.add_argument("--method", default="ghost", help="per-example method: vmap or ghost")
+  parser.add_argument("--clip", default="flat")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--microbatch", type=int, default=128)
+  parser.add_argument("--variants", default="baseline=",
+                      help="';'-separated name=XLA_FLAGS (added to the environment's)")
+  parser.add_argument("--events", action="store_true",
+                      help="trace the compile and sum its host events by name")
+  parser.add_argument("--top", type=int, default=40, help="host events kept, largest first")
+  parser.add_argument("--out", default="")
+  parser.add_argument("--variant", default="", help=argparse.SUPPRESS)  # set in the subprocess
+  parser.add_argument("--trace_dir", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.variant:
+    print(json.dumps(run_one(args)))
+    return
+  if args.quick:
+    for name, value in QUICK.items():
+      setattr(args, name, value)
+  rows = []
+  for variant in filter(None, args.variants.split(";")):
+    name, _, flags = variant.partition("=")
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+    command = [sys.executable, "-m", "benchmarks.compile_time", f"--variant={name}",
+               f"--model={args.model}", f"--method={args.method}", f"--clip={args.clip}",
+               f"--dtype={args.dtype}", f"--microbatch={args.microbatch}", f"--top={args.top}"]
+    if args.events:
+      command.append(f"--trace_dir=/tmp/compile_trace/{name}")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+      print(f"FAILED {name}:\n{done.stderr[-3000:]}", file=sys.stderr)
+      rows.append(dict(variant=name, xla_flags=flags, failed=done.stderr.strip()[-500:]))
+    else:
+      rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(dict(rows=rows, command="python -m benchmarks.compile_time "
+                       + " ".join(sys.argv[1:])), f, indent=2)
+  print(markdown_table(rows))
+  for row in rows:
+    for event in row.get("host_events", [])[:15]:
+      print(f"  {row['variant']}: {event['ms']:10.1f} ms  {event['calls']:6d} × {event['name']}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+  lines = ["| model | per-example | microbatch | variant | HLO lines | trace + lower s | compile s |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "failed" in r:
+      lines.append(f"| | | | {r['variant']} | failed: {r['failed'][-120:]} | | |")
+      continue
+    lines.append(f"| {r['model']} | {r['method']} | {r['microbatch']} | {r['variant']} | "
+                 f"{r['hlo_ops']:,} | {r['lower_s']:.1f} | {r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()
