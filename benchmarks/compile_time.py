@@ -1,11 +1,14 @@
-"""Where the DP step's compile time goes: host time of tracing + lowering and of XLA's compile,
-per XLA_FLAGS variant, with the compile's own host trace events summed by name.
+"""Where the DP step's compile time goes: host time of tracing + lowering and of XLA's compile of
+each jitted function of the DP and non-DP steps, per XLA_FLAGS variant, with the DP
+`accumulate` compile's own host trace events summed by name.
 
-Each variant runs in its own subprocess (XLA_FLAGS are read when the backend starts): the
-trainer's DP `accumulate` step (`benchmarks/harness.py`) is lowered on abstract arguments and
-compiled once, nothing runs. With `--events`, the compile runs under `jax.profiler.trace` and the
-host-side events (XLA's passes, LLVM/PTX compilation, autotuning: whatever XLA annotates) are
-summed by name; events nest, so the sums overlap.
+Each variant runs in its own subprocess (XLA_FLAGS are read when the backend starts; no
+persistent compilation cache): the trainer's functions (`benchmarks/harness.py`: zero_sum,
+accumulate, total, apply; public_grad, apply) are lowered on abstract arguments and compiled
+once, nothing runs (a function that is a dispatcher over jits, the sharded `apply`, is timed
+by its first call: compile plus one run). With `--events`, the accumulate compile runs under `jax.profiler.trace` and
+the host-side events (XLA's passes, LLVM/PTX compilation, autotuning: whatever XLA annotates) are
+summed by name; events nest and run on several threads, so the sums overlap.
 
   python -m benchmarks.compile_time --model vit_b16_224 --method ghost --events \\
       --variants "baseline=;llvm_parallel=--xla_gpu_enable_llvm_module_compilation_parallelism=true" \\
@@ -38,29 +41,62 @@ def run_one(args: argparse.Namespace) -> dict:
   jax.config.update("jax_enable_compilation_cache", False)  # measure the compile, not a cache
   steps = harness.Steps(args.model, parallel.make_mesh(1, 1), args.microbatch, 1, args.dtype,
                         args.clip, None, args.method)
-  params = steps.state[0]
+  params, opt_state = steps.state
   _, shape, _ = harness.MODELS[args.model]
   one = dict(image=np.zeros((1,) + shape, np.float32), label=np.zeros(1, np.int32))
-  rows = microbatch_size.abstract_rows((one, np.ones(1, bool)), args.microbatch,
-                                       steps.layout.batch)
-  start = time.perf_counter()
-  lowered = steps.accumulate.lower(jax.eval_shape(steps.zero_sum, params), params, *rows)
-  lower_s = time.perf_counter() - start
-  start = time.perf_counter()
-  if args.trace_dir:
-    with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-      lowered.compile()
-  else:
-    lowered.compile()
+  batch, mask = microbatch_size.abstract_rows((one, np.ones(1, bool)), args.microbatch,
+                                              steps.layout.batch)
+  acc = jax.eval_shape(steps.zero_sum, params)
+  grad = jax.eval_shape(steps.total, acc).grad_sum
+  public = microbatch_size.abstract_rows(one, args.microbatch, steps.layout.batch)
+  # The jitted functions of the two steps (`harness.Steps.dp` / `.non_dp`), on abstract arguments.
+  pieces = {"zero_sum": (steps.zero_sum, (params,)),
+            "accumulate": (steps.accumulate, (acc, params, batch, mask)),
+            "total": (steps.total, (acc,)),
+            "apply_dp": (steps.apply, (params, opt_state, None, grad, np.float32(0.0))),
+            "public_grad": (steps.public_grad, (params, public)),
+            "apply_non_dp": (steps.apply, (params, opt_state, grad, None, np.float32(1.0)))}
   result = dict(model=args.model, method=args.method, clip=args.clip, dtype=args.dtype,
                 microbatch=args.microbatch, variant=args.variant,
-                xla_flags=os.environ.get("XLA_FLAGS", ""),
-                hlo_ops=lowered.as_text().count("\n"), lower_s=lower_s,
-                compile_s=time.perf_counter() - start)
+                xla_flags=os.environ.get("XLA_FLAGS", ""), pieces={})
+  for name, (jitted, pargs) in pieces.items():
+    if not hasattr(jitted, "lower"):  # a dispatcher over jits (the sharded apply): a first call
+      start = time.perf_counter()
+      jax.block_until_ready(jitted(*_concrete(pargs)))
+      result["pieces"][name] = dict(lower_s=0.0, compile_s=time.perf_counter() - start)
+      continue
+    start = time.perf_counter()
+    lowered = jitted.lower(*pargs)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if args.trace_dir and name == "accumulate":
+      with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+        lowered.compile()
+    else:
+      lowered.compile()
+    result["pieces"][name] = dict(hlo_lines=lowered.as_text().count("\n"), lower_s=lower_s,
+                                  compile_s=time.perf_counter() - start)
+  total = lambda names: sum(sum(result["pieces"][n][k] for k in ("lower_s", "compile_s"))
+                            for n in names)
+  result["dp_s"] = total(("zero_sum", "accumulate", "total", "apply_dp"))
+  result["non_dp_s"] = total(("public_grad", "apply_non_dp"))
   if args.trace_dir:
     result["host_events"] = profile.host_event_times(args.trace_dir, top=args.top)
   result.update(harness.device_facts())
   return result
+
+
+def _concrete(tree):
+  """Fresh device arrays for a call: zeros for ShapeDtypeStructs, copies of arrays (a donating
+  call may consume them)."""
+  import jax
+  import jax.numpy as jnp
+
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding)
+    return jnp.copy(x) if isinstance(x, jax.Array) else x
+  return jax.tree_util.tree_map(one, tree)
 
 
 def main() -> None:
@@ -114,14 +150,18 @@ def main() -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  lines = ["| model | per-example | microbatch | variant | HLO lines | trace + lower s | compile s |",
-           "|---|---|---|---|---|---|---|"]
+  names = ("accumulate", "apply_dp", "public_grad", "apply_non_dp")
+  lines = ["| model | per-example | microbatch | variant | "
+           + " | ".join(f"{n} lower + compile s" for n in names) + " | DP step s | non-DP step s |",
+           "|---|---|---|---|" + "---|" * (len(names) + 2)]
   for r in rows:
     if "failed" in r:
-      lines.append(f"| | | | {r['variant']} | failed: {r['failed'][-120:]} | | |")
+      lines.append(f"| | | | {r['variant']} | failed: {r['failed'][-120:]} |" + " |" * (len(names) + 1))
       continue
+    times = [r["pieces"][n] for n in names]
     lines.append(f"| {r['model']} | {r['method']} | {r['microbatch']} | {r['variant']} | "
-                 f"{r['hlo_ops']:,} | {r['lower_s']:.1f} | {r['compile_s']:.1f} |")
+                 + " | ".join(f"{t['lower_s']:.1f} + {t['compile_s']:.1f}" for t in times)
+                 + f" | {r['dp_s']:.1f} | {r['non_dp_s']:.1f} |")
   return "\n".join(lines)
 
 
