@@ -45,10 +45,21 @@ def _check(noise_multiplier: float, sensitivity: float, expected_batch_size: flo
 
 
 def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float) -> PyTree:
-  """Independent N(0, stddev²) float32 noise for every leaf of `tree` (one key per leaf)."""
+  """Independent N(0, stddev²) float32 noise for every leaf of `tree`.
+
+  Leaves of the same shape take rows of one draw [count, *shape] (one key per distinct shape):
+  a ViT-B's ~150 leaves need ~15 random-number kernels, not 150, each of which XLA compiles
+  (`benchmarks/compile_time.py`). Every element is still an independent draw."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  noise = [stddev * jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves)]
+  by_shape: dict[tuple, list[int]] = {}
+  for index, leaf in enumerate(leaves):
+    by_shape.setdefault(tuple(jnp.shape(leaf)), []).append(index)
+  keys = jax.random.split(key, max(len(by_shape), 1))
+  noise = [None] * len(leaves)
+  for k, (shape, indices) in zip(keys, by_shape.items()):
+    draw = stddev * jax.random.normal(k, (len(indices),) + shape, jnp.float32)
+    for row, index in enumerate(indices):
+      noise[index] = draw[row]
   return jax.tree_util.tree_unflatten(treedef, noise)
 
 
