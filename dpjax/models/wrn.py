@@ -133,28 +133,25 @@ class StandardizedConvTerm:
   def sq_norms_and_slack(self) -> tuple[jax.Array, jax.Array]:
     from dpjax.privacy import ghost
     (_, t, n), p = self.patches.shape, self.output_grads.shape[-1]
+    slack = ghost.rounding_slack(self.patches, self.output_grads)
+    kernel_slack = jnp.max(jnp.abs(self.gain_scale) * self.inv_std) * slack
+    if self.part == "kernel" and t * n * p <= t * t * (n + p):  # instantiating is cheaper
+      return jnp.sum(jnp.square(self.instantiate()), axis=-1), kernel_slack
     g = self.output_grads.astype(jnp.float32)
     full = jax.lax.Precision.HIGHEST
     along_s = jnp.einsum("mtp,mtp->mp", self._patches_times_s(), g, precision=full)  # sₒ·Gₒ
+    r = jnp.sum(jnp.square(self.standardized), axis=0) / n  # ‖sₒ‖²/n
     if self.part == "gain":
-      sq = jnp.sum(jnp.square(along_s), axis=-1) / n
-      lipschitz = jnp.max(jnp.sqrt(jnp.sum(jnp.square(self.standardized), axis=0) / n))
-    else:
-      lipschitz = jnp.max(jnp.abs(self.gain_scale) * self.inv_std)
-      if t * n * p <= t * t * (n + p):
-        sq = jnp.sum(jnp.square(self.instantiate()), axis=-1)
-      else:
-        c = jnp.square(self.gain_scale * self.inv_std)
-        gram_p = jnp.einsum("mtd,msd->mts", self.patches, self.patches,
-                            preferred_element_type=jnp.float32, precision=full)
-        gram_g = jnp.einsum("mtp,msp,p->mts", g, g, c, precision=full)
-        sums = jnp.sum(self.patches, axis=-1, dtype=jnp.float32)  # Σ pₜ [m, T]
-        along_1 = jnp.einsum("mt,mtp->mp", sums, g, precision=full)  # 1·Gₒ
-        r = jnp.sum(jnp.square(self.standardized), axis=0) / n
-        sq = jnp.maximum(jnp.sum(gram_p * gram_g, axis=(1, 2)) - jnp.sum(
-            c * (jnp.square(along_1) + self.active * (2.0 - r) * jnp.square(along_s)),
-            axis=-1) / n, 0.0)
-    return sq, lipschitz * ghost.rounding_slack(self.patches, self.output_grads)
+      return jnp.sum(jnp.square(along_s), axis=-1) / n, jnp.max(jnp.sqrt(r)) * slack
+    c = jnp.square(self.gain_scale * self.inv_std)
+    gram_p = jnp.einsum("mtd,msd->mts", self.patches, self.patches,
+                        preferred_element_type=jnp.float32, precision=full)
+    gram_g = jnp.einsum("mtp,msp,p->mts", g, g, c, precision=full)
+    sums = jnp.sum(self.patches, axis=-1, dtype=jnp.float32)  # Σ pₜ [m, T]
+    along_1 = jnp.einsum("mt,mtp->mp", sums, g, precision=full)  # 1·Gₒ
+    sq = jnp.sum(gram_p * gram_g, axis=(1, 2)) - jnp.sum(
+        c * (jnp.square(along_1) + self.active * (2.0 - r) * jnp.square(along_s)), axis=-1) / n
+    return jnp.maximum(sq, 0.0), kernel_slack
 
   def _patches_times_s(self) -> jax.Array:
     """pₜ·sₒ [m, T, features], float32: two bfloat16 matmuls (s = high + low) for bfloat16
