@@ -1,17 +1,18 @@
 """Where the DP step's compile time goes: host time of tracing + lowering and of XLA's compile of
-each jitted function of the DP and non-DP steps, per XLA_FLAGS variant, with the DP
-`accumulate` compile's own host trace events summed by name.
+each jitted function of the DP and non-DP steps, per XLA_FLAGS variant, with the host trace
+events of the DP `accumulate` and `apply` compiles summed by name.
 
 Each variant runs in its own subprocess (XLA_FLAGS are read when the backend starts; no
 persistent compilation cache): the trainer's functions (`benchmarks/harness.py`: zero_sum,
 accumulate, total, apply; public_grad, apply) are lowered on abstract arguments and compiled
 once, nothing runs (a function that is a dispatcher over jits, the sharded `apply`, is timed
-by its first call: compile plus one run). With `--events`, the accumulate compile runs under `jax.profiler.trace` and
-the host-side events (XLA's passes, LLVM/PTX compilation, autotuning: whatever XLA annotates) are
-summed by name; events nest and run on several threads, so the sums overlap.
+by its first call: compile plus one run). With `--events`, the compiles of accumulate and of
+the DP apply run under `jax.profiler.trace` and their host-side events (XLA's passes, LLVM/PTX
+compilation, autotuning: whatever XLA annotates) are summed by name; events nest and run on
+several threads, so the sums overlap.
 
   python -m benchmarks.compile_time --model vit_b16_224 --method ghost --events \\
-      --variants "baseline=;llvm_parallel=--xla_gpu_enable_llvm_module_compilation_parallelism=true" \\
+      --variants "baseline=;no_triton_gemm=--xla_gpu_enable_triton_gemm=false" \\
       --out $OUT/compile.json
   python -m benchmarks.compile_time --quick --out /tmp/c.json      # CPU smoke run
 
@@ -21,6 +22,7 @@ Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -59,20 +61,21 @@ def run_one(args: argparse.Namespace) -> dict:
   result = dict(model=args.model, method=args.method, clip=args.clip, dtype=args.dtype,
                 microbatch=args.microbatch, variant=args.variant,
                 xla_flags=os.environ.get("XLA_FLAGS", ""), pieces={})
+  traced = ("accumulate", "apply_dp")  # their compiles' host events, with --events
   for name, (jitted, pargs) in pieces.items():
+    tracing = (jax.profiler.trace(f"{args.trace_dir}/{name}", create_perfetto_trace=True)
+               if args.trace_dir and name in traced else contextlib.nullcontext())
     if not hasattr(jitted, "lower"):  # a dispatcher over jits (the sharded apply): a first call
       start = time.perf_counter()
-      jax.block_until_ready(jitted(*_concrete(pargs)))
+      with tracing:
+        jax.block_until_ready(jitted(*_concrete(pargs)))
       result["pieces"][name] = dict(lower_s=0.0, compile_s=time.perf_counter() - start)
       continue
     start = time.perf_counter()
     lowered = jitted.lower(*pargs)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    if args.trace_dir and name == "accumulate":
-      with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-        lowered.compile()
-    else:
+    with tracing:
       lowered.compile()
     result["pieces"][name] = dict(hlo_lines=lowered.as_text().count("\n"), lower_s=lower_s,
                                   compile_s=time.perf_counter() - start)
@@ -81,7 +84,8 @@ def run_one(args: argparse.Namespace) -> dict:
   result["dp_s"] = total(("zero_sum", "accumulate", "total", "apply_dp"))
   result["non_dp_s"] = total(("public_grad", "apply_non_dp"))
   if args.trace_dir:
-    result["host_events"] = profile.host_event_times(args.trace_dir, top=args.top)
+    result["host_events"] = {name: profile.host_event_times(f"{args.trace_dir}/{name}", args.top)
+                             for name in traced}
   result.update(harness.device_facts())
   return result
 
@@ -145,8 +149,10 @@ def main() -> None:
                        + " ".join(sys.argv[1:])), f, indent=2)
   print(markdown_table(rows))
   for row in rows:
-    for event in row.get("host_events", [])[:15]:
-      print(f"  {row['variant']}: {event['ms']:10.1f} ms  {event['calls']:6d} × {event['name']}")
+    for piece, events in row.get("host_events", {}).items():
+      for event in events[:15]:
+        print(f"  {row['variant']} {piece}: {event['ms']:10.1f} ms  {event['calls']:6d} × "
+              f"{event['name']}")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -156,7 +162,8 @@ def markdown_table(rows: list[dict]) -> str:
            "|---|---|---|---|" + "---|" * (len(names) + 2)]
   for r in rows:
     if "failed" in r:
-      lines.append(f"| | | | {r['variant']} | failed: {r['failed'][-120:]} |" + " |" * (len(names) + 1))
+      lines.append(f"| | | | {r['variant']} | failed: {r['failed'][-120:]} |"
+                   + " |" * (len(names) + 1))
       continue
     times = [r["pieces"][n] for n in names]
     lines.append(f"| {r['model']} | {r['method']} | {r['microbatch']} | {r['variant']} | "
