@@ -289,6 +289,21 @@ def test_a_subclass_of_a_self_described_layer_is_not_trusted():
                              np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
 
 
+def test_ghost_grads_that_leave_a_param_out_are_refused():
+  class Incomplete(models.vit.TokenEmbedding):
+    def ghost_grads(self, inputs, output_grads):
+      grads = super().ghost_grads(inputs, output_grads)
+      return {"class_token": grads["class_token"]}
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(Incomplete()(x.reshape((x.shape[0], 4, -1))).mean(axis=1))
+  model = Model()
+  with pytest.raises(ghost.GhostUnsupportedError, match="position_embedding"):
+    ghost.ghost_sq_norms(batch_losses_of(model), toy_models.init(model), toy_models.batch(2))
+
+
 def test_a_subclass_of_a_supported_layer_is_not_trusted():
   class ScaledDense(nn.Dense):  # extra behaviour ghost knows nothing about
     def __call__(self, x):

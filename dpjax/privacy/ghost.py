@@ -427,9 +427,16 @@ def _layer_terms(layer: _Layer, x: jax.Array, g: jax.Array, trainable: dict,
   module, terms = layer.module, {}
   if "ghost_grads" in vars(type(module)):  # called bound to its params
     grads = module.apply({"params": params}, x, g, method=type(module).ghost_grads)
+    wanted = [name for name in layer.param_names if trainable.get(name)]
+    missing = [name for name in wanted if name not in grads]
+    if missing:
+      raise GhostUnsupportedError(
+          f"{type(module).__name__}.ghost_grads ({'/'.join(layer.path)}) returned nothing for "
+          f"{missing}: it must return per-example gradients [m, *shape] or a `ghost.Term` for "
+          "every param of the module.")
     as_term = lambda grad: (grad if _is_term(grad) else
                             _Summed(grad.reshape(g.shape[0], -1).astype(jnp.float32)))
-    return {name: as_term(grads[name]) for name in layer.param_names if trainable.get(name)}
+    return {name: as_term(grads[name]) for name in wanted}
   if isinstance(module, nn.Embed):
     return {"embedding": _lookup_term(module, x, g)} if trainable.get("embedding") else {}
   if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
