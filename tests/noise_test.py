@@ -56,6 +56,15 @@ def test_leaves_get_independent_noise():
   assert abs(np.corrcoef(out["x"], out["y"])[0, 1]) < 0.04  # 5.7 sd of a null correlation
 
 
+def test_one_draw_per_leaf_shape():
+  """Leaves of one shape share a draw (rows of [count, *shape]): each draw is a random-number
+  kernel for XLA to compile, and one per leaf made a ViT-B DP step compile 45 s longer."""
+  tree = {f"block{i}": jnp.zeros((4, 3)) for i in range(10)} | {"bias": jnp.zeros(5)}
+  jaxpr = str(jax.make_jaxpr(lambda key: noise.gaussian_noise_like(key, tree, 1.0))(
+      jax.random.PRNGKey(0)))
+  assert jaxpr.count("random_bits") == 2
+
+
 def test_noise_is_float32_for_low_precision_params():
   t = noise.add_gaussian_noise(1.0, 1e-3, 1.0, seed=0)
   u = {"w": jnp.zeros(100000, jnp.bfloat16)}
