@@ -360,8 +360,10 @@ def sum_over_microbatches(clip_chunk: Callable, examples: PyTree, mask: jax.Arra
   # The first microbatch starts the carry (rather than zeros), so that under shard_map the carry
   # has the same device-varying type as what each microbatch adds.
   first = jax.tree_util.tree_map(lambda x: x[0], chunks)
-  rest = jax.tree_util.tree_map(lambda x: x[1:], chunks)
-  (total, stats), _ = jax.lax.scan(accumulate, clip_chunk(first), rest)
+  total, stats = clip_chunk(first)
+  if n > m:  # one microbatch (the trainer's accumulate step) needs no scan: traced once, not twice
+    rest = jax.tree_util.tree_map(lambda x: x[1:], chunks)
+    (total, stats), _ = jax.lax.scan(accumulate, (total, stats), rest)
   full = merge(total, jax.tree_util.tree_map(
       lambda p: None if p is None else jnp.zeros(p.shape, jnp.float32), frozen_p,
       is_leaf=lambda x: x is None))
