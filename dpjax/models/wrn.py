@@ -49,14 +49,12 @@ class WSConv(nn.Module):
     kernel = self.param("kernel", kernel_init, kernel_shape)
     gain = self.param("gain", nn.initializers.ones, (self.features,))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    fan_in = math.prod(kernel_shape[:-1])
+    scaled_kernel = standardize_kernel(kernel, self.eps) * (gain / math.sqrt(fan_in))
     outputs = jax.lax.conv_general_dilated(
-        inputs, self._scaled_kernel(kernel, gain), window_strides=(self.strides, self.strides),
+        inputs, scaled_kernel, window_strides=(self.strides, self.strides),
         padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return outputs + bias
-
-  def _scaled_kernel(self, kernel: jax.Array, gain: jax.Array) -> jax.Array:
-    fan_in = math.prod(kernel.shape[:-1])
-    return standardize_kernel(kernel, self.eps) * (gain / math.sqrt(fan_in))
 
   def ghost_grads(self, inputs: jax.Array, output_grads: jax.Array) -> dict:
     """Per-example gradients of kernel, gain and bias for ghost clipping (`dpjax.privacy.ghost`;
@@ -72,12 +70,12 @@ class WSConv(nn.Module):
                                  self.strides, self.padding)
     m, fan_in = inputs.shape[0], math.prod(kernel.shape[:-1])
     flat = kernel.reshape(fan_in, self.features)
-    var = jnp.var(flat, axis=0)
-    inv_std = jax.lax.rsqrt(jnp.maximum(var, self.eps))
+    var = jnp.var(flat, axis=0)  # the statistics standardize_kernel divides by
     term = functools.partial(
         StandardizedConvTerm, patches.reshape(m, -1, fan_in),
-        output_grads.reshape(m, -1, self.features), (flat - jnp.mean(flat, axis=0)) * inv_std,
-        inv_std, gain / math.sqrt(fan_in), (var > self.eps).astype(jnp.float32))
+        output_grads.reshape(m, -1, self.features), standardize_kernel(flat, self.eps),
+        jax.lax.rsqrt(jnp.maximum(var, self.eps)), gain / math.sqrt(fan_in),
+        (var > self.eps).astype(jnp.float32))
     bias_grads = jnp.sum(output_grads.astype(jnp.float32), axis=(1, 2))
     return {"kernel": term(part="kernel"), "gain": term(part="gain"), "bias": bias_grads}
 
