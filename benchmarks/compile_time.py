@@ -6,7 +6,7 @@ Each variant runs in its own subprocess (XLA_FLAGS are read when the backend sta
 persistent compilation cache): the trainer's functions (`benchmarks/harness.py`: zero_sum,
 accumulate, total, apply; public_grad, apply) are lowered on abstract arguments and compiled
 once, nothing runs (a function that is a dispatcher over jits, the sharded `apply`, is timed
-by its first call: compile plus one run). With `--events`, the compiles of accumulate and of
+by its first call on arguments made beforehand: compile plus one run). With `--events`, the compiles of accumulate and of
 the DP apply run under `jax.profiler.trace` and their host-side events (XLA's passes, LLVM/PTX
 compilation, autotuning: whatever XLA annotates) are summed by name; events nest and run on
 several threads, so the sums overlap.
@@ -66,9 +66,10 @@ def run_one(args: argparse.Namespace) -> dict:
     tracing = (jax.profiler.trace(f"{args.trace_dir}/{name}", create_perfetto_trace=True)
                if args.trace_dir and name in traced else contextlib.nullcontext())
     if not hasattr(jitted, "lower"):  # a dispatcher over jits (the sharded apply): a first call
+      concrete = jax.block_until_ready(_concrete(pargs))  # made before the clock starts
       start = time.perf_counter()
       with tracing:
-        jax.block_until_ready(jitted(*_concrete(pargs)))
+        jax.block_until_ready(jitted(*concrete))
       result["pieces"][name] = dict(lower_s=0.0, compile_s=time.perf_counter() - start)
       continue
     start = time.perf_counter()

@@ -61,7 +61,9 @@ class Steps:
     self.num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     self.batch = microbatch * microbatches
     rule = CLIP_RULES[clip](params)
-    tx = noise.add_gaussian_noise(1.0, rule.sensitivity, float(self.batch))
+    specs = parallel.state_specs(params, mesh)
+    tx = noise.add_gaussian_noise(1.0, rule.sensitivity, float(self.batch),
+                                  split=parallel.split_leaves(specs))
     optimizer = optax.adamw(1e-4, weight_decay=0.05)
     opt_state = step_lib.OptState(tx.init(params), optimizer.init(params))
     self.mesh, self.layout = mesh, parallel.make_layout(mesh, params, opt_state)

@@ -106,6 +106,13 @@ def state_specs(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree_util.tree_map(lambda x: leaf_spec(np.shape(x), jnp.result_type(x), fsdp), tree)
 
 
+def split_leaves(specs: PyTree) -> PyTree:
+  """True for each leaf whose PartitionSpec splits it over some mesh axis (e.g. 'fsdp'), False for
+  replicated leaves: the `split` argument of `dpjax.privacy.noise.add_gaussian_noise`."""
+  return jax.tree_util.tree_map(lambda s: any(axis is not None for axis in s), specs,
+                                is_leaf=_is_spec)
+
+
 def shardings(specs: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                 is_leaf=lambda s: isinstance(s, PartitionSpec))

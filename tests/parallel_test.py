@@ -107,12 +107,14 @@ def test_per_layer_clipping_under_fsdp():
 def test_noise_is_drawn_once_per_global_step(layout_sizes):
   """Var of the noisy mean of a zero sum is (σ·S/B)², not n_devices times that."""
   sigma, sensitivity, batch_size = 2.0, 0.5, 4.0
-  params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(64)}
-  tx = noise.add_gaussian_noise(sigma, sensitivity, batch_size, seed=11)
-  state = step_lib.OptState(tx.init(params), optax.sgd(1.0).init(params))
-  layout = None
+  params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(64), "c": jnp.zeros(3)}
+  layout, split = None, None
   if layout_sizes is not None:
     mesh = parallel.make_mesh(*layout_sizes)
+    split = parallel.split_leaves(parallel.state_specs(params, mesh))  # as the trainer draws it
+  tx = noise.add_gaussian_noise(sigma, sensitivity, batch_size, seed=11, split=split)
+  state = step_lib.OptState(tx.init(params), optax.sgd(1.0).init(params))
+  if layout_sizes is not None:
     layout = parallel.make_layout(mesh, params, state)
     params, state = parallel.place(params, mesh), parallel.place(state, mesh)
   apply = step_lib.make_apply(tx, optax.sgd(1.0), layout)
@@ -121,7 +123,7 @@ def test_noise_is_drawn_once_per_global_step(layout_sizes):
   draws = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
       parallel.to_host(new_params))])
   expected = (sigma * sensitivity / batch_size) ** 2
-  # 4160 draws: the sample variance is within 10% of the truth with overwhelming probability
+  # 4163 draws: the sample variance is within 10% of the truth with overwhelming probability
   # (its relative sd is sqrt(2/4160) = 2.2%); per-device noise would be 8x (or 2x) too large.
   assert abs(np.var(draws) / expected - 1) < 0.1
   assert abs(np.mean(draws)) < 5 * np.sqrt(expected / len(draws))
@@ -142,6 +144,27 @@ def test_noise_is_the_same_draw_whatever_the_layout():
     draws.append(parallel.to_host(out)["w"])
   np.testing.assert_allclose(draws[0], draws[1])
   np.testing.assert_allclose(draws[0], draws[2])
+
+
+def test_split_leaves_get_their_noise_drawn_where_they_live():
+  """With `split` from the layout, each device draws the noise of its own shards: no collective
+  moves noise between devices. Cut from one flat draw, the split leaves would need them."""
+  params = {"w": jnp.zeros((64, 32)), "v": jnp.zeros((64, 32)), "b": jnp.zeros(3)}
+  mesh = parallel.make_mesh(1, 8)
+  specs = parallel.state_specs(params, mesh)
+  assert parallel.split_leaves(specs) == {"w": True, "v": True, "b": False}
+
+  def collectives(split):
+    tx = noise.add_gaussian_noise(1.0, 1.0, 1.0, split=split)
+    state = step_lib.OptState(tx.init(params), optax.sgd(1.0).init(params))
+    layout = parallel.make_layout(mesh, params, state)
+    sharding = layout.sharding(layout.params)
+    noisy = jax.jit(lambda g, s: tx.update(g, s)[0], in_shardings=(sharding, None),
+                    out_shardings=sharding)
+    hlo = noisy.lower(params, state.noise).compile().as_text()
+    return sum(hlo.count(op) for op in ("all-to-all", "collective-permute", "all-gather"))
+  assert collectives(parallel.split_leaves(specs)) == 0
+  assert collectives(None) > 0  # the check can see it
 
 
 def test_leaf_spec_shards_the_largest_divisible_float_dimension():

@@ -239,7 +239,8 @@ class _Run:
     if self.plan.noise_multiplier is not None:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
                                                self.plan.expected_batch_size,
-                                               seed=self.config.seed)
+                                               seed=self.config.seed,
+                                               split=parallel.split_leaves(self.layout.params))
     self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout, donate=True)
     self.score = (step_lib.make_score(self.noise_tx, self.layout)
                   if self.noise_tx is not None and self.config.finetune.sparse.method == "sparta"
