@@ -1,5 +1,7 @@
 """Tests for dpjax.privacy.noise: the noise's standard deviation, freshness and reproducibility."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,29 @@ def test_frozen_leaves_get_no_noise_and_no_update():
   assert not np.any(np.asarray(updates["frozen"]))
   assert np.all(np.asarray(updates["train"]) != 0)
   assert int(noise.noise_state(state).count) == 1
+
+
+def _drawn_sizes(jaxpr) -> list[int]:
+  """The sizes of the random_bits draws in a jaxpr, nested jaxprs (pjit, ...) included."""
+  sizes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "random_bits":
+      sizes.append(math.prod(eqn.outvars[0].aval.shape))
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        sizes += _drawn_sizes(inner)
+  return sizes
+
+
+def test_noise_is_drawn_for_trainable_leaves_only():
+  """Fine-tuning a head: the draw covers the trainable params, not the frozen backbone's."""
+  updates = {"backbone": jnp.zeros((300, 40)), "head": jnp.zeros((40, 10)), "bias": jnp.zeros(10)}
+  trainable = {"backbone": False, "head": True, "bias": True}
+  t = noise.add_gaussian_noise(1.0, 1.0, 1.0, trainable=trainable)
+  assert _drawn_sizes(jax.make_jaxpr(t.update)(updates, t.init(updates)).jaxpr) == [400 + 10]
+  out, _ = t.update(updates, t.init(updates))
+  assert not np.any(np.asarray(out["backbone"])) and np.all(np.asarray(out["head"]) != 0)
 
 
 def test_dp_optimizer_composes_with_optax():

@@ -132,12 +132,16 @@ def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_bat
   def update_fn(updates, state, params=None):
     del params
     step_key, next_key = jax.random.split(state.key)
-    noise = gaussian_noise_like(step_key, updates, stddev, split)
+    drawn, drawn_split = updates, split
+    if trainable is not None:  # frozen leaves (None here) are not drawn for
+      drawn = jax.tree_util.tree_map(lambda g, t: g if t else None, updates, trainable)
+      if split is not None:
+        drawn_split = jax.tree_util.tree_map(lambda s, t: s if t else None, split, trainable)
+    noise = gaussian_noise_like(step_key, drawn, stddev, drawn_split)
     noisy = jax.tree_util.tree_map(
-        lambda g, z: ((g.astype(jnp.float32) + z) / expected_batch_size).astype(g.dtype),
-        updates, noise)
-    if trainable is not None:
-      noisy = jax.tree_util.tree_map(lambda g, t: g if t else jnp.zeros_like(g), noisy, trainable)
+        lambda g, z: (jnp.zeros_like(g) if z is None else
+                      ((g.astype(jnp.float32) + z) / expected_batch_size).astype(g.dtype)),
+        updates, noise, is_leaf=lambda x: x is None)
     return noisy, NoiseState(key=next_key, count=state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)

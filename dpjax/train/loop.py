@@ -240,6 +240,7 @@ class _Run:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
                                                self.plan.expected_batch_size,
                                                seed=self.config.seed,
+                                               trainable=self.tuning.trainable,
                                                split=parallel.split_leaves(self.layout.params))
     self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout, donate=True)
     self.score = (step_lib.make_score(self.noise_tx, self.layout)
