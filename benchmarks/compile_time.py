@@ -25,9 +25,9 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
+
+from benchmarks import rows as rows_lib
 
 QUICK = dict(model="vit_test", method="ghost", microbatch=8, variants="baseline=")
 
@@ -132,22 +132,15 @@ def main() -> None:
     name, _, flags = variant.partition("=")
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
-    command = [sys.executable, "-m", "benchmarks.compile_time", f"--variant={name}",
-               f"--model={args.model}", f"--method={args.method}", f"--clip={args.clip}",
-               f"--dtype={args.dtype}", f"--microbatch={args.microbatch}", f"--top={args.top}"]
+    row_flags = [f"--variant={name}", f"--model={args.model}", f"--method={args.method}",
+                 f"--clip={args.clip}", f"--dtype={args.dtype}",
+                 f"--microbatch={args.microbatch}", f"--top={args.top}"]
     if args.events:
-      command.append(f"--trace_dir=/tmp/compile_trace/{name}")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
-      print(f"FAILED {name}:\n{done.stderr[-3000:]}", file=sys.stderr)
-      rows.append(dict(variant=name, xla_flags=flags, failed=done.stderr.strip()[-500:]))
-    else:
-      rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+      row_flags.append(f"--trace_dir=/tmp/compile_trace/{name}")
+    rows.append(rows_lib.run_row("benchmarks.compile_time", row_flags,
+                                 dict(variant=name, xla_flags=flags), env))
     print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-    if args.out:
-      with open(args.out, "w") as f:
-        json.dump(dict(rows=rows, command="python -m benchmarks.compile_time "
-                       + " ".join(sys.argv[1:])), f, indent=2)
+    rows_lib.write_rows(args.out, "benchmarks.compile_time", rows)
   print(markdown_table(rows))
   for row in rows:
     for piece, events in row.get("host_events", {}).items():

@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
+
+from benchmarks import rows as rows_lib
 
 QUICK = dict(models="vit_test", methods="ghost,vmap", probes="8,16", limit_mb=256.0, multiple=4)
 
@@ -107,18 +107,11 @@ def main() -> None:
                                                   "limit_mb", "multiple")]
   for model in args.models.split(","):
     for method in args.methods.split(","):
-      done = subprocess.run([sys.executable, "-m", "benchmarks.max_batch", f"--model={model}",
-                             f"--per_example={method}"] + shared, capture_output=True, text=True)
-      if done.returncode:
-        from benchmarks.throughput import failure
-        rows.append(dict(model=model, per_example=method, failed=failure(done.stderr)))
-      else:
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+      rows.append(rows_lib.run_row(
+          "benchmarks.max_batch", [f"--model={model}", f"--per_example={method}"] + shared,
+          dict(model=model, per_example=method)))
       print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-      if args.out:
-        with open(args.out, "w") as f:
-          json.dump(dict(rows=rows, command="python -m benchmarks.max_batch " +
-                         " ".join(sys.argv[1:])), f, indent=2)
+      rows_lib.write_rows(args.out, "benchmarks.max_batch", rows)
   print(markdown_table(rows))
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
 import time
+
+from benchmarks import rows as rows_lib
+
 
 def run_one(args: argparse.Namespace, data: int, fsdp: int) -> dict:
   """Times one layout in this process; returns its measurements."""
@@ -84,17 +84,12 @@ def main() -> None:
                  if k not in ("out", "layouts", "one", "breakdown")]
   passthrough += ["--breakdown"] if args.breakdown else []
   for layout in args.layouts.split(","):
-    done = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--one", layout]
-                          + passthrough, capture_output=True, text=True)
-    if done.returncode:
-      sys.stderr.write(done.stdout + done.stderr)
-      raise SystemExit(f"layout {layout} failed")
-    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows.append(rows_lib.run_row("benchmarks.scaling", ["--one", layout] + passthrough,
+                                 dict(layout=layout)))
+    if "failed" in rows[-1]:
+      raise SystemExit(f"layout {layout} failed: {rows[-1]['failed']}")
   print_table(rows)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(dict(rows=rows, command="python " + " ".join(sys.argv), host=platform.node()),
-                f, indent=2)
+  rows_lib.write_rows(args.out, "benchmarks.scaling", rows)
 
 
 def print_table(rows: list[dict]) -> None:

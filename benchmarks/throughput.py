@@ -20,10 +20,8 @@ import argparse
 import itertools
 import json
 import os
-import platform
-import re
-import subprocess
-import sys
+
+from benchmarks import rows as rows_lib
 
 # (model, microbatch, microbatches per step); the GPU suite and the CPU smoke run.
 SUITE = [("vit_b16_224", 32, 4), ("vit_b16_224", 64, 2), ("vit_b16_224", 128, 1),
@@ -130,31 +128,11 @@ def main() -> None:
     if args.profile:  # the optimized HLO, to name what each kernel computes
       from benchmarks import profile
       env["XLA_FLAGS"] = profile.dump_flags(f"{args.profile}/{len(rows)}/hlo")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.throughput"] + flags,
-                          capture_output=True, text=True, env=env)
-    if done.returncode:
-      print(f"FAILED {config}:\n{done.stderr[-3000:]}", file=sys.stderr)
-      rows.append(dict(config, failed=failure(done.stderr)))
-      write(args.out, rows)
-      continue
-    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-    write(args.out, rows)  # after every row: a run cut short keeps what it measured
+    rows.append(rows_lib.run_row("benchmarks.throughput", flags, config, env))
+    if "failed" not in rows[-1]:
+      print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    rows_lib.write_rows(args.out, "benchmarks.throughput", rows)
   print(markdown_table(rows))
-
-
-def failure(stderr: str) -> str:
-  """The exception line of a failed configuration's stderr (JAX appends notes after it)."""
-  lines = [line for line in stderr.strip().splitlines() if line.strip()] or ["(no stderr)"]
-  found = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-  return (found or lines)[-1][:500]
-
-
-def write(path: str, rows: list[dict]) -> None:
-  if path:
-    with open(path, "w") as f:
-      json.dump(dict(rows=rows, command="python -m benchmarks.throughput " + " ".join(sys.argv[1:]),
-                     host=platform.node()), f, indent=2)
 
 
 def markdown_table(rows: list[dict]) -> str:

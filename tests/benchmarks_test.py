@@ -34,6 +34,21 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
   assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
 
 
+def test_a_failed_configuration_is_a_row_naming_its_exception(tmp_path, monkeypatch):
+  """A configuration that fails in its subprocess leaves a row with the exception line (not the
+  notes JAX appends after it), and the table's JSON is written all the same."""
+  from benchmarks import rows
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setenv("PYTHONPATH", str(ROOT))
+  row = rows.run_row("benchmarks.max_batch", ["--model=no_such_model", "--per_example=vmap"],
+                     dict(model="no_such_model"))
+  assert row["model"] == "no_such_model" and row["failed"].startswith("KeyError")
+  out = tmp_path / "rows.json"
+  rows.write_rows(str(out), "benchmarks.max_batch", [row])
+  assert json.loads(out.read_text())["rows"] == [row]
+  assert rows.failure("Traceback ...\nValueError: bad\n--------\nnote") == "ValueError: bad"
+
+
 def test_profile_names_kernels_after_the_dumped_hlo(tmp_path):
   """A kernel of the trace is matched to its HLO instruction (fusion_12 -> %fusion.12) in XLA's
   optimized-HLO dump, which gives its shape and the JAX op it came from."""

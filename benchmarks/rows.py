@@ -1,0 +1,43 @@
+"""One benchmark configuration per subprocess: run it, read its JSON row, write the table's JSON.
+
+Each benchmark's `main` runs every configuration as `python -m benchmarks.NAME --internal flags`
+in a fresh process (its own peak memory, compile caches and XLA_FLAGS), which prints its row as
+the last line of stdout. No jax import here: the parent process never starts a backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from typing import Mapping
+
+
+def run_row(module: str, flags: list[str], config: Mapping, env: Mapping | None = None) -> dict:
+  """Runs `python -m module *flags` and returns the JSON row it printed last; if it fails, prints
+  the end of its stderr and returns `config` with the exception line under "failed"."""
+  done = subprocess.run([sys.executable, "-m", module] + flags, capture_output=True, text=True,
+                        env=dict(os.environ if env is None else env))
+  if done.returncode:
+    print(f"FAILED {dict(config)}:\n{done.stderr[-3000:]}", file=sys.stderr)
+    return dict(config, failed=failure(done.stderr))
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def failure(stderr: str) -> str:
+  """The exception line of a failed configuration's stderr (JAX appends notes after it)."""
+  lines = [line for line in stderr.strip().splitlines() if line.strip()] or ["(no stderr)"]
+  found = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+  return (found or lines)[-1][:500]
+
+
+def write_rows(path: str, module: str, rows: list[dict]) -> None:
+  """Writes {rows, command, host} to `path` (nothing when empty); called after every row, so a
+  run cut short keeps what it measured."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(dict(rows=rows, command=f"python -m {module} " + " ".join(sys.argv[1:]),
+                     host=platform.node()), f, indent=2)
