@@ -110,8 +110,8 @@ class Steps:
                                                    self.microbatches[0], self.mask)}
     if self.batch_losses is not None:
       from dpjax.privacy import ghost
-      backward = jax.jit(lambda p, b: [term for _, term, _ in ghost._per_example_terms(
-          self.batch_losses, p, b, None, "vmap").values()])
+      backward = jax.jit(lambda p, b: list(ghost.per_example_terms(
+          self.batch_losses, p, b).values()))
       norms = jax.jit(lambda p, b: ghost.ghost_sq_norms(self.batch_losses, p, b))
       found["ghost_backward"] = lambda: backward(params, self.microbatches[0])
       found["ghost_norms"] = lambda: norms(params, self.microbatches[0])

@@ -598,6 +598,18 @@ def _term_sq_norms_and_slack(term, stacked: bool) -> tuple[jax.Array, jax.Array]
   return jnp.sum(sq, axis=0), jnp.sum(slack, axis=0)
 
 
+def per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
+                      trainable: PyTree | None = None, fallback: str = "vmap"
+                      ) -> dict[tuple[str, ...], Term]:
+  """{leaf path: `Term`} for every trainable leaf: what ghost clipping computes norms and the
+  clipped sum from, after its one forward and one backward pass (to the layers' outputs only).
+  Leaves of supported layers get factored terms (layer inputs and output gradients, or a module's
+  `ghost_grads` term); leaves left to the fallback get per-example gradients. Under nn.scan a
+  term's arrays carry the scanned axis in front. Data-dependent: not to be released."""
+  return {path: term for path, (_, term, _) in
+          _per_example_terms(batch_losses, params, batch, trainable, fallback).items()}
+
+
 def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
                    trainable: PyTree | None = None, fallback: str = "vmap") -> jax.Array:
   """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
