@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from dpjax import finetune, models
+from dpjax.models import wrn
 from dpjax.privacy import clipping, ghost
 from dpjax.train import step as step_lib
 from tests import toy_models
@@ -423,6 +424,26 @@ def test_bfloat16_weight_standardised_contributions_stay_within_the_clip_bound()
   norms = jax.vmap(clipping.global_norm)(alone)
   assert float(jnp.min(norms)) > 0.5 * rule.sensitivity
   assert float(jnp.max(norms)) <= rule.sensitivity
+
+
+def test_weight_standardised_kernel_and_gain_norms_share_their_matmuls():
+  """A WSConv's kernel (closed form, few positions) and gain norms both need the patches times s;
+  they are separate terms, so XLA's common-subexpression pass must merge the two: together they
+  compile to no more matmuls than the kernel's norm alone."""
+  m, t, n, p = 2, 16, 3 * 3 * 64, 64
+  assert t * n * p > t * t * (n + p)  # the closed form, which also takes the patches times s
+  rng = np.random.default_rng(0)
+  args = (jnp.asarray(rng.standard_normal((m, t, n)), jnp.bfloat16),
+          jnp.asarray(rng.standard_normal((m, t, p)), jnp.bfloat16),
+          wrn.standardize_kernel(jnp.asarray(rng.standard_normal((n, p)), jnp.float32), 1e-4),
+          jnp.ones(p), jnp.full(p, n ** -0.5), jnp.ones(p))
+
+  def dots(*parts):
+    norms = lambda *a: [wrn.StandardizedConvTerm(*a, part=part).sq_norms_and_slack()
+                        for part in parts]
+    return jax.jit(norms).lower(*args).compile().as_text().count(" dot(")
+  assert dots("gain") >= 2  # high and low halves of s
+  assert dots("kernel", "gain") == dots("kernel")
 
 
 def test_bfloat16_per_layer_contributions_stay_within_each_layers_bound():
