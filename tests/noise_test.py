@@ -123,12 +123,15 @@ def _drawn_sizes(jaxpr) -> list[int]:
   return sizes
 
 
-def test_noise_is_drawn_for_trainable_leaves_only():
+@pytest.mark.parametrize("split,sizes", [(None, [400 + 10]),
+                                         ({"backbone": True, "head": True, "bias": False},
+                                          [10, 400])])
+def test_noise_is_drawn_for_trainable_leaves_only(split, sizes):
   """Fine-tuning a head: the draw covers the trainable params, not the frozen backbone's."""
   updates = {"backbone": jnp.zeros((300, 40)), "head": jnp.zeros((40, 10)), "bias": jnp.zeros(10)}
   trainable = {"backbone": False, "head": True, "bias": True}
-  t = noise.add_gaussian_noise(1.0, 1.0, 1.0, trainable=trainable)
-  assert _drawn_sizes(jax.make_jaxpr(t.update)(updates, t.init(updates)).jaxpr) == [400 + 10]
+  t = noise.add_gaussian_noise(1.0, 1.0, 1.0, trainable=trainable, split=split)
+  assert _drawn_sizes(jax.make_jaxpr(t.update)(updates, t.init(updates)).jaxpr) == sizes
   out, _ = t.update(updates, t.init(updates))
   assert not np.any(np.asarray(out["backbone"])) and np.all(np.asarray(out["head"]) != 0)
 
