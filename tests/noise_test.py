@@ -136,6 +136,15 @@ def test_noise_is_drawn_for_trainable_leaves_only(split, sizes):
   assert not np.any(np.asarray(out["backbone"])) and np.all(np.asarray(out["head"]) != 0)
 
 
+def test_flags_of_another_structure_are_refused_clearly():
+  updates = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+  with pytest.raises(ValueError, match="split must be a pytree of bools with the structure"):
+    noise.gaussian_noise_like(jax.random.PRNGKey(0), updates, 1.0, {"a": True})
+  t = noise.add_gaussian_noise(1.0, 1.0, 1.0, trainable={"a": True})
+  with pytest.raises(ValueError, match="trainable must be a pytree of bools with the structure"):
+    t.update(updates, t.init(updates))
+
+
 def test_dp_optimizer_composes_with_optax():
   params = {"w": jnp.ones(3)}
   opt = noise.dp_optimizer(optax.sgd(1.0), noise_multiplier=0.0, sensitivity=1.0,

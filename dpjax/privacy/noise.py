@@ -68,8 +68,7 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float,
     split: None, or a pytree of bools with `tree`'s structure.
   """
   leaves, treedef = jax.tree_util.tree_flatten(tree)
-  split_flags = ([False] * len(leaves) if split is None
-                 else treedef.flatten_up_to(split))
+  split_flags = [False] * len(leaves) if split is None else _flags_like(treedef, split, "split")
   flat_key, shaped_key = jax.random.split(key)
   noise = [None] * len(leaves)
   whole = [i for i, is_split in enumerate(split_flags) if not is_split]
@@ -90,6 +89,15 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float,
     for row, index in enumerate(indices):
       noise[index] = draw[row]
   return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def _flags_like(treedef, flags: PyTree, name: str) -> list:
+  """`flags` flattened to the leaves of `treedef`, or a ValueError saying what does not match."""
+  try:
+    return treedef.flatten_up_to(flags)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{name} must be a pytree of bools with the structure of the updates "
+                     f"(the params): {e}") from None
 
 
 def _materialized(draw: jax.Array) -> jax.Array:
@@ -135,6 +143,7 @@ def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_bat
     step_key, next_key = jax.random.split(state.key)
     drawn, drawn_split = updates, split
     if trainable is not None:  # frozen leaves (None here) are not drawn for
+      _flags_like(jax.tree_util.tree_structure(updates), trainable, "trainable")
       drawn = jax.tree_util.tree_map(lambda g, t: g if t else None, updates, trainable)
       if split is not None:
         drawn_split = jax.tree_util.tree_map(lambda s, t: s if t else None, split, trainable)
