@@ -6,10 +6,10 @@ Each variant runs in its own subprocess (XLA_FLAGS are read when the backend sta
 persistent compilation cache): the trainer's functions (`benchmarks/harness.py`: zero_sum,
 accumulate, total, apply; public_grad, apply) are lowered on abstract arguments and compiled
 once, nothing runs (a function that is a dispatcher over jits, the sharded `apply`, is timed
-by its first call on arguments made beforehand: compile plus one run). With `--events`, the compiles of accumulate and of
-the DP apply run under `jax.profiler.trace` and their host-side events (XLA's passes, LLVM/PTX
-compilation, autotuning: whatever XLA annotates) are summed by name; events nest and run on
-several threads, so the sums overlap.
+by its first call on arguments made beforehand: compile plus one run). With `--events`, the
+compiles of accumulate and of the DP apply run under `jax.profiler.trace` (without its Python
+tracer) and their host-side events (XLA's passes, LLVM/PTX compilation, autotuning: whatever XLA
+annotates) are summed by name; events nest and run on several threads, so the sums overlap.
 
   python -m benchmarks.compile_time --model vit_b16_224 --method ghost --events \\
       --variants "baseline=;no_triton_gemm=--xla_gpu_enable_triton_gemm=false" \\
