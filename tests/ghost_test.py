@@ -176,7 +176,8 @@ def test_the_weighted_sum_scales_the_factor_that_needs_no_transpose():
 def test_per_example_terms_cover_exactly_the_trainable_leaves():
   model = toy_models.MODELS["attention"]
   params = toy_models.init(model)
-  paths = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  paths = {tuple(k.key for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   terms = ghost.per_example_terms(batch_losses_of(model), params, toy_models.batch(2))
   assert set(terms) == paths
   trainable = clipping.trainable_mask(params, lambda path: "Dense_1" in path)
