@@ -16,7 +16,9 @@ annotates) are summed by name; events nest and run on several threads, so the su
       --out $OUT/compile.json
   python -m benchmarks.compile_time --quick --out /tmp/c.json      # CPU smoke run
 
-Prints a markdown table and writes JSON.
+Each compiled function's flops and bytes accessed (XLA's cost analysis) are recorded too, and
+the DP gradient's (accumulate) over the non-DP gradient's (public_grad): the extra arithmetic and
+memory traffic that the DP step's speed pays for. Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -78,18 +80,33 @@ def run_one(args: argparse.Namespace) -> dict:
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     with tracing:
-      lowered.compile()
+      compiled = lowered.compile()
     result["pieces"][name] = dict(hlo_lines=lowered.as_text().count("\n"), lower_s=lower_s,
-                                  compile_s=time.perf_counter() - start)
+                                  compile_s=time.perf_counter() - start, **_cost(compiled))
   total = lambda names: sum(sum(result["pieces"][n][k] for k in ("lower_s", "compile_s"))
                             for n in names)
   result["dp_s"] = total(("zero_sum", "accumulate", "total", "apply_dp"))
   result["non_dp_s"] = total(("public_grad", "apply_non_dp"))
+  # The DP gradient's arithmetic and memory traffic against the non-DP gradient's, by XLA's cost
+  # model of the compiled functions (per microbatch: the overhead DP ÷ non-DP speed pays).
+  dp_grad, non_dp_grad = result["pieces"]["accumulate"], result["pieces"]["public_grad"]
+  for key in ("flops", "bytes_accessed"):
+    if dp_grad.get(key) and non_dp_grad.get(key):
+      result[f"accumulate_over_public_grad_{key}"] = dp_grad[key] / non_dp_grad[key]
   if args.trace_dir:
     result["host_events"] = {name: profile.host_event_times(f"{args.trace_dir}/{name}", args.top)
                              for name in traced}
   result.update(harness.device_facts())
   return result
+
+
+def _cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled function: flops and bytes accessed (none if absent)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+  return {name: float(cost[key]) for name, key in (("flops", "flops"),
+                                                   ("bytes_accessed", "bytes accessed"))
+          if key in cost}
 
 
 def _host_events_only():
@@ -162,17 +179,21 @@ def main() -> None:
 def markdown_table(rows: list[dict]) -> str:
   names = ("accumulate", "apply_dp", "public_grad", "apply_non_dp")
   lines = ["| model | per-example | microbatch | variant | "
-           + " | ".join(f"{n} lower + compile s" for n in names) + " | DP step s | non-DP step s |",
-           "|---|---|---|---|" + "---|" * (len(names) + 2)]
+           + " | ".join(f"{n} lower + compile s" for n in names)
+           + " | DP step s | non-DP step s | accumulate ÷ public_grad flops, bytes |",
+           "|---|---|---|---|" + "---|" * (len(names) + 3)]
   for r in rows:
     if "failed" in r:
       lines.append(f"| | | | {r['variant']} | failed: {r['failed'][-120:]} |"
-                   + " |" * (len(names) + 1))
+                   + " |" * (len(names) + 2))
       continue
     times = [r["pieces"][n] for n in names]
     lines.append(f"| {r['model']} | {r['method']} | {r['microbatch']} | {r['variant']} | "
                  + " | ".join(f"{t['lower_s']:.1f} + {t['compile_s']:.1f}" for t in times)
-                 + f" | {r['dp_s']:.1f} | {r['non_dp_s']:.1f} |")
+                 + f" | {r['dp_s']:.1f} | {r['non_dp_s']:.1f} | "
+                 + ", ".join(f"{r[f'accumulate_over_public_grad_{k}']:.3f}"
+                             if f"accumulate_over_public_grad_{k}" in r else "-"
+                             for k in ("flops", "bytes_accessed")) + " |")
   return "\n".join(lines)
 
 
