@@ -70,10 +70,13 @@ class Steps:
     self.state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
     example_loss = step_lib.make_example_loss(model, dtype)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
-    batch_losses = step_lib.make_batch_losses(model, dtype) if method == "ghost" else None
+    # "ghost_stacked": ghost with the layers' Gram matrices stacked (perf.ghost_stack_layers).
+    ghost_path = method in ("ghost", "ghost_stacked")
+    batch_losses = step_lib.make_batch_losses(model, dtype) if ghost_path else None
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
                                                grad_dtype=step_lib.grad_dtype(dtype),
-                                               batch_losses=batch_losses)
+                                               batch_losses=batch_losses,
+                                               stack_layers=method == "ghost_stacked")
     self.total = step_lib.make_total(self.layout)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.apply = step_lib.make_apply(tx, optimizer, self.layout, donate=True)

@@ -95,7 +95,9 @@ def main() -> None:
   parser.add_argument("--clips", default="flat", help="comma-separated: flat,automatic,per_layer")
   parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
   parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum")
-  parser.add_argument("--methods", default="vmap", help="per-example method: vmap,ghost")
+  parser.add_argument("--methods", default="vmap",
+                      help="per-example method: vmap,ghost,ghost_stacked (ghost with "
+                           "perf.ghost_stack_layers)")
   parser.add_argument("--scans", default="0",
                       help="ViT blocks: 0 (one per layer), 1 (nn.scan), or 0,1 for both")
   parser.add_argument("--breakdown", action="store_true",

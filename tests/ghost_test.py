@@ -1,6 +1,7 @@
 """Tests for dpjax.privacy.ghost: ghost norms equal vmap norms; the ghost sum equals the vmap sum."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -117,8 +118,9 @@ MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_model
                                             num_groups=4, input_shape=toy_models.IMAGE_SHAPE)}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_ghost_norms_equal_vmap_norms(name):
+@pytest.mark.parametrize("name,stack_layers", [(name, False) for name in sorted(MODELS)] + [
+    (name, True) for name in ("vit", "attention", "shared_dense")])
+def test_ghost_norms_equal_vmap_norms(name, stack_layers):
   model = MODELS[name]()
   params = toy_models.init(model)
   losses = batch_losses_of(model)
@@ -126,8 +128,31 @@ def test_ghost_norms_equal_vmap_norms(name):
   expected = jax.jit(lambda p, b: vmap_sq_norms(losses, p, b))(params, batch)
   # The WRN's weight-standardised convs come from WSConv.ghost_grads: no fallback allowed.
   fallback = "error" if name == "wrn" else "vmap"
-  got = jax.jit(lambda p, b: ghost.ghost_sq_norms(losses, p, b, fallback=fallback))(params, batch)
+  got = jax.jit(lambda p, b: ghost.ghost_sq_norms(losses, p, b, fallback=fallback,
+                                                  stack_layers=stack_layers))(params, batch)
   np.testing.assert_allclose(np.sqrt(got), np.sqrt(expected), rtol=1e-5)
+
+
+def test_stacked_layer_grams_are_one_matmul_per_shape_and_change_nothing():
+  """stack_layers (a perf option) gives the same clipped sum, statistics and rounding slack in
+  bfloat16, from fewer Gram matmuls: one per input/output-gradient shape, not one per layer."""
+  model = MODELS["vit"]()
+  params = toy_models.init(model)
+  losses = step_lib.make_batch_losses(model, "bfloat16")
+  batch, mask = toy_models.batch(8, seed=4, scale=3.0), jnp.ones(8)
+  rule = clipping.FlatClip(0.05)
+
+  def clipped(stack_layers):
+    return jax.jit(lambda p, b: ghost.clipped_grad_sum(losses, p, b, mask, rule,
+                                                       stack_layers=stack_layers))
+  plain, stacked = clipped(False)(params, batch), clipped(True)(params, batch)
+  for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(stacked)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+  def gram_dots(stack_layers):
+    hlo = clipped(stack_layers).lower(params, batch).compile().as_text()
+    return len(re.findall(r"f32\[(?:\d+,)?8,5,5\]\S* dot\(", hlo))  # [.., m, T, T] Grams
+  assert 0 < gram_dots(True) < gram_dots(False)
 
 
 @pytest.mark.parametrize("module,tiles,shape", [

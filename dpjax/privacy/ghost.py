@@ -272,17 +272,64 @@ def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
     gram = _einsum("mtp,msp->mts", term.g, term.g)
     sq = jnp.maximum(jnp.sum(jnp.where(same_row, gram, 0.0), axis=(1, 2)), 0.0)
     return sq, jnp.zeros_like(sq)
-  _, t, d = term.a.shape
-  p = term.g.shape[-1]
-  eps = 0.0 if term.g.dtype == jnp.float32 else float(jnp.finfo(term.g.dtype).eps)
-  if t * t * (d + p) <= t * d * p:  # the ghost norm is cheaper
-    gram_a = _einsum("mtd,msd->mts", term.a, term.a)
-    gram_g = _einsum("mtp,msp->mts", term.g, term.g)
-    sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
-    diagonal = lambda gram: jnp.diagonal(gram, axis1=1, axis2=2)  # ‖aₜ‖², ‖gₜ‖²
-    return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=1)
+  if _ghost_is_cheaper(term):
+    return _ghost_sq_norms_and_slack(_gram(term.a), _gram(term.g), term.g.dtype)
   sq = jnp.sum(jnp.square(per_example_outer(term.a, term.g)), axis=(1, 2))
   return sq, rounding_slack(term.a, term.g)
+
+
+def _ghost_is_cheaper(term: _Outer) -> bool:
+  """fastDP's rule: the ghost norm costs T²(d + p) per example, the instantiated gradient T·d·p."""
+  _, t, d = term.a.shape
+  return t * t * (d + term.g.shape[-1]) <= t * d * term.g.shape[-1]
+
+
+def _gram(x: jax.Array) -> jax.Array:
+  """[m, T, k] -> the per-example Gram matrices [m, T, T] (xₜ·xₛ), float32."""
+  return _einsum("mtk,msk->mts", x, x)
+
+
+def _ghost_sq_norms_and_slack(gram_a: jax.Array, gram_g: jax.Array, g_dtype
+                              ) -> tuple[jax.Array, jax.Array]:
+  """‖Σₜ aₜgₜᵀ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) [m] from the two Grams, and the rounding slack
+  eps·Σₜ‖aₜ‖‖gₜ‖ of g's dtype (`rounding_slack`, from the Grams' diagonals)."""
+  eps = 0.0 if g_dtype == jnp.float32 else float(jnp.finfo(g_dtype).eps)
+  sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
+  diagonal = lambda gram: jnp.diagonal(gram, axis1=1, axis2=2)  # ‖aₜ‖², ‖gₜ‖²
+  return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=1)
+
+
+def _sq_norms_of_terms(terms: dict, stack_layers: bool) -> dict:
+  """{leaf path: (‖∇ᵢ‖² [m], slack [m])} for `_per_example_terms`' terms.
+
+  stack_layers: the Gram matrices of the kernels whose ghost norm is used (outside nn.scan) are
+  formed together. Each distinct layer input or output gradient (q, k and v share their input) is
+  stacked with the others of its shape and dtype, and one batched matmul per shape gives their
+  Grams, as nn.scan's vmapped terms do: an unrolled model's blocks then cost one kernel per
+  shape, not one per layer. The norms are the same; all those Grams are held at once.
+  """
+  found, ghosted = {}, {}
+  for path, (_, term, stacked) in terms.items():
+    if stack_layers and not stacked and isinstance(term, _Outer) and _ghost_is_cheaper(term):
+      ghosted[path] = term
+    else:
+      found[path] = _term_sq_norms_and_slack(term, stacked)
+  grams = _stacked_grams([x for term in ghosted.values() for x in (term.a, term.g)])
+  for path, term in ghosted.items():
+    found[path] = _ghost_sq_norms_and_slack(grams[id(term.a)], grams[id(term.g)], term.g.dtype)
+  return found
+
+
+def _stacked_grams(arrays: list[jax.Array]) -> dict[int, jax.Array]:
+  """{id(x): `_gram(x)`} for distinct arrays, one batched matmul per (shape, dtype)."""
+  by_kind: dict[tuple, dict[int, jax.Array]] = {}
+  for x in arrays:
+    by_kind.setdefault((x.shape, x.dtype), {})[id(x)] = x
+  grams = {}
+  for distinct in by_kind.values():
+    stack = jax.vmap(_gram)(jnp.stack(list(distinct.values())))
+    grams.update({key: stack[i] for i, key in enumerate(distinct)})
+  return grams
 
 
 def per_example_outer(a: jax.Array, g: jax.Array) -> jax.Array:
@@ -611,14 +658,15 @@ def per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
 
 
 def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
-                   trainable: PyTree | None = None, fallback: str = "vmap") -> jax.Array:
+                   trainable: PyTree | None = None, fallback: str = "vmap",
+                   stack_layers: bool = False) -> jax.Array:
   """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
   gradients of the supported layers.
 
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-  return sum(_term_sq_norms_and_slack(term, stacked)[0] for _, term, stacked in terms.values())
+  return sum(sq for sq, _ in _sq_norms_of_terms(terms, stack_layers).values())
 
 
 def _subtree(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
@@ -663,8 +711,8 @@ def _group_of(rule: clipping.ClipRule, path: tuple[str, ...]) -> str:
 def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree,
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
-                     fallback: str = "vmap",
-                     element_mask: PyTree | None = None) -> clipping.ClippedSum:
+                     fallback: str = "vmap", element_mask: PyTree | None = None,
+                     stack_layers: bool = False) -> clipping.ClippedSum:
   """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the same result as
   `clipping.clipped_grad_sum` (float32), without per-example gradients or a second backward pass.
 
@@ -674,6 +722,8 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   element_mask: optional pytree like params (0/1): each per-example gradient is M ⊙ ∇ℓᵢ before
     clipping, as `clipping.clipped_grad_sum` of a loss of `finetune.masked_params` (sparse
     fine-tuning). The masked leaves' per-example gradients are instantiated (`_masked`).
+  stack_layers: form the ghost norms' Gram matrices of all layers together, one batched matmul
+    per shape (`_sq_norms_of_terms`). Performance only: the same norms and sum.
   """
   clipping.reject_batch_stats(params)
   group_factor = _group_factors(rule)
@@ -695,9 +745,8 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
         terms[path] = (module, (jax.vmap(masked) if stacked else masked)(term, masks[path]),
                        stacked)
     groups: dict[str, list] = {}  # clip group -> [(leaf path, sq [m], slack [m]), ...]
-    for path, (_, term, stacked) in terms.items():
-      groups.setdefault(_group_of(rule, path), []).append(
-          (path,) + _term_sq_norms_and_slack(term, stacked))
+    for path, sq_and_slack in _sq_norms_of_terms(terms, stack_layers).items():
+      groups.setdefault(_group_of(rule, path), []).append((path,) + sq_and_slack)
     real = chunk_mask > 0
     weights, sq_norms, clipped = {}, [], []
     for name, members in groups.items():
