@@ -666,6 +666,7 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   gradients of the supported layers.
 
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
+  stack_layers: see `clipped_grad_sum`.
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
   return sum(sq for sq, _ in _sq_norms_of_terms(terms, stack_layers).values())
