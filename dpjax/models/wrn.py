@@ -95,8 +95,8 @@ class StandardizedConvTerm:
   Σᵢ wᵢGᵢ (one matmul, `ghost.outer_sum`): no per-example gradient is stored for it.
   Norms, per output channel (the terms of sₒ and 1 are orthogonal, ‖sₒ‖² = n·rₒ):
     gain:   (sₒ·Gₒ)²/n, with sₒ·Gₒ = Σₜ (pₜ·sₒ) gₜₒ (the patches times s: one plain matmul);
-    kernel: where instantiating Gᵢ costs less than the ghost norm (T·n·p ≤ T²(n + p), fastDP's
-      rule, many positions), the square-sum of the pullback of Gᵢ (float32, one batched matmul);
+    kernel: where instantiating Gᵢ costs less than the ghost norm (T·n·p < T²(n + p), fastDP's
+      rule `ghost.ghost_norm_is_cheaper`, many positions), the square-sum of the pullback of Gᵢ (float32, one batched matmul);
       else cₒ(‖Gₒ‖² − (1·Gₒ)²/n − βₒ(2 − rₒ)(sₒ·Gₒ)²/n), cₒ = (gainₒ/(√n σₒ))², with
       Σₒ cₒ‖Gₒ‖² = Σₜ,ₛ (pₜ·pₛ)(Σₒ cₒ gₜₒ gₛₒ) (ghost norm) and 1·Gₒ = Σₜ (Σ pₜ) gₜₒ: nothing of
       size n·p per example. The subtraction is accurate to float32 rounding relative to
@@ -133,7 +133,7 @@ class StandardizedConvTerm:
     (_, t, n), p = self.patches.shape, self.output_grads.shape[-1]
     slack = ghost.rounding_slack(self.patches, self.output_grads)
     kernel_slack = jnp.max(jnp.abs(self.gain_scale) * self.inv_std) * slack
-    if self.part == "kernel" and t * n * p <= t * t * (n + p):  # instantiating is cheaper
+    if self.part == "kernel" and not ghost.ghost_norm_is_cheaper(t, n, p):
       return jnp.sum(jnp.square(self.instantiate()), axis=-1), kernel_slack
     g = self.output_grads.astype(jnp.float32)
     full = jax.lax.Precision.HIGHEST

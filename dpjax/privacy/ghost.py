@@ -272,16 +272,16 @@ def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
     gram = _einsum("mtp,msp->mts", term.g, term.g)
     sq = jnp.maximum(jnp.sum(jnp.where(same_row, gram, 0.0), axis=(1, 2)), 0.0)
     return sq, jnp.zeros_like(sq)
-  if _ghost_is_cheaper(term):
+  if ghost_norm_is_cheaper(*term.a.shape[1:], term.g.shape[-1]):
     return _ghost_sq_norms_and_slack(_gram(term.a), _gram(term.g), term.g.dtype)
   sq = jnp.sum(jnp.square(per_example_outer(term.a, term.g)), axis=(1, 2))
   return sq, rounding_slack(term.a, term.g)
 
 
-def _ghost_is_cheaper(term: _Outer) -> bool:
-  """fastDP's rule: the ghost norm costs T²(d + p) per example, the instantiated gradient T·d·p."""
-  _, t, d = term.a.shape
-  return t * t * (d + term.g.shape[-1]) <= t * d * term.g.shape[-1]
+def ghost_norm_is_cheaper(positions: int, d: int, p: int) -> bool:
+  """fastDP's rule for a kernel's per-example norm over T positions (inputs of width d, outputs of
+  width p): the ghost norm costs T²(d + p) per example, the instantiated gradient T·d·p."""
+  return positions * positions * (d + p) <= positions * d * p
 
 
 def _gram(x: jax.Array) -> jax.Array:
@@ -312,7 +312,8 @@ def _sq_norms_of_terms(terms: dict, stack_layers: bool) -> dict:
   """
   found, ghosted = {}, {}
   for path, (_, term, stacked) in terms.items():
-    if stack_layers and not stacked and isinstance(term, _Outer) and _ghost_is_cheaper(term):
+    if (stack_layers and not stacked and isinstance(term, _Outer)
+        and ghost_norm_is_cheaper(*term.a.shape[1:], term.g.shape[-1])):
       ghosted[path] = term
     else:
       found[path] = _term_sq_norms_and_slack(term, stacked)
