@@ -135,7 +135,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a small ViT on CPU")
   parser.add_argument("--model", default="vit_b16_224")
-  parser.add_argument("--method", default="ghost", help="per-example method: vmap, ghost or ghost_stacked")
+  parser.add_argument("--method", default="ghost", help="per-example method: vmap or ghost")
   parser.add_argument("--clip", default="flat")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--microbatch", type=int, default=128)

@@ -70,13 +70,10 @@ class Steps:
     self.state = parallel.place(params, mesh), parallel.place(opt_state, mesh)
     example_loss = step_lib.make_example_loss(model, dtype)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
-    # "ghost_stacked": ghost with the layers' Gram matrices stacked (perf.ghost_stack_layers).
-    ghost_path = method in ("ghost", "ghost_stacked")
-    batch_losses = step_lib.make_batch_losses(model, dtype) if ghost_path else None
+    batch_losses = step_lib.make_batch_losses(model, dtype) if method == "ghost" else None
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
                                                grad_dtype=step_lib.grad_dtype(dtype),
-                                               batch_losses=batch_losses,
-                                               stack_layers=method == "ghost_stacked")
+                                               batch_losses=batch_losses)
     self.total = step_lib.make_total(self.layout)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.apply = step_lib.make_apply(tx, optimizer, self.layout, donate=True)
@@ -139,15 +136,21 @@ class Steps:
     def advance():
       self.state = step(*self.state)
       return self.state
-    first_s, step_s = time_steps(advance, windows, steps)
+    host: list[float] = []
+    first_s, step_s = time_steps(advance, windows, steps, host)
     rate = self.batch / step_s
+    # The host's share: seconds per step to dispatch a window's steps, before blocking. Close to
+    # the step time, the host is what limits the rate (dispatch and argument handling).
     return {f"{name}_examples_per_s": rate, f"{name}_step_ms": 1e3 * step_s,
+            f"{name}_dispatch_ms": 1e3 * statistics.median(host),
             f"{name}_compile_s": max(first_s - step_s, 0.0)}
 
 
-def time_steps(advance: Callable[[], Any], windows: int, steps: int) -> tuple[float, float]:
+def time_steps(advance: Callable[[], Any], windows: int, steps: int,
+               host: list[float] | None = None) -> tuple[float, float]:
   """(seconds of the first call, median seconds per call): `advance()` dispatches one step and
-  returns its output; each of `windows` windows dispatches `steps` steps and blocks once."""
+  returns its output; each of `windows` windows dispatches `steps` steps and blocks once. `host`,
+  if given, receives each window's seconds per step spent dispatching (before the block)."""
   start = time.perf_counter()
   jax.block_until_ready(advance())
   first = time.perf_counter() - start
@@ -156,6 +159,8 @@ def time_steps(advance: Callable[[], Any], windows: int, steps: int) -> tuple[fl
     start = time.perf_counter()
     for _ in range(steps):
       out = advance()
+    if host is not None:
+      host.append((time.perf_counter() - start) / steps)
     jax.block_until_ready(out)
     per_step.append((time.perf_counter() - start) / steps)
   return first, statistics.median(per_step)

@@ -58,7 +58,7 @@ def run_one(args: argparse.Namespace) -> dict:
           steps.state = step(*steps.state)
         jax.block_until_ready(steps.state)
       try:
-        found = profile.kernel_times(run, f"{args.profile}/{name}")
+        found = profile.kernel_times(run, f"{args.profile}/{name}", args.profile_top)
         profile.annotate(found["kernels"], f"{args.profile}/hlo")
         result[f"{name}_profile"] = found
       except Exception as e:  # a trace that cannot be written or read loses no measurement
@@ -96,8 +96,7 @@ def main() -> None:
   parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
   parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum")
   parser.add_argument("--methods", default="vmap",
-                      help="per-example method: vmap,ghost,ghost_stacked (ghost with "
-                           "perf.ghost_stack_layers)")
+                      help="per-example method: vmap,ghost")
   parser.add_argument("--scans", default="0",
                       help="ViT blocks: 0 (one per layer), 1 (nn.scan), or 0,1 for both")
   parser.add_argument("--breakdown", action="store_true",
@@ -106,6 +105,8 @@ def main() -> None:
   parser.add_argument("--profile", default="",
                       help="folder for profiler traces: adds each step's device time per kernel "
                            "(3 steps) to the JSON rows")
+  parser.add_argument("--profile_top", type=int, default=40,
+                      help="kernels kept per profiled step (largest first)")
   parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--out", default="")
@@ -125,7 +126,8 @@ def main() -> None:
     flags = [f"--{k}={v}" for k, v in config.items()] + [
         f"--steps={args.steps}", f"--windows={args.windows}"] + (
         ["--breakdown"] if args.breakdown else []) + (
-        [f"--profile={args.profile}/{len(rows)}"] if args.profile else [])
+        [f"--profile={args.profile}/{len(rows)}", f"--profile_top={args.profile_top}"]
+        if args.profile else [])
     env = dict(os.environ)
     if args.profile:  # the optimized HLO, to name what each kernel computes
       from benchmarks import profile

@@ -63,13 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.curvature = dict(every_steps=0, batch_size=128, num_probes=8)
   # per_example_method: "vmap" (per-example gradients) or "ghost" (ghost clipping: norms from
   # layer inputs and output gradients, dpjax.privacy.ghost; every clip rule of dp.clip).
-  # ghost_stack_layers: ghost's Gram matrices of all layers from one batched matmul per shape
-  # instead of one per layer (for models of many small layers; holds all the Grams at once).
   # microbatch_size: private examples per accumulate call; 0 = automatic, the largest power of
   # two (times the device count) up to dp.expected_batch_size whose step XLA estimates to fit in
   # memory_fraction of the free device memory (dpjax.train.microbatch_size).
   c.perf = dict(microbatch_size=128, memory_fraction=0.9, dtype="float32", remat=False,
-                per_example_method="vmap", ghost_stack_layers=False)
+                per_example_method="vmap")
   c.mesh = dict(data=-1, fsdp=1)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1,
                        cpu_collectives="gloo")

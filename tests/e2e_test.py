@@ -167,12 +167,10 @@ def test_perf_flags_do_not_change_the_privacy_event(tmp_path):
 
 @pytest.mark.parametrize("clip", ["flat", "per_layer"])
 def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path, clip):
-  """perf.per_example_method (and ghost_stack_layers, taken with per-layer clipping here) are perf
-  flags: same privacy event, same model up to rounding."""
+  """perf.per_example_method is a perf flag: same privacy event, same model up to rounding."""
   blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1), dp=dict(clip=clip))
   base = small_config(**blocks)
-  ghost_config = small_config(perf=dict(per_example_method="ghost",
-                                        ghost_stack_layers=clip == "per_layer"), **blocks)
+  ghost_config = small_config(perf=dict(per_example_method="ghost"), **blocks)
   assert config_lib.trajectory_view(ghost_config) == config_lib.trajectory_view(base)
   a = loop.train_and_evaluate(base, str(tmp_path / "vmap"), show_progress=False)
   b = loop.train_and_evaluate(ghost_config, str(tmp_path / "ghost"), show_progress=False)

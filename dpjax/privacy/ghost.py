@@ -291,48 +291,53 @@ def _gram(x: jax.Array) -> jax.Array:
 
 def _ghost_sq_norms_and_slack(gram_a: jax.Array, gram_g: jax.Array, g_dtype
                               ) -> tuple[jax.Array, jax.Array]:
-  """‖Σₜ aₜgₜᵀ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) [m] from the two Grams, and the rounding slack
-  eps·Σₜ‖aₜ‖‖gₜ‖ of g's dtype (`rounding_slack`, from the Grams' diagonals)."""
-  eps = 0.0 if g_dtype == jnp.float32 else float(jnp.finfo(g_dtype).eps)
-  sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(1, 2)), 0.0)
-  diagonal = lambda gram: jnp.diagonal(gram, axis1=1, axis2=2)  # ‖aₜ‖², ‖gₜ‖²
-  return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=1)
+  """‖Σₜ aₜgₜᵀ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) [..., m] from the two Grams [..., m, T, T], and the
+  rounding slack eps·Σₜ‖aₜ‖‖gₜ‖ of g's dtype (`rounding_slack`, from the Grams' diagonals)."""
+  sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(-2, -1)), 0.0)
+  if g_dtype == jnp.float32:
+    return sq, jnp.zeros_like(sq)
+  diagonal = lambda gram: jnp.diagonal(gram, axis1=-2, axis2=-1)  # ‖aₜ‖², ‖gₜ‖²
+  eps = float(jnp.finfo(g_dtype).eps)
+  return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=-1)
 
 
-def _sq_norms_of_terms(terms: dict, stack_layers: bool) -> dict:
+def _sq_norms_of_terms(terms: dict) -> dict:
   """{leaf path: (‖∇ᵢ‖² [m], slack [m])} for `_per_example_terms`' terms.
 
-  stack_layers: the Gram matrices of the kernels whose ghost norm is used (outside nn.scan) are
-  formed together. Each distinct layer input or output gradient (q, k and v share their input) is
-  stacked with the others of its shape and dtype, and one batched matmul per shape gives their
-  Grams, as nn.scan's vmapped terms do: an unrolled model's blocks then cost one kernel per
-  shape, not one per layer. The norms are the same; the stacks copy those inputs and output
-  gradients, and all the Grams are held at once (memory: the Grams of ViT-B/16 at microbatch 128
-  would be 120 × [128, 197, 197] float32, 2.4 GB).
+  The leaves' reductions to [m] are batched. The Gram products of the kernels whose ghost norm
+  is used (outside nn.scan) are stacked by Gram shape and output-gradient dtype, the rows of the
+  `_Summed` terms (biases, norms' scales) by shape, and each stack is reduced at once: XLA fuses
+  the stack into the reduction, one kernel per shape instead of one or two per leaf (on an H200 a
+  CIFAR-sized ViT's step launched ~140 of them; `benchmarks/results/README.md`). The Grams
+  themselves stay one matmul per distinct array (q, k and v share their input's): stacking the
+  layers' inputs to batch those matmuls copies the inputs and was slower. The norms are the same.
   """
-  found, ghosted = {}, {}
+  found, kernels, rows, grams = {}, {}, {}, {}
+
+  def gram(x):  # by identity: an input that several layers read gets one Gram
+    if id(x) not in grams:
+      grams[id(x)] = _gram(x)
+    return grams[id(x)]
+
   for path, (_, term, stacked) in terms.items():
-    if (stack_layers and not stacked and isinstance(term, _Outer)
-        and ghost_norm_is_cheaper(*term.a.shape[1:], term.g.shape[-1])):
-      ghosted[path] = term
-    else:
+    if stacked:
       found[path] = _term_sq_norms_and_slack(term, stacked)
-  grams = _stacked_grams([x for term in ghosted.values() for x in (term.a, term.g)])
-  for path, term in ghosted.items():
-    found[path] = _ghost_sq_norms_and_slack(grams[id(term.a)], grams[id(term.g)], term.g.dtype)
-  return found
-
-
-def _stacked_grams(arrays: list[jax.Array]) -> dict[int, jax.Array]:
-  """{id(x): `_gram(x)`} for distinct arrays, one batched matmul per (shape, dtype)."""
-  by_kind: dict[tuple, dict[int, jax.Array]] = {}
-  for x in arrays:
-    by_kind.setdefault((x.shape, x.dtype), {})[id(x)] = x
-  grams = {}
-  for distinct in by_kind.values():
-    stack = jax.vmap(_gram)(jnp.stack(list(distinct.values())))
-    grams.update({key: stack[i] for i, key in enumerate(distinct)})
-  return grams
+    elif isinstance(term, _Summed):
+      rows.setdefault(term.h.shape, []).append((path, term.h))
+    elif (isinstance(term, _Outer)
+          and ghost_norm_is_cheaper(*term.a.shape[1:], term.g.shape[-1])):
+      kernels.setdefault((term.a.shape[:2], term.g.dtype), []).append(
+          (path, gram(term.a), gram(term.g)))
+    else:
+      found[path] = _sq_norms_and_slack(term)
+  for (_, g_dtype), members in kernels.items():
+    sq, slack = _ghost_sq_norms_and_slack(jnp.stack([a for _, a, _ in members]),
+                                          jnp.stack([g for _, _, g in members]), g_dtype)
+    found.update({path: (sq[k], slack[k]) for k, (path, _, _) in enumerate(members)})
+  for members in rows.values():
+    sq = jnp.sum(jnp.square(jnp.stack([h for _, h in members])), axis=-1)
+    found.update({path: (sq[k], jnp.zeros_like(sq[k])) for k, (path, _) in enumerate(members)})
+  return {path: found[path] for path in terms}
 
 
 def per_example_outer(a: jax.Array, g: jax.Array) -> jax.Array:
@@ -536,6 +541,23 @@ def _masked(module: nn.Module | None, name: str, term, mask: jax.Array) -> _Summ
   return _Summed(h.reshape(h.shape[0], -1) * mask.reshape(1, -1).astype(jnp.float32))
 
 
+def _row_sums(terms: dict, weights: dict, real: jax.Array) -> dict:
+  """{leaf path: Σᵢ wᵢ·hᵢ [width], float32} over the real rows, for the `_Summed` terms outside
+  nn.scan (biases, norms' scales), stacked by shape: one matrix-vector product per shape instead
+  of one per leaf (`_sq_norms_of_terms` batches their norms likewise)."""
+  by_shape: dict[tuple, list] = {}
+  for path, (_, term, stacked) in terms.items():
+    if not stacked and isinstance(term, _Summed):
+      by_shape.setdefault(term.h.shape, []).append(path)
+  found = {}
+  for paths in by_shape.values():
+    w, r = _unshared(jnp.stack([weights[path] for path in paths]), real)
+    h = jnp.stack([terms[path][1].h for path in paths])
+    sums = _einsum("lm,lmk->lk", w, jnp.where(r[None, :, None], h, 0.0))
+    found.update({path: sums[k] for k, path in enumerate(paths)})
+  return found
+
+
 def _summed_param(found: tuple, name: str, weights: jax.Array, real: jax.Array,
                   shape: tuple[int, ...]) -> jax.Array:
   """Σᵢ wᵢ·∇ᵢ of one param leaf [*shape] from its (module, term, stacked) entry; a stacked term
@@ -661,16 +683,14 @@ def per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
 
 
 def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
-                   trainable: PyTree | None = None, fallback: str = "vmap",
-                   stack_layers: bool = False) -> jax.Array:
+                   trainable: PyTree | None = None, fallback: str = "vmap") -> jax.Array:
   """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
   gradients of the supported layers.
 
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
-  stack_layers: see `clipped_grad_sum`.
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-  return sum(sq for sq, _ in _sq_norms_of_terms(terms, stack_layers).values())
+  return sum(sq for sq, _ in _sq_norms_of_terms(terms).values())
 
 
 def _subtree(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
@@ -715,8 +735,8 @@ def _group_of(rule: clipping.ClipRule, path: tuple[str, ...]) -> str:
 def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree,
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
-                     fallback: str = "vmap", element_mask: PyTree | None = None,
-                     stack_layers: bool = False) -> clipping.ClippedSum:
+                     fallback: str = "vmap", element_mask: PyTree | None = None
+                     ) -> clipping.ClippedSum:
   """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the same result as
   `clipping.clipped_grad_sum` (float32), without per-example gradients or a second backward pass.
 
@@ -726,8 +746,6 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   element_mask: optional pytree like params (0/1): each per-example gradient is M ⊙ ∇ℓᵢ before
     clipping, as `clipping.clipped_grad_sum` of a loss of `finetune.masked_params` (sparse
     fine-tuning). The masked leaves' per-example gradients are instantiated (`_masked`).
-  stack_layers: form the ghost norms' Gram matrices of all layers together, one batched matmul
-    per shape (`_sq_norms_of_terms`). Performance only: the same norms and sum.
   """
   clipping.reject_batch_stats(params)
   group_factor = _group_factors(rule)
@@ -749,7 +767,7 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
         terms[path] = (module, (jax.vmap(masked) if stacked else masked)(term, masks[path]),
                        stacked)
     groups: dict[str, list] = {}  # clip group -> [(leaf path, sq [m], slack [m]), ...]
-    for path, sq_and_slack in _sq_norms_of_terms(terms, stack_layers).items():
+    for path, sq_and_slack in _sq_norms_of_terms(terms).items():
       groups.setdefault(_group_of(rule, path), []).append((path,) + sq_and_slack)
     real = chunk_mask > 0
     weights, sq_norms, clipped = {}, [], []
@@ -764,9 +782,14 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
       weights.update({path: jnp.where(real, factor, 0.0) for path, _, _ in members})
       sq_norms.append(jnp.square(norm))
       clipped.append(was_clipped)
-    summed = jax.tree_util.tree_map_with_path(
-        lambda p, x: _summed_param(terms[clipping.path_to_names(p)], p[-1].key,
-                                   weights[clipping.path_to_names(p)], real, x.shape), train_p)
+    rows = _row_sums(terms, weights, real)
+
+    def summed_param(key_path, x):
+      path = clipping.path_to_names(key_path)
+      if path in rows:
+        return _as_param(terms[path][0], path[-1], rows[path], x.shape)
+      return _summed_param(terms[path], path[-1], weights[path], real, x.shape)
+    summed = jax.tree_util.tree_map_with_path(summed_param, train_p)
     zeros = jnp.zeros(real.shape, jnp.float32)
     norms = jnp.sqrt(sum(sq_norms, zeros))  # the whole gradient's norm, for the statistics
     return summed, clipping.microbatch_stats(

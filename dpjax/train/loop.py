@@ -208,8 +208,7 @@ class _Run:
     self.accumulate = step_lib.make_accumulate(example_loss, rule, trainable=tuning.trainable,
                                               layout=self.layout,
                                               grad_dtype=step_lib.grad_dtype(config.perf.dtype),
-                                              batch_losses=batch_losses, masked=self.masked,
-                                              stack_layers=config.perf.ghost_stack_layers)
+                                              batch_losses=batch_losses, masked=self.masked)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
     self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)

@@ -104,7 +104,7 @@ def grad_dtype(compute_dtype: str) -> Any:
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     trainable: PyTree | None = None, layout: parallel.Layout | None = None,
                     grad_dtype: Any = None, batch_losses: Callable | None = None,
-                    masked: bool = False, stack_layers: bool = False) -> Callable:
+                    masked: bool = False) -> Callable:
   """jit (acc, params, microbatch, mask) -> acc + the microbatch's `ClippedSum`.
 
   acc is a `ClippedSum`; start from `make_zero_sum(rule, layout)(params)`. The sum's sensitivity is
@@ -118,7 +118,6 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
     (`dpjax.privacy.ghost`) instead of vmap(grad); the clipped sum is the same.
   masked: if True, `params` is a pair (params, element mask) and each per-example gradient is
     mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; ghost: `element_mask`).
-  stack_layers: ghost only, `ghost.clipped_grad_sum`'s (performance only).
   """
   def local_sum(params, microbatch, mask):
     loss, element_mask = example_loss, None
@@ -127,8 +126,7 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
       loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
-                                    trainable=trainable, element_mask=element_mask,
-                                    stack_layers=stack_layers)
+                                    trainable=trainable, element_mask=element_mask)
     else:
       part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
                                        trainable=trainable, grad_dtype=grad_dtype)
