@@ -4,7 +4,7 @@ events of the DP `accumulate` and `apply` compiles summed by name.
 
 Each variant runs in its own subprocess (XLA_FLAGS are read when the backend starts; no
 persistent compilation cache): the trainer's functions (`benchmarks/harness.py`: zero_sum,
-accumulate, total, apply; public_grad, apply) are lowered on abstract arguments and compiled
+accumulate, apply; public_grad, apply) are lowered on abstract arguments and compiled
 once, nothing runs (a function that is a dispatcher over jits, the sharded `apply`, is timed
 by its first call on arguments made beforehand: compile plus one run). With `--events`, the
 compiles of accumulate and of the DP apply run under `jax.profiler.trace` (without its Python
@@ -50,14 +50,13 @@ def run_one(args: argparse.Namespace) -> dict:
   one = dict(image=np.zeros((1,) + shape, np.float32), label=np.zeros(1, np.int32))
   batch, mask = microbatch_size.abstract_rows((one, np.ones(1, bool)), args.microbatch,
                                               steps.layout.batch)
-  acc = jax.eval_shape(steps.zero_sum, params)
-  grad = jax.eval_shape(steps.total, acc).grad_sum
+  acc = jax.eval_shape(steps.zero_sum, params)  # grad_sum: per-device partial sums
+  grad = jax.eval_shape(steps.total, acc).grad_sum  # params-shaped
   public = microbatch_size.abstract_rows(one, args.microbatch, steps.layout.batch)
   # The jitted functions of the two steps (`harness.Steps.dp` / `.non_dp`), on abstract arguments.
   pieces = {"zero_sum": (steps.zero_sum, (params,)),
             "accumulate": (steps.accumulate, (acc, params, batch, mask)),
-            "total": (steps.total, (acc,)),
-            "apply_dp": (steps.apply, (params, opt_state, None, grad, np.float32(0.0))),
+            "apply_dp": (steps.apply, (params, opt_state, None, acc.grad_sum, np.float32(0.0))),
             "public_grad": (steps.public_grad, (params, public)),
             "apply_non_dp": (steps.apply, (params, opt_state, grad, None, np.float32(1.0)))}
   result = dict(model=args.model, method=args.method, clip=args.clip, dtype=args.dtype,
@@ -85,7 +84,7 @@ def run_one(args: argparse.Namespace) -> dict:
                                   compile_s=time.perf_counter() - start, **_cost(compiled))
   total = lambda names: sum(sum(result["pieces"][n][k] for k in ("lower_s", "compile_s"))
                             for n in names)
-  result["dp_s"] = total(("zero_sum", "accumulate", "total", "apply_dp"))
+  result["dp_s"] = total(("zero_sum", "accumulate", "apply_dp"))
   result["non_dp_s"] = total(("public_grad", "apply_non_dp"))
   # The DP gradient's arithmetic and memory traffic against the non-DP gradient's, by XLA's cost
   # model of the compiled functions (per microbatch: the overhead DP ÷ non-DP speed pays).

@@ -2,7 +2,7 @@
 
 The steps are the trainer's own (`dpjax.train.step` under a `dpjax.parallel` layout):
   DP step     = `zero_sum` + k × `accumulate` (per-example grads, clipping; m examples each) +
-                `total` + `apply` (noise once, optimizer update);
+                `apply` (the devices' partial sums added, noise once, optimizer update);
   non-DP step = `public_grad` on the same k·m examples + `apply`.
 Random data; examples/s is measured over windows of steps dispatched without synchronisation
 (one `block_until_ready` per window), and the median over windows is reported.
@@ -74,7 +74,7 @@ class Steps:
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
                                                grad_dtype=step_lib.grad_dtype(dtype),
                                                batch_losses=batch_losses)
-    self.total = step_lib.make_total(self.layout)
+    self.total = step_lib.make_total(self.layout)  # not in the step: `scaling.py` times it alone
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.apply = step_lib.make_apply(tx, optimizer, self.layout, donate=True)
     rng = np.random.default_rng(0)
@@ -93,7 +93,7 @@ class Steps:
     acc = self.zero_sum(params)
     for batch in self.microbatches:
       acc = self.accumulate(acc, params, batch, self.mask)
-    return self.apply(params, opt_state, None, self.total(acc).grad_sum, np.float32(0.0))
+    return self.apply(params, opt_state, None, acc.grad_sum, np.float32(0.0))
 
   def non_dp(self, params, opt_state):
     grad, _ = self.public_grad(params, self.public)

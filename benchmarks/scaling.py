@@ -3,7 +3,7 @@
 Each layout runs in its own subprocess (so peak memory is per layout) and times the trainer's own
 jitted steps (`dpjax.train.step` under a `dpjax.parallel.Layout`):
   DP step     = k private microbatches (`accumulate`: per-example grads, clipping, on every device
-                its own rows) + `total` (one all-reduce) + `apply` (noise once, AdamW update);
+                its own rows) + `apply` (the partial sums' all-reduce, noise once, AdamW update);
   non-DP step = `public_grad` on the same k·m examples + `apply`.
 Weak scaling: every device gets `--per_device` examples per microbatch, so the global batch grows
 with the devices; examples/s of N devices ÷ examples/s of one is the scaling factor (ideal N).
@@ -71,7 +71,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=5, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--breakdown", action="store_true",
-                      help="also time accumulate (one microbatch) and total alone")
+                      help="also time accumulate (one microbatch) and total (the partial sums' "
+                           "all-reduce, inside apply in the step) alone")
   parser.add_argument("--out", default="")
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # DATAxFSDP, internal
   args = parser.parse_args()

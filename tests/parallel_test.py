@@ -53,9 +53,8 @@ class _make_dp_step:
     for half in (slice(0, 16), slice(16, 32)):
       acc = self.accumulate(acc, params, self.put(jax.tree_util.tree_map(lambda x: x[half], batch)),
                             self.put(mask[half]))
-    acc = self.total(acc)
     public_grad, _ = self.public_grad(params, self.put(public))
-    self.clipped_sum = parallel.to_host(acc.grad_sum)
+    self.clipped_sum = parallel.to_host(self.total(acc).grad_sum)
     params, opt_state = self.apply(params, opt_state, public_grad, acc.grad_sum, np.float32(0.3))
     return parallel.to_host(params), parallel.to_host(acc.stats), params
 
@@ -103,6 +102,11 @@ def test_per_layer_clipping_under_fsdp():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+def _zero_sum(params, layout):
+  """A zero clipped sum as `make_apply` takes it: per-device partial sums under a layout."""
+  return step_lib.make_zero_sum(clipping.FlatClip(1.0), layout)(params).grad_sum
+
+
 @pytest.mark.parametrize("layout_sizes", [None, (8, 1), (2, 4)])
 def test_noise_is_drawn_once_per_global_step(layout_sizes):
   """Var of the noisy mean of a zero sum is (σ·S/B)², not n_devices times that."""
@@ -118,8 +122,7 @@ def test_noise_is_drawn_once_per_global_step(layout_sizes):
     layout = parallel.make_layout(mesh, params, state)
     params, state = parallel.place(params, mesh), parallel.place(state, mesh)
   apply = step_lib.make_apply(tx, optax.sgd(1.0), layout)
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-  new_params, _ = apply(params, state, None, zeros, np.float32(0.0))
+  new_params, _ = apply(params, state, None, _zero_sum(params, layout), np.float32(0.0))
   draws = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
       parallel.to_host(new_params))])
   expected = (sigma * sensitivity / batch_size) ** 2
@@ -140,7 +143,8 @@ def test_noise_is_the_same_draw_whatever_the_layout():
       mesh = parallel.make_mesh(*sizes)
       layout = parallel.make_layout(mesh, p, state)
       p, state = parallel.place(p, mesh), parallel.place(state, mesh)
-    out, _ = step_lib.make_apply(tx, optax.sgd(1.0), layout)(p, state, None, p, np.float32(0))
+    out, _ = step_lib.make_apply(tx, optax.sgd(1.0), layout)(p, state, None, _zero_sum(p, layout),
+                                                             np.float32(0))
     draws.append(parallel.to_host(out)["w"])
   np.testing.assert_allclose(draws[0], draws[1])
   np.testing.assert_allclose(draws[0], draws[2])

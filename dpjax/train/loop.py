@@ -210,7 +210,6 @@ class _Run:
                                               grad_dtype=step_lib.grad_dtype(config.perf.dtype),
                                               batch_losses=batch_losses, masked=self.masked)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
-    self.total = step_lib.make_total(self.layout)
     self.evaluate = step_lib.make_evaluate(model, self.layout)
     self.preprocess = state_lib.preprocessor(config)
     self.test_images = self.preprocess(test.images)
@@ -393,7 +392,7 @@ class _Run:
     inputs = (params, finetune.find_mask_state(opt_state.base).mask) if self.masked else params
     for indices, mask in self.sampler.batch(step).microbatches():
       acc = self.accumulate(acc, inputs, *self._fetch(self.parts.private, indices, mask))
-    return self.total(acc)
+    return acc  # per-device partial sums under the layout: apply (or score) adds them up
 
   # ---------------------------------------------------------------------------------------------
   # SPARTA: warm-up (prunable kernels frozen), selection steps (score rows), sparse fine-tuning.

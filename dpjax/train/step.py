@@ -4,8 +4,8 @@ One training step is, on device:
   g_pub  = public_grad(params, public_batch)                       if α > 0
   acc    = Σ over private microbatches of accumulate(acc, ...)     if α < 1 (fixed shape: compiles once)
   params, opt_state = apply(params, opt_state, g_pub, acc.grad_sum, α)
-Under a mesh layout `total` adds the devices' partial sums once, after the last microbatch.
-`apply` adds the Gaussian noise once to the clipped sum, divides by the expected batch size, mixes
+Under a mesh layout acc holds per-device partial sums; `apply` adds them up (once per step) and
+adds the Gaussian noise once to the clipped sum, divides by the expected batch size, mixes
 with g_pub and runs the optimizer. Each function is compiled once per shape (apply once per kind of
 step: public-only, private-only or mixed).
 """
@@ -111,7 +111,7 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   rule.sensitivity whatever the number of microbatches (each example is in one microbatch).
   With a layout the microbatch is split over the mesh's devices and each device clips its own
   examples (`parallel.sharded_gradient_sum`); acc.grad_sum then holds per-device partial sums
-  [devices, *shape], added across devices once per step by `make_total` (not once per
+  [devices, *shape], added across devices once per step by `make_apply` (not once per
   microbatch: one all-reduce per step). acc is donated: do not reuse the acc passed in.
   grad_dtype: see `clipping.clipped_grad_sum`.
   batch_losses: if given (`make_batch_losses`), per-example norms come from ghost clipping
@@ -162,18 +162,23 @@ def _partial_sum_sharding(layout: parallel.Layout) -> clipping.ClippedSum:
 def make_total(layout: parallel.Layout | None = None) -> Callable:
   """jit acc -> acc with grad_sum the sum over devices, in the params' layout (no-op without one).
 
-  Run once per step, after the last microbatch's `accumulate`.
+  For inspecting a step's clipped sum: `make_apply` and `make_score` take the partial sums and
+  add them up themselves.
   """
   if layout is None:
     return lambda acc: acc
 
   def total(acc):
-    return acc._replace(grad_sum=parallel.reduce_partial_sums(acc.grad_sum, layout.mesh,
-                                                              layout.params))
+    return acc._replace(grad_sum=_total_of(acc.grad_sum, layout))
   params_sharding = layout.sharding(layout.params)
   return jax.jit(total, in_shardings=(_partial_sum_sharding(layout),),
                  out_shardings=clipping.ClippedSum(params_sharding, layout.replicated,
                                                    layout.replicated))
+
+
+def _total_of(partial_sums: PyTree, layout: parallel.Layout) -> PyTree:
+  """The sum over devices of `make_accumulate`'s partial sums, in the params' layout."""
+  return parallel.reduce_partial_sums(partial_sums, layout.mesh, layout.params)
 
 
 def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule,
@@ -203,6 +208,10 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
                layout: parallel.Layout | None = None, donate: bool = False) -> Callable:
   """jit (params, opt_state, public_grad|None, clipped_sum|None, alpha) -> (params, opt_state).
 
+  clipped_sum: the step's `ClippedSum.grad_sum` as `make_accumulate` leaves it: under a layout,
+  the per-device partial sums [devices, *shape], which apply adds up itself (one all-reduce, in
+  the same executable: no separate `make_total` call, whose dispatch cost ~1.2 ms of host time per
+  step on a small model, `benchmarks/results/README.md`).
   The noise transformation runs exactly once when a clipped sum is given (a private step) and not
   at all otherwise. Under a layout it runs once for the global step: the key is replicated and
   the draw is laid out like the params, so no device adds noise of its own. donate=True reuses
@@ -220,14 +229,20 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
   if layout is None:
     return jax.jit(apply, donate_argnums=donated)
   params_sharding, opt_sharding = layout.sharding(layout.params), layout.sharding(layout.opt_state)
+  partial_sharding = _partial_sum_sharding(layout).grad_sum
   compiled = {}  # one jit per kind of step: which of the two gradients are present
+
+  def apply_partial(params, opt_state, public_grad, partial_sums, alpha):
+    clipped_sum = None if partial_sums is None else _total_of(partial_sums, layout)
+    return apply(params, opt_state, public_grad, clipped_sum, alpha)
 
   def apply_sharded(params, opt_state, public_grad, clipped_sum, alpha):
     kind = (public_grad is None, clipped_sum is None)
     if kind not in compiled:
-      grad_shardings = tuple(None if absent else params_sharding for absent in kind)
+      grad_shardings = (None if kind[0] else params_sharding,
+                        None if kind[1] else partial_sharding)
       compiled[kind] = jax.jit(
-          apply, in_shardings=(params_sharding, opt_sharding) + grad_shardings
+          apply_partial, in_shardings=(params_sharding, opt_sharding) + grad_shardings
           + (layout.replicated,), out_shardings=(params_sharding, opt_sharding),
           donate_argnums=donated)
     return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha)
@@ -238,7 +253,8 @@ def make_score(noise_tx: optax.GradientTransformation, layout: parallel.Layout |
                ) -> Callable:
   """jit (opt_state, clipped grad sum) -> opt_state for SPARTA's selection steps: the step's Gaussian
   release (noise drawn once, as in `make_apply`) is added, as |noisy gradient|, to the selection
-  scores in the optimizer state's `finetune.MaskState`; params and moments are not touched."""
+  scores in the optimizer state's `finetune.MaskState`; params and moments are not touched. The
+  clipped sum is `make_apply`'s: per-device partial sums under a layout."""
   def score(opt_state, clipped_sum):
     private_grad, noise_state = noise_tx.update(clipped_sum, opt_state.noise)
     state = finetune.find_mask_state(opt_state.base)
@@ -248,7 +264,8 @@ def make_score(noise_tx: optax.GradientTransformation, layout: parallel.Layout |
   if layout is None:
     return jax.jit(score)
   opt_sharding = layout.sharding(layout.opt_state)
-  return jax.jit(score, in_shardings=(opt_sharding, layout.sharding(layout.params)),
+  return jax.jit(lambda opt_state, partial_sums: score(opt_state, _total_of(partial_sums, layout)),
+                 in_shardings=(opt_sharding, _partial_sum_sharding(layout).grad_sum),
                  out_shardings=opt_sharding)
 
 
