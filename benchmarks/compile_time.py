@@ -55,7 +55,7 @@ def run_one(args: argparse.Namespace) -> dict:
   public = microbatch_size.abstract_rows(one, args.microbatch, steps.layout.batch)
   # The jitted functions of the two steps (`harness.Steps.dp` / `.non_dp`), on abstract arguments.
   pieces = {"zero_sum": (steps.zero_sum, (params,)),
-            "accumulate": (steps.accumulate, (acc, params, batch, mask)),
+            "accumulate": (steps.accumulate, (acc, params, batch, mask, np.bool_(True))),
             "apply_dp": (steps.apply, (params, opt_state, None, acc.grad_sum, np.float32(0.0))),
             "public_grad": (steps.public_grad, (params, public)),
             "apply_non_dp": (steps.apply, (params, opt_state, grad, None, np.float32(1.0)))}
@@ -84,7 +84,7 @@ def run_one(args: argparse.Namespace) -> dict:
                                   compile_s=time.perf_counter() - start, **_cost(compiled))
   total = lambda names: sum(sum(result["pieces"][n][k] for k in ("lower_s", "compile_s"))
                             for n in names)
-  result["dp_s"] = total(("zero_sum", "accumulate", "apply_dp"))
+  result["dp_s"] = total(("zero_sum", "accumulate", "apply_dp"))  # zero_sum: the first step's
   result["non_dp_s"] = total(("public_grad", "apply_non_dp"))
   # The DP gradient's arithmetic and memory traffic against the non-DP gradient's, by XLA's cost
   # model of the compiled functions (per microbatch: the overhead DP ÷ non-DP speed pays).

@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: models, the trainer's DP and non-DP steps, timing, memory.
 
 The steps are the trainer's own (`dpjax.train.step` under a `dpjax.parallel` layout):
-  DP step     = `zero_sum` + k × `accumulate` (per-example grads, clipping; m examples each) +
-                `apply` (the devices' partial sums added, noise once, optimizer update);
+  DP step     = k × `accumulate` (per-example grads, clipping; m examples each; the first
+                overwrites the last step's sum, `step.reuse_sum`) + `apply` (the devices'
+                partial sums added, noise once, optimizer update);
   non-DP step = `public_grad` on the same k·m examples + `apply`.
 Random data; examples/s is measured over windows of steps dispatched without synchronisation
 (one `block_until_ready` per window), and the median over windows is reported.
@@ -85,14 +86,17 @@ class Steps:
           label=rng.integers(0, classes, n).astype(np.int32)), n)
 
     self.params, self.batch_losses, self.rule = params, batch_losses, rule
+    self.spent = None  # the DP step's last sum (`dp`)
     self.microbatches = [rows(microbatch) for _ in range(microbatches)]
     self.mask = parallel.global_batch(mesh, np.ones(microbatch, bool), microbatch)
     self.public = rows(self.batch)
 
   def dp(self, params, opt_state):
-    acc = self.zero_sum(params)
-    for batch in self.microbatches:
-      acc = self.accumulate(acc, params, batch, self.mask)
+    # As the trainer does: the first microbatch overwrites the last step's sum (no zero sum).
+    acc = self.zero_sum(params) if self.spent is None else step_lib.reuse_sum(self.spent)
+    for k, batch in enumerate(self.microbatches):
+      acc = self.accumulate(acc, params, batch, self.mask, np.bool_(k == 0))
+    self.spent = acc
     return self.apply(params, opt_state, None, acc.grad_sum, np.float32(0.0))
 
   def non_dp(self, params, opt_state):
@@ -107,7 +111,8 @@ class Steps:
     params = self.state[0]
     found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
              "accumulate": lambda: self.accumulate(self.zero_sum(params), params,
-                                                   self.microbatches[0], self.mask)}
+                                                   self.microbatches[0], self.mask,
+                                                   np.bool_(True))}
     if self.batch_losses is not None:
       from dpjax.privacy import ghost
       backward = jax.jit(lambda p, b: list(ghost.per_example_terms(

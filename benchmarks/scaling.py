@@ -25,6 +25,7 @@ from benchmarks import rows as rows_lib
 def run_one(args: argparse.Namespace, data: int, fsdp: int) -> dict:
   """Times one layout in this process; returns its measurements."""
   import jax
+  import numpy as np
 
   from benchmarks import harness
   from dpjax import parallel
@@ -43,7 +44,8 @@ def run_one(args: argparse.Namespace, data: int, fsdp: int) -> dict:
     chain = [steps.zero_sum(params)]  # accumulate donates its acc: feed it its own output back
 
     def one_microbatch():
-      chain[0] = steps.accumulate(chain[0], params, steps.microbatches[0], steps.mask)
+      chain[0] = steps.accumulate(chain[0], params, steps.microbatches[0], steps.mask,
+                                  np.bool_(False))
       return chain[0]
     acc = steps.zero_sum(params)
     pieces = dict(accumulate=one_microbatch, total=lambda: steps.total(acc))

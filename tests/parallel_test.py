@@ -52,7 +52,7 @@ class _make_dp_step:
     acc = self.zero_sum(params)
     for half in (slice(0, 16), slice(16, 32)):
       acc = self.accumulate(acc, params, self.put(jax.tree_util.tree_map(lambda x: x[half], batch)),
-                            self.put(mask[half]))
+                            self.put(mask[half]), np.bool_(half.start == 0))
     public_grad, _ = self.public_grad(params, self.put(public))
     self.clipped_sum = parallel.to_host(self.total(acc).grad_sum)
     params, opt_state = self.apply(params, opt_state, public_grad, acc.grad_sum, np.float32(0.3))

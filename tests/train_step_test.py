@@ -42,3 +42,31 @@ def test_reset_moments(which):
     assert (not np.any(first["w"])) == (which != "none")
     if "nu" in leaves:
       assert (not np.any(leaves["nu"]["w"])) == (which == "all")
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_a_first_microbatch_overwrites_acc_without_reading_it(ghost):
+  """accumulate(..., first=True) is the microbatch's sum alone, whatever acc holds (the trainer
+  passes the previous step's sum, `reuse_sum`; NaN here); first=False adds to acc."""
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  rule = clipping.FlatClip(0.5)
+  accumulate = step_lib.make_accumulate(
+      step_lib.make_example_loss(model), rule,
+      batch_losses=step_lib.make_batch_losses(model) if ghost else None)
+  zero_sum = step_lib.make_zero_sum(rule)
+  batch, mask = toy_models.batch(8, seed=1, scale=3.0), jnp.arange(8) < 6
+  def fresh():
+    return accumulate(zero_sum(params), params, batch, mask, np.bool_(False))
+  expected = jax.device_get(fresh())
+  assert expected.stats.num_examples == 6 and expected.sensitivity == 0.5
+  nan = lambda: jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), fresh())
+  for spent in (nan(), step_lib.reuse_sum(nan())):  # accumulate donates acc: one each
+    first = jax.device_get(accumulate(spent, params, batch, mask, np.bool_(True)))
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+  twice = jax.device_get(accumulate(fresh(), params, batch, mask, np.bool_(False)))
+  assert twice.stats.num_examples == 12 and twice.stats.norm_max == expected.stats.norm_max
+  for a, b in zip(jax.tree_util.tree_leaves(twice.grad_sum),
+                  jax.tree_util.tree_leaves(expected.grad_sum)):
+    np.testing.assert_allclose(a, 2 * b, rtol=1e-6)

@@ -210,6 +210,7 @@ class _Run:
                                               grad_dtype=step_lib.grad_dtype(config.perf.dtype),
                                               batch_losses=batch_losses, masked=self.masked)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
+    self._spent_sum = None  # the last private step's sum, reused by the next (`_private_sum`)
     self.evaluate = step_lib.make_evaluate(model, self.layout)
     self.preprocess = state_lib.preprocessor(config)
     self.test_images = self.preprocess(test.images)
@@ -278,7 +279,8 @@ class _Run:
            np.ones(1, bool))  # one row of (microbatch, mask)
     return functools.cache(microbatch_size.measure_jitted(
         self.accumulate,
-        lambda m: (acc, inputs, *microbatch_size.abstract_rows(one, m, self.layout.batch))))
+        lambda m: (acc, inputs, *microbatch_size.abstract_rows(one, m, self.layout.batch),
+                   np.bool_(True))))
 
   def _make_monitor(self, model, heldout):
     if not (self.auto or self.config.curvature.every_steps) or not len(self.public_train):
@@ -387,11 +389,16 @@ class _Run:
     return params, opt_state, logs
 
   def _private_sum(self, step, params, opt_state):
-    acc = self.zero_sum(params)
+    # The first microbatch overwrites the previous private step's sum without reading it: no
+    # zero sum is made (and dispatched) each step.
+    acc = (self.zero_sum(params) if self._spent_sum is None
+           else step_lib.reuse_sum(self._spent_sum))
     # Sparse fine-tuning: per-example gradients are masked by the optimizer state's element mask.
     inputs = (params, finetune.find_mask_state(opt_state.base).mask) if self.masked else params
-    for indices, mask in self.sampler.batch(step).microbatches():
-      acc = self.accumulate(acc, inputs, *self._fetch(self.parts.private, indices, mask))
+    for k, (indices, mask) in enumerate(self.sampler.batch(step).microbatches()):
+      acc = self.accumulate(acc, inputs, *self._fetch(self.parts.private, indices, mask),
+                            np.bool_(k == 0))
+    self._spent_sum = acc
     return acc  # per-device partial sums under the layout: apply (or score) adds them up
 
   # ---------------------------------------------------------------------------------------------
