@@ -390,7 +390,8 @@ class _Run:
 
   def _private_sum(self, step, params, opt_state):
     # The first microbatch overwrites the previous private step's sum without reading it: no
-    # zero sum is made (and dispatched) each step.
+    # zero sum is made (and dispatched) each step. That sum (params-sized, float32) stays
+    # allocated between steps, so a mixed step's public gradient is computed beside it.
     acc = (self.zero_sum(params) if self._spent_sum is None
            else step_lib.reuse_sum(self._spent_sum))
     # Sparse fine-tuning: per-example gradients are masked by the optimizer state's element mask.
