@@ -159,6 +159,37 @@ def test_leaf_norms_are_reduced_one_stack_per_shape():
   assert len(reductions) == 2 * len(gram_shapes) + len(row_shapes) < len(entries) / 3
 
 
+def test_gram_stacks_are_capped_and_keep_the_norms(monkeypatch):
+  """A Gram stack reads at most MAX_GRAMS_PER_STACK distinct Grams (a shared Gram counts once),
+  keeps the members' order, and splitting changes no norm."""
+  shared, other = object(), [object() for _ in range(5)]
+  members = [("q", shared, other[0]), ("k", shared, other[1]), ("v", shared, other[2]),
+             ("o", other[3], other[4])]
+  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 4)
+  chunks = ghost._within_gram_cap(members)
+  assert [[path for path, _, _ in chunk] for chunk in chunks] == [["q", "k", "v"], ["o"]]
+  assert all(len({id(x) for _, a, g in chunk for x in (a, g)}) <= 4 for chunk in chunks)
+  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 2)
+  assert [len(chunk) for chunk in ghost._within_gram_cap(members)] == [1, 1, 1, 1]
+
+  model = MODELS["vit"]()
+  params = toy_models.init(model)
+  losses = step_lib.make_batch_losses(model, "bfloat16")
+  batch = toy_models.batch(8, seed=5, scale=3.0)
+  entries = ghost._per_example_terms(losses, params, batch, None, "vmap")
+  capped = ghost._sq_norms_of_terms(entries)
+  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 1000)
+  whole = ghost._sq_norms_of_terms(entries)
+  for path in entries:
+    np.testing.assert_allclose(capped[path][0], whole[path][0], rtol=1e-6)
+    np.testing.assert_allclose(capped[path][1], whole[path][1], rtol=1e-6)
+  reductions = lambda: sum(e.primitive.name == "reduce_sum" for e in jax.make_jaxpr(
+      lambda: ghost._sq_norms_of_terms(entries))().eqns)
+  uncapped = reductions()
+  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 2)
+  assert reductions() > uncapped
+
+
 @pytest.mark.parametrize("module,tiles,shape", [
     (nn.Conv(5, (2, 3), strides=(2, 3), padding="VALID"), True, (2, 4, 2, 18)),
     (nn.Conv(5, (2, 2), strides=2, padding=0), True, (2, 4, 4, 12)),
