@@ -70,3 +70,17 @@ def test_a_first_microbatch_overwrites_acc_without_reading_it(ghost):
   for a, b in zip(jax.tree_util.tree_leaves(twice.grad_sum),
                   jax.tree_util.tree_leaves(expected.grad_sum)):
     np.testing.assert_allclose(a, 2 * b, rtol=1e-6)
+
+
+def test_public_grad_is_the_mean_gradient_and_mean_loss():
+  """make_public_grad: the gradient of the batch's mean loss (1/rows folded into the backward
+  pass) and the mean loss, against per-example gradients averaged by hand."""
+  model = toy_models.MODELS["conv"]
+  params = toy_models.init(model)
+  loss = step_lib.make_example_loss(model)
+  batch = toy_models.batch(6, seed=2, scale=3.0)
+  grads, mean_loss = step_lib.make_public_grad(loss)(params, batch)
+  per_example = jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0))(params, batch)
+  np.testing.assert_allclose(mean_loss, np.mean(per_example[0]), rtol=1e-6)
+  for got, each in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(per_example[1])):
+    np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5, atol=1e-7)

@@ -73,22 +73,23 @@ def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = No
   With a layout, the batch rows are split over the mesh and the gradient comes back in the params'
   layout (same formulation as the private sum, `parallel.sharded_gradient_sum`).
   """
-  def summed_loss(params, batch):
-    return jnp.sum(jax.vmap(example_loss, in_axes=(None, 0))(params, batch))
-
-  def local_sum(params, batch):  # the gradient of the sum: no per-example gradients held
-    loss, grads = jax.value_and_grad(summed_loss)(params, batch)
-    return grads, loss
-
   def public_grad(params, batch):
-    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]  # the whole batch's, under a layout too
+
+    def mean_part(params, batch):  # this batch's (or this device's) share of the mean loss
+      return jnp.sum(jax.vmap(example_loss, in_axes=(None, 0))(params, batch)) / rows
+
+    # Its gradient, with no per-example gradients held. The 1/rows enters the backward pass's
+    # seed instead of dividing each leaf afterwards (a kernel per leaf: 104 for the CIFAR ViT).
+    def local_part(params, batch):
+      loss, grads = jax.value_and_grad(mean_part)(params, batch)
+      return grads, loss
+
     if layout is None:
-      total, loss = local_sum(params, batch)
-    else:
-      total, loss = parallel.sharded_gradient_sum(
-          local_sum, layout.mesh, layout.params,
-          lambda l: jax.lax.psum(l, parallel.MESH_AXES))(params, batch)
-    return jax.tree_util.tree_map(lambda g: g / rows, total), loss / rows
+      return local_part(params, batch)
+    return parallel.sharded_gradient_sum(
+        local_part, layout.mesh, layout.params,
+        lambda l: jax.lax.psum(l, parallel.MESH_AXES))(params, batch)
 
   if layout is None:
     return jax.jit(public_grad)
