@@ -311,9 +311,10 @@ def _sq_norms_of_terms(terms: dict) -> dict:
   CIFAR-sized ViT's step launched ~140 of them; `benchmarks/results/README.md`). The Grams
   themselves stay one matmul per distinct array (q, k and v share their input's): stacking the
   layers' inputs to batch those matmuls copies the inputs and was slower. The norms are the same.
-  A Gram stack holds at most `MAX_GRAMS_PER_STACK` distinct Grams: a ViT-B/16's single stack of
-  72 products (120 Grams) was not fused but copied (a 2.9 GB concatenation and a slower
-  reduction, ~3.5 ms of a 59 ms step on an H200), where the CIFAR ViT's 60 were fused.
+  A Gram stack holds at most `MAX_GRAMS_PER_STACK` distinct Grams: XLA's GPU fusion passes cap a
+  fusion at 96 operands and outputs together (`MaxOperandsAndOutputsPerFusion`), so a ViT-B/16's
+  single stack of 72 products (120 Grams) was not fused but copied (a 2.9 GB concatenation and a
+  slower reduction, ~3.5 ms of a 59 ms step on an H200), where the CIFAR ViT's 60 were fused.
   """
   found, kernels, rows, grams = {}, {}, {}, {}
 
@@ -344,7 +345,7 @@ def _sq_norms_of_terms(terms: dict) -> dict:
   return {path: found[path] for path in terms}
 
 
-MAX_GRAMS_PER_STACK = 48
+MAX_GRAMS_PER_STACK = 48  # half XLA GPU's 96 operands + outputs per fusion: room for the rest
 
 
 def _within_gram_cap(members: list) -> list[list]:
