@@ -93,11 +93,9 @@ class Steps:
 
   def dp(self, params, opt_state):
     # As the trainer does: the first microbatch overwrites the last step's sum (no zero sum).
-    acc = self.zero_sum(params) if self.spent is None else step_lib.reuse_sum(self.spent)
-    for k, batch in enumerate(self.microbatches):
-      acc = self.accumulate(acc, params, batch, self.mask, np.bool_(k == 0))
-    self.spent = acc
-    return self.apply(params, opt_state, None, acc.grad_sum, np.float32(0.0))
+    self.spent = step_lib.sum_microbatches(self.accumulate, self.zero_sum, self.spent, params,
+                                           params, ((b, self.mask) for b in self.microbatches))
+    return self.apply(params, opt_state, None, self.spent.grad_sum, np.float32(0.0))
 
   def non_dp(self, params, opt_state):
     grad, _ = self.public_grad(params, self.public)

@@ -84,3 +84,23 @@ def test_public_grad_is_the_mean_gradient_and_mean_loss():
   np.testing.assert_allclose(mean_loss, np.mean(per_example[0]), rtol=1e-6)
   for got, each in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(per_example[1])):
     np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_a_step_sums_its_own_microbatches_and_an_empty_draw_sums_to_zero(count):
+  """sum_microbatches starts from the previous step's sum (NaN here) without reading it; with no
+  microbatch (an empty Poisson draw) the step's sum is zero, never the previous step's again."""
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  rule = clipping.FlatClip(0.5)
+  accumulate = step_lib.make_accumulate(step_lib.make_example_loss(model), rule)
+  zero_sum = step_lib.make_zero_sum(rule)
+  batch, mask = toy_models.batch(8, seed=3, scale=3.0), jnp.arange(8) < 7
+  nan_sum = lambda: jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), zero_sum(params))
+  found = jax.device_get(step_lib.sum_microbatches(
+      accumulate, zero_sum, nan_sum(), params, params, [(batch, mask)] * count))
+  one = jax.device_get(accumulate(zero_sum(params), params, batch, mask, np.bool_(True)))
+  assert found.stats.num_examples == 7 * count and found.sensitivity == 0.5
+  for got, want in zip(jax.tree_util.tree_leaves(found.grad_sum),
+                       jax.tree_util.tree_leaves(one.grad_sum)):
+    np.testing.assert_allclose(got, count * want, rtol=1e-6)

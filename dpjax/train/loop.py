@@ -389,18 +389,16 @@ class _Run:
     return params, opt_state, logs
 
   def _private_sum(self, step, params, opt_state):
+    # Sparse fine-tuning: per-example gradients are masked by the optimizer state's element mask.
+    inputs = (params, finetune.find_mask_state(opt_state.base).mask) if self.masked else params
+    microbatches = (self._fetch(self.parts.private, indices, mask)
+                    for indices, mask in self.sampler.batch(step).microbatches())
     # The first microbatch overwrites the previous private step's sum without reading it: no
     # zero sum is made (and dispatched) each step. That sum (params-sized, float32) stays
     # allocated between steps, so a mixed step's public gradient is computed beside it.
-    acc = (self.zero_sum(params) if self._spent_sum is None
-           else step_lib.reuse_sum(self._spent_sum))
-    # Sparse fine-tuning: per-example gradients are masked by the optimizer state's element mask.
-    inputs = (params, finetune.find_mask_state(opt_state.base).mask) if self.masked else params
-    for k, (indices, mask) in enumerate(self.sampler.batch(step).microbatches()):
-      acc = self.accumulate(acc, inputs, *self._fetch(self.parts.private, indices, mask),
-                            np.bool_(k == 0))
-    self._spent_sum = acc
-    return acc  # per-device partial sums under the layout: apply (or score) adds them up
+    self._spent_sum = step_lib.sum_microbatches(self.accumulate, self.zero_sum, self._spent_sum,
+                                                params, inputs, microbatches)
+    return self._spent_sum  # per-device partial sums under a layout: apply (or score) adds them
 
   # ---------------------------------------------------------------------------------------------
   # SPARTA: warm-up (prunable kernels frozen), selection steps (score rows), sparse fine-tuning.

@@ -12,7 +12,7 @@ step: public-only, private-only or mixed).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -170,6 +170,25 @@ def reuse_sum(spent: clipping.ClippedSum) -> clipping.ClippedSum:
   and statistics (not `spent`'s arrays: the caller may still hold those, for its metrics)."""
   zero = np.float32(0.0)
   return clipping.ClippedSum(spent.grad_sum, zero, clipping.ClipStats(zero, zero, zero, zero))
+
+
+def sum_microbatches(accumulate: Callable, zero_sum: Callable, spent: clipping.ClippedSum | None,
+                     params: PyTree, inputs: Any, microbatches: Iterable[tuple]
+                     ) -> clipping.ClippedSum:
+  """A private step's `ClippedSum`: `accumulate` (`make_accumulate`) over the step's microbatches
+  [(microbatch, mask), ...], the first with first=True, its acc the previous step's final sum
+  `spent` (`reuse_sum`: overwritten unread, no zero sum made) or, for the first step,
+  `zero_sum(params)`. inputs: accumulate's params argument (a (params, mask) pair when masked).
+
+  With no microbatch at all (an empty Poisson draw) the result is a fresh zero sum, never
+  `spent`: a previous step's sum must not be released a second time.
+  """
+  acc = None
+  for k, (microbatch, mask) in enumerate(microbatches):
+    if k == 0:
+      acc = zero_sum(params) if spent is None else reuse_sum(spent)
+    acc = accumulate(acc, inputs, microbatch, mask, np.bool_(k == 0))
+  return zero_sum(params) if acc is None else acc
 
 
 def _partial_sum_sharding(layout: parallel.Layout) -> clipping.ClippedSum:
