@@ -6,7 +6,8 @@ Blocks (see experiments/*.py for complete examples):
               train_examples (use only the first N of the training split; 0: all)
   model       name plus keyword arguments for `dpjax.models.build_model`
   dp          the privacy mechanism: clip rule and norm, noise multiplier and/or target (ε, δ),
-              accountant, expected private batch size, sampler
+              accountant, expected private batch size, sampler; insecure_reproducible_seed
+              (unset: the mechanism's randomness is secret OS entropy, dpjax.privacy.randomness)
   mixing      the α schedule (or the automatic switch) and whether to reset optimizer moments at
               the public→private switch
   curvature   public-data curvature statistics (tr(H), decelerator, α*) logged during training
@@ -52,7 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp = dict(clip="flat", clip_norm=0.1, stability=0.01,
               noise_multiplier=config_dict.placeholder(float),
               target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="pld",
-              expected_batch_size=512, sampler="poisson")
+              expected_batch_size=512, sampler="poisson",
+              # None (keep it so): the noise and the Poisson batches come from fresh OS entropy
+              # (dpjax.privacy.randomness). An int makes them reproducible, for tests and
+              # debugging only: the guarantee then holds only while that int stays secret.
+              insecure_reproducible_seed=config_dict.placeholder(int))
   c.mixing = dict(schedule="switch", switch_step=0, alpha=0.0, start=1.0, end=0.0, begin=0,
                   until=1, reset_moments="first",
                   # schedule="auto": public until the controller switches (dpjax.mixing.AutoSwitch)
@@ -95,6 +100,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if dp.noise_multiplier is None and dp.target_epsilon is None:
     raise ValueError("Set dp.noise_multiplier or dp.target_epsilon (or both: then training stops "
                      "before the budget would be exceeded).")
+  seed = dp.get("insecure_reproducible_seed")
+  if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+    raise ValueError(f"dp.insecure_reproducible_seed must be unset (secret randomness, the "
+                     f"default) or an integer >= 0, got {seed!r}.")
   if dp.sampler not in ("poisson",):
     raise ValueError(f"dp.sampler {dp.sampler!r} is not supported by the trainer; use 'poisson' "
                      "(privacy amplification by subsampling assumes it).")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax.privacy import clipping
+from dpjax.privacy import clipping, randomness
 
 PyTree = Any
 SELECTIONS = ("all", "head", "head_norms", "bias", "last_blocks", "attention", "mlp", "patterns")
@@ -261,7 +261,7 @@ def magnitude_rows(params: PyTree) -> PyTree:
 def random_rows(params: PyTree, seed: int) -> PyTree:
   """Baseline: uniformly random row scores."""
   leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  keys = jax.random.split(randomness.stream_key(seed, "finetune random rows"), len(leaves))
   return jax.tree_util.tree_unflatten(
       tree, [jax.random.uniform(k, (p.shape[-1],)) for k, p in zip(keys, leaves)])
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpjax import contrastive
-from dpjax.privacy import sampling
+from dpjax.privacy import randomness, sampling
 from dpjax.train import contrastive_loop
 from tests.conftest import require_data
 
@@ -91,7 +91,7 @@ def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
   plan = contrastive_loop.plan_privacy(config, 60000)
   assert plan.noise_multiplier == 0.7 and plan.sensitivity == pytest.approx(16.58, abs=0.2)
   zeros = {"w": np.zeros((200, 250), np.float32)}
-  optimizer = contrastive_loop.create_optimizer(config, plan)
+  optimizer = contrastive_loop.create_optimizer(config, plan, randomness.fresh_secret())
   state = optimizer.init(zeros)
   first, state = optimizer.update(zeros, state, zeros)
   second, _ = optimizer.update(zeros, state, zeros)

@@ -10,7 +10,7 @@ import pytest
 
 from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
-from dpjax.privacy import accounting, clipping
+from dpjax.privacy import accounting, clipping, randomness
 from dpjax.train import checkpoint, loop, metrics, step as step_lib
 from tests.conftest import require_data
 
@@ -97,9 +97,17 @@ def test_all_data_public_is_reported_as_not_private(tmp_path):
                             show_progress=False)
 
 
-def test_resume_is_bit_identical(tmp_path, monkeypatch):
-  straight = loop.train_and_evaluate(small_config(), str(tmp_path / "a"), show_progress=False)
-  c = small_config(checkpoint=dict(every_steps=4))
+@pytest.mark.parametrize("mode", ["secret", "insecure_reproducible_seed"])
+def test_resume_is_bit_identical(tmp_path, monkeypatch, mode):
+  """In the default mode the resumed process draws a new secret (`second`) and must use its
+  checkpoint's (`first`) instead; the uninterrupted run drew `first` too."""
+  dp = dict(insecure_reproducible_seed=7) if mode != "secret" else {}
+  first, second = randomness.fixed_secret(1), randomness.fixed_secret(2)
+  draws = iter([first, first, second])
+  monkeypatch.setattr(randomness, "fresh_secret", lambda: next(draws))
+  straight = loop.train_and_evaluate(small_config(dp=dp), str(tmp_path / "a"),
+                                     show_progress=False)
+  c = small_config(checkpoint=dict(every_steps=4), dp=dp)
   resumed = crash_then_resume(c, str(tmp_path / "b"), crash_step=13, monkeypatch=monkeypatch)
   assert resumed["privacy"] == straight["privacy"]
   assert resumed["test_accuracy"] == straight["test_accuracy"]
@@ -168,7 +176,8 @@ def test_perf_flags_do_not_change_the_privacy_event(tmp_path):
 @pytest.mark.parametrize("clip", ["flat", "per_layer"])
 def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path, clip):
   """perf.per_example_method is a perf flag: same privacy event, same model up to rounding."""
-  blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1), dp=dict(clip=clip))
+  blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1),
+                dp=dict(clip=clip, insecure_reproducible_seed=0))
   base = small_config(**blocks)
   ghost_config = small_config(perf=dict(per_example_method="ghost"), **blocks)
   assert config_lib.trajectory_view(ghost_config) == config_lib.trajectory_view(base)
@@ -180,7 +189,7 @@ def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path, c
   for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
   train_logs = [r for r in metrics.read_metrics(str(tmp_path / "ghost")) if r["kind"] == "train"]
-  assert train_logs and "clip_fraction" in train_logs[-1]
+  assert train_logs and "clip_fraction" not in train_logs[-1]  # private: never logged
 
 
 def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):

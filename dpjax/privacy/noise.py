@@ -7,7 +7,8 @@
 
 with the noise drawn in float32 whatever the parameter dtype, from a PRNG key kept in the
 transformation's state (so a checkpoint of the optimizer state carries it and a resumed run draws
-the same noise).
+the same noise). That key is secret: by default it is fresh OS entropy (`init_noise_state`), and
+an optimizer state (a checkpoint) that holds it must be kept as private as the data.
 
 Privacy: with S the clip rule's sensitivity, one call is the Gaussian mechanism with noise
 multiplier σ on the clipped sum; it must be called exactly once per step (the state's `count`
@@ -22,7 +23,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from dpjax.privacy import randomness
 
 PyTree = Any
 
@@ -108,13 +112,30 @@ def _materialized(draw: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(draw)
 
 
-def init_noise_state(seed: int) -> NoiseState:
-  """The state of a fresh noise transformation seeded with `seed` (no step noised yet)."""
-  return NoiseState(key=jax.random.PRNGKey(seed), count=jnp.zeros([], jnp.int32))
+def init_noise_state(seed: int | np.ndarray | None = None) -> NoiseState:
+  """The state of a fresh noise transformation (no step noised yet).
+
+  seed: None (the default) for a key of fresh OS entropy (`randomness.fresh_noise_key`); a raw
+  uint32 [2] key (the trainer's, from its run secret `randomness.noise_key`); or an int, which
+  makes the noise reproducible and INSECURE: the guarantee then holds only while that int stays
+  secret, and every transformation given the same int draws the same noise.
+  Call it outside `jax.jit`: under jit a fresh key would become a constant of the compiled program
+  (and JAX's persistent compilation cache would write it to disk).
+  """
+  if seed is None:
+    key = randomness.fresh_noise_key()
+  elif isinstance(seed, (int, np.integer)):
+    key = jax.random.PRNGKey(seed)
+  else:
+    key = np.asarray(seed)
+    if key.shape != (2,) or key.dtype != np.uint32:
+      raise ValueError(f"seed must be None, an int or a raw uint32 [2] key, got {key.dtype} "
+                       f"{key.shape}.")
+  return NoiseState(key=jnp.asarray(key), count=jnp.zeros([], jnp.int32))
 
 
 def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_batch_size: float,
-                       seed: int = 0, trainable: PyTree | None = None,
+                       seed: int | np.ndarray | None = None, trainable: PyTree | None = None,
                        split: PyTree | None = None) -> optax.GradientTransformation:
   """Noises a clipped gradient sum and averages it over the expected batch size.
 
@@ -122,7 +143,9 @@ def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_bat
     noise_multiplier: σ; the noise standard deviation is σ·sensitivity.
     sensitivity: S, the L2 bound on one example's contribution to the input sum.
     expected_batch_size: B = q·N, the divisor (public, fixed).
-    seed: seeds the PRNG key held in the state.
+    seed: the PRNG key held in the state (`init_noise_state`): None (default) draws fresh OS
+      entropy at each `init` (the noise is secret, as the guarantee needs); a raw key; or an int
+      for INSECURE reproducible noise.
     trainable: optional pytree of bools like params; False leaves get no noise and a zero update.
     split: optional pytree of bools like params, True for leaves split over devices
       (`dpjax.parallel.split_leaves(layout.params)`): how the noise is drawn, see
@@ -158,13 +181,15 @@ def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_bat
 
 
 def dp_optimizer(optimizer: optax.GradientTransformation, *, noise_multiplier: float,
-                 sensitivity: float, expected_batch_size: float, seed: int = 0,
+                 sensitivity: float, expected_batch_size: float,
+                 seed: int | np.ndarray | None = None,
                  trainable: PyTree | None = None, split: PyTree | None = None
                  ) -> optax.GradientTransformation:
   """A DP optimizer: Gaussian noise on the clipped sum, then any optax optimizer.
 
   Feed it `clipped_grad_sum(...).grad_sum` as the gradient. With `trainable`, frozen leaves get
-  neither noise nor any update (weight decay included). `split`: see `add_gaussian_noise`.
+  neither noise nor any update (weight decay included). `seed`, `split`: see `add_gaussian_noise`
+  (leave `seed` None: the noise key is then fresh OS entropy).
   """
   noise = add_gaussian_noise(noise_multiplier, sensitivity, expected_batch_size, seed, trainable,
                              split)

@@ -2,7 +2,8 @@
 
 Both samplers are deterministic functions of (seed, step), so a resumed run draws exactly the
 batches an uninterrupted run would have, and every process of a multi-host job can draw the same
-global batch and keep its own slice.
+global batch and keep its own slice. The Poisson sampler's seed is secret (fresh OS entropy unless
+given; the trainer's comes from its run secret, `dpjax.privacy.randomness`).
 
 - `PoissonSampler`: each example is in the batch independently with probability q (the batch size
   is random, possibly zero). This is the sampling that privacy amplification by subsampling
@@ -24,6 +25,8 @@ from typing import Iterator
 
 import dp_accounting
 import numpy as np
+
+from dpjax.privacy import randomness
 
 _POISSON_STREAM = 0x9015
 _SHUFFLE_STREAM = 0x5AFF
@@ -99,13 +102,20 @@ class PoissonSampler:
   Each step's batch is a subset in which every example appears independently with probability q:
   drawn as a Binomial(N, q) size and then a uniform subset of that size without replacement, which
   is the same distribution. No example appears twice. Batches may be empty.
+
+  seed: None (the default) draws a 64-bit seed of fresh OS entropy, as amplification by
+  subsampling needs the batches to be secret; the trainer passes its run secret's
+  (`randomness.sampler_seed`). A seed the adversary knows reveals which examples each step used.
+  It is left out of the repr.
   """
   num_examples: int
   sampling_rate: float
   microbatch_size: int
-  seed: int = 0
+  seed: int | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
+    if self.seed is None:
+      object.__setattr__(self, "seed", randomness.fresh_sampler_seed())
     _check_count("num_examples", self.num_examples)
     _check_count("microbatch_size", self.microbatch_size)
     _check_rate(self.sampling_rate)

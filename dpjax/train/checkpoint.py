@@ -1,8 +1,10 @@
 """Orbax checkpoints of the whole training state, verified on restore.
 
-A checkpoint holds the device state (params, optimizer state with the noise PRNG key, step) and a
-JSON record (privacy ledger, the config's trajectory blocks, a digest of the device state). The
-samplers are pure functions of (seed, step), so the step is their whole state.
+A checkpoint holds the device state (params, optimizer state with the noise PRNG key, step, the
+run's mechanism secret) and a JSON record (privacy ledger, the config's trajectory blocks, a
+digest of the device state). The Poisson sampler is a pure function of (secret, step), so the
+step is its whole state. The noise key and the secret make a training checkpoint as sensitive as
+the private data: release params only (README, "Privacy sharp edges").
 
 Restoring never silently starts afresh: a checkpoint that cannot be read, whose digest does not
 match its arrays, or whose config differs from the current one raises an error that says what to do.

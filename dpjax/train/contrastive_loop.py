@@ -36,7 +36,7 @@ import optax
 from dpjax import config as config_lib
 from dpjax import contrastive, data, models, probe
 from dpjax.data import augment
-from dpjax.privacy import accounting, noise, sampling
+from dpjax.privacy import accounting, noise, randomness, sampling
 from dpjax.train import checkpoint, loop, metrics
 from dpjax.train import state as state_lib
 
@@ -147,15 +147,17 @@ def create_model(config: ml_collections.ConfigDict, dataset: data.Dataset
   return model, variables["params"]
 
 
-def create_optimizer(config: ml_collections.ConfigDict, plan: loop.PrivacyPlan
-                     ) -> optax.GradientTransformation:
-  """Noise on the clipped sum (DP) or the plain mean over the expected batch, then the optimizer."""
+def create_optimizer(config: ml_collections.ConfigDict, plan: loop.PrivacyPlan,
+                     secret: np.ndarray) -> optax.GradientTransformation:
+  """Noise on the clipped sum (DP) or the plain mean over the expected batch, then the optimizer.
+  The noise key comes from the run's mechanism `secret` (`dpjax.privacy.randomness`)."""
   base = state_lib.create_optimizer(config)
   if plan.noise_multiplier is None:
     return optax.chain(optax.scale(1.0 / plan.expected_batch_size), base)
   return noise.dp_optimizer(base, noise_multiplier=plan.noise_multiplier,
                             sensitivity=plan.sensitivity,
-                            expected_batch_size=plan.expected_batch_size, seed=config.seed)
+                            expected_batch_size=plan.expected_batch_size,
+                            seed=randomness.noise_key(secret))
 
 
 def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -260,17 +262,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train = parts.private
   model, params = create_model(config, train)
   plan = plan_privacy(config, len(train))
-  optimizer = create_optimizer(config, plan)
+  # The mechanism's secret: the noise key and the batches; a resumed run takes its checkpoint's.
+  secret = randomness.run_secret(config.dp.insecure_reproducible_seed)
+  optimizer = create_optimizer(config, plan, secret)
   opt_state = optimizer.init(params)
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
   record = lambda ledger: dict(ledger=ledger.to_json(), config=_expected_config(config),
                                plan=dataclasses.asdict(plan))
-  state = lambda p, o, s: dict(params=p, opt_state=o, step=jnp.asarray(s, jnp.int32))
+  state = lambda p, o, s: dict(params=p, opt_state=o, step=jnp.asarray(s, jnp.int32),
+                               secret=jnp.asarray(secret))
   restored = checkpointer.restore(state(params, opt_state, 0), _expected_config(config))
   start, ledger = 0, accounting.PrivacyLedger()
   if restored is not None:
     saved, saved_record = restored
     params, opt_state, start = saved["params"], saved["opt_state"], int(saved["step"])
+    secret = randomness.check_secret(np.asarray(saved["secret"]))
     ledger = accounting.PrivacyLedger.from_json(saved_record["ledger"])
     if ledger.private_steps + ledger.public_steps != start:
       raise checkpoint.CheckpointError(
@@ -281,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   capacity = (max_batch_size(config, plan.expected_batch_size)
               if config.contrastive.method == "naive" else None)
   sampler = sampling.PoissonSampler(len(train), plan.sampling_rate, config.perf.microbatch_size,
-                                    seed=config.seed)
+                                    seed=randomness.sampler_seed(secret))
   budget = (accounting.PrivacyBudget(config.dp.target_epsilon, plan.delta, plan.accountant)
             if private and config.dp.target_epsilon is not None else None)
   train_step = make_train_step(model, config, optimizer)
@@ -322,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress.close()
   seconds = time.time() - started
   checkpointer.save(step, state(params, opt_state, step), record(ledger))
-  statement = loop.privacy_statement(plan, ledger)
+  statement = loop.privacy_statement(plan, ledger, config)
   statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels are "
                                   "not read); add/remove adjacency")
   results = dict(method=config.contrastive.method, temperature=config.contrastive.temperature,

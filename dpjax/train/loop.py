@@ -21,7 +21,7 @@ import numpy as np
 
 from dpjax import config as config_lib
 from dpjax import data, finetune, mixing, parallel
-from dpjax.privacy import accounting, clipping, noise, sampling
+from dpjax.privacy import accounting, clipping, noise, randomness, sampling
 from dpjax.train import checkpoint, metrics, microbatch_size, monitor as monitor_lib
 from dpjax.train import state as state_lib, step as step_lib
 
@@ -73,7 +73,18 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
                      dp.target_epsilon, dp.clip, dp.clip_norm, sensitivity)
 
 
-def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger) -> dict[str, Any]:
+def randomness_statement(config: ml_collections.ConfigDict) -> str:
+  """Where the mechanism's randomness (noise, Poisson batches) came from (never its value)."""
+  if config.dp.get("insecure_reproducible_seed") is None:
+    return ("secret: 128 bits of fresh OS entropy drawn at the run's start, kept only in its "
+            "training checkpoints")
+  return ("INSECURE reproducible mode (dp.insecure_reproducible_seed): the noise and the batches "
+          "follow from that integer; the guarantee holds only while it stays secret, and runs "
+          "sharing it share their noise")
+
+
+def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
+                      config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
   """What was guaranteed, in the terms a reader needs to check it."""
   conversion = {"pld": "PLD (dp_accounting PLDAccountant, pessimistic discretisation)",
                 "rdp": "RDP, dp_accounting's RDP-to-(ε, δ) conversion",
@@ -89,6 +100,7 @@ def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger) -> di
                       "adjacency",
       num_private_examples=plan.num_private_examples,
       non_private=plan.num_private_examples == 0,
+      randomness=None if config is None else randomness_statement(config),
       epsilon_by_accountant={a: ledger.epsilon(plan.delta, a) for a in accounting.ACCOUNTANTS})
 
 
@@ -104,7 +116,8 @@ def format_statement(s: dict[str, Any]) -> str:
           f"expected batch {s['expected_batch_size']:g} of {s['num_private_examples']}), "
           f"{s['public_steps']} public-only steps (no privacy cost)\n"
           f"  noise multiplier {sigma}, clip rule {s['clip']} (norm {s['clip_norm']:g}, "
-          f"sensitivity {s['sensitivity']:.4g})")
+          f"sensitivity {s['sensitivity']:.4g})"
+          + (f"\n  randomness: {s['randomness']}" if s.get("randomness") else ""))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -166,7 +179,8 @@ def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
   tuning = state_lib.finetuning(config, params,
                                 state_lib.module_order(model, params, parts.private))
   optimizer = state_lib.create_training_optimizer(config, tuning)
-  template = _state(*_initial_state(config, optimizer, params, mesh), 0, mesh)
+  secret = np.zeros(randomness.SECRET_WORDS, np.uint32)  # a template: restored, never used
+  template = _state(*_initial_state(optimizer, params, mesh, secret), 0, mesh, secret)
   restored = checkpoint.Checkpointer(workdir).restore(template,
                                                       config_lib.trajectory_view(config))
   if restored is None:
@@ -175,15 +189,19 @@ def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
   return state["params"], dict(record, step=int(state["step"]))
 
 
-def _initial_state(config, optimizer, params, mesh):
-  """(params, opt_state) at step 0, laid out on the mesh (replicated, or split over 'fsdp')."""
-  opt_state = step_lib.OptState(noise.init_noise_state(config.seed), optimizer.init(params))
+def _initial_state(optimizer, params, mesh, secret):
+  """(params, opt_state) at step 0, laid out on the mesh (replicated, or split over 'fsdp'); the
+  noise key comes from the run's mechanism `secret` (`dpjax.privacy.randomness`)."""
+  opt_state = step_lib.OptState(noise.init_noise_state(randomness.noise_key(secret)),
+                                optimizer.init(params))
   return parallel.place(params, mesh), parallel.place(opt_state, mesh)
 
 
-def _state(params, opt_state, step, mesh):
-  """The pytree a checkpoint holds."""
-  return dict(params=params, opt_state=opt_state, step=parallel.replicate(np.int32(step), mesh))
+def _state(params, opt_state, step, mesh, secret):
+  """The pytree a checkpoint holds. `secret` (uint32 [4]) seeds the mechanism: the checkpoint is
+  its only copy, so a resumed run draws the noise and batches an uninterrupted one would."""
+  return dict(params=params, opt_state=opt_state, step=parallel.replicate(np.int32(step), mesh),
+              secret=parallel.replicate(np.asarray(secret, np.uint32), mesh))
 
 
 class _Run:
@@ -198,7 +216,11 @@ class _Run:
     self.masked = tuning.masked
     self.auto = schedule if isinstance(schedule, mixing.AutoSwitch) else None
     self.main = parallel.is_main_process()
-    self.mesh, self.initial = mesh, _initial_state(config, self.optimizer, params, mesh)
+    # Drawn on every run start (a collective in a multi-process run); a resumed run replaces it
+    # by its checkpoint's (`_restore`).
+    self.secret = randomness.run_secret(config.dp.insecure_reproducible_seed)
+    self.mesh = mesh
+    self.initial = _initial_state(self.optimizer, params, mesh, self.secret)
     self.layout = parallel.make_layout(mesh, *self.initial)
     example_loss = step_lib.make_example_loss(model, config.perf.dtype, config.perf.remat)
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
@@ -224,9 +246,7 @@ class _Run:
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
     self._set_plan()
     self.microbatch = self._choose_microbatch_size(parts.private)
-    self.sampler = (sampling.PoissonSampler(len(parts.private), self.plan.sampling_rate,
-                                            self.microbatch["microbatch_size"], seed=config.seed)
-                    if len(parts.private) else None)
+    self.sampler = None  # made from the run's secret once it is known (`train`)
     self.budget = (accounting.PrivacyBudget(config.dp.target_epsilon, self.plan.delta,
                                             self.plan.accountant)
                    if config.dp.target_epsilon is not None else None)
@@ -297,8 +317,16 @@ class _Run:
                                      self.preprocess, heldout_loss, self.accounting_size)
 
   # ---------------------------------------------------------------------------------------------
+  def _make_sampler(self) -> sampling.PoissonSampler | None:
+    if not len(self.parts.private):
+      return None
+    return sampling.PoissonSampler(len(self.parts.private), self.plan.sampling_rate,
+                                   self.microbatch["microbatch_size"],
+                                   seed=randomness.sampler_seed(self.secret))
+
   def train(self, show_progress: bool) -> dict[str, Any]:
     params, opt_state, start, ledger = self._restore(*self.initial)
+    self.sampler = self._make_sampler()
     total = self.config.schedule.total_steps
     writer = metrics.MetricsWriter(self.workdir, enabled=self.main)
     progress = metrics.Progress(total, start, show_progress and self.main)
@@ -368,7 +396,7 @@ class _Run:
         acc = self._private_sum(step, params, opt_state)
         opt_state = self.score(opt_state, acc.grad_sum)
         ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
-        return params, opt_state, clipping.summarize(acc.stats)
+        return params, opt_state, {}
     public_grad = None
     if mixing.reads_public(alpha):
       batch = self._fetch(self.parts.public, self.public_batches.indices(step))
@@ -378,9 +406,9 @@ class _Run:
     if mixing.reads_private(alpha):
       if self.plan.noise_multiplier is None:
         raise AssertionError("a private step without a noise multiplier")
-      acc = self._private_sum(step, params, opt_state)
-      clipped = acc.grad_sum
-      logs.update(clipping.summarize(acc.stats))
+      # Nothing computed from the private batch is logged (its clip statistics would release
+      # the batch size and norms unnoised): only the noisy, accounted update leaves the device.
+      clipped = self._private_sum(step, params, opt_state).grad_sum
     params, opt_state = self.apply(params, opt_state, public_grad, clipped, np.float32(alpha))
     if clipped is not None:
       ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
@@ -482,14 +510,16 @@ class _Run:
                 auto_switch=json.dumps(self.auto.state_dict()) if self.auto else None)
 
   def _save(self, done, params, opt_state, ledger):
-    self.checkpointer.save(done, _state(params, opt_state, done, self.mesh), self._record(ledger))
+    self.checkpointer.save(done, _state(params, opt_state, done, self.mesh, self.secret),
+                           self._record(ledger))
 
   def _restore(self, params, opt_state):
-    restored = self.checkpointer.restore(_state(params, opt_state, 0, self.mesh),
+    restored = self.checkpointer.restore(_state(params, opt_state, 0, self.mesh, self.secret),
                                          config_lib.trajectory_view(self.config))
     if restored is None:
       return params, opt_state, 0, accounting.PrivacyLedger()
     state, record = restored
+    self.secret = randomness.check_secret(np.asarray(parallel.to_host(state["secret"])))
     ledger = accounting.PrivacyLedger.from_json(record["ledger"])
     if self.auto is not None:  # the controller's state, and the plan it decided
       vars(self.auto).update(json.loads(record["auto_switch"]))
@@ -518,7 +548,7 @@ class _Run:
   def _finish(self, step, params, opt_state, ledger, writer, stopped, seconds):
     self._save(step, params, opt_state, ledger)
     evaluation = self._eval(params)
-    statement = privacy_statement(self.plan, ledger)
+    statement = privacy_statement(self.plan, ledger, self.config)
     writer.write(step, "final", dict(evaluation, epsilon=statement["epsilon"]))
     writer.close()
     results = dict(evaluation, steps=step, stopped=stopped or "completed",

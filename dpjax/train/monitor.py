@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from dpjax import curvature, data
-from dpjax.privacy import accounting, clipping
+from dpjax.privacy import accounting, clipping, randomness
 
 _MONITOR_STREAM = 0xC0A7
 
@@ -44,7 +44,8 @@ class PublicMonitor:
     batch = curvature.public_batch(self.public, rng.choice(len(self.public), size, replace=False),
                                    self.preprocess)
     terms = curvature.curvature_terms(self.example_loss, params, batch, self.rule,
-                                      jax.random.fold_in(jax.random.PRNGKey(c.seed), step),
+                                      jax.random.fold_in(
+                                          randomness.stream_key(c.seed, "curvature probes"), step),
                                       num_probes=c.curvature.num_probes)
     stats = dict(terms._asdict())
     b_pub, b_priv = c.schedule.public_batch_size, c.dp.expected_batch_size
