@@ -22,8 +22,10 @@ from tests.e2e_test import small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 4 steps: 1 public-only, then 3 DP steps; checkpoints at steps 2 and 4. SGD, whose update is
-# linear in the gradient, so float32 reduction order cannot flip an update's sign.
+# linear in the gradient, so float32 reduction order cannot flip an update's sign. One fixed
+# (insecure) mechanism seed, so that runs of 1 and 2 processes draw the same noise and batches.
 BLOCKS = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1),
+              dp=dict(insecure_reproducible_seed=0),
               checkpoint=dict(every_steps=2, max_to_keep=3),
               optimizer=dict(name="sgd", learning_rate=0.5, momentum=0.9),
               mesh=dict(data=-1), eval=dict(batch_size=2000))
@@ -97,10 +99,13 @@ def test_processes_that_disagree_on_the_config_are_refused(tmp_path):
 def test_automatic_switch_runs_on_an_fsdp_mesh_of_two_processes(tmp_path):
   """The public monitor works on a local copy of FSDP-split params; its held-out loss runs on
   the mesh again (this once failed with a sharding mismatch in two processes only)."""
-  blocks = dict(BLOCKS, mixing=dict(schedule="auto"),
+  blocks = dict(BLOCKS, mixing=dict(schedule="auto"), dp=dict(),  # a secret, fresh mechanism seed
                 mesh=dict(data=-1, fsdp=2), curvature=dict(batch_size=64, num_probes=2))
   status, output = launch(tmp_path, 2, 2, blocks=blocks)
   assert status == 0, output
+  # Process 0 drew the secret and process 1 received it (the worker writes its digest).
+  digests = {(tmp_path / f"secret_digest.{i}").read_text() for i in (0, 1)}
+  assert len(digests) == 1
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   checks = [r for r in records if r["kind"] == "curvature"]
   assert checks and all("heldout_loss" in r for r in checks)
