@@ -254,7 +254,7 @@ class PrivacyLedger:
     if self.private_steps == self.total_private_steps and len(self.entries) == 1:
       e = self.entries[0]  # the cached closed form for the common case
       return epsilon(e.noise_multiplier, e.sampling_rate, e.steps, delta, accountant)
-    return epsilon_of_event(self.dp_event(), delta, accountant)
+    return _ledger_epsilon(self.to_json(), delta, accountant)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -268,6 +268,11 @@ class PrivacyLedger:
     prior = data.get("prior")  # absent from ledgers written before priors existed
     return cls([LedgerEntry(**e) for e in data["entries"]], int(data["public_steps"]),
                None if prior is None else cls._from_dict(prior))
+
+
+@functools.lru_cache(maxsize=1024)
+def _ledger_epsilon(ledger_json: str, delta: float, accountant: str) -> float:
+  return epsilon_of_event(PrivacyLedger.from_json(ledger_json).dp_event(), delta, accountant)
 
 
 @dataclasses.dataclass
