@@ -307,6 +307,10 @@ def test_fine_tuning_composes_the_source_runs_ledger_transitively(private_run, t
                                     epsilon_alone=pytest.approx(a["epsilon"]), source_delta=1e-5,
                                     composed_at_delta=1e-5)
   assert "composed at this run's δ with the 3 private steps" in loop.format_statement(b)
+  # Rerunning resumes B from its final checkpoint, whose ledger holds the same prior.
+  again = loop.train_and_evaluate(_private_config(2, init_from=a_dir), str(tmp_path / "b"),
+                                  show_progress=False)["privacy"]
+  assert again == b
   # Declared public: the source's steps are not composed, and the statement says so.
   public = loop.train_and_evaluate(_private_config(2, init_from=a_dir, init_from_public=True),
                                    str(tmp_path / "public"), show_progress=False)["privacy"]
