@@ -20,7 +20,8 @@ Blocks (see experiments/*.py for complete examples):
               process count and id; empty/0/-1 = from the environment (launch/multiprocess.py,
               SLURM, Cloud TPU) or a single process
   finetune    which parameters train (dpjax.finetune): start from a trained workdir's params
-              (init_from, reset_head), a layer selection, and sparse row masks (SPARTA's private
+              (init_from, reset_head; its privacy ledger composed into this run's unless
+              init_from_public), a layer selection, and sparse row masks (SPARTA's private
               selection, or the magnitude / random baselines)
   optimizer   optax optimizer and learning rate
   schedule    number of steps, learning-rate schedule, public batch size
@@ -79,7 +80,13 @@ def default_config() -> ml_collections.ConfigDict:
   # sparse.method: none | sparta (warmup_steps training all selected leaves but the prunable
   # kernels, then selection_steps DP steps that only score rows, then the top `fraction` of
   # rows) | magnitude | random (rows chosen at step 0). Sparse steps count as private steps.
-  c.finetune = dict(init_from="", reset_head=False, selection="all", num_blocks=1, patterns="",
+  # init_from: a trained workdir whose latest params training starts from. Its privacy ledger
+  # (with the ledgers of the runs it started from) is composed into this run's: ε, the budget
+  # guard and noise calibration all count it, and dp.target_epsilon is the total. Set
+  # init_from_public=True only when that run trained on data other than this run's private set
+  # (e.g. another dataset); then its ledger is not composed and the statement says so.
+  c.finetune = dict(init_from="", init_from_public=False, reset_head=False, selection="all",
+                    num_blocks=1, patterns="",
                     sparse=dict(method="none", fraction=0.2, warmup_steps=0, selection_steps=0))
   c.optimizer = dict(name="sgd", learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.999,
                      weight_decay=0.0)
@@ -118,6 +125,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if perf.per_example_method not in ("vmap", "ghost"):
     raise ValueError(f"perf.per_example_method must be 'vmap' or 'ghost', got "
                      f"{perf.per_example_method!r}.")
+  if config.finetune.init_from_public and not config.finetune.init_from:
+    raise ValueError("finetune.init_from_public=True declares the data of finetune.init_from's "
+                     "run public, but finetune.init_from is empty: set both or neither.")
   sparse = config.finetune.sparse
   if sparse.method not in ("none", "sparta", "magnitude", "random"):
     raise ValueError(f"finetune.sparse.method must be none, sparta, magnitude or random, got "
@@ -159,9 +169,12 @@ def agreement_view(config: ml_collections.ConfigDict) -> dict:
 
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:
   """The part of the config that must match for a checkpoint to be resumed (the `audit` block
-  only when it inserts canaries, so runs without them match checkpoints from before it)."""
+  only when it inserts canaries, finetune.init_from_public only when True, so runs without them
+  match checkpoints from before them)."""
   full = config.to_dict()
   view = {k: full[k] for k in TRAJECTORY_BLOCKS}
   if full.get("audit", {}).get("canaries"):
     view["audit"] = full["audit"]
+  if not view["finetune"].get("init_from_public", True):  # matches checkpoints from before it
+    view["finetune"] = {k: v for k, v in view["finetune"].items() if k != "init_from_public"}
   return view

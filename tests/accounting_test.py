@@ -117,3 +117,89 @@ def test_bad_input():
     accounting.epsilon(1.0, 0.1, 10, DELTA, "prv_magic")
   with pytest.raises(ValueError, match="target_epsilon"):
     accounting.calibrate_noise(0.0, DELTA, 0.1, 10)
+
+
+def _gaussian_steps(q, sigma, steps):
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+
+
+def _pld_epsilon(*events):
+  accountant = dp_accounting.pld.PLDAccountant(
+      value_discretization_interval=accounting.PLD_DISCRETIZATION)
+  return accountant.compose(dp_accounting.ComposedDpEvent(list(events))).get_epsilon(DELTA)
+
+
+def _chain():
+  """Run a (20 steps), b started from a (30 steps), c started from b (10 steps)."""
+  a = accounting.PrivacyLedger()
+  a.record_private(0.01, 1.0, 20)
+  b = accounting.PrivacyLedger(prior=a)
+  b.record_public(5)
+  b.record_private(0.02, 1.5, 30)
+  c = accounting.PrivacyLedger(prior=b)
+  c.record_private(0.01, 2.0, 10)
+  return a, b, c
+
+
+def test_a_prior_is_composed_transitively_and_counted_apart():
+  a, b, c = _chain()
+  assert (c.private_steps, c.total_private_steps) == (10, 60)
+  assert c.epsilon(DELTA) == pytest.approx(_pld_epsilon(
+      _gaussian_steps(0.01, 1.0, 20), _gaussian_steps(0.02, 1.5, 30),
+      _gaussian_steps(0.01, 2.0, 10)), rel=1e-6)
+  assert c.epsilon(DELTA) > b.epsilon(DELTA) > a.epsilon(DELTA)
+  assert c.alone().epsilon(DELTA) == pytest.approx(accounting.epsilon(2.0, 0.01, 10, DELTA))
+  # A prior without private steps composes to nothing.
+  empty = accounting.PrivacyLedger()
+  empty.record_public(7)
+  d = accounting.PrivacyLedger(prior=empty)
+  d.record_private(0.01, 2.0, 10)
+  assert d.epsilon(DELTA) == pytest.approx(accounting.epsilon(2.0, 0.01, 10, DELTA), rel=1e-9)
+
+
+def test_a_prior_survives_json_and_old_json_still_reads():
+  c = _chain()[2]
+  again = accounting.PrivacyLedger.from_json(c.to_json())
+  assert again == c and again.prior.prior == c.prior.prior
+  old = '{"entries": [{"noise_multiplier": 1.0, "sampling_rate": 0.01, "steps": 3}], ' \
+        '"public_steps": 2}'
+  assert accounting.PrivacyLedger.from_json(old) == accounting.PrivacyLedger(
+      [accounting.LedgerEntry(0.01, 1.0, 3)], 2, None)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibration_with_a_prior_lands_the_composition_on_the_target(accountant):
+  prior = _chain()[1]
+  spent = prior.epsilon(DELTA, accountant)
+  target = spent + 1.0
+  sigma = accounting.calibrate_noise(target, DELTA, 0.02, 50, accountant, prior=prior)
+  trial = accounting.PrivacyLedger(prior=prior)
+  trial.record_private(0.02, sigma, 50)
+  assert 0.99 * target <= trial.epsilon(DELTA, accountant) <= target
+  # More noise than without the prior, which would land this run alone on the whole target.
+  assert sigma > accounting.calibrate_noise(target, DELTA, 0.02, 50, accountant)
+  with pytest.raises(ValueError, match="prior private steps alone spend"):
+    accounting.calibrate_noise(spent, DELTA, 0.02, 50, accountant, prior=prior)
+
+
+def test_budget_guard_counts_the_prior():
+  q, sigma = 0.05, 1.0
+  prior = _chain()[1]
+  budget = accounting.PrivacyBudget(2.0, DELTA, "rdp")
+  ledger = accounting.PrivacyLedger(prior=prior)
+  taken = 0
+  with pytest.raises(accounting.BudgetExceededError):
+    while True:
+      budget.check(ledger, q, sigma)
+      ledger.record_private(q, sigma)
+      taken += 1
+
+  def with_prior(steps):
+    direct = dp_accounting.rdp.RdpAccountant(list(accounting.RDP_ORDERS))
+    direct.compose(dp_accounting.ComposedDpEvent([
+        _gaussian_steps(0.01, 1.0, 20), _gaussian_steps(0.02, 1.5, 30),
+        _gaussian_steps(q, sigma, steps)]))
+    return direct.get_epsilon(DELTA)
+  assert with_prior(taken) <= 2.0 < with_prior(taken + 1)
+  assert taken < budget.steps_allowed(accounting.PrivacyLedger(), q, sigma)  # the prior cost some

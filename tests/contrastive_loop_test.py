@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from dpjax import contrastive
+from dpjax import contrastive, data
 from dpjax.privacy import randomness, sampling
 from dpjax.train import contrastive_loop
+from dpjax.train import state as state_lib
 from tests.conftest import require_data
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "contrastive.py"
@@ -50,7 +51,14 @@ def test_logit_dp_run_spends_what_dp_accounting_says_and_resumes(tmp_path, datas
   assert p["epsilon"] <= 3.0
   assert 0.1 < results["probe"]["fashion_mnist"]["test_accuracy"] <= 1.0
   with open(os.path.join(tmp_path, "results.json")) as f:
-    assert json.load(f)["privacy"]["epsilon"] == p["epsilon"]
+    written = json.load(f)
+  assert written["privacy"]["epsilon"] == p["epsilon"]
+  # Only test accuracy, and what each probe read: here half of the test split for each part.
+  assert written["probe"]["fashion_mnist"].keys() == {"test_accuracy"}
+  assert written["probe_data"]["fashion_mnist"] == {
+      "train": "half of the test split (600 examples; the train split is private)",
+      "test": "the other half of the test split (300 examples)"}
+  assert "never on a private example" in written["privacy"]["probes"]
   # Rerunning resumes from the final checkpoint: no step is trained or counted twice.
   again = contrastive_loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
   assert again["privacy"]["private_steps"] == 3 and again["privacy"]["epsilon"] == p["epsilon"]
@@ -64,6 +72,43 @@ def test_runs_without_dp_say_so(tmp_path, dataset_cache, method):
                                                 show_progress=False)
   assert results["privacy"]["non_private"] and results["privacy"]["epsilon"] == 0.0
   assert results["steps"] == (3 if method == "nonprivate" else 0)
+
+
+def test_the_probe_of_the_pretraining_data_never_reads_a_private_example(dataset_cache,
+                                                                         monkeypatch):
+  """Spies on the splits loaded and the images featurised while probing Fashion-MNIST (the
+  pre-training data, all private) and MNIST (another dataset): no Fashion-MNIST training image is
+  read, the probe's train and test halves of the test split are disjoint, MNIST's train split is
+  used."""
+  require_data()
+  config = tiny_config()
+  config.contrastive.probe.update(datasets="fashion_mnist,mnist", train_examples=6000,
+                                  test_examples=0, steps=5)  # 6000 > half of a test split
+  parts, test = state_lib.load_data(config)
+  assert len(parts.public) == 0  # every training image is private
+  model, params = contrastive_loop.create_model(config, parts.private)
+  loaded, featurised = [], []
+  load, extract = data.load_dataset, contrastive_loop.probe.extract_features
+  monkeypatch.setattr(data, "load_dataset", lambda name, split, *a, **k: (
+      loaded.append((name, split)), load(name, split, *a, **k))[1])
+  monkeypatch.setattr(contrastive_loop.probe, "extract_features", lambda fn, images, **k: (
+      featurised.append(np.round(images * 255).astype(np.uint8)), extract(fn, images, **k))[1])
+  results, read = contrastive_loop.run_probes(model, params, config, parts.public)
+
+  assert sorted(loaded) == [("fashion_mnist", "test"), ("mnist", "test"), ("mnist", "train")]
+  rows = lambda images: {image.tobytes() for image in images}
+  probe_train, probe_test = map(rows, featurised[:2])  # Fashion-MNIST comes first
+  assert len(featurised[0]) + len(featurised[1]) == len(test)
+  assert not probe_train & probe_test
+  assert probe_train | probe_test == rows(test.images)
+  assert not (probe_train | probe_test) & (rows(parts.private.images) - rows(test.images))
+  assert read["mnist"]["train"] == "train split (6000 examples)"  # not private here
+  assert results.keys() == {"fashion_mnist", "mnist"}
+  assert all(r.keys() == {"test_accuracy"} for r in results.values())
+  # With a public part of the training split, the probe trains on it.
+  public = parts.private.subset(np.arange(50), "public")
+  train, _, what = contrastive_loop.probe_data("fashion_mnist", config, public)
+  assert train is public and what["train"].startswith("public part of the train split")
 
 
 def test_naive_batches_above_capacity_release_noise_only():

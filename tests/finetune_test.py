@@ -8,9 +8,11 @@ import numpy as np
 import optax
 import pytest
 
+from dpjax import config as config_lib
 from dpjax import finetune, models
-from dpjax.privacy import clipping, noise
+from dpjax.privacy import accounting, clipping, noise
 from dpjax.train import checkpoint, loop
+from dpjax.train import state as state_lib
 from dpjax.train import step as step_lib
 from tests import toy_models
 from tests.conftest import require_data
@@ -251,3 +253,119 @@ def test_sparse_fine_tuning_with_ghost_clipping_trains_like_vmap(pretrained, tmp
   for x, y in zip(jax.tree_util.tree_leaves(runs["vmap"][1]),
                   jax.tree_util.tree_leaves(runs["ghost"][1])):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Composition across runs: a run started from another run's params composes its ledger
+
+
+def _private_config(steps, sigma=2.0, target=None, **finetune_block):
+  """All-private steps on 5,400 private examples (q = 128/5400) at a fixed σ, or calibrated to
+  `target`; PLD at the project's discretisation."""
+  return small_config(data=dict(train_examples=6000),
+                      schedule=dict(total_steps=steps, public_batch_size=128),
+                      mixing=dict(switch_step=0), finetune=finetune_block,
+                      dp=dict(accountant="pld", noise_multiplier=sigma, target_epsilon=target))
+
+
+def _gaussian_steps(q, sigma, steps):
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+
+
+def _run_event(privacy):
+  """A run's own private steps, from its statement."""
+  return _gaussian_steps(privacy["sampling_rate"], privacy["noise_multiplier"],
+                         privacy["private_steps"])
+
+
+def _pld_epsilon(*events):
+  """ε at δ = 1e-5 of the runs' events composed, straight from dp_accounting."""
+  accountant = dp_accounting.pld.PLDAccountant(
+      value_discretization_interval=accounting.PLD_DISCRETIZATION)
+  return accountant.compose(dp_accounting.ComposedDpEvent(list(events))).get_epsilon(1e-5)
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory, dataset_cache):
+  """(workdir, privacy statement) of 3 private steps on Fashion-MNIST at σ = 1.5 (ε ≈ 0.21)."""
+  require_data()
+  workdir = str(tmp_path_factory.mktemp("private_source"))
+  return workdir, loop.train_and_evaluate(_private_config(3, sigma=1.5), workdir,
+                                          show_progress=False)["privacy"]
+
+
+def test_fine_tuning_composes_the_source_runs_ledger_transitively(private_run, tmp_path):
+  a_dir, a = private_run
+  b = loop.train_and_evaluate(_private_config(2, init_from=a_dir), str(tmp_path / "b"),
+                              show_progress=False)["privacy"]
+  b_alone = accounting.epsilon(2.0, b["sampling_rate"], 2, 1e-5, "pld")
+  assert b["private_steps"] == 2 and b["epsilon_this_run"] == pytest.approx(b_alone)
+  assert b["epsilon"] == pytest.approx(_pld_epsilon(_run_event(a), _run_event(b)),
+                                       rel=1e-6)
+  assert b["epsilon"] > max(b_alone, a["epsilon"])
+  assert b["composed_from"] == dict(workdir=a_dir, declared_public=False, private_steps=3,
+                                    epsilon_alone=pytest.approx(a["epsilon"]), source_delta=1e-5,
+                                    composed_at_delta=1e-5)
+  assert "composed at this run's δ with the 3 private steps" in loop.format_statement(b)
+  # Rerunning resumes B from its final checkpoint, whose ledger holds the same prior.
+  again = loop.train_and_evaluate(_private_config(2, init_from=a_dir), str(tmp_path / "b"),
+                                  show_progress=False)["privacy"]
+  assert again == b
+  # Declared public: the source's steps are not composed, and the statement says so.
+  public = loop.train_and_evaluate(_private_config(2, init_from=a_dir, init_from_public=True),
+                                   str(tmp_path / "public"), show_progress=False)["privacy"]
+  assert public["epsilon"] == b_alone
+  assert public["composed_from"] == dict(workdir=a_dir, declared_public=True)
+  # A chain composes every run in it: C from B from A.
+  c = loop.train_and_evaluate(_private_config(1, init_from=str(tmp_path / "b")),
+                              str(tmp_path / "c"), show_progress=False)["privacy"]
+  assert c["epsilon"] == pytest.approx(_pld_epsilon(_run_event(a), _run_event(b),
+                                                    _run_event(c)), rel=1e-6)
+  assert c["composed_from"]["private_steps"] == 5
+  assert c["composed_from"]["epsilon_alone"] == pytest.approx(b["epsilon"])
+
+
+def test_the_target_is_the_total_budget_of_the_composition(private_run, tmp_path):
+  a_dir, a = private_run
+  # Calibrated: the composition of A and B lands on the target, B's σ is larger than alone.
+  target = a["epsilon"] + 0.5
+  b = loop.train_and_evaluate(_private_config(2, sigma=None, target=target, init_from=a_dir),
+                              str(tmp_path / "calibrated"), show_progress=False)["privacy"]
+  assert 0.99 * target <= b["epsilon"] <= target
+  assert b["epsilon"] == pytest.approx(_pld_epsilon(_run_event(a), _run_event(b)),
+                                       rel=1e-6)
+  assert b["noise_multiplier"] > accounting.calibrate_noise(target, 1e-5, b["sampling_rate"], 2)
+  # A fixed σ with a target: the guard stops B before the composition would exceed it.
+  composed = lambda steps: _pld_epsilon(_run_event(a),
+                                        _gaussian_steps(b["sampling_rate"], 2.0, steps))
+  target = (composed(2) + composed(3)) / 2
+  r = loop.train_and_evaluate(_private_config(5, target=target, init_from=a_dir),
+                              str(tmp_path / "guarded"), show_progress=False)
+  assert r["stopped"] == "budget" and r["privacy"]["private_steps"] == 2
+  assert r["privacy"]["epsilon"] == pytest.approx(composed(2), rel=1e-6)
+  assert r["privacy"]["epsilon"] <= target < composed(3)
+  # A source that already spent the target is refused before training.
+  with pytest.raises(ValueError, match="already spent"):
+    loop.train_and_evaluate(_private_config(2, target=0.9 * a["epsilon"],
+                                            init_from=a_dir),
+                            str(tmp_path / "refused"), show_progress=False)
+
+
+def test_composition_errors_are_clear(private_run, pretrained, tmp_path):
+  a_dir, _ = private_run
+  smaller_delta = _private_config(2, init_from=a_dir)
+  smaller_delta.dp.delta = 1e-6
+  with pytest.raises(ValueError, match="above this run's dp.delta"):
+    loop.train_and_evaluate(smaller_delta, str(tmp_path / "delta"), show_progress=False)
+  with pytest.raises(ValueError, match="init_from is empty"):
+    config_lib.validate(_private_config(2, init_from_public=True))
+  # A resumed run whose source has trained further since it started is refused.
+  source = state_lib.read_source(_private_config(2, init_from=a_dir))
+  moved = accounting.PrivacyLedger(prior=source.ledger)
+  moved.record_private(0.01, 1.0)
+  state_lib.check_resumed_prior(state_lib.starting_ledger(source), source)
+  with pytest.raises(checkpoint.CheckpointError, match="trained further"):
+    state_lib.check_resumed_prior(accounting.PrivacyLedger(prior=moved), source)
+  # A source without private steps (the public pre-training) composes to nothing.
+  assert state_lib.read_source(_private_config(2, init_from=pretrained)).ledger is None

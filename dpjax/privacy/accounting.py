@@ -9,8 +9,11 @@ should name the one used:
   that TF-Privacy, Opacus and the published MNIST/CIFAR numbers used.
 
 Privacy: the ledger counts only steps that touched private data (public-only steps are recorded as
-`NoOpDpEvent`s and cost nothing). `PrivacyBudget.check` refuses a step that would take ε above the
-target; calibration never returns a noise multiplier whose verified ε exceeds the target.
+`NoOpDpEvent`s and cost nothing). A ledger may carry a prior: the ledger of the run whose params
+this run started from (itself composed with its own prior), so that its ε covers every private
+step that shaped the params. `PrivacyBudget.check` refuses a step that would take ε (prior
+included) above the target; calibration never returns a noise multiplier whose verified ε (prior
+included) exceeds the target.
 """
 
 from __future__ import annotations
@@ -110,9 +113,26 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
   return epsilon_of_event(event, delta, accountant, pld_discretization)
 
 
+def epsilon_after(prior: PrivacyLedger | None, noise_multiplier: float, sampling_rate: float,
+                  steps: int, delta: float, accountant: str = "pld",
+                  pld_discretization: float = PLD_DISCRETIZATION) -> float:
+  """ε of `prior`'s events composed with `steps` steps at (q, σ); `epsilon` when prior is None."""
+  if prior is None or not prior.total_private_steps:
+    return epsilon(noise_multiplier, sampling_rate, steps, delta, accountant, pld_discretization)
+  if steps and noise_multiplier == 0:
+    return math.inf
+  event = dp_accounting.ComposedDpEvent(
+      [prior.dp_event(), poisson_gaussian_event(noise_multiplier, sampling_rate, steps)])
+  return epsilon_of_event(event, delta, accountant, pld_discretization)
+
+
 def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-                    accountant: str = "pld") -> float:
+                    accountant: str = "pld", prior: PrivacyLedger | None = None) -> float:
   """The noise multiplier σ whose ε for this schedule lies in [0.99·target, target].
+
+  prior: private steps taken before this schedule (a ledger, e.g. the run this one starts from);
+  then the ε that lands in [0.99·target, target] is the composition of prior and schedule.
+  Raises ValueError when the prior alone already spends the target.
 
   Bisection on log σ (ε decreases in σ). For PLD a coarse (pessimistic, so never optimistic) grid
   narrows the bracket first; the answer is always verified with the accountant at its default
@@ -122,9 +142,17 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
     raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}.")
   if steps <= 0:
     raise ValueError(f"steps must be > 0 to calibrate noise, got {steps!r}.")
-  exact = lambda s: epsilon(s, sampling_rate, steps, delta, accountant)
-  if accountant == "pld":
-    coarse = lambda s: epsilon(s, sampling_rate, steps, delta, accountant, 10 * PLD_DISCRETIZATION)
+  spent = prior.epsilon(delta, accountant) if prior is not None else 0.0
+  if spent >= target_epsilon:
+    raise ValueError(f"The prior private steps alone spend ε = {spent:.4f} >= the target "
+                     f"{target_epsilon} at δ = {delta:g} ({accountant}): no noise multiplier "
+                     "leaves room for more steps.")
+  at = lambda resolution: functools.cache(lambda s: epsilon_after(
+      prior, s, sampling_rate, steps, delta, accountant, resolution))
+  exact, coarse = at(PLD_DISCRETIZATION), at(10 * PLD_DISCRETIZATION)
+  # The coarse grid is pessimistic: it narrows the bracket only where it sees room below the target.
+  if accountant == "pld" and (spent == 0 or epsilon_of_event(
+      prior.dp_event(), delta, accountant, 10 * PLD_DISCRETIZATION) < target_epsilon):
     lo, hi = _bracket(coarse, target_epsilon)
     _, hi = _bisect(coarse, target_epsilon, lo, hi, CALIBRATION_TOLERANCE / 2)
   else:
@@ -174,9 +202,15 @@ class PrivacyLedger:
   """The record of what ran: private steps (q, σ, count), and public-only steps that cost nothing.
 
   Consecutive steps with the same (q, σ) are merged. Serialises to and from JSON.
+
+  prior: the ledger of the run whose params this run started from (`finetune.init_from`), with
+  its own prior, and so on: the private steps that shaped the starting params. None when the run
+  started afresh, from a source declared public, or from one without private steps. `epsilon` and
+  `dp_event` compose the prior; `private_steps` and `public_steps` count this run's steps only.
   """
   entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
   public_steps: int = 0
+  prior: PrivacyLedger | None = None
 
   def record_private(self, sampling_rate: float, noise_multiplier: float, steps: int = 1) -> None:
     poisson_gaussian_event(noise_multiplier, sampling_rate, steps)  # validates the arguments
@@ -191,32 +225,54 @@ class PrivacyLedger:
 
   @property
   def private_steps(self) -> int:
+    """This run's private steps (the prior's not counted)."""
     return sum(e.steps for e in self.entries)
 
+  @property
+  def total_private_steps(self) -> int:
+    """Private steps of this run and of every run in its prior chain."""
+    return self.private_steps + (self.prior.total_private_steps if self.prior else 0)
+
+  def alone(self) -> PrivacyLedger:
+    """This run's steps without the prior."""
+    return PrivacyLedger([dataclasses.replace(e) for e in self.entries], self.public_steps)
+
   def dp_event(self) -> dp_accounting.DpEvent:
-    """The composition of everything recorded (public steps as NoOp events)."""
-    events = [poisson_gaussian_event(e.noise_multiplier, e.sampling_rate, e.steps)
-              for e in self.entries]
+    """The composition of everything recorded (public steps as NoOp events), prior first."""
+    events = [self.prior.dp_event()] if self.prior is not None else []
+    events += [poisson_gaussian_event(e.noise_multiplier, e.sampling_rate, e.steps)
+               for e in self.entries]
     if self.public_steps:
       events.append(dp_accounting.SelfComposedDpEvent(dp_accounting.NoOpDpEvent(),
                                                       self.public_steps))
     return dp_accounting.ComposedDpEvent(events) if events else dp_accounting.NoOpDpEvent()
 
   def epsilon(self, delta: float, accountant: str = "pld") -> float:
-    if not self.entries:
+    """ε at δ of everything recorded, prior included."""
+    if not self.total_private_steps:
       return 0.0
-    if len(self.entries) == 1:  # the cached closed form for the common case
-      e = self.entries[0]
+    if self.private_steps == self.total_private_steps and len(self.entries) == 1:
+      e = self.entries[0]  # the cached closed form for the common case
       return epsilon(e.noise_multiplier, e.sampling_rate, e.steps, delta, accountant)
-    return epsilon_of_event(self.dp_event(), delta, accountant)
+    return _ledger_epsilon(self.to_json(), delta, accountant)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
   @classmethod
-  def from_json(cls, text: str) -> "PrivacyLedger":
-    data = json.loads(text)
-    return cls([LedgerEntry(**e) for e in data["entries"]], int(data["public_steps"]))
+  def from_json(cls, text: str) -> PrivacyLedger:
+    return cls._from_dict(json.loads(text))
+
+  @classmethod
+  def _from_dict(cls, data: dict) -> PrivacyLedger:
+    prior = data.get("prior")  # absent from ledgers written before priors existed
+    return cls([LedgerEntry(**e) for e in data["entries"]], int(data["public_steps"]),
+               None if prior is None else cls._from_dict(prior))
+
+
+@functools.lru_cache(maxsize=1024)
+def _ledger_epsilon(ledger_json: str, delta: float, accountant: str) -> float:
+  return epsilon_of_event(PrivacyLedger.from_json(ledger_json).dp_event(), delta, accountant)
 
 
 @dataclasses.dataclass
@@ -224,11 +280,11 @@ class PrivacyBudget:
   """A target (ε, δ) and the accountant that measures it.
 
   `check` is called *before* a private step; it raises `BudgetExceededError` if recording that
-  step would take the ledger's ε above `target_epsilon`. The number of remaining steps at a given
-  (q, σ) is computed once by bisection and then counted down, so the guard costs no accounting per
-  step.
+  step would take the ledger's ε (its prior included) above `target_epsilon`. The number of
+  remaining steps at a given (q, σ) is computed once by bisection and then counted down, so the
+  guard costs no accounting per step.
   """
-  target_epsilon: float
+  target_epsilon: float  # the total: a ledger's prior spends from it too
   delta: float
   accountant: str = "pld"
   _cache: dict[Any, int] = dataclasses.field(default_factory=dict, repr=False)
@@ -268,7 +324,7 @@ class PrivacyBudget:
 
   def _search_steps(self, ledger, q, sigma, hint) -> int:
     def fits(extra):
-      trial = PrivacyLedger([dataclasses.replace(e) for e in ledger.entries], 0)
+      trial = PrivacyLedger([dataclasses.replace(e) for e in ledger.entries], 0, ledger.prior)
       trial.record_private(q, sigma, extra)
       return trial.epsilon(self.delta, self.accountant) <= self.target_epsilon
     if hint and hint > 0 and fits(hint):
@@ -292,4 +348,4 @@ def _without_last_run(ledger: PrivacyLedger, q: float, sigma: float) -> PrivacyL
   entries = [dataclasses.replace(e) for e in ledger.entries]
   if entries and (entries[-1].sampling_rate, entries[-1].noise_multiplier) == (q, sigma):
     entries.pop()
-  return PrivacyLedger(entries, 0)
+  return PrivacyLedger(entries, 0, ledger.prior)

@@ -130,18 +130,31 @@ def _check_same_config(saved: dict | None, current: dict, where: str) -> None:
         "same config, or use a new --workdir for the new one.")
 
 
-def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str], bool]
-                   = lambda top_module: False) -> PyTree:
-  """The params of `workdir`'s latest checkpoint (any dpjax run, any optimizer), checked against
-  `template` (the model's freshly initialised params): same leaves, same shapes. Top-level
-  modules for which keep_template(name) is True keep the template's values (e.g. a head that is
-  re-initialised for fine-tuning). Raises CheckpointError with what differs."""
-  manager = Checkpointer(workdir)
-  step = manager.latest_step()
-  where = manager.directory
+def _source_step(manager: Checkpointer, step: int | None) -> int:
+  step = manager.latest_step() if step is None else step
   if step is None:
-    raise CheckpointError(f"There is no checkpoint in {where} to start from; train there first "
-                          "or fix finetune.init_from.")
+    raise CheckpointError(f"There is no checkpoint in {manager.directory} to start from; train "
+                          "there first or fix finetune.init_from.")
+  return step
+
+
+def source_record(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, record) of `workdir`'s checkpoint at `step` (default: the latest), without reading its
+  arrays: the privacy ledger, plan and config of a run that another run starts from."""
+  manager = Checkpointer(workdir)
+  step = _source_step(manager, step)
+  return step, manager.read_record(step)
+
+
+def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str], bool]
+                   = lambda top_module: False, step: int | None = None) -> PyTree:
+  """The params of `workdir`'s checkpoint at `step` (default: the latest; any dpjax run, any
+  optimizer), checked against `template` (the model's freshly initialised params): same leaves,
+  same shapes. Top-level modules for which keep_template(name) is True keep the template's values
+  (e.g. a head that is re-initialised for fine-tuning). Raises CheckpointError with what differs."""
+  manager = Checkpointer(workdir)
+  step = _source_step(manager, step)
+  where = manager.directory
   saved = manager.read(step)[0]["params"]
   flat_saved = {clipping.path_to_names(path): v
                 for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}

@@ -13,8 +13,11 @@ read during pre-training. The naive method's sensitivity needs a largest batch
 the change from adding or removing one image within (2·max − 1)·C. Logit-DP's bound holds for
 every batch size (it is taken at n = N), so its batches are never cut.
 
-The linear probes after training read labels non-privately (train on a dataset's training split,
-test on its test split): they measure the representation and are not part of the guarantee.
+The linear probes after training read labels non-privately, but never a private example
+(`probe_data`): a probe of the pre-training dataset trains on the public part of its training split
+if there is one, else on half of its test split and is scored on the other half; a probe of any
+other dataset trains on its training split. They measure the representation; only their test
+accuracy is reported.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dpjax.train import state as state_lib
 
 METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
 _AUGMENT_STREAM = 0xA06
+_PROBE_SPLIT_SEED = 0x9B0E  # halves a test split for the pre-training dataset's probe
 
 
 def default_block() -> ml_collections.ConfigDict:
@@ -56,7 +60,8 @@ def default_block() -> ml_collections.ConfigDict:
       # to a multiple of perf.microbatch_size.
       max_batch_size=0,
       augment=dict(crop_scale_min=0.3, flip=True, brightness=0.4, contrast=0.4, noise_std=0.0),
-      # Linear probes after training, one per dataset (train split -> test split); 0 = all.
+      # Linear probes after training, one per dataset (`probe_data`: never a private example);
+      # train_examples / test_examples cap the probe's parts (0 = all).
       probe=dict(datasets="fashion_mnist,mnist", train_examples=0, test_examples=0, steps=500,
                  l2=1e-4, learning_rate=0.05),
       eval_batch_size=512))
@@ -231,23 +236,62 @@ def batch_for_step(sampler: sampling.PoissonSampler, step: int, capacity: int | 
   return sampling.pad_to_microbatches(real, sampler.microbatch_size, microbatches)
 
 
-def run_probes(model, params, config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
-  """A linear probe of the representation on each of contrastive.probe.datasets."""
+PROBES_STATEMENT = ("Linear probes of the encoder are trained without privacy but never on a "
+                    "private example (on the pre-training dataset: its public part, else half of "
+                    "its test split); only their test accuracy is reported, so they are "
+                    "post-processing of the encoder and public or held-out data.")
+
+
+def probe_data(name: str, config: ml_collections.ConfigDict, public: data.Dataset | None
+               ) -> tuple[data.Dataset, data.Dataset, dict[str, str]]:
+  """(probe train set, probe test set, what each is: with `{n}` for the count) for `name`.
+
+  Privacy: no private example is read. The pre-training dataset's training split
+  (config.data.name) is private, so its probe trains on `public` (the public part of that split)
+  when there is one, else on one half of the test split, chosen at random by a fixed seed, and is
+  tested on the other, disjoint half. Another dataset's training split is not private: used whole.
+  """
+  load = lambda split: data.load_dataset(name, split, config.data.dir or None,
+                                         config.data.cache_dir or None, verify=config.data.verify)
+  test = load("test")
+  if name != config.data.name:
+    return load("train"), test, dict(train="train split ({n} examples)",
+                                     test="test split ({n} examples)")
+  if public is not None and len(public) and not config.data.public_name:
+    return public, test, dict(train="public part of the train split ({n} examples)",
+                              test="test split ({n} examples)")
+  train_idx, test_idx = data.public_private_split(len(test), 0.5, _PROBE_SPLIT_SEED)
+  data.check_disjoint(train_idx, test_idx, ("probe train", "probe test"))
+  return (test.subset(train_idx, "probe_train"), test.subset(test_idx, "probe_test"),
+          dict(train="half of the test split ({n} examples; the train split is private)",
+               test="the other half of the test split ({n} examples)"))
+
+
+def run_probes(model, params, config: ml_collections.ConfigDict,
+               public: data.Dataset | None = None
+               ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]]]:
+  """A linear probe of the representation on each of contrastive.probe.datasets.
+
+  Returns ({name: {"test_accuracy"}}, {name: {"train", "test"}: what the probe read, with counts}).
+  No probe reads a private example (`probe_data`). Only test accuracy is reported: a probe's fit
+  to its own training set adds nothing about the representation.
+  """
   p = config.contrastive.probe
   features_fn = jax.jit(lambda images: model.apply({"params": params}, images)[1])
-  results = {}
   features = lambda images: probe.extract_features(features_fn, data.to_float(images),
                                                    batch_size=1000)
+  results, read = {}, {}
   for name in [n.strip() for n in p.datasets.split(",") if n.strip()]:
-    train, test = (data.load_dataset(name, split, config.data.dir or None,
-                                     config.data.cache_dir or None, verify=config.data.verify)
-                   for split in ("train", "test"))
-    n_train, n_test = p.train_examples or len(train), p.test_examples or len(test)
-    results[name] = probe.linear_probe(
+    train, test, what = probe_data(name, config, public)
+    n_train = min(p.train_examples or len(train), len(train))
+    n_test = min(p.test_examples or len(test), len(test))
+    fit = probe.linear_probe(
         features(train.images[:n_train]), train.labels[:n_train],
         features(test.images[:n_test]), test.labels[:n_test], num_classes=train.num_classes,
         l2=p.l2, steps=p.steps, learning_rate=p.learning_rate, seed=config.seed)
-  return results
+    results[name] = dict(test_accuracy=fit["test_accuracy"])
+    read[name] = dict(train=what["train"].format(n=n_train), test=what["test"].format(n=n_test))
+  return results, read
 
 
 def _expected_config(config: ml_collections.ConfigDict) -> dict:
@@ -331,10 +375,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   statement = loop.privacy_statement(plan, ledger, config)
   statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels are "
                                   "not read); add/remove adjacency")
+  statement["probes"] = PROBES_STATEMENT
+  probes, probe_read = run_probes(model, params, config, parts.public)
   results = dict(method=config.contrastive.method, temperature=config.contrastive.temperature,
                  steps=step, stopped=stopped, train_seconds=seconds,
                  test_contrastive_loss=evaluate(params), privacy=statement,
-                 probe=run_probes(model, params, config))
+                 probe=probes, probe_data=probe_read)
   writer.write(step, "final", dict(test_contrastive_loss=results["test_contrastive_loss"],
                                    epsilon=statement["epsilon"],
                                    **{f"probe_{k}": v["test_accuracy"]
@@ -345,4 +391,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   print(loop.format_statement(statement) if private else
         f"Privacy: none. Method {config.contrastive.method!r} trains without clipping or noise, so "
         "this encoder has no differential-privacy guarantee.")
+  print(f"  {PROBES_STATEMENT}")
   return results

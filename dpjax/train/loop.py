@@ -30,7 +30,8 @@ from dpjax.train import state as state_lib, step as step_lib
 class PrivacyPlan:
   """The privacy mechanism a config implies, fixed before training starts (public facts only).
 
-  noise_multiplier is None only when the schedule has no private step.
+  noise_multiplier is None only when the schedule has no private step. source: the run whose
+  params this one starts from (`state.read_source`), None without finetune.init_from.
   """
   num_private_examples: int
   expected_batch_size: float
@@ -43,13 +44,17 @@ class PrivacyPlan:
   clip: str
   clip_norm: float
   sensitivity: float
+  source: state_lib.Source | None = None
 
 
 def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
-                 schedule: mixing.AlphaSchedule, sensitivity: float) -> PrivacyPlan:
-  """Sampling rate, private step count and noise multiplier (calibrated to the target ε if unset).
+                 schedule: mixing.AlphaSchedule, sensitivity: float,
+                 source: state_lib.Source | None = None) -> PrivacyPlan:
+  """Sampling rate, private step count and noise multiplier (calibrated to the target ε if unset;
+  with a source, so that the composition of the source's ledger and this run hits the target).
 
-  Uses public facts only: the config, the schedule and the number of private examples.
+  Uses public facts only: the config, the schedule, the number of private examples, the source's
+  ledger.
   """
   dp = config.dp
   private_steps = mixing.count_private_steps(schedule, config.schedule.total_steps)
@@ -58,7 +63,7 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
       raise ValueError(f"The α schedule has {private_steps} private steps (α < 1) but there is no "
                        "private data (data.public_fraction = 1?).")
     return PrivacyPlan(0, 0.0, 0.0, 0, None, dp.delta, dp.accountant, dp.target_epsilon, dp.clip,
-                       dp.clip_norm, sensitivity)
+                       dp.clip_norm, sensitivity, source)
   q = dp.expected_batch_size / num_private
   if not 0 < q <= 1:
     raise ValueError(f"dp.expected_batch_size = {dp.expected_batch_size} must be in (0, "
@@ -67,10 +72,10 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
   sigma = dp.noise_multiplier
   if private_steps and sigma is None:
     sigma = accounting.calibrate_noise(dp.target_epsilon, dp.delta, q, private_steps,
-                                       dp.accountant)
+                                       dp.accountant, source.ledger if source else None)
   return PrivacyPlan(num_private, float(dp.expected_batch_size), q, private_steps,
                      None if not private_steps else float(sigma), dp.delta, dp.accountant,
-                     dp.target_epsilon, dp.clip, dp.clip_norm, sensitivity)
+                     dp.target_epsilon, dp.clip, dp.clip_norm, sensitivity, source)
 
 
 def randomness_statement(config: ml_collections.ConfigDict) -> str:
@@ -85,11 +90,13 @@ def randomness_statement(config: ml_collections.ConfigDict) -> str:
 
 def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
                       config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """What was guaranteed, in the terms a reader needs to check it."""
+  """What was guaranteed, in the terms a reader needs to check it. With a source (the run this
+  one started from), ε composes its ledger, and composed_from says what was composed. With the
+  config, where the mechanism's randomness came from."""
   conversion = {"pld": "PLD (dp_accounting PLDAccountant, pessimistic discretisation)",
                 "rdp": "RDP, dp_accounting's RDP-to-(ε, δ) conversion",
                 "rdp_classic": "RDP, classic conversion min_α RDP(α) + log(1/δ)/(α−1)"}
-  return dict(
+  statement = dict(
       epsilon=ledger.epsilon(plan.delta, plan.accountant), delta=plan.delta,
       accountant=plan.accountant, conversion=conversion[plan.accountant],
       private_steps=ledger.private_steps, public_steps=ledger.public_steps,
@@ -102,12 +109,17 @@ def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
       non_private=plan.num_private_examples == 0,
       randomness=None if config is None else randomness_statement(config),
       epsilon_by_accountant={a: ledger.epsilon(plan.delta, a) for a in accounting.ACCOUNTANTS})
+  if plan.source is not None:
+    statement["composed_from"] = state_lib.composition_record(plan.source, ledger, plan.delta,
+                                                              plan.accountant)
+    statement["epsilon_this_run"] = ledger.alone().epsilon(plan.delta, plan.accountant)
+  return statement
 
 
 def format_statement(s: dict[str, Any]) -> str:
   if s["non_private"]:
     return ("Privacy: none. Every training example was used as public data (no private set), so "
-            "this run gives no differential-privacy guarantee.")
+            "this run gives no differential-privacy guarantee." + _format_source(s))
   sigma = "none" if s["noise_multiplier"] is None else f"{s['noise_multiplier']:.4f}"
   return (f"Privacy: ({s['epsilon']:.3f}, {s['delta']:g})-DP for {s['unit_of_privacy']}.\n"
           f"  accountant: {s['conversion']}; the same steps under every accountant: "
@@ -116,8 +128,20 @@ def format_statement(s: dict[str, Any]) -> str:
           f"expected batch {s['expected_batch_size']:g} of {s['num_private_examples']}), "
           f"{s['public_steps']} public-only steps (no privacy cost)\n"
           f"  noise multiplier {sigma}, clip rule {s['clip']} (norm {s['clip_norm']:g}, "
-          f"sensitivity {s['sensitivity']:.4g})"
+          f"sensitivity {s['sensitivity']:.4g})" + _format_source(s)
           + (f"\n  randomness: {s['randomness']}" if s.get("randomness") else ""))
+
+
+def _format_source(s: dict[str, Any]) -> str:
+  source = s.get("composed_from")
+  if source is None:
+    return ""
+  if source["declared_public"]:
+    return (f"\n  started from {source['workdir']}, whose training data was declared public "
+            "(finetune.init_from_public): not composed")
+  return (f"\n  composed at this run's δ with the {source['private_steps']} private steps of "
+          f"{source['workdir']} (the run it started from, and its sources; ε = "
+          f"{source['epsilon_alone']:.3f} alone); this run alone: ε = {s['epsilon_this_run']:.3f}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -136,11 +160,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_canaries_train(config, schedule)
   model, params = state_lib.create_model(config, parts.private)
   order = state_lib.module_order(model, params, parts.private)
-  params = state_lib.finetune_start(config, params, order)
+  params, source = state_lib.finetune_start(config, params, order)
   tuning = state_lib.finetuning(config, params, order)
   rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
   run = _Run(config, workdir, parts, test, schedule, model, rule, mesh, params, tuning,
-             state_lib.accounting_size(loaded))
+             state_lib.accounting_size(loaded), source)
   return run.train(show_progress)
 
 
@@ -208,8 +232,9 @@ class _Run:
   """One training run's pieces and its loop (host control flow; device work in `step`)."""
 
   def __init__(self, config, workdir, parts, test, schedule, model, rule, mesh, params, tuning,
-               accounting_size):
+               accounting_size, source=None):
     self.config, self.workdir, self.parts, self.schedule = config, workdir, parts, schedule
+    self.source = source  # the run whose params this one starts from (state.read_source)
     self.accounting_size = accounting_size  # N of q = B/N (state.accounting_size)
     self.rule, self.tuning = rule, tuning
     self.optimizer = state_lib.create_training_optimizer(config, tuning)
@@ -254,7 +279,7 @@ class _Run:
   def _set_plan(self):
     """(Re)plans privacy from the schedule as far as it is decided; builds the mechanism."""
     self.plan = plan_privacy(self.config, self.accounting_size, self.schedule,
-                             self.rule.sensitivity)
+                             self.rule.sensitivity, self.source)
     self.noise_tx = None  # a run without private steps has no Gaussian mechanism at all
     if self.plan.noise_multiplier is not None:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
@@ -517,10 +542,11 @@ class _Run:
     restored = self.checkpointer.restore(_state(params, opt_state, 0, self.mesh, self.secret),
                                          config_lib.trajectory_view(self.config))
     if restored is None:
-      return params, opt_state, 0, accounting.PrivacyLedger()
+      return params, opt_state, 0, state_lib.starting_ledger(self.source)
     state, record = restored
     self.secret = randomness.check_secret(np.asarray(parallel.to_host(state["secret"])))
     ledger = accounting.PrivacyLedger.from_json(record["ledger"])
+    state_lib.check_resumed_prior(ledger, self.source)
     if self.auto is not None:  # the controller's state, and the plan it decided
       vars(self.auto).update(json.loads(record["auto_switch"]))
       self._set_plan()

@@ -13,6 +13,7 @@ import optax
 
 from dpjax import data, finetune, mixing, models
 from dpjax.audit import canaries as canaries_lib
+from dpjax.privacy import accounting
 from dpjax.train import checkpoint
 
 
@@ -130,15 +131,104 @@ def module_order(model: Any, params: Any, dataset: data.Dataset) -> list[str]:
   return finetune.call_order(model, params, jnp.zeros((1,) + dataset.image_shape, jnp.float32))
 
 
-def finetune_start(config: ml_collections.ConfigDict, params: Any, order: list[str]) -> Any:
-  """The params training starts from: `finetune.init_from`'s (a trained workdir), with the head
-  re-initialised if finetune.reset_head; else `params` unchanged."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """The run that `finetune.init_from` starts from, as far as privacy goes (public facts only).
+
+  ledger: its ledger at `step`, its own prior included, when it took private steps on data not
+  declared public; None when declared public (finetune.init_from_public) or it took none. A run
+  starting from it composes this ledger into its own (`starting_ledger`).
+  delta: the δ of its plan (None when declared public).
+  """
+  workdir: str
+  step: int | None
+  declared_public: bool
+  ledger: accounting.PrivacyLedger | None
+  delta: float | None
+
+
+def read_source(config: ml_collections.ConfigDict) -> Source | None:
+  """`finetune.init_from`'s source (None without one), from its latest checkpoint's record.
+
+  Refuses a source whose δ is above this run's (the composition is stated at this run's δ), and,
+  when dp.target_epsilon is set, a source that already spends it: the target is the total budget.
+  """
+  f, dp = config.finetune, config.dp
+  if not f.init_from:
+    return None
+  if f.init_from_public:
+    return Source(f.init_from, None, True, None, None)
+  step, record = checkpoint.source_record(f.init_from)
+  if "ledger" not in record or "delta" not in (record.get("plan") or {}):
+    raise checkpoint.CheckpointError(
+        f"The checkpoint of {f.init_from} (step {step}) holds no privacy ledger and plan, so the "
+        "private data its run trained on cannot be composed into this run's guarantee. If that "
+        "run trained on public data only, set finetune.init_from_public=True.")
+  ledger = accounting.PrivacyLedger.from_json(record["ledger"])
+  delta = float(record["plan"]["delta"])
+  if not ledger.total_private_steps:
+    return Source(f.init_from, step, False, None, delta)
+  if delta > dp.delta:
+    raise ValueError(
+        f"finetune.init_from = {f.init_from} was trained at δ = {delta:g}, above this run's "
+        f"dp.delta = {dp.delta:g}; the composed guarantee is stated at this run's δ, which must "
+        "be at least the source's. Raise dp.delta, or, if the source trained on other (public) "
+        "data, set finetune.init_from_public=True.")
+  spent = ledger.epsilon(dp.delta, dp.accountant)
+  if dp.target_epsilon is not None and spent >= dp.target_epsilon:
+    raise ValueError(
+        f"finetune.init_from = {f.init_from} already spent ε = {spent:.4f} at δ = {dp.delta:g} "
+        f"({dp.accountant}; {ledger.total_private_steps} private steps), which is not below "
+        f"dp.target_epsilon = {dp.target_epsilon}: the target is the total budget of the composed "
+        "guarantee, so nothing is left for this run. Raise dp.target_epsilon, or, if the source "
+        "trained on other data than this run's private set, set finetune.init_from_public=True.")
+  return Source(f.init_from, step, False, ledger, delta)
+
+
+def finetune_start(config: ml_collections.ConfigDict, params: Any, order: list[str]
+                   ) -> tuple[Any, Source | None]:
+  """(params, source): the params training starts from, `finetune.init_from`'s (a trained
+  workdir) with the head re-initialised if finetune.reset_head, else `params` unchanged; and the
+  source's privacy record (`read_source`), read from the same checkpoint step."""
   f = config.finetune
   if not f.init_from:
-    return params
+    return params, None
+  source = read_source(config)
   head = finetune.head_module(params, order)
   return checkpoint.restore_params(f.init_from, params,
-                                   keep_template=lambda m: f.reset_head and m == head)
+                                   keep_template=lambda m: f.reset_head and m == head,
+                                   step=source.step), source
+
+
+def starting_ledger(source: Source | None) -> accounting.PrivacyLedger:
+  """The ledger of a run at step 0: empty, with the source's ledger (if any) as its prior."""
+  return accounting.PrivacyLedger(prior=source.ledger if source is not None else None)
+
+
+def check_resumed_prior(ledger: accounting.PrivacyLedger, source: Source | None) -> None:
+  """A resumed run's ledger must hold the prior its source holds now: its params, noise and
+  budget were planned with it. Raises CheckpointError otherwise."""
+  expected = source.ledger if source is not None else None
+  if ledger.prior != expected:
+    count = lambda l: l.total_private_steps if l is not None else 0
+    raise checkpoint.CheckpointError(
+        f"This run's checkpoint composes {count(ledger.prior)} private steps from the run it "
+        f"started from, but finetune.init_from now holds {count(expected)} (that run trained "
+        "further, or this checkpoint was written before runs composed their source's ledger). "
+        "Use a new --workdir to start afresh from the source as it is now.")
+
+
+def composition_record(source: Source, ledger: accounting.PrivacyLedger, delta: float,
+                       accountant: str) -> dict[str, Any]:
+  """What a statement says about the source: declared public, or its private steps and their ε
+  alone (at this run's δ, the δ of the composition)."""
+  if source.declared_public:
+    return dict(workdir=source.workdir, declared_public=True)
+  prior = ledger.prior
+  return dict(workdir=source.workdir, declared_public=False,
+              private_steps=prior.total_private_steps if prior is not None else 0,
+              epsilon_alone=prior.epsilon(delta, accountant) if prior is not None else 0.0,
+              source_delta=source.delta, composed_at_delta=delta)
 
 
 @dataclasses.dataclass(frozen=True)
