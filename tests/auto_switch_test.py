@@ -57,7 +57,8 @@ def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_p
 
 
 def test_auto_switch_survives_a_restart(tmp_path, monkeypatch):
-  c = auto_config(checkpoint=dict(every_steps=3))
+  c = auto_config(checkpoint=dict(every_steps=3),
+                  dp=dict(insecure_reproducible_seed=0))  # both runs: the same noise, batches
   straight = loop.train_and_evaluate(c, str(tmp_path / "a"), show_progress=False)
   resumed = crash_then_resume(c, str(tmp_path / "b"), straight["switch_step"] + 4, monkeypatch)
   assert resumed["switch_step"] == straight["switch_step"]
