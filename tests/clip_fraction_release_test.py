@@ -231,7 +231,8 @@ def _train_logs(workdir):
   return [r for r in metrics.read_metrics(workdir) if r["kind"] == "train"]
 
 
-def test_trainer_logs_the_noisy_fraction_on_private_steps_and_accounts_sigma_eff(tmp_path, dataset_cache):
+def test_trainer_logs_the_noisy_fraction_on_private_steps_and_accounts_sigma_eff(tmp_path,
+                                                                                dataset_cache):
   """4 steps (2 public, 2 private), calibrated to ε = 2 with the count released: the private
   steps' records carry noisy_clip_fraction, the public ones do not; the ledger's ε is
   dp_accounting's for 2 × PoissonSampled(q, Gaussian(σ_eff)) and meets the target."""

@@ -8,8 +8,8 @@ One training step is, on device:
 Under a mesh layout acc holds per-device partial sums; `apply` adds them up (once per step) and
 adds the Gaussian noise once to the clipped sum, divides by the expected batch size, mixes
 with g_pub and runs the optimizer; with a `noise.ClipCountRelease` it also releases the noisy
-count of clipped examples (else noisy_clip_fraction is None). Each function is compiled once per shape (apply once per kind of
-step: public-only, private-only or mixed).
+count of clipped examples (else noisy_clip_fraction is None). Each function is compiled once per
+shape (apply once per kind of step: public-only, private-only or mixed).
 """
 
 from __future__ import annotations
