@@ -95,11 +95,11 @@ class Steps:
     # As the trainer does: the first microbatch overwrites the last step's sum (no zero sum).
     self.spent = step_lib.sum_microbatches(self.accumulate, self.zero_sum, self.spent, params,
                                            params, ((b, self.mask) for b in self.microbatches))
-    return self.apply(params, opt_state, None, self.spent.grad_sum, np.float32(0.0))
+    return self.apply(params, opt_state, None, self.spent.grad_sum, np.float32(0.0))[:2]
 
   def non_dp(self, params, opt_state):
     grad, _ = self.public_grad(params, self.public)
-    return self.apply(params, opt_state, grad, None, np.float32(1.0))
+    return self.apply(params, opt_state, grad, None, np.float32(1.0))[:2]
 
   def pieces(self) -> dict[str, Callable[[], Any]]:
     """The parts of the two steps, each alone on the first microbatch: the non-DP gradient, the

@@ -7,7 +7,8 @@ Blocks (see experiments/*.py for complete examples):
   model       name plus keyword arguments for `dpjax.models.build_model`
   dp          the privacy mechanism: clip rule and norm, noise multiplier and/or target (ε, δ),
               accountant, expected private batch size, sampler; insecure_reproducible_seed
-              (unset: the mechanism's randomness is secret OS entropy, dpjax.privacy.randomness)
+              (unset: the mechanism's randomness is secret OS entropy, dpjax.privacy.randomness);
+              clip_fraction_noise (> 0: a noisy, accounted clip fraction per private step)
   mixing      the α schedule (or the automatic switch) and whether to reset optimizer moments at
               the public→private switch
   curvature   public-data curvature statistics (tr(H), decelerator, α*) logged during training
@@ -32,6 +33,8 @@ Blocks (see experiments/*.py for complete examples):
 """
 
 from __future__ import annotations
+
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -58,7 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
               # None (keep it so): the noise and the Poisson batches come from fresh OS entropy
               # (dpjax.privacy.randomness). An int makes them reproducible, for tests and
               # debugging only: the guarantee then holds only while that int stays secret.
-              insecure_reproducible_seed=config_dict.placeholder(int))
+              insecure_reproducible_seed=config_dict.placeholder(int),
+              # σ_c > 0: every private step also releases its number of clipped examples plus
+              # N(0, σ_c²), logged as noisy_clip_fraction (over expected_batch_size). Accounted:
+              # the step is one Gaussian of σ_eff = (σ⁻² + σ_c⁻²)^(-1/2); with target_epsilon,
+              # σ_eff is calibrated and σ raised to match. 0: not released, nothing changes.
+              clip_fraction_noise=0.0)
   c.mixing = dict(schedule="switch", switch_step=0, alpha=0.0, start=1.0, end=0.0, begin=0,
                   until=1, reset_moments="first",
                   # schedule="auto": public until the controller switches (dpjax.mixing.AutoSwitch)
@@ -111,6 +119,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
     raise ValueError(f"dp.insecure_reproducible_seed must be unset (secret randomness, the "
                      f"default) or an integer >= 0, got {seed!r}.")
+  count_noise = dp.get("clip_fraction_noise", 0.0)
+  if (isinstance(count_noise, bool) or not isinstance(count_noise, (int, float))
+      or not math.isfinite(count_noise) or count_noise < 0):
+    raise ValueError(f"dp.clip_fraction_noise (the noise std σ_c on a private step's count of "
+                     f"clipped examples; 0: not released) must be a finite number >= 0, got "
+                     f"{count_noise!r}.")
   if dp.sampler not in ("poisson",):
     raise ValueError(f"dp.sampler {dp.sampler!r} is not supported by the trainer; use 'poisson' "
                      "(privacy amplification by subsampling assumes it).")
@@ -169,10 +183,12 @@ def agreement_view(config: ml_collections.ConfigDict) -> dict:
 
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:
   """The part of the config that must match for a checkpoint to be resumed (the `audit` block
-  only when it inserts canaries, finetune.init_from_public only when True, so runs without them
-  match checkpoints from before them)."""
+  only when it inserts canaries, finetune.init_from_public only when True, dp.clip_fraction_noise
+  only when it is set, so runs without them match checkpoints from before them)."""
   full = config.to_dict()
   view = {k: full[k] for k in TRAJECTORY_BLOCKS}
+  if view["dp"].get("clip_fraction_noise") == 0:
+    view["dp"] = {k: v for k, v in view["dp"].items() if k != "clip_fraction_noise"}
   if full.get("audit", {}).get("canaries"):
     view["audit"] = full["audit"]
   if not view["finetune"].get("init_from_public", True):  # matches checkpoints from before it

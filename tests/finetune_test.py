@@ -157,7 +157,8 @@ def test_selection_scores_carry_the_steps_noise():
   tx = noise.add_gaussian_noise(sigma, clip, batch, seed=3)
   opt = optax.chain(optax.sgd(1.0), finetune.mask_updates({"w": jnp.ones((200, 500))}))
   opt_state = step_lib.OptState(tx.init(params), opt.init(params))
-  scored = step_lib.make_score(tx)(opt_state, params)
+  scored, released = step_lib.make_score(tx)(opt_state, params)
+  assert released is None  # no clip count without a ClipCountRelease
   scores = np.asarray(finetune.find_mask_state(scored.base).scores["w"])
   np.testing.assert_allclose(scores.mean(), sigma * clip * np.sqrt(2 / np.pi) / batch, rtol=0.01)
   assert int(scored.noise.count) == 1  # the noise key moved on, as after a training step

@@ -83,7 +83,10 @@ def test_two_default_runs_release_different_noise_and_reproducible_runs_the_same
 # a noisy, accounted release (ε of the ledger): nothing is a statistic of a private batch.
 ALLOWED_RECORD_KEYS = {
     "perf": {"microbatch_size", "microbatch_size_auto", "step_bytes", "free_bytes"},
-    "train": {"alpha", "loss"},  # loss: of the public batch (absent on private-only steps)
+    # loss: of the public batch (absent on private-only steps). noisy_clip_fraction: the private
+    # batch's count of clipped examples + N(0, σ_c²) over B (dp.clip_fraction_noise > 0 only),
+    # noised from the secret key and accounted (the step's σ_eff, accounting.py).
+    "train": {"alpha", "loss", "noisy_clip_fraction"},
     "eval": {"test_accuracy", "test_loss", "epsilon"},  # the test split is held out
     "final": {"test_accuracy", "test_loss", "epsilon"},
     "curvature": set(curvature.CurvatureTerms._fields) | {

@@ -126,6 +126,69 @@ def epsilon_after(prior: PrivacyLedger | None, noise_multiplier: float, sampling
   return epsilon_of_event(event, delta, accountant, pld_discretization)
 
 
+def effective_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
+  """σ_eff = (σ⁻² + σ_c⁻²)^(-1/2): the noise multiplier of a step that releases the clipped
+  gradient sum with noise multiplier σ and the count of clipped examples with noise σ_c.
+
+  count_noise: σ_c; 0 means the count is not released, and then σ_eff = σ exactly.
+
+  Why one Gaussian mechanism of multiplier σ_eff: the step releases, on ONE Poisson sample B,
+    (Σ_{i∈B} clip(g_i) + N(0, σ²S²·I),  Σ_{i∈B} b_i + N(0, σ_c²)),
+  with ‖clip(g_i)‖ ≤ S and b_i ∈ {0, 1} the example's clip flag. Dividing the first part by σS
+  and the second by σ_c (an invertible public map, so the privacy loss is unchanged) gives
+  Σ_{i∈B} v_i + N(0, I) with v_i = (clip(g_i)/(σS), b_i/σ_c), a sum over the sample with
+  isotropic unit noise. Adding or removing one example x adds or removes v_x, whose norm is at
+  most (1/σ² + 1/σ_c²)^(1/2) = 1/σ_eff. That is exactly the Gaussian sum mechanism with
+  sensitivity 1 and noise σ_eff (its privacy loss depends only on the norm of the change), so
+  the subsampled step is PoissonSampled(q, Gaussian(σ_eff)) in dp_accounting's terms, with no
+  composition slack. The two noises must be independent (separate keys: `noise.count_noise_key`).
+  """
+  for name, value in (("noise_multiplier", noise_multiplier), ("count_noise", count_noise)):
+    if not (math.isfinite(value) and value >= 0):
+      raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
+  if count_noise == 0:
+    return float(noise_multiplier)
+  if noise_multiplier == 0:
+    return 0.0
+  return (noise_multiplier ** -2 + count_noise ** -2) ** -0.5
+
+
+def gradient_noise_multiplier(effective: float, count_noise: float) -> float:
+  """The σ on the clipped sum that makes σ_eff = `effective` when the count is released with
+  noise σ_c = `count_noise`: σ = (σ_eff⁻² − σ_c⁻²)^(-1/2) (σ_eff itself when σ_c = 0).
+
+  Raises ValueError if σ_c ≤ σ_eff: the count alone would spend the whole budget.
+  """
+  if not (math.isfinite(effective) and effective > 0):
+    raise ValueError(f"The effective noise multiplier must be finite and > 0, got {effective!r}.")
+  if count_noise == 0:
+    return float(effective)
+  if not (math.isfinite(count_noise) and count_noise > effective):
+    raise ValueError(
+        f"dp.clip_fraction_noise = {count_noise:g} is not above the noise multiplier "
+        f"{effective:.4g} that the privacy target needs per step: releasing the clip count alone "
+        f"would spend the whole budget. Raise dp.clip_fraction_noise (e.g. to "
+        f"{3 * effective:.3g}: the gradient then needs {1 / math.sqrt(1 - 1 / 9) - 1:.0%} more "
+        f"noise) or set it to 0 (the count is not released).")
+  return (effective ** -2 - count_noise ** -2) ** -0.5
+
+
+def plan_noise(noise_multiplier: float | None, count_noise: float, target_epsilon: float | None,
+               delta: float, sampling_rate: float, steps: int, accountant: str = "pld",
+               prior: PrivacyLedger | None = None) -> tuple[float, float]:
+  """(σ, σ_eff) of `steps` private steps: σ on the clipped sum, σ_eff the multiplier to account
+  (`effective_noise_multiplier`; = σ when count_noise is 0).
+
+  A given noise_multiplier is σ. Otherwise σ_eff is calibrated to target_epsilon
+  (`calibrate_noise`, composed with `prior`'s events when given) and σ follows from it (`gradient_noise_multiplier`: ValueError when
+  count_noise ≤ σ_eff).
+  """
+  if noise_multiplier is not None:
+    return float(noise_multiplier), effective_noise_multiplier(noise_multiplier, count_noise)
+  effective = calibrate_noise(target_epsilon, delta, sampling_rate, steps, accountant, prior)
+  return gradient_noise_multiplier(effective, count_noise), effective
+
+
 def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
                     accountant: str = "pld", prior: PrivacyLedger | None = None) -> float:
   """The noise multiplier σ whose ε for this schedule lies in [0.99·target, target].

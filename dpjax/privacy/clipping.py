@@ -31,9 +31,16 @@ class ClipStats(NamedTuple):
   Sums, not means, so that microbatches and devices can add them up; `summarize` turns them into
   means. These statistics depend on private data: they are for monitoring and must not be released
   or used to steer training without privatising them.
+
+  num_clipped counts the real examples whose pre-clip norm exceeds the clip norm: those that flat
+  and per-layer clipping scale down (per-layer: any group above its C_g), and for automatic and
+  normalized clipping, which rescale every example, those above R (the ones flat clipping at R
+  would scale down). Each example adds a 0/1 flag that depends on it alone (padding adds 0), so
+  adding or removing one example changes num_clipped by at most 1: its sensitivity is 1, and
+  `dpjax.privacy.noise.ClipCountRelease` releases it with Gaussian noise.
   """
   num_examples: jax.Array   # number of real examples
-  num_clipped: jax.Array    # examples whose gradient was scaled down (flat/per-layer: norm > C)
+  num_clipped: jax.Array    # examples with pre-clip norm > the clip norm (see above)
   norm_sum: jax.Array       # sum of pre-clip global L2 norms
   norm_max: jax.Array       # max pre-clip global L2 norm
 
@@ -74,13 +81,14 @@ class ClipRule:
   sensitivity: float
 
   def clip(self, grad: PyTree) -> tuple[PyTree, jax.Array, jax.Array]:
-    """Returns (clipped gradient, pre-clip global norm, 1.0 if scaled down else 0.0)."""
+    """Returns (clipped gradient, pre-clip global norm, clip flag: 1.0 if the norm exceeds the
+    clip norm, else 0.0; see `ClipStats`)."""
     norm = global_norm(grad)
     factor, was_clipped = self.factor(norm)
     return _scale(grad, factor), norm, was_clipped
 
   def factor(self, norm: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(scale factor, 1.0 if scaled down) for a gradient of global L2 norm `norm`; rules that
+    """(scale factor, clip flag) for a gradient of global L2 norm `norm`; rules that
     scale the whole gradient by one factor define it (ghost clipping uses it; for `GroupClip`
     it uses `group_factor`)."""
     raise NotImplementedError(
@@ -107,7 +115,9 @@ class FlatClip(ClipRule):
 
 @dataclasses.dataclass(frozen=True)
 class AutomaticClip(ClipRule):
-  """Bu et al. (AUTO-S): g · R/(‖g‖ + γ). Every output has norm < R; sensitivity R."""
+  """Bu et al. (AUTO-S): g · R/(‖g‖ + γ). Every output has norm < R; sensitivity R.
+
+  It clips no example outright; its clip flag marks ‖g‖ > R, as `NormalizedClip`'s does."""
   clip_norm: float = 1.0
   stability: float = 0.01
 
@@ -121,7 +131,7 @@ class AutomaticClip(ClipRule):
 
   def factor(self, norm):
     factor = self.clip_norm / (norm + self.stability)
-    return factor, (factor < 1.0).astype(jnp.float32)
+    return factor, (norm > self.clip_norm).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,10 +14,13 @@ Privacy: with S the clip rule's sensitivity, one call is the Gaussian mechanism 
 multiplier σ on the clipped sum; it must be called exactly once per step (the state's `count`
 says how many times it was). Dividing by the *expected* batch size q·N, never the realised one,
 keeps the batch size (which depends on the private data under Poisson sampling) unreleased.
+A step may also release its count of clipped examples with noise (`ClipCountRelease`), drawn from
+the same secret key chain; `dpjax.privacy.accounting.effective_noise_multiplier` accounts both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -178,6 +181,54 @@ def add_gaussian_noise(noise_multiplier: float, sensitivity: float, expected_bat
     return noisy, NoiseState(key=next_key, count=state.count + 1)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+COUNT_STREAM = randomness.stream_id("clip count noise")
+
+
+def count_noise_key(state: NoiseState) -> jax.Array:
+  """The key of the clip count's noise at the step `state` is about to noise.
+
+  The gradient's noise of that step comes from `split(state.key)[0]` (split again inside
+  `gaussian_noise_like`), the next step's key is `split(state.key)[1]`; the count's is the step
+  key folded with a 31-bit stream id, far from the small counters that `split` hashes. So it is
+  as secret as the gradient's noise key (never derived from the config seed) and never equal to
+  a key that draws the gradient's noise."""
+  return jax.random.fold_in(jax.random.split(state.key)[0], COUNT_STREAM)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipCountRelease:
+  """The Gaussian mechanism on a private step's number of clipped examples.
+
+  stddev: σ_c > 0, the noise's standard deviation (the count's sensitivity is 1,
+    `clipping.ClipStats`).
+  expected_batch_size: B = q·N, the public divisor that turns the count into a fraction.
+
+  Privacy: one call releases num_clipped + N(0, σ_c²), a Gaussian mechanism of noise multiplier
+  σ_c, on the same Poisson sample as the step's gradient release;
+  `dpjax.privacy.accounting.effective_noise_multiplier` accounts the two together. It must be
+  called with the step's noise state before `add_gaussian_noise` moves the key on, at most once
+  per step.
+  """
+  stddev: float
+  expected_batch_size: float
+
+  def __post_init__(self):
+    if not (math.isfinite(self.stddev) and self.stddev > 0):
+      raise ValueError(f"The clip count's noise stddev must be finite and > 0, got "
+                       f"{self.stddev!r} (0: build no ClipCountRelease, nothing is released).")
+    if not (math.isfinite(self.expected_batch_size) and self.expected_batch_size > 0):
+      raise ValueError(f"expected_batch_size must be > 0, got {self.expected_batch_size!r}.")
+
+  def noisy_count(self, num_clipped: jax.Array, state: NoiseState) -> jax.Array:
+    """num_clipped + N(0, σ_c²) in float32, its noise from `count_noise_key(state)`."""
+    z = jax.random.normal(count_noise_key(state), (), jnp.float32)
+    return jnp.asarray(num_clipped, jnp.float32) + jnp.float32(self.stddev) * z
+
+  def noisy_fraction(self, num_clipped: jax.Array, state: NoiseState) -> jax.Array:
+    """The noisy count over the expected batch size: what the trainer logs."""
+    return self.noisy_count(num_clipped, state) / jnp.float32(self.expected_batch_size)
 
 
 def dp_optimizer(optimizer: optax.GradientTransformation, *, noise_multiplier: float,

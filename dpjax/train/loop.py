@@ -32,6 +32,9 @@ class PrivacyPlan:
 
   noise_multiplier is None only when the schedule has no private step. source: the run whose
   params this one starts from (`state.read_source`), None without finetune.init_from.
+  clip_fraction_noise: σ_c of the clip count each private step releases (0: not released);
+  effective_noise_multiplier: σ_eff, what the ledger and the budget guard account per private
+  step (σ itself when σ_c = 0; `accounting.effective_noise_multiplier`).
   """
   num_private_examples: int
   expected_batch_size: float
@@ -45,13 +48,21 @@ class PrivacyPlan:
   clip_norm: float
   sensitivity: float
   source: state_lib.Source | None = None
+  clip_fraction_noise: float = 0.0
+  effective_noise_multiplier: float | None = None
+
+  def __post_init__(self):
+    if self.effective_noise_multiplier is None and self.noise_multiplier is not None:
+      object.__setattr__(self, "effective_noise_multiplier", accounting.effective_noise_multiplier(
+          self.noise_multiplier, self.clip_fraction_noise))
 
 
 def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
                  schedule: mixing.AlphaSchedule, sensitivity: float,
                  source: state_lib.Source | None = None) -> PrivacyPlan:
   """Sampling rate, private step count and noise multiplier (calibrated to the target ε if unset;
-  with a source, so that the composition of the source's ledger and this run hits the target).
+  with a source, so that the composition of the source's ledger and this run hits the target;
+  with dp.clip_fraction_noise, σ_eff is calibrated and σ follows, `accounting.plan_noise`).
 
   Uses public facts only: the config, the schedule, the number of private examples, the source's
   ledger.
@@ -69,13 +80,21 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
     raise ValueError(f"dp.expected_batch_size = {dp.expected_batch_size} must be in (0, "
                      f"{num_private}], the number of private examples.")
   accounting.check_delta(dp.delta, num_private)
-  sigma = dp.noise_multiplier
-  if private_steps and sigma is None:
-    sigma = accounting.calibrate_noise(dp.target_epsilon, dp.delta, q, private_steps,
-                                       dp.accountant, source.ledger if source else None)
-  return PrivacyPlan(num_private, float(dp.expected_batch_size), q, private_steps,
-                     None if not private_steps else float(sigma), dp.delta, dp.accountant,
-                     dp.target_epsilon, dp.clip, dp.clip_norm, sensitivity, source)
+  count_noise = float(dp.get("clip_fraction_noise", 0.0))
+  prior = source.ledger if source else None
+  sigma = effective = None
+  if private_steps:
+    sigma, effective = accounting.plan_noise(dp.noise_multiplier, count_noise, dp.target_epsilon,
+                                             dp.delta, q, private_steps, dp.accountant, prior)
+  elif count_noise and dp.noise_multiplier is None and isinstance(schedule, mixing.AutoSwitch):
+    # Refuse now a σ_c that the earliest switch (the most private steps) would refuse.
+    most = config.schedule.total_steps - max(config.mixing.auto.min_switch_step, 0)
+    if most > 0:
+      accounting.plan_noise(None, count_noise, dp.target_epsilon, dp.delta, q, most,
+                            dp.accountant, prior)
+  return PrivacyPlan(num_private, float(dp.expected_batch_size), q, private_steps, sigma,
+                     dp.delta, dp.accountant, dp.target_epsilon, dp.clip, dp.clip_norm,
+                     sensitivity, source, count_noise, effective)
 
 
 def randomness_statement(config: ml_collections.ConfigDict) -> str:
@@ -86,6 +105,20 @@ def randomness_statement(config: ml_collections.ConfigDict) -> str:
   return ("INSECURE reproducible mode (dp.insecure_reproducible_seed): the noise and the batches "
           "follow from that integer; the guarantee holds only while it stays secret, and runs "
           "sharing it share their noise")
+
+
+def released_statement(plan: PrivacyPlan) -> str:
+  """What each private step releases: everything the ledger accounts for."""
+  if plan.noise_multiplier is None:
+    return "nothing (no private step)"
+  released = ("the clipped gradient sum + N(0, (σ·S)²·I), over the expected batch size (through "
+              "the update, or SPARTA's selection scores)")
+  if not plan.clip_fraction_noise:
+    return released
+  return (released + "; and, from the same Poisson sample, the number of examples whose gradient "
+          "norm exceeds the clip norm + N(0, σ_c²), logged over the expected batch size as "
+          "noisy_clip_fraction. Together one Gaussian mechanism of noise multiplier σ_eff = "
+          "(σ⁻² + σ_c⁻²)^(-1/2), the one accounted")
 
 
 def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
@@ -102,6 +135,8 @@ def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
       private_steps=ledger.private_steps, public_steps=ledger.public_steps,
       sampling_rate=plan.sampling_rate, sampling="Poisson",
       expected_batch_size=plan.expected_batch_size, noise_multiplier=plan.noise_multiplier,
+      clip_fraction_noise=plan.clip_fraction_noise,
+      effective_noise_multiplier=plan.effective_noise_multiplier, released=released_statement(plan),
       clip=plan.clip, clip_norm=plan.clip_norm, sensitivity=plan.sensitivity,
       unit_of_privacy="one training example (image and label) of the private set; add/remove "
                       "adjacency",
@@ -129,6 +164,11 @@ def format_statement(s: dict[str, Any]) -> str:
           f"{s['public_steps']} public-only steps (no privacy cost)\n"
           f"  noise multiplier {sigma}, clip rule {s['clip']} (norm {s['clip_norm']:g}, "
           f"sensitivity {s['sensitivity']:.4g})" + _format_source(s)
+          + (f"\n  clip count released with noise σ_c = {s['clip_fraction_noise']:g}; each "
+             f"private step accounted as one Gaussian of σ_eff = "
+             f"{s['effective_noise_multiplier']:.4f} (σ = {sigma} on the gradient)"
+             if s.get("clip_fraction_noise") and s["noise_multiplier"] is not None else "")
+          + (f"\n  released per private step: {s['released']}" if s.get("released") else "")
           + (f"\n  randomness: {s['randomness']}" if s.get("randomness") else ""))
 
 
@@ -281,14 +321,19 @@ class _Run:
     self.plan = plan_privacy(self.config, self.accounting_size, self.schedule,
                              self.rule.sensitivity, self.source)
     self.noise_tx = None  # a run without private steps has no Gaussian mechanism at all
+    self.clip_count = None  # dp.clip_fraction_noise > 0: private steps release a noisy count
     if self.plan.noise_multiplier is not None:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
                                                self.plan.expected_batch_size,
                                                seed=self.config.seed,
                                                trainable=self.tuning.trainable,
                                                split=parallel.split_leaves(self.layout.params))
-    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout, donate=True)
-    self.score = (step_lib.make_score(self.noise_tx, self.layout)
+      if self.plan.clip_fraction_noise:
+        self.clip_count = noise.ClipCountRelease(self.plan.clip_fraction_noise,
+                                                 self.plan.expected_batch_size)
+    self.apply = step_lib.make_apply(self.noise_tx, self.optimizer, self.layout, donate=True,
+                                     clip_count=self.clip_count)
+    self.score = (step_lib.make_score(self.noise_tx, self.layout, self.clip_count)
                   if self.noise_tx is not None and self.config.finetune.sparse.method == "sparta"
                   else None)
     self.switch_step = mixing.first_private_step(self.schedule, self.config.schedule.total_steps)
@@ -419,24 +464,29 @@ class _Run:
       opt_state = self._sparta_phase(step, params, opt_state)
       if self._selecting(step):  # a DP step whose release only scores rows: no update
         acc = self._private_sum(step, params, opt_state)
-        opt_state = self.score(opt_state, acc.grad_sum)
-        ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
-        return params, opt_state, {}
+        opt_state, released = self.score(opt_state, acc.grad_sum, acc.stats.num_clipped)
+        ledger.record_private(self.plan.sampling_rate, self.plan.effective_noise_multiplier)
+        return params, opt_state, {} if released is None else dict(noisy_clip_fraction=released)
     public_grad = None
     if mixing.reads_public(alpha):
       batch = self._fetch(self.parts.public, self.public_batches.indices(step))
       public_grad, loss = self.public_grad(params, batch)
       logs["loss"] = loss
-    clipped = None
+    clipped = num_clipped = None
     if mixing.reads_private(alpha):
       if self.plan.noise_multiplier is None:
         raise AssertionError("a private step without a noise multiplier")
-      # Nothing computed from the private batch is logged (its clip statistics would release
-      # the batch size and norms unnoised): only the noisy, accounted update leaves the device.
-      clipped = self._private_sum(step, params, opt_state).grad_sum
-    params, opt_state = self.apply(params, opt_state, public_grad, clipped, np.float32(alpha))
+      # Nothing computed from the private batch is logged unnoised (its clip statistics would
+      # release the batch size and norms): only noisy, accounted releases leave the device, the
+      # update and, with dp.clip_fraction_noise, the noisy clip count.
+      acc = self._private_sum(step, params, opt_state)
+      clipped, num_clipped = acc.grad_sum, acc.stats.num_clipped
+    params, opt_state, released = self.apply(params, opt_state, public_grad, clipped,
+                                             np.float32(alpha), num_clipped)
+    if released is not None:
+      logs["noisy_clip_fraction"] = released
     if clipped is not None:
-      ledger.record_private(self.plan.sampling_rate, self.plan.noise_multiplier)
+      ledger.record_private(self.plan.sampling_rate, self.plan.effective_noise_multiplier)
     else:
       ledger.record_public()
     return params, opt_state, logs
@@ -504,7 +554,7 @@ class _Run:
     if self.budget is None:
       return True
     try:
-      self.budget.check(ledger, self.plan.sampling_rate, self.plan.noise_multiplier,
+      self.budget.check(ledger, self.plan.sampling_rate, self.plan.effective_noise_multiplier,
                         hint=self.plan.planned_private_steps)
     except accounting.BudgetExceededError as e:
       self._say(f"Stopping before step {ledger.private_steps + ledger.public_steps}: {e}")

@@ -62,7 +62,9 @@ class PublicMonitor:
 
   def predicted_noise_multiplier(self, step: int) -> float | None:
     """σ a private phase starting at `step` would use: the configured one, or calibrated to the
-    target ε for the steps left. Public: depends on the config and the step only.
+    target ε for the steps left (with dp.clip_fraction_noise, the gradient's share of the
+    calibrated σ_eff, `accounting.gradient_noise_multiplier`; None if σ_c leaves it none).
+    Public: depends on the config and the step only.
 
     The prediction calibrates with RDP (fast; slightly more noise than PLD for the same ε) since
     it only steers the switch; the σ actually used is calibrated with the run's accountant.
@@ -73,8 +75,12 @@ class PublicMonitor:
     remaining = self.config.schedule.total_steps - step
     if remaining <= 0 or self.num_private == 0:
       return None
-    return _calibrated(dp.target_epsilon, dp.delta, dp.expected_batch_size / self.num_private,
-                       remaining, "rdp")
+    effective = _calibrated(dp.target_epsilon, dp.delta,
+                            dp.expected_batch_size / self.num_private, remaining, "rdp")
+    count_noise = dp.get("clip_fraction_noise", 0.0)
+    if count_noise and count_noise <= effective:
+      return None
+    return accounting.gradient_noise_multiplier(effective, count_noise)
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,11 +3,13 @@
 One training step is, on device:
   g_pub  = public_grad(params, public_batch)                       if α > 0
   acc    = Σ over private microbatches of accumulate(acc, ...)     if α < 1 (fixed shape: compiles once)
-  params, opt_state = apply(params, opt_state, g_pub, acc.grad_sum, α)
+  params, opt_state, noisy_clip_fraction = apply(params, opt_state, g_pub, acc.grad_sum, α,
+                                                 acc.stats.num_clipped)
 Under a mesh layout acc holds per-device partial sums; `apply` adds them up (once per step) and
 adds the Gaussian noise once to the clipped sum, divides by the expected batch size, mixes
-with g_pub and runs the optimizer. Each function is compiled once per shape (apply once per kind of
-step: public-only, private-only or mixed).
+with g_pub and runs the optimizer; with a `noise.ClipCountRelease` it also releases the noisy
+count of clipped examples (else noisy_clip_fraction is None). Each function is compiled once per
+shape (apply once per kind of step: public-only, private-only or mixed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import optax
 
 from dpjax import finetune, mixing, parallel
-from dpjax.privacy import clipping, ghost
+from dpjax.privacy import clipping, ghost, noise
 
 PyTree = Any
 
@@ -242,8 +244,10 @@ def make_zero_sum(rule: clipping.ClipRule, layout: parallel.Layout | None = None
 
 def make_apply(noise_tx: optax.GradientTransformation | None,
                optimizer: optax.GradientTransformation,
-               layout: parallel.Layout | None = None, donate: bool = False) -> Callable:
-  """jit (params, opt_state, public_grad|None, clipped_sum|None, alpha) -> (params, opt_state).
+               layout: parallel.Layout | None = None, donate: bool = False,
+               clip_count: noise.ClipCountRelease | None = None) -> Callable:
+  """jit (params, opt_state, public_grad|None, clipped_sum|None, alpha, num_clipped=None)
+  -> (params, opt_state, noisy_clip_fraction|None).
 
   clipped_sum: the step's `ClippedSum.grad_sum` as `make_accumulate` leaves it: under a layout,
   the per-device partial sums [devices, *shape], which apply adds up itself (one all-reduce, in
@@ -253,15 +257,21 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
   at all otherwise. Under a layout it runs once for the global step: the key is replicated and
   the draw is laid out like the params, so no device adds noise of its own. donate=True reuses
   the buffers of the params and optimizer state passed in (do not use them afterwards).
+  clip_count: with it, a private step also releases its count of clipped examples (num_clipped:
+  the step's `ClipStats.num_clipped`, a device scalar) plus N(0, σ_c²), over the expected batch
+  size (`noise.ClipCountRelease`), in the same executable, its noise from the step's noise key;
+  account such steps with `accounting.effective_noise_multiplier`. Without clip_count, or on a
+  public step, the third output is None and num_clipped is not read.
   """
   donated = (0, 1) if donate else ()
-  def apply(params, opt_state, public_grad, clipped_sum, alpha):
-    noise_state, private_grad = opt_state.noise, None
+  def apply(params, opt_state, public_grad, clipped_sum, alpha, num_clipped=None):
+    noise_state, private_grad, released = opt_state.noise, None, None
     if clipped_sum is not None:
+      released = _released_clip_fraction(clip_count, num_clipped, opt_state.noise)
       private_grad, noise_state = noise_tx.update(clipped_sum, opt_state.noise)
     grads = mixing.mix(alpha, public_grad, private_grad)
     updates, base_state = optimizer.update(grads, opt_state.base, params)
-    return optax.apply_updates(params, updates), OptState(noise_state, base_state)
+    return optax.apply_updates(params, updates), OptState(noise_state, base_state), released
 
   if layout is None:
     return jax.jit(apply, donate_argnums=donated)
@@ -269,41 +279,60 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
   partial_sharding = _partial_sum_sharding(layout).grad_sum
   compiled = {}  # one jit per kind of step: which of the two gradients are present
 
-  def apply_partial(params, opt_state, public_grad, partial_sums, alpha):
+  def apply_partial(params, opt_state, public_grad, partial_sums, alpha, num_clipped):
     clipped_sum = None if partial_sums is None else _total_of(partial_sums, layout)
-    return apply(params, opt_state, public_grad, clipped_sum, alpha)
+    return apply(params, opt_state, public_grad, clipped_sum, alpha, num_clipped)
 
-  def apply_sharded(params, opt_state, public_grad, clipped_sum, alpha):
+  def apply_sharded(params, opt_state, public_grad, clipped_sum, alpha, num_clipped=None):
     kind = (public_grad is None, clipped_sum is None)
     if kind not in compiled:
       grad_shardings = (None if kind[0] else params_sharding,
                         None if kind[1] else partial_sharding)
       compiled[kind] = jax.jit(
           apply_partial, in_shardings=(params_sharding, opt_sharding) + grad_shardings
-          + (layout.replicated,), out_shardings=(params_sharding, opt_sharding),
+          + (layout.replicated, layout.replicated),
+          out_shardings=(params_sharding, opt_sharding, layout.replicated),
           donate_argnums=donated)
-    return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha)
+    return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha, num_clipped)
   return apply_sharded
 
 
-def make_score(noise_tx: optax.GradientTransformation, layout: parallel.Layout | None = None
-               ) -> Callable:
-  """jit (opt_state, clipped grad sum) -> opt_state for SPARTA's selection steps: the step's Gaussian
-  release (noise drawn once, as in `make_apply`) is added, as |noisy gradient|, to the selection
-  scores in the optimizer state's `finetune.MaskState`; params and moments are not touched. The
-  clipped sum is `make_apply`'s: per-device partial sums under a layout."""
-  def score(opt_state, clipped_sum):
+def _released_clip_fraction(clip_count: noise.ClipCountRelease | None, num_clipped: Any,
+                            noise_state: noise.NoiseState) -> jax.Array | None:
+  """The step's noisy clip fraction, its noise from the step's noise state; None: no release."""
+  if clip_count is None:
+    return None
+  if num_clipped is None:
+    raise ValueError("A private step that releases its clip count needs the step's "
+                     "ClipStats.num_clipped (the num_clipped argument).")
+  return clip_count.noisy_fraction(num_clipped, noise_state)
+
+
+def make_score(noise_tx: optax.GradientTransformation, layout: parallel.Layout | None = None,
+               clip_count: noise.ClipCountRelease | None = None) -> Callable:
+  """jit (opt_state, clipped grad sum, num_clipped=None) -> (opt_state, noisy_clip_fraction|None)
+  for SPARTA's selection steps: the step's Gaussian release (noise drawn once, as in
+  `make_apply`) is added, as |noisy gradient|, to the selection scores in the optimizer state's
+  `finetune.MaskState`; params and moments are not touched. The clipped sum is `make_apply`'s:
+  per-device partial sums under a layout. clip_count: as in `make_apply` (a selection step is a
+  private step: it releases the count too, and is accounted alike)."""
+  def score(opt_state, clipped_sum, num_clipped=None):
+    released = _released_clip_fraction(clip_count, num_clipped, opt_state.noise)
     private_grad, noise_state = noise_tx.update(clipped_sum, opt_state.noise)
     state = finetune.find_mask_state(opt_state.base)
     state = state._replace(scores=finetune.accumulate_scores(state.scores, private_grad))
-    return OptState(noise_state, finetune.replace_mask_state(opt_state.base, state))
+    return OptState(noise_state, finetune.replace_mask_state(opt_state.base, state)), released
 
   if layout is None:
     return jax.jit(score)
   opt_sharding = layout.sharding(layout.opt_state)
-  return jax.jit(lambda opt_state, partial_sums: score(opt_state, _total_of(partial_sums, layout)),
-                 in_shardings=(opt_sharding, _partial_sum_sharding(layout).grad_sum),
-                 out_shardings=opt_sharding)
+  sharded = jax.jit(
+      lambda opt_state, partial_sums, num_clipped: score(
+          opt_state, _total_of(partial_sums, layout), num_clipped),
+      in_shardings=(opt_sharding, _partial_sum_sharding(layout).grad_sum, layout.replicated),
+      out_shardings=(opt_sharding, layout.replicated))
+  return lambda opt_state, partial_sums, num_clipped=None: sharded(opt_state, partial_sums,
+                                                                   num_clipped)
 
 
 def make_evaluate(model: nn.Module, layout: parallel.Layout | None = None) -> Callable:
