@@ -1,4 +1,4 @@
-"""Tests for dpjax.privacy.noise: the noise's standard deviation, freshness and reproducibility."""
+"""Tests for dpjax.privacy.noise: the noise's distribution and tail, freshness, reproducibility."""
 
 import math
 
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import special, stats
 
 from dpjax.privacy import noise
 
@@ -123,11 +124,13 @@ def _drawn_sizes(jaxpr) -> list[int]:
   return sizes
 
 
-@pytest.mark.parametrize("split,sizes", [(None, [400 + 10]),
+@pytest.mark.parametrize("split,sizes", [(None, [4 * (400 + 10) // 2]),
                                          ({"backbone": True, "head": True, "bias": False},
-                                          [10, 400])])
+                                          [4 * 10 // 2, 4 * 400])])
 def test_noise_is_drawn_for_trainable_leaves_only(split, sizes):
-  """Fine-tuning a head: the draw covers the trainable params, not the frozen backbone's."""
+  """Fine-tuning a head: the draw covers the trainable params, not the frozen backbone's. Four
+  32-bit words make a pair of normals; the split head, alone with its shape, pairs each value
+  with a discarded one."""
   updates = {"backbone": jnp.zeros((300, 40)), "head": jnp.zeros((40, 10)), "bias": jnp.zeros(10)}
   trainable = {"backbone": False, "head": True, "bias": True}
   t = noise.add_gaussian_noise(1.0, 1.0, 1.0, trainable=trainable, split=split)
@@ -161,3 +164,109 @@ def test_dp_optimizer_composes_with_optax():
 def test_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
     noise.add_gaussian_noise(**kwargs)
+
+
+def test_normals_have_the_gaussian_distribution():
+  """n = 1e7 + 1 draws (an odd count: the last pair's sine is dropped). Every check is a 6-sd
+  band (false failure about 2e-9 each) except the KS test on 1e6 of them (p < 1e-6: 1e-6)."""
+  n = 10_000_001
+  tree = {"x": jax.ShapeDtypeStruct((n,), jnp.float32)}
+  z = np.asarray(noise.gaussian_noise_like(jax.random.PRNGKey(7), tree, 1.0)["x"])
+  assert z.shape == (n,) and z.dtype == np.float32 and np.all(np.isfinite(z))
+  assert abs(np.mean(z, dtype=np.float64)) < 6 / np.sqrt(n)
+  assert abs(np.var(z, dtype=np.float64) - 1) < 6 * np.sqrt(2 / n)
+  for t in (3.0, 4.0, 4.5):
+    p = special.erfc(t / np.sqrt(2))  # P(|Z| > t)
+    assert abs(np.sum(np.abs(z) > t) - n * p) < 6 * np.sqrt(n * p * (1 - p)), t
+  assert stats.kstest(z[::10], "norm").pvalue > 1e-6  # cosines and sines alike
+  # A pair's cosine (element i) and sine (element m + i) are independent: uncorrelated, and so
+  # are their squares (sd 1/sqrt(m) and 2/sqrt(m): var(z² - 1) = 2).
+  m = (n + 1) // 2
+  cos, sin = z[:m - 1].astype(np.float64), z[m:].astype(np.float64)
+  assert abs(np.mean(cos * sin)) < 6 / np.sqrt(m)
+  assert abs(np.mean((cos ** 2 - 1) * (sin ** 2 - 1))) < 6 * 2 / np.sqrt(m)
+
+
+def _reference_pair(words) -> tuple[float, float]:
+  """The pair `_box_muller` should make from 4 words, in float64: u = v or 1 - v, by word 0's
+  top bit, with v = (k + 1/2)·2^-104 and k the other 103 radius bits."""
+  w0, w1, w2, w3 = (int(w) for w in words)
+  k = ((w0 & 0x7FFFFFFF) << 72) | (w1 << 40) | (w2 << 8) | (w3 & 0xFF)
+  v = (k + 0.5) / 2 ** 104  # float64 keeps 53 of its bits: enough for a float32 radius
+  radius = math.sqrt(-2 * (math.log(v) if w0 >> 31 == 0 else math.log1p(-v)))
+  angle = math.pi * ((w3 >> 8) - (1 << 24 if w3 >> 31 else 0)) / 2 ** 23
+  return radius * math.cos(angle), radius * math.sin(angle)
+
+
+def _radius(words) -> float:
+  z1, z2 = noise._box_muller(jnp.asarray(words, jnp.uint32))
+  return math.hypot(float(z1), float(z2))
+
+
+def test_radius_reaches_twelve_sigma_on_crafted_words():
+  """The radius uniform has 104 bits: all zero gives u = 2^-105 and r = sqrt(210 ln 2) = 12.06,
+  which `jax.random.normal` (ending at -5.42 and +5.22) never reaches. The other extreme,
+  u = 1 - 2^-105, gives r = 2^-52, not 0 (nor a NaN). Crafted and random words (small ones
+  included) against a float64 reference."""
+  assert _radius([0, 0, 0, 0]) == pytest.approx(math.sqrt(210 * math.log(2)), rel=1e-6)
+  assert _radius([0x80000000, 0, 0, 0]) == pytest.approx(2.0 ** -52, rel=1e-6)
+  crafted = [[0, 0, 0, 0xFF], [0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0x40000000],
+             [0, 0, 0, 0x80000000], [0, 0, 0, 0xC00000FF], [0, 0, 0x12345, 0x7FFFFFFF],
+             [0xFFFFFFFF] * 4, [0x7FFFFFFF] * 4, [0x80000001, 0, 0, 0], [0x80000000, 0, 1, 0]]
+  rng = np.random.default_rng(0)
+  random = rng.integers(0, 2 ** 32, size=(1000, 4), dtype=np.uint32)
+  random[:, :2] >>= rng.integers(0, 33, size=(1000, 2)).astype(np.uint32)  # small k too
+  random[:500, 0] |= np.uint32(0x80000000)  # in the upper half: u near 1, small radii
+  words = np.concatenate([np.array(crafted, np.uint32), random])
+  z1, z2 = noise._box_muller(jnp.asarray(words.T))
+  expected = np.array([_reference_pair(w) for w in words])
+  # float32 rounding: a few units of 2^-24 relative to the radius, however small it is.
+  tolerance = 1e-6 * np.hypot(expected[:, 0], expected[:, 1])
+  assert np.all(np.abs(np.asarray(z1) - expected[:, 0]) < tolerance)
+  assert np.all(np.abs(np.asarray(z2) - expected[:, 1]) < tolerance)
+
+
+@pytest.mark.parametrize("zeros", [1, 2])
+def test_radius_tail_is_exact_beyond_the_leading_zero_words(zeros):
+  """Given its first `zeros` words are 0, u is uniform below 2^-32k and r² - 64k·ln 2 is
+  2·Exp(1): the radius's tail beyond 6.66 (k = 1) or 9.42 (k = 2) standard deviations, checked
+  by a KS test on 1e5 crafted pairs (false failure 1e-6), and the angle is uniform."""
+  rng = np.random.default_rng(zeros)
+  words = rng.integers(0, 2 ** 32, size=(4, 100_000), dtype=np.uint32)
+  words[:zeros] = 0
+  z1, z2 = (np.asarray(z, np.float64) for z in noise._box_muller(jnp.asarray(words)))
+  excess = (z1 ** 2 + z2 ** 2 - 64 * zeros * math.log(2)) / 2
+  assert stats.kstest(excess, "expon").pvalue > 1e-6
+  assert stats.kstest(np.arctan2(z2, z1), "uniform", args=(-np.pi, 2 * np.pi)).pvalue > 1e-6
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_noise_reaches_the_deep_tail(split, monkeypatch):
+  """With all-zero random words the draw's cosines are 12.06 standard deviations: the tail is
+  drawn by the sampler `gaussian_noise_like` uses, flat or by shape."""
+  monkeypatch.setattr(jax.random, "bits", lambda key, shape, dtype: jnp.zeros(shape, dtype))
+  tree = {"a": jnp.zeros((3, 5)), "b": jnp.zeros((3, 5)), "c": jnp.zeros(7)}
+  z = noise.gaussian_noise_like(jax.random.PRNGKey(0), tree, 2.0,
+                                jax.tree_util.tree_map(lambda _: split, tree))
+  largest = max(float(np.max(np.abs(x))) for x in jax.tree_util.tree_leaves(z))
+  assert largest == pytest.approx(2.0 * math.sqrt(210 * math.log(2)), rel=1e-6)
+
+
+def test_tail_delta_accounts_the_radius_beyond_the_largest():
+  """The exact radius exceeds the sampler's largest, r_max, with probability exp(-r_max²/2): the
+  per-pair constant; tail_delta is (1 + e^ε)·steps·values·that."""
+  r_max = _radius([0, 0, 0, 0])
+  assert math.exp(-r_max ** 2 / 2) == pytest.approx(noise.PAIR_TAIL_PROBABILITY, rel=1e-4)
+  assert noise.PAIR_TAIL_PROBABILITY == 2.0 ** -105
+  for values, steps, epsilon in [(1, 1, 0.0), (10_000, 2_000, 3.0), (86_000_000, 100_000, 10.0)]:
+    assert noise.tail_delta(values, steps, epsilon) == pytest.approx(
+        (1 + math.exp(epsilon)) * steps * values * 2.0 ** -105, rel=1e-12)
+  assert noise.tail_delta(86_000_000, 100_000, 10.0) < 1e-12  # a ViT-B/16 run: 4.7e-15
+  assert noise.tail_delta(86_000_000, 0, 10.0) == 0.0
+
+
+@pytest.mark.parametrize("args", [(-1, 10, 1.0), (10, -1, 1.0), (10, 10, -1.0),
+                                  (10, 10, math.inf), (1.5, 10, 1.0)])
+def test_tail_delta_refuses_bad_input(args):
+  with pytest.raises(ValueError, match="must be"):
+    noise.tail_delta(*args)

@@ -9,6 +9,9 @@ with the noise drawn in float32 whatever the parameter dtype, from a PRNG key ke
 transformation's state (so a checkpoint of the optimizer state carries it and a resumed run draws
 the same noise). That key is secret: by default it is fresh OS entropy (`init_noise_state`), and
 an optimizer state (a checkpoint) that holds it must be kept as private as the data.
+The normals come from a Box–Muller sampler whose radius is exact out to
+sqrt(210·ln 2) ≈ 12.06 standard deviations (`gaussian_noise_like`); a float sampler's tail has to
+end somewhere, and `tail_delta` is the δ that its missing mass (2^-105 per pair of normals) costs.
 
 Privacy: with S the clip rule's sensitivity, one call is the Gaussian mechanism with noise
 multiplier σ on the clipped sum; it must be called exactly once per step (the state's `count`
@@ -55,6 +58,11 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float,
                         split: PyTree | None = None) -> PyTree:
   """Independent N(0, stddev²) float32 noise for every leaf of `tree`.
 
+  The normals are Box–Muller pairs (`_box_muller`) with a 104-bit radius uniform: their radius
+  is exact out to sqrt(210·ln 2) ≈ 12.06 standard deviations, where `jax.random.normal` (the
+  inverse CDF of a 23-bit uniform) stops at -5.42 and +5.22. A flat draw of n values takes
+  ceil(n/2) pairs, four random 32-bit words each; `tail_delta` accounts the tail beyond 12.06.
+
   Each random-number draw is code for XLA to generate and compile, so leaves are drawn together
   (`benchmarks/compile_time.py`, H200: a ViT-B/16's DP apply step compiled in 48.7 s with one draw
   per leaf, 200 of them; 11.5-13 s with one per shape, 12; 4.8 s with one flat draw computed
@@ -63,8 +71,9 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float,
       ONE flat draw, in tree order;
     * leaves that `split` marks True (split over devices, e.g. by an 'fsdp' mesh axis: see
       `dpjax.parallel.split_leaves`) take rows of one [count, *shape] draw per distinct shape,
-      which each device can generate shard by shard; cut from a flat draw, they would make XLA
-      move noise between devices.
+      which each device can generate shard by shard (a pair's two values are rows i and
+      ceil(count/2) + i, so no value moves between devices); cut from a flat draw, they would
+      make XLA move noise between devices.
   Every element is an independent draw either way. With jax's partitionable threefry the values
   depend on the key, the shapes and `split`, not on where the arrays live.
 
@@ -81,7 +90,7 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float,
   whole = [i for i, is_split in enumerate(split_flags) if not is_split]
   sizes = [math.prod(jnp.shape(leaves[i])) for i in whole]
   if whole:
-    draw = _materialized(stddev * jax.random.normal(flat_key, (sum(sizes),), jnp.float32))
+    draw = _normals(flat_key, (sum(sizes),), stddev)
     offset = 0
     for index, size in zip(whole, sizes):
       noise[index] = draw[offset:offset + size].reshape(jnp.shape(leaves[index]))
@@ -92,10 +101,102 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, stddev: float,
       by_shape.setdefault(tuple(jnp.shape(leaves[index])), []).append(index)
   keys = jax.random.split(shaped_key, max(len(by_shape), 1))
   for k, (shape, indices) in zip(keys, by_shape.items()):
-    draw = _materialized(stddev * jax.random.normal(k, (len(indices),) + shape, jnp.float32))
+    draw = _normals(k, (len(indices),) + shape, stddev)
     for row, index in enumerate(indices):
       noise[index] = draw[row]
   return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def _normals(key: jax.Array, shape: tuple, stddev: float) -> jax.Array:
+  """N(0, stddev²) float32 values of `shape` (rank >= 1): ceil(shape[0]/2) rows of Box–Muller
+  pairs, cosines in the first rows and sines in the rest (the last sine row dropped when
+  shape[0] is odd). Pairing along the leading axis keeps the draw elementwise in the other
+  axes, which may be split over devices. The two halves are `_materialized` together, before
+  the concatenation: a kernel writing the concatenation would compute each pair twice."""
+  words = jax.random.bits(key, (4, -(-shape[0] // 2)) + tuple(shape[1:]), jnp.uint32)
+  halves = _materialized(tuple(stddev * z for z in _box_muller(words)))
+  return jnp.concatenate(halves)[:shape[0]]
+
+
+def _box_muller(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Two independent N(0, 1) float32 arrays from uint32 words [4, ...] (independent uniform bits).
+
+  Radius: word 0's top bit picks a half of (0, 1); the other 103 bits (word 0's low 31, words 1
+  and 2, word 3's low 8) form k, uniform on [0, 2^103), and v = (k + 1/2)·2^-104, summed in
+  float32 smallest terms first (a normal float32 in [2^-105, 1/2]). The uniform is u = v or
+  u = 1 - v, and r = sqrt(-2 ln u) with ln u computed as ln v or log1p(-v): float32's relative
+  precision in both halves (a float32 u near 1 would leave no radius between 0 and 3.5e-4).
+  In exact arithmetic u is a uniform U on (0, 1) taken at the midpoint of its cell of width
+  2^-104, so r is the exact radius sqrt(-2 ln U) rounded, except when U < 2^-105: then the exact
+  radius exceeds the largest here, sqrt(210·ln 2) ≈ 12.06 (k = 0, lower half). That happens with
+  probability exp(-r_max²/2) = 2^-105 per pair; `tail_delta` accounts it.
+
+  Angle: the top 24 bits of word 3, read as a signed integer s in [-2^23, 2^23), give
+  θ = π·s·2^-23, a uniform grid of 2^24 angles on [-π, π) that float32 resolves (its spacing,
+  3.7e-7, exceeds float32's at π, 2.4e-7) and that is symmetric under θ -> -θ and θ -> θ + π/2,
+  so cosines and sines have the same symmetric distribution.
+
+  Returns: (r·cos θ, r·sin θ), each shaped like words[0].
+  """
+  w0, w1, w2, w3 = words
+  as_float = lambda w: w.astype(jnp.float32)
+  low = (as_float(w3 & 0xFF) + 0.5) * 2.0 ** -104
+  v = as_float(w0 & 0x7FFFFFFF) * 2.0 ** -32 + (
+      as_float(w1) * 2.0 ** -64 + (as_float(w2) * 2.0 ** -96 + low))
+  log_u = jnp.where(w0 >> 31 == 0, jnp.log(v), jnp.log1p(-v))
+  radius = jnp.sqrt(-2.0 * log_u)
+  angle = as_float(jax.lax.bitcast_convert_type(w3, jnp.int32) >> 8) * (math.pi * 2.0 ** -23)
+  return radius * jnp.cos(angle), radius * jnp.sin(angle)
+
+
+PAIR_TAIL_PROBABILITY = 2.0 ** -105
+"""P(the exact radius of a Box–Muller pair exceeds `_box_muller`'s largest, sqrt(210·ln 2))."""
+
+
+def tail_delta(num_draws_per_step: int, steps: int, epsilon: float) -> float:
+  """The δ to add to a run's (ε, δ) for the normals' tail that the sampler cannot draw.
+
+  Args:
+    num_draws_per_step: the number of noise values drawn per step (the trainable parameters).
+    steps: the number of noised steps.
+    epsilon: the run's ε.
+
+  Returns: (1 + e^ε)·η with η = steps·num_draws_per_step·2^-105.
+
+  Privacy: if the run with exact Gaussian noise is (ε, δ)-DP, the run with this sampler is
+  (ε, δ + tail_delta(...))-DP, up to float rounding (below). Couple the two runs pair by pair:
+  the exact radius and angle come from uniforms U and Θ, the sampler's from their cells (U's of
+  width 2^-104, Θ's of width 2π·2^-24; `_box_muller`), so its values are the exact ones rounded
+  unless U < 2^-105, where the exact radius is beyond the sampler's largest: probability 2^-105
+  per pair. A step draws at most one pair per value it uses (ceil(n/2) for a draw of n values,
+  ceil(count/2)·size for `count` split leaves of one shape), so the noise of the whole run
+  differs beyond rounding with probability at most η, whatever the data. The run's output is a
+  function of the data and the noise, so its distributions under the two samplers are within η
+  in total variation, and for any set S of outputs and neighbours D, D':
+    P[ours(D) ∈ S] <= P[exact(D) ∈ S] + η <= e^ε·P[exact(D') ∈ S] + δ + η
+                   <= e^ε·P[ours(D') ∈ S] + δ + (1 + e^ε)·η.
+  For a ViT-B/16 run (86M parameters, 10^5 steps, ε = 10) this is 4.7e-15. (`jax.random.normal`,
+  whose draws end at -5.42σ and +5.22σ, misses a mass of 1.2e-7 per value.)
+
+  Not covered: the rounding. The noise takes finitely many float32 values. A pair lies on one of
+  2^24 rays, 3.7e-7 rad apart, a few times float32's angular resolution; its radius is resolved
+  finer than float32's spacing out to 11.0σ, but beyond (U < 2^-87.5, probability 4e-14 over
+  the ViT-B run above) consecutive radii are further apart, up to 0.09σ in the last cell. An
+  adversary who knows every other example and replays the float arithmetic bit for bit could
+  test whether an observed pair is reachable without the target example, as in Mironov's attack
+  on floating-point Laplace noise ("On significance of the least significant bits for
+  differential privacy", CCS 2012). Every floating-point sampler has such structure
+  (`jax.random.normal` draws 2^23 values per coordinate, 3e-7σ apart near 0 and further in the
+  tails); this δ does not bound it, and closing it takes another mechanism (e.g. discrete
+  Gaussian noise on a fixed-point grid).
+  """
+  if not (isinstance(num_draws_per_step, int) and num_draws_per_step >= 0
+          and isinstance(steps, int) and steps >= 0):
+    raise ValueError(f"num_draws_per_step and steps must be integers >= 0, got "
+                     f"{num_draws_per_step!r} and {steps!r}.")
+  if not (math.isfinite(epsilon) and epsilon >= 0):
+    raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}.")
+  return (1 + math.exp(epsilon)) * steps * num_draws_per_step * PAIR_TAIL_PROBABILITY
 
 
 def _flags_like(treedef, flags: PyTree, name: str) -> list:
@@ -107,7 +208,7 @@ def _flags_like(treedef, flags: PyTree, name: str) -> list:
                      f"(the params): {e}") from None
 
 
-def _materialized(draw: jax.Array) -> jax.Array:
+def _materialized(draw: PyTree) -> PyTree:
   """The draw computed once, as its own kernel. Without the barrier XLA's GPU fusion duplicates
   the threefry code into consumers of the draw's pieces (60 instead of 40 of its shifts in the
   optimized HLO), and a ViT-B/16's apply step compiles in 7.9 s instead of 4.2 s on an H200
