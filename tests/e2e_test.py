@@ -10,7 +10,7 @@ import pytest
 
 from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
-from dpjax.privacy import accounting, clipping, randomness
+from dpjax.privacy import accounting, clipping, noise, randomness
 from dpjax.train import checkpoint, loop, metrics, step as step_lib
 from tests.conftest import require_data
 
@@ -52,6 +52,10 @@ def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
   assert p["sampling_rate"] == pytest.approx(q)
   assert p["epsilon"] == accounting.epsilon(p["noise_multiplier"], q, 10, 1e-5, "rdp")
   assert 0.99 * 2.0 <= p["epsilon"] <= 2.0
+  params, _ = loop.load_trained_state(c, str(tmp_path))  # the float sampler's tail, in δ
+  values = noise.values_per_step(params)
+  assert values == sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert p["noise_tail_delta"] == noise.tail_delta(values, 10, p["epsilon"]) < 1e-20
   records = metrics.read_metrics(str(tmp_path))
   assert records[-1]["kind"] == "final"
   assert os.listdir(tmp_path / "tensorboard")

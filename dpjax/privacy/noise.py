@@ -149,6 +149,15 @@ def _box_muller(words: jax.Array) -> tuple[jax.Array, jax.Array]:
   return radius * jnp.cos(angle), radius * jnp.sin(angle)
 
 
+def values_per_step(params: PyTree, trainable: PyTree | None = None) -> int:
+  """How many noise values one step draws for `params` (trainable leaves only): the
+  `num_draws_per_step` of `tail_delta`."""
+  flags = ([True] * len(jax.tree_util.tree_leaves(params)) if trainable is None
+           else jax.tree_util.tree_structure(params).flatten_up_to(trainable))
+  return int(sum(math.prod(jnp.shape(p)) for p, t in zip(jax.tree_util.tree_leaves(params), flags)
+                 if t))
+
+
 PAIR_TAIL_PROBABILITY = 2.0 ** -105
 """P(the exact radius of a Box–Muller pair exceeds `_box_muller`'s largest, sqrt(210·ln 2))."""
 
@@ -324,8 +333,8 @@ class ClipCountRelease:
 
   def noisy_count(self, num_clipped: jax.Array, state: NoiseState) -> jax.Array:
     """num_clipped + N(0, σ_c²) in float32, its noise from `count_noise_key(state)`."""
-    z = jax.random.normal(count_noise_key(state), (), jnp.float32)
-    return jnp.asarray(num_clipped, jnp.float32) + jnp.float32(self.stddev) * z
+    z = _normals(count_noise_key(state), (1,), self.stddev)[0]  # the exact-tail sampler too
+    return jnp.asarray(num_clipped, jnp.float32) + z
 
   def noisy_fraction(self, num_clipped: jax.Array, state: NoiseState) -> jax.Array:
     """The noisy count over the expected batch size: what the trainer logs."""

@@ -372,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress.close()
   seconds = time.time() - started
   checkpointer.save(step, state(params, opt_state, step), record(ledger))
-  statement = loop.privacy_statement(plan, ledger, config)
+  statement = loop.privacy_statement(plan, ledger, config, noise.values_per_step(params))
   statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels are "
                                   "not read); add/remove adjacency")
   statement["probes"] = PROBES_STATEMENT

@@ -122,10 +122,13 @@ def released_statement(plan: PrivacyPlan) -> str:
 
 
 def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
-                      config: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
+                      config: ml_collections.ConfigDict | None = None,
+                      noise_values_per_step: int = 0) -> dict[str, Any]:
   """What was guaranteed, in the terms a reader needs to check it. With a source (the run this
   one started from), ε composes its ledger, and composed_from says what was composed. With the
-  config, where the mechanism's randomness came from."""
+  config, where the mechanism's randomness came from. With noise_values_per_step (the values the
+  noise draws each private step, `noise.values_per_step`), noise_tail_delta: what the float
+  sampler's missing tail adds to δ for this run's private steps (`noise.tail_delta`)."""
   conversion = {"pld": "PLD (dp_accounting PLDAccountant, pessimistic discretisation)",
                 "rdp": "RDP, dp_accounting's RDP-to-(ε, δ) conversion",
                 "rdp_classic": "RDP, classic conversion min_α RDP(α) + log(1/δ)/(α−1)"}
@@ -144,6 +147,10 @@ def privacy_statement(plan: PrivacyPlan, ledger: accounting.PrivacyLedger,
       non_private=plan.num_private_examples == 0,
       randomness=None if config is None else randomness_statement(config),
       epsilon_by_accountant={a: ledger.epsilon(plan.delta, a) for a in accounting.ACCOUNTANTS})
+  if noise_values_per_step and ledger.private_steps:
+    drawn = noise_values_per_step + (1 if plan.clip_fraction_noise else 0)  # + the count's
+    statement["noise_tail_delta"] = noise.tail_delta(drawn, ledger.private_steps,
+                                                     statement["epsilon"])
   if plan.source is not None:
     statement["composed_from"] = state_lib.composition_record(plan.source, ledger, plan.delta,
                                                               plan.accountant)
@@ -164,6 +171,8 @@ def format_statement(s: dict[str, Any]) -> str:
           f"{s['public_steps']} public-only steps (no privacy cost)\n"
           f"  noise multiplier {sigma}, clip rule {s['clip']} (norm {s['clip_norm']:g}, "
           f"sensitivity {s['sensitivity']:.4g})" + _format_source(s)
+          + (f"\n  the float noise sampler's tail beyond 12.06σ adds {s['noise_tail_delta']:.2g} "
+             f"to δ (noise.tail_delta)" if s.get("noise_tail_delta") else "")
           + (f"\n  clip count released with noise σ_c = {s['clip_fraction_noise']:g}; each "
              f"private step accounted as one Gaussian of σ_eff = "
              f"{s['effective_noise_multiplier']:.4f} (σ = {sigma} on the gradient)"
@@ -624,7 +633,8 @@ class _Run:
   def _finish(self, step, params, opt_state, ledger, writer, stopped, seconds):
     self._save(step, params, opt_state, ledger)
     evaluation = self._eval(params)
-    statement = privacy_statement(self.plan, ledger, self.config)
+    statement = privacy_statement(self.plan, ledger, self.config,
+                                  noise.values_per_step(params, self.tuning.trainable))
     writer.write(step, "final", dict(evaluation, epsilon=statement["epsilon"]))
     writer.close()
     results = dict(evaluation, steps=step, stopped=stopped or "completed",
