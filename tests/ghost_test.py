@@ -94,8 +94,11 @@ def _vit(scan_blocks=False):
                             input_shape=toy_models.IMAGE_SHAPE, scan_blocks=scan_blocks)
 
 
-class ScanWithoutGhostAxes(nn.Module):
-  """Dense blocks under nn.scan that stacks only params: ghost's variables cannot follow."""
+class ScannedDense(nn.Module):
+  """Two Dense blocks under nn.scan that stacks the `stacked` collections along its axis (True:
+  all of them, as the ViT's blocks do; "params" only: ghost's variables cannot follow)."""
+  stacked: Any = True
+
   @nn.compact
   def __call__(self, x):
     class Block(nn.Module):
@@ -103,8 +106,8 @@ class ScanWithoutGhostAxes(nn.Module):
       def __call__(self, h, _):
         return jnp.tanh(nn.Dense(h.shape[-1])(h)), None
     h = x.reshape((x.shape[0], 4, -1))
-    h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)()(
-        h, None)
+    h, _ = nn.scan(Block, variable_axes={self.stacked: 0}, split_rngs={"params": True},
+                   length=2)()(h, None)
     return nn.Dense(3)(h.mean(axis=1))
 
 
@@ -437,7 +440,7 @@ def test_a_loss_under_remat_gets_the_same_norms():
 def test_a_scan_that_does_not_stack_ghost_variables_goes_to_the_fallback():
   """flax drops the undeclared collections inside the scan: its layers are never read, so their
   params are per-example-differentiated by the fallback (or refused), never left out."""
-  assert_fallback_is_right_or_refused(ScanWithoutGhostAxes(), toy_models.batch(3),
+  assert_fallback_is_right_or_refused(ScannedDense(stacked="params"), toy_models.batch(3),
                                       "ScanBlock_0/Dense_0/kernel")
 
 
@@ -593,3 +596,44 @@ def test_per_layer_contributions_that_cancel_stay_within_each_layers_bound(dtype
   alone = contributions_alone(batch_losses_of(model), params, cancelling_batch(16), rule)
   for layer, part in alone.items():
     assert float64_norms(part).max() <= rule.clip_norms[layer] * (1 + BOUND_RTOL), layer
+
+
+class SmallWSConv(nn.Module):
+  """Two weight-standardised convs: the first's kernel norm from its instantiated gradient (64
+  positions), the second's from the Grams (4 positions); then a Dense."""
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(wrn.WSConv(4, (3, 3))(x))
+    x = wrn.WSConv(16, (3, 3), strides=4)(x)
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+SMALL_MODELS = {"dense": lambda: toy_models.MODELS["dense"],
+                "conv": lambda: toy_models.MODELS["conv"], "token_mlp": TokenMLP,
+                "wsconv": SmallWSConv, "scanned": ScannedDense, "conv1d": Conv1D}
+
+
+@pytest.mark.parametrize("name,rule", [
+    (name, rule) for name in ("dense", "conv", "token_mlp") for rule in RULES[:2]] + [
+    ("scanned", "per_layer"), ("wsconv", RULES[2]), ("conv1d", RULES[0])])
+def test_an_example_with_an_inf_or_nan_input_adds_exactly_zero(name, rule):
+  """An inf or a NaN input makes that example's layer inputs and output gradients non-finite
+  (bfloat16 too; scanned stacks, WSConv terms and the vmap fallback alike); its factor is 0 and its
+  rows are zeroed in every weighted matmul (0·inf is NaN), so the sum equals the one without it
+  (not NaN: its presence would show) and the statistics stay finite."""
+  model = SMALL_MODELS[name]()
+  params = toy_models.init(model)
+  if rule == "per_layer":
+    rule = clipping.per_layer_clip(params, 1.0)
+  losses = batch_losses_of(model)
+  batch = toy_models.batch(6, seed=3, scale=3.0)
+  batch = dict(batch, image=batch["image"].at[1, 2, 3, 0].set(jnp.inf).at[4, 0, 0, 0].set(jnp.nan))
+  mask = np.array([1, 1, 1, 1, 1, 0], bool)
+  clip = jax.jit(lambda m: ghost.clipped_grad_sum(losses, params, batch, m, rule,
+                                                  fallback="error" if name != "conv1d" else "vmap"))
+  out, without = clip(mask), clip(mask & ~np.isin(np.arange(6), [1, 4]))
+  for a, b in zip(jax.tree_util.tree_leaves(out.grad_sum),
+                  jax.tree_util.tree_leaves(without.grad_sum)):
+    np.testing.assert_array_equal(a, b)
+  assert all(np.isfinite(float(x)) for x in out.stats)
+  assert float(out.stats.num_clipped) >= 2.0
