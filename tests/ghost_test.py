@@ -637,3 +637,68 @@ def test_an_example_with_an_inf_or_nan_input_adds_exactly_zero(name, rule):
     np.testing.assert_array_equal(a, b)
   assert all(np.isfinite(float(x)) for x in out.stats)
   assert float(out.stats.num_clipped) >= 2.0
+
+
+class BatchCentred(nn.Module):
+  """Subtracts the batch mean of its hidden units: a model that mixes examples without
+  BatchNorm (and without 'batch_stats')."""
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8)(x.reshape((x.shape[0], -1)))
+    return nn.Dense(3)(jnp.tanh(h - h.mean(axis=0, keepdims=True)))
+
+
+def test_a_model_that_mixes_examples_is_refused():
+  """Ghost clipping accepts a batch-mean model silently, and replacing one example moves its
+  clipped sum by more than the bound 2C on a replacement (2.68C here); the check refuses it."""
+  model = BatchCentred()
+  params = toy_models.init(model)
+  losses, batch, rule = batch_losses_of(model), toy_models.batch(4), clipping.FlatClip(1.0)
+  clip = jax.jit(lambda b: ghost.clipped_grad_sum(losses, params, b, jnp.ones(4, bool),
+                                                  rule).grad_sum)
+  replaced = dict(batch, image=batch["image"].at[0].set(100.0))
+  moved = clipping.global_norm(jax.tree_util.tree_map(jnp.subtract, clip(batch), clip(replaced)))
+  assert float(moved) > 2 * rule.sensitivity
+  with pytest.raises(ghost.ExamplesMixedError, match="mixes the examples.*per_example_method='vmap'"):
+    ghost.check_examples_independent(losses, params, batch)
+
+
+@jax.custom_vjp
+def _mix_cotangents(x):
+  return x
+
+
+_mix_cotangents.defvjp(lambda x: (x, None),
+                       lambda _, g: (g + jnp.mean(g, axis=0, keepdims=True),))
+
+
+class BackwardMixing(nn.Module):
+  """Keeps examples apart going forward (the losses), mixes their output gradients going back."""
+  @nn.compact
+  def __call__(self, x):
+    h = _mix_cotangents(nn.Dense(8)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(3)(jnp.tanh(h))
+
+
+def test_a_backward_pass_that_mixes_examples_is_refused():
+  """Only the other examples' ghost norms move, not their losses: the check reads both."""
+  model = BackwardMixing()
+  with pytest.raises(ghost.ExamplesMixedError, match="gradient norms"):
+    ghost.check_examples_independent(batch_losses_of(model), toy_models.init(model),
+                                     toy_models.batch(4))
+
+
+@pytest.mark.parametrize("name,dtype", [("cnn_tanh", "float32"), ("vit", "bfloat16"),
+                                        ("wrn", "float32"), ("conv1d", "float32")])
+def test_models_that_keep_examples_apart_pass_the_independence_check(name, dtype):
+  """The repo's models (built small; the ViT in bfloat16, as benchmarked) and one whose layer
+  goes to the vmap fallback, through the trainer's batch losses."""
+  if name == "cnn_tanh":  # its convolutions need 16 x 16 images at least
+    model = models.build_model("cnn_tanh_mnist", 3, input_shape=(16, 16, 1))
+    batch = dict(image=jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 1)),
+                 label=jnp.arange(4) % 3)
+    params = model.init(jax.random.PRNGKey(0), batch["image"][:1])["params"]
+  else:
+    model = MODELS[name]()
+    batch, params = toy_models.batch(4, seed=1), toy_models.init(model)
+  ghost.check_examples_independent(step_lib.make_batch_losses(model, dtype), params, batch)
