@@ -141,6 +141,34 @@ def test_padding_with_nan_does_not_leak():
   assert np.isfinite(float(out.stats.norm_max))
 
 
+def with_non_finite_examples(examples):
+  """The batch with an inf pixel in example 1 and a NaN pixel in example 4."""
+  image = examples["image"].at[1, 2, 3, 0].set(jnp.inf).at[4, 0, 0, 0].set(jnp.nan)
+  return dict(examples, image=image)
+
+
+@pytest.mark.parametrize("rule_name", sorted(RULES))
+def test_an_example_with_an_inf_or_nan_gradient_adds_exactly_zero(rule_name):
+  """An inf or NaN input makes that example's gradient non-finite; its presence must not show in
+  the sum (which a NaN sum would show): the sum equals the one without it, and the statistics
+  stay finite."""
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  loss = toy_models.per_example_loss(model)
+  rule = RULES[rule_name](params)
+  examples = with_non_finite_examples(toy_models.batch(6, seed=3, scale=3.0))
+  mask = np.array([1, 1, 1, 1, 1, 0], bool)
+  clip = jax.jit(lambda m: clipping.clipped_grad_sum(loss, params, examples, m, rule,
+                                                     microbatch_size=3))
+  out, without = clip(mask), clip(mask & ~np.isin(np.arange(6), [1, 4]))
+  for a, b in zip(jax.tree_util.tree_leaves(out.grad_sum),
+                  jax.tree_util.tree_leaves(without.grad_sum)):
+    np.testing.assert_array_equal(a, b)
+  assert all(np.isfinite(float(x)) for x in out.stats)
+  assert float(out.stats.num_examples) == 5.0
+  assert float(out.stats.num_clipped) >= 2.0  # the two dropped examples count as clipped
+
+
 def test_one_microbatch_is_traced_once():
   """A batch that is one microbatch (the trainer's accumulate step) is clipped without a scan:
   the scan's body was a second copy of the whole per-example computation, which doubled the

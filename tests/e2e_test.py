@@ -10,8 +10,8 @@ import pytest
 
 from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
-from dpjax.privacy import accounting, clipping, noise, randomness
-from dpjax.train import checkpoint, loop, metrics, step as step_lib
+from dpjax.privacy import accounting, clipping, ghost, noise, randomness
+from dpjax.train import checkpoint, loop, metrics, state as state_lib, step as step_lib
 from tests.conftest import require_data
 
 
@@ -194,6 +194,30 @@ def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path, c
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
   train_logs = [r for r in metrics.read_metrics(str(tmp_path / "ghost")) if r["kind"] == "train"]
   assert train_logs and "clip_fraction" not in train_logs[-1]  # private: never logged
+
+
+class BatchCentredClassifier(nn.Module):
+  """A classifier that subtracts the batch mean of its hidden units: it mixes examples without
+  BatchNorm, so only a check of the batched forward pass sees it."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, images):
+    h = nn.Dense(16)(images.reshape((images.shape[0], -1)))
+    return nn.Dense(self.num_classes)(jax.numpy.tanh(h - h.mean(axis=0, keepdims=True)))
+
+
+def test_the_trainer_refuses_ghost_clipping_of_a_model_that_mixes_examples(tmp_path, monkeypatch):
+  """With perf.per_example_method='ghost' the trainer checks, on a synthetic batch, that the
+  batched forward pass keeps examples apart (`ghost.check_examples_independent`)."""
+  def create_model(config, dataset):
+    model = BatchCentredClassifier(dataset.num_classes)
+    images = jax.numpy.zeros((1,) + dataset.image_shape)
+    return model, model.init(jax.random.PRNGKey(config.seed), images)["params"]
+  monkeypatch.setattr(state_lib, "create_model", create_model)
+  with pytest.raises(ghost.ExamplesMixedError, match="per_example_method='vmap'"):
+    loop.train_and_evaluate(small_config(perf=dict(per_example_method="ghost")), str(tmp_path),
+                            show_progress=False)
 
 
 def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):

@@ -101,9 +101,16 @@ class StandardizedConvTerm:
       Σₒ cₒ‖Gₒ‖² = Σₜ,ₛ (pₜ·pₛ)(Σₒ cₒ gₜₒ gₛₒ) (ghost norm) and 1·Gₒ = Σₜ (Σ pₜ) gₜₒ: nothing of
       size n·p per example. The subtraction is accurate to float32 rounding relative to
       cₒ‖Gₒ‖² (pₜ·sₒ in bfloat16 is taken as two matmuls, s split into high and low halves).
-  Rounding wᵢgᵢ to bfloat16 in the sum's matmul moves ‖Gᵢ‖ by at most `ghost.rounding_slack`,
-  and the pullback by at most its largest per-channel gain (kernel: max gainₒ/(√n σₒ), gain:
-  max ‖sₒ‖/√n ≤ 1) times that: the slack reported.
+  Rounding (`norm_bound`, a `ghost.NormBound`): the pullback P has ‖P(E)‖ ≤ ‖(√cₒEₒ)ₒ‖ (each
+  column is scaled by √cₒ = gainₒ/(√n σₒ) after a projection) for the kernel, ≤ max ‖sₒ‖/√n·‖E‖
+  for the gain. So rounding wᵢ·(factor) in the sum's matmul and its accumulation over positions
+  move the kernel's pullback by ≤ (ε + γ_T)·Σₜ‖pₜ‖‖√c ⊙ gₜ‖ (`ghost.gram_norm_bound`'s slack of
+  the c-weighted Grams), the gain's by max ‖sₒ‖/√n times `ghost.rounding_slack`; computing the
+  pullback in float32 adds ≤ 2γ_{n+5}·‖(√cₒXₒ)ₒ‖ for the kernel (≤ γ_{n+1}·max ‖sₒ‖/√n·‖X‖ for
+  the gain), relative to the pulled-back X, not to its image. The norms' errors: the Gram part's
+  (`ghost.gram_norm_bound`), those of 1·Gₒ and sₒ·Gₒ (`_along_s`; relative to
+  Aₒ = Σₜ‖pₜ‖|gₜₒ|), of the identity's ‖sₒ‖² = n·rₒ and sₒ·1 = 0 for the computed s, and of the
+  subtraction; with instantiated Gᵢ, its γ_T·Σₜ‖pₜ‖‖√c ⊙ gₜ‖ and the pullback's, in the slack.
   """
   patches: jax.Array  # [m, T, n], g's dtype
   output_grads: jax.Array  # [m, T, features]
@@ -128,28 +135,78 @@ class StandardizedConvTerm:
     from dpjax.privacy import ghost
     return self._pullback(ghost.per_example_outer(self.patches, self.output_grads))
 
-  def sq_norms_and_slack(self) -> tuple[jax.Array, jax.Array]:
+  def norm_bound(self) -> "ghost.NormBound":
+    """`ghost.NormBound` of the kernel's or the gain's per-example gradients (see the class
+    docstring for the rounding each bound covers)."""
     from dpjax.privacy import ghost
     (_, t, n), p = self.patches.shape, self.output_grads.shape[-1]
-    slack = ghost.rounding_slack(self.patches, self.output_grads)
-    kernel_slack = jnp.max(jnp.abs(self.gain_scale) * self.inv_std) * slack
-    if self.part == "kernel" and not ghost.ghost_norm_is_cheaper(t, n, p):
-      return jnp.sum(jnp.square(self.instantiate()), axis=-1), kernel_slack
-    g = self.output_grads.astype(jnp.float32)
-    full = jax.lax.Precision.HIGHEST
-    along_s = jnp.einsum("mtp,mtp->mp", self._patches_times_s(), g, precision=full)  # sₒ·Gₒ
-    r = jnp.sum(jnp.square(self.standardized), axis=0) / n  # ‖sₒ‖²/n
+    along_s, along_s_error, spread = self._along_s()
     if self.part == "gain":
-      return jnp.sum(jnp.square(along_s), axis=-1) / n, jnp.max(jnp.sqrt(r)) * slack
+      sq = jnp.sum(jnp.square(along_s), axis=-1) / n
+      sq_error = ghost.inflation(p + 4) * jnp.sum(_sq_error(along_s, along_s_error), -1) / n
+      gain = jnp.sqrt(jnp.max(jnp.sum(jnp.square(self.standardized), 0)) / n)  # ≥ max √rₒ
+      pullback_gain = ghost.inflation(n + 2) * gain
+      rounding = ghost.rounding_slack(self.patches, self.output_grads)
+      slack = pullback_gain * ((1 + ghost.gamma(n + 1)) * rounding
+                               + ghost.gamma(n + 1) * jnp.sqrt(jnp.sum(jnp.square(spread), -1)))
+      return ghost.NormBound(sq, sq_error, slack)
+    g = self.output_grads.astype(jnp.float32)
     c = jnp.square(self.gain_scale * self.inv_std)
+    pullback_error = 2 * ghost.gamma(n + 5)  # relative to ‖(√cₒ·Xₒ)ₒ‖, of the pullback of X
+    eps = float(jnp.finfo(self.output_grads.dtype).eps)
+    if not ghost.ghost_norm_is_cheaper(t, n, p):
+      used = ghost.per_example_outer(self.patches, self.output_grads)  # Gᵢ as computed
+      sq = jnp.sum(jnp.square(self._pullback(used)), axis=-1)
+      weighted = ghost.inflation(n + p + 4) * jnp.sqrt(jnp.sum(jnp.sum(
+          jnp.square(used) * c, axis=-1), axis=-1))
+      # Scaled output gradients: ‖P(E)‖ ≤ Σₜ‖pₜ‖‖√c ⊙ eₜ‖ for per-position errors eₜ ≤ ε|gₜ|.
+      s_c = ghost.inflation(4) * ghost.magnitude(self.patches, g * jnp.sqrt(c))
+      linear = (eps + 2 * ghost.gamma(t)) * s_c  # the sum's rounding + the instantiation's
+      slack = (1 + pullback_error) * linear + 2 * pullback_error * weighted
+      return ghost.NormBound(sq, jnp.zeros_like(sq), slack)
+    full = jax.lax.Precision.HIGHEST
     gram_p = jnp.einsum("mtd,msd->mts", self.patches, self.patches,
                         preferred_element_type=jnp.float32, precision=full)
     gram_g = jnp.einsum("mtp,msp,p->mts", g, g, c, precision=full)
+    main = ghost.gram_norm_bound(gram_p, gram_g, ghost.gamma(n), ghost.gamma(p + 2), eps)
     sums = jnp.sum(self.patches, axis=-1, dtype=jnp.float32)  # Σ pₜ [m, T]
     along_1 = jnp.einsum("mt,mtp->mp", sums, g, precision=full)  # 1·Gₒ
-    sq = jnp.sum(gram_p * gram_g, axis=(1, 2)) - jnp.sum(
-        c * (jnp.square(along_1) + self.active * (2.0 - r) * jnp.square(along_s)), axis=-1) / n
-    return jnp.maximum(sq, 0.0), kernel_slack
+    # Σ pₜ within γ_n·√n‖pₜ‖, the sum over t within γ_T(1 + γ_n): ≤ (γ_n + 2γ_T)·√n·Aₒ.
+    along_1_error = (ghost.gamma(n) + 2 * ghost.gamma(t)) * math.sqrt(n) * spread
+    r = jnp.sum(jnp.square(self.standardized), axis=0) / n  # ‖sₒ‖²/n
+    weight = self.active * (2.0 - r)
+    projections = c * (jnp.square(along_1) + weight * jnp.square(along_s)) / n
+    # The identity needs ‖sₒ‖² = n·rₒ (r within γ_{n+2}) and sₒ·1 = 0: the computed s's mean is
+    # not exactly 0, which moves the square by ≤ 2cₒ‖Gₒ‖²|sₒ·1|/n.
+    projections_error = c * (_sq_error(along_1, along_1_error)
+                             + jnp.abs(weight) * _sq_error(along_s, along_s_error)
+                             + self.active * ghost.gamma(n + 2) * r * jnp.square(along_s)) / n
+    off_mean = 2 * jnp.max(jnp.abs(jnp.sum(self.standardized, axis=0))) / n
+    total = jnp.sum(projections, axis=-1)
+    sq = jnp.maximum(main.sq - total, 0.0)
+    sq_error = (main.sq_error + ghost.inflation(p + 2) * jnp.sum(projections_error, axis=-1)
+                + ghost.gamma(p + 8) * (main.sq + total)
+                + ghost.inflation(n + 2) * off_mean * (main.sq + main.sq_error))
+    weighted = jnp.sqrt(main.sq + main.sq_error)  # ≥ ‖(√cₒ·Gₒ)ₒ‖
+    slack = (1 + pullback_error) * main.slack + pullback_error * weighted
+    return ghost.NormBound(sq, sq_error, slack)
+
+  def _along_s(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sₒ·Gₒ [m, features] as computed, a bound on its error, Aₒ ≥ Σₜ‖pₜ‖|gₜₒ|). pₜ·sₒ is within
+    (2γ_{n+1} + ε²)‖pₜ‖‖sₒ‖ (s split into bfloat16 halves leaves ≤ ε²/4 of s out) and the sum
+    over t within γ_T(1 + ·); doubled for the (1 + γ) factors and ‖sₒ‖ ≤ √(n·rₒ)(1 + γ_n)."""
+    from dpjax.privacy import ghost
+    (_, t, n) = self.patches.shape
+    g = self.output_grads.astype(jnp.float32)
+    full = jax.lax.Precision.HIGHEST
+    along_s = jnp.einsum("mtp,mtp->mp", self._patches_times_s(), g, precision=full)
+    patch_norms = jnp.sqrt(jnp.sum(jnp.square(self.patches.astype(jnp.float32)), axis=-1))
+    spread = ghost.inflation(n + 2, t + 2) * jnp.einsum("mt,mtp->mp", patch_norms, jnp.abs(g),
+                                                         precision=full)
+    s_norms = jnp.sqrt(jnp.sum(jnp.square(self.standardized), axis=0))  # ‖sₒ‖ [features]
+    eps = float(jnp.finfo(self.patches.dtype).eps)
+    error = 2 * (2 * ghost.gamma(n + 1) + eps * eps + ghost.gamma(t)) * s_norms * spread
+    return along_s, error, spread
 
   def _patches_times_s(self) -> jax.Array:
     """pₜ·sₒ [m, T, features], float32: two bfloat16 matmuls (s = high + low) for bfloat16
@@ -228,6 +285,11 @@ class WideResNet(nn.Module):
     x = nn.GroupNorm(num_groups=self.num_groups, name="final_norm")(nn.relu(x))
     pooled = jnp.mean(x, axis=(1, 2))  # [batch, 64 * width]
     return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+def _sq_error(value: jax.Array, error: jax.Array) -> jax.Array:
+  """A bound on |v̂² − v²| for |v̂ − v| ≤ error: (2|v̂| + error)·error."""
+  return (2 * jnp.abs(value) + error) * error
 
 
 def wrn_blocks_per_stage(depth: int) -> int:

@@ -8,7 +8,7 @@ clipping statistics.
 
 Privacy: for every rule, adding or removing one example changes the returned sum by at most
 `rule.sensitivity` in L2 norm (over all trainable parameters together). Padded examples (mask 0)
-contribute exactly zero. Frozen parameters (outside `trainable`) get no per-example gradient and a
+and examples whose gradient is not finite contribute exactly zero. Frozen parameters (outside `trainable`) get no per-example gradient and a
 zero sum.
 """
 
@@ -38,6 +38,8 @@ class ClipStats(NamedTuple):
   would scale down). Each example adds a 0/1 flag that depends on it alone (padding adds 0), so
   adding or removing one example changes num_clipped by at most 1: its sensitivity is 1, and
   `dpjax.privacy.noise.ClipCountRelease` releases it with Gaussian noise.
+  An example with a non-finite gradient norm (dropped from the clipped sum) counts as clipped
+  (its flag is 1) and adds 0 to norm_sum and norm_max.
   """
   num_examples: jax.Array   # number of real examples
   num_clipped: jax.Array    # examples with pre-clip norm > the clip norm (see above)
@@ -338,7 +340,9 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
   Returns:
     `ClippedSum` with grad_sum in float32 and the structure of params.
 
-  Privacy: ‖grad_sum(D) − grad_sum(D ± one example)‖₂ ≤ rule.sensitivity; padded rows add 0.
+  Privacy: ‖grad_sum(D) − grad_sum(D ± one example)‖₂ ≤ rule.sensitivity; padded rows add 0,
+  and so does an example whose gradient holds an inf or NaN (an inf or NaN input, an overflow):
+  its presence is not visible in the sum (it counts as clipped in the statistics).
   """
   reject_batch_stats(params)
   n = int(mask.shape[0])
@@ -381,20 +385,27 @@ def sum_over_microbatches(clip_chunk: Callable, examples: PyTree, mask: jax.Arra
 
 
 def _clip_microbatch(loss_fn, train_p, frozen_p, examples, mask, rule, args):
+  """(Σᵢ clip(gᵢ) over the real rows whose gradient is finite, ClipStats) of one microbatch.
+
+  An example whose gradient holds an inf or NaN has a non-finite global norm (a square of inf is
+  inf, NaN propagates): its factor is treated as 0 and its row replaced by zeros, so it adds
+  exactly 0, as a padded row does. `where`, not a product with a mask: 0·inf is NaN."""
   grads = per_example_grads(loss_fn, train_p, frozen_p, examples, *args)
   clipped, norms, was_clipped = jax.vmap(rule.clip)(grads)
-  real = mask > 0
-  # `where`, not a product with the mask, so that a NaN/inf in a padded row cannot leak into the sum.
+  kept = (mask > 0) & jnp.isfinite(norms)
   summed = jax.tree_util.tree_map(
-      lambda g: jnp.sum(jnp.where(_expand(real, g), g.astype(jnp.float32), 0.0), axis=0), clipped)
-  return summed, microbatch_stats(norms, was_clipped, real)
+      lambda g: jnp.sum(jnp.where(_expand(kept, g), g.astype(jnp.float32), 0.0), axis=0), clipped)
+  return summed, microbatch_stats(norms, was_clipped, mask > 0)
 
 
 def microbatch_stats(norms: jax.Array, was_clipped: jax.Array, real: jax.Array) -> ClipStats:
-  """`ClipStats` of one microbatch from per-example norms [m], clip flags [m] and real rows [m]."""
-  real_norms = jnp.where(real, norms, 0.0)
+  """`ClipStats` of one microbatch from per-example norms [m], clip flags [m] and real rows [m].
+  A real example whose norm is inf or NaN (dropped from the sum) counts as clipped and adds 0 to
+  the norm sum and max, which stay finite."""
+  finite = jnp.isfinite(norms)
+  real_norms = jnp.where(real & finite, norms, 0.0)
   return ClipStats(num_examples=jnp.sum(real.astype(jnp.float32)),
-                   num_clipped=jnp.sum(jnp.where(real, was_clipped, 0.0)),
+                   num_clipped=jnp.sum(jnp.where(real, jnp.where(finite, was_clipped, 1.0), 0.0)),
                    norm_sum=jnp.sum(real_norms), norm_max=jnp.max(real_norms, initial=0.0))
 
 
@@ -403,8 +414,8 @@ def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def zero_stats() -> ClipStats:
-  z = jnp.float32(0.0)
   """Statistics of an empty batch."""
+  z = jnp.float32(0.0)
   return ClipStats(z, z, z, z)
 
 

@@ -15,18 +15,26 @@ training does (book-keeping, Bu et al. 2023):
        Embed table, T looked-up rows idxₜ: ∇ᵢ = Σₜ e_{idxₜ} gₜᵀ, squared norm
          Σₜ,ₛ [idxₜ = idxₛ] (gₜ·gₛ); its clipped sum is a scatter-add of the wᵢgᵢₜ (float32);
        biases Σₜ gₜ; LayerNorm / GroupNorm scale Σₜ gₜ ⊙ x̂ₜ and bias Σₜ gₜ (small, instantiated).
-  2. each example's factor wᵢ from the clip rule and its norm; the clipped sum is then, layer by
+  2. each example's factor wᵢ from the clip rule and a bound on its norm (below, "Precision");
+     an example whose terms hold an inf or NaN gets wᵢ = 0 and its rows are zeroed (`where`, as
+     padded rows are), so it adds exactly 0. The clipped sum is then, layer by
      layer, Σᵢ wᵢ∇ᵢ = Σᵢ,ₜ (wᵢaᵢₜ) gᵢₜᵀ or aᵢₜ (wᵢgᵢₜ)ᵀ (whichever factor is narrower is scaled):
      one matmul per kernel, the same one a backward pass makes.
 
 The loss must be written so that ghost can pass its variables in: see `BatchLosses` and
 `apply_model`.
 
-Precision: matmuls accumulate in float32 (float32 operands at full precision, no TF32). With
-bfloat16 activations, wᵢaᵢ or wᵢgᵢ is rounded to bfloat16 before the matmul, which can move the
-contribution by up to eps·Σₜ‖aₜ‖‖gₜ‖·wᵢ; an example that is scaled down gets its factor from its
-norm plus that slack (summed over a scanned layer's slices, which only loosens the bound), so its
-contribution stays within the clip bound (tested).
+Precision and the clip bound: matmuls accumulate in float32 (float32 operands at full precision,
+no TF32). The norm that picks an example's factor wᵢ and the sum that wᵢ scales are computed
+differently (Gram products; one matmul), and both round relative to the example's per-position
+terms Σₜ‖aₜ‖‖gₜ‖, which cancellation across positions (tokens, pixels) can make arbitrarily
+larger than its norm; wᵢaᵢ or wᵢgᵢ is also rounded to the activations' dtype before the matmul.
+So wᵢ is computed, for every rule, from an upper bound Uᵢ on the norm of what the sums add for the
+example per unit wᵢ, all of that rounding included (`NormBound`, `_example_weights`): every
+rule's factor has factor(U)·U ≤ C, whether it scales down (flat) or up (automatic, normalized),
+so the contribution stays within C. Rounding relative to the norm itself is left out, as on the
+vmap path. From the norm alone, the factors of rules that scale up scaled the rounding up too
+(contributions of 1.43·C in float32, tests/ghost_test.py).
 
 A module class of one's own joins by defining `ghost_grads(self, inputs, output_grads) ->
 {param name: per-example gradients [m, *param.shape], or a factored term}`, which ghost calls
@@ -45,9 +53,10 @@ trainable leaf is accounted for by exactly one layer record or by the fallback (
 time), and supported layers are matched by exact type, so a subclass with extra behaviour is
 treated as unsupported.
 
-Privacy: the same per-example factors as the vmap path (flat, automatic and normalized clip
-rules; per group for per-layer `GroupClip`), computed from norms equal to the vmap ones up to
-float32 rounding (tests/ghost_test.py); the sum's sensitivity is rule.sensitivity.
+Privacy: the clip rules of the vmap path (flat, automatic and normalized; per group for per-layer
+`GroupClip`), each example's factor computed from an upper bound on its contribution's norm
+(above), which exceeds the vmap norm by rounding bounds only (tests/ghost_test.py); the sum's
+sensitivity is rule.sensitivity.
 """
 
 from __future__ import annotations
@@ -55,11 +64,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpjax.privacy import clipping
 
@@ -225,25 +235,54 @@ class _Lookup:
   rows: int = dataclasses.field(metadata=dict(static=True))
 
 
+class NormBound(NamedTuple):
+  """One param leaf's per-example squared norms and the bounds on their rounding, each [m]
+  (float32; `per_example_terms`' terms give one each, `Term.norm_bound`).
+
+  ∇ᵢ is the per-example gradient in real arithmetic of the arrays ghost holds (a kernel's
+  Σₜ aᵢₜgᵢₜᵀ, from the layer's inputs and output gradients as computed, in their dtype):
+    sq: ‖∇ᵢ‖² as computed: what the statistics report.
+    sq_error: ≥ |sq − ‖∇ᵢ‖²|, the float32 rounding in computing sq where it is relative to the
+      example's per-position terms (for a kernel, Σₜ‖aₜ‖‖gₜ‖), which cancellation between
+      positions can make arbitrarily larger than ‖∇ᵢ‖. Rounding relative to ‖∇ᵢ‖ itself (a sum
+      of squares) is left out, as the vmap path leaves it out: it moves a contribution by a
+      factor 1 + O(k·2⁻²⁴) on both paths.
+    slack: ≥ ‖cᵢ/wᵢ − ∇ᵢ‖ for every weight wᵢ > 0, cᵢ being what `weighted_sum(w, real)` adds for
+      example i alone: the scaled factor wᵢ·x rounded to its dtype, and the float32 accumulation
+      over the example's own positions (the accumulation across examples is the rounding of the
+      released sum, as of any sum).
+  Hence ‖cᵢ‖ ≤ wᵢ·`upper()` (`clipped_grad_sum` computes wᵢ from it).
+  """
+  sq: jax.Array
+  sq_error: jax.Array
+  slack: jax.Array
+
+  def upper(self) -> jax.Array:
+    """√(sq + sq_error) + slack ≥ ‖cᵢ‖/wᵢ [m]. Non-finite where any of the example's arrays is
+    (the slack is a multiple of Σₜ‖aₜ‖‖gₜ‖, or sq is the sum of squares of the gradients)."""
+    return jnp.sqrt(self.sq + self.sq_error) + self.slack
+
+
 class Term(Protocol):
   """A param's per-example gradients in a factored form of a module's own (from its
   `ghost_grads`; a pytree: under nn.scan, ghost vmaps these methods over the scanned axis)."""
 
-  def sq_norms_and_slack(self) -> tuple[jax.Array, jax.Array]:
-    """(‖∇ᵢ‖² [m], slack [m]): the squared norms of exactly the per-example gradients whose
-    weighted sum `weighted_sum` forms, and a bound per unit wᵢ on how far rounding in that sum
-    can move example i's contribution (zero if none: see `rounding_slack`)."""
+  def norm_bound(self) -> NormBound:
+    """The squared norms [m] of exactly the per-example gradients whose weighted sum
+    `weighted_sum` forms, with bounds on the rounding in them and in that sum (`NormBound`;
+    `gram_norm_bound` and `rounding_slack` give a kernel's)."""
 
   def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
-    """Σᵢ wᵢ·∇ᵢ over the rows where `real`, float32, flattened in the param's order."""
+    """Σᵢ wᵢ·∇ᵢ over the rows where `real`, float32, flattened in the param's order. Rows that
+    are not real may hold non-finite values: zero them with `where` (0·inf is NaN), as
+    `outer_sum` does."""
 
   def instantiate(self) -> jax.Array:
     """The per-example gradients [m, size], float32, flattened in the param's order."""
 
 
 def _is_term(value) -> bool:
-  return all(hasattr(value, name) for name in ("sq_norms_and_slack", "weighted_sum",
-                                               "instantiate"))
+  return all(hasattr(value, name) for name in ("norm_bound", "weighted_sum", "instantiate"))
 
 
 def _rows(x: jax.Array, features: int) -> jax.Array:
@@ -259,23 +298,118 @@ def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST if full else None)
 
 
-def _sq_norms_and_slack(term) -> tuple[jax.Array, jax.Array]:
-  """(‖∇ᵢ‖² [m], rounding slack [m]). For a kernel term, the norm is the ghost norm or that of the
-  instantiated gradient, whichever is cheaper; the slack bounds how much rounding wᵢgᵢ to g's
-  dtype can add to ‖wᵢ∇ᵢ‖ per unit wᵢ: eps·Σₜ‖aₜ‖‖gₜ‖ (zero for float32 and instantiated terms)."""
+# ------------------------------------------------------------------------------------------------
+# Rounding bounds. A float32 sum of k products (a dot product of length k), in any order of
+# summation, is within γₖ·Σ|products| of its exact value (Higham, Accuracy and Stability of
+# Numerical Algorithms, §3.1), with γₖ = kε/(1 − kε). ε = 2⁻²³ is twice float32's unit roundoff,
+# which also covers accumulators that truncate instead of rounding.
+
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+
+
+def gamma(k: int) -> float:
+  """γₖ for float32 (see above); inf where kε ≥ 1 (no bound: the example is then dropped)."""
+  k_eps = k * EPS32
+  return k_eps / (1.0 - k_eps) if k_eps < 1.0 else math.inf
+
+
+def inflation(*ks: int) -> float:
+  """Π 1/(1 − γₖ) ≥ 1: turns a computed sum of k non-negative terms (or a norm computed from a
+  sum of k squares) into an upper bound of the exact one; inf where some γₖ ≥ 1."""
+  factor = 1.0
+  for k in ks:
+    factor = factor / (1.0 - gamma(k)) if gamma(k) < 1.0 else math.inf
+  return factor
+
+
+def _sum_twice(x: jax.Array) -> jax.Array:
+  """Σ over the last two axes [..., T, S] -> [...], as a sum over S then one over T: its error is
+  within γ_S + γ_T (γ_{S+T}) of Σ|x| rather than γ_{ST}; the barrier keeps XLA from merging the two
+  sums into one of unknown order."""
+  return jnp.sum(jax.lax.optimization_barrier(jnp.sum(x, axis=-1)), axis=-1)
+
+
+def magnitude(a: jax.Array, g: jax.Array) -> jax.Array:
+  """Sᵢ ≥ Σₜ‖aᵢₜ‖‖gᵢₜ‖ [m] (float32) for a [m, T, d], g [m, T, p]: the size of a kernel term's
+  per-position parts, which the rounding in its weighted sum is relative to."""
+  norms = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
+  widen = inflation(a.shape[-1] + 2, g.shape[-1] + 2, a.shape[1] + 2)
+  return widen * jnp.sum(norms(a) * norms(g), axis=1)
+
+
+def rounding_slack(a: jax.Array, g: jax.Array) -> jax.Array:
+  """(ε + γ_T)·Sᵢ [m] (`magnitude`; ε the eps of g's dtype): a bound per unit wᵢ on how far
+  `outer_sum` moves example i's part Σₜ aₜgₜᵀ. Rounding wᵢ·x to g's dtype moves each position's
+  term by at most (ε/2)·wᵢ‖aₜ‖‖gₜ‖; accumulating the example's T positions in float32 adds at
+  most γ_T(1 + ε/2)·wᵢSᵢ, and the other half of ε covers the (1 + ε/2)."""
+  return (float(jnp.finfo(g.dtype).eps) + gamma(a.shape[1])) * magnitude(a, g)
+
+
+def gram_norm_bound(gram_a: jax.Array, gram_g: jax.Array, gamma_a, gamma_g,
+                    scaled_eps: float) -> NormBound:
+  """`NormBound` [..., m] of ∇ = Σₜ aₜgₜᵀ from the Grams [..., m, T, T] of a and g (float32).
+
+  gamma_a, gamma_g: bounds γ_d, γ_p (`gamma` of the feature widths d and p: the Grams' dot
+    products) with |Âₜₛ − Aₜₛ| ≤ γ_d‖aₜ‖‖aₛ‖ and |Ĝₜₛ − Gₜₛ| ≤ γ_p‖gₜ‖‖gₛ‖; floats, or arrays
+    broadcastable to [..., m] (one per layer of a stack). 0.0 for an exact Gram.
+  scaled_eps: the eps of the dtype the weighted sum rounds wᵢ·(scaled factor) to.
+
+  sq = Σₜ,ₛ ÂₜₛĜₜₛ (clamped at 0; `_sum_twice`) against ‖∇‖² = Σₜ,ₛ AₜₛGₜₛ:
+    |sq − ‖∇‖²| ≤ γ_{2T}·Σ|ÂĜ| + Σ|Â − A||Ĝ| + Σ|A||Ĝ − G|
+               ≤ M·(γ_{2T}·Σ|ÂĜ| + γ_d·Σ âₜâₛ|Ĝₜₛ| + γ_p·Σ |Âₜₛ|ĝₜĝₛ + γ_dγ_p·Ŝ²) = sq_error,
+  where âₜ = √Âₜₜ (so ‖aₜ‖ ≤ âₜ/√(1 − γ_d)), ĝₜ likewise, Ŝ = Σₜ âₜĝₜ, and
+  M = 1/((1 − γ_d)(1 − γ_p)(1 − γ_{2T+12})) also covers the rounding in computing the bound (its
+  square roots, products and sums). slack = (scaled_eps + γ_T)·M·Ŝ, as `rounding_slack`.
+  """
+  t = gram_a.shape[-1]
+  gamma_a = jnp.asarray(gamma_a, jnp.float32)
+  gamma_g = jnp.asarray(gamma_g, jnp.float32)
+  widen = jnp.where((gamma_a < 1.0) & (gamma_g < 1.0),
+                    inflation(2 * t + 12) / ((1.0 - gamma_a) * (1.0 - gamma_g)), jnp.inf)
+  a_norms = jnp.sqrt(jnp.diagonal(gram_a, axis1=-2, axis2=-1))  # âₜ [..., m, T]
+  g_norms = jnp.sqrt(jnp.diagonal(gram_g, axis1=-2, axis2=-1))
+  outer = lambda v: v[..., :, None] * v[..., None, :]
+  product = gram_a * gram_g
+  sq = jnp.maximum(_sum_twice(product), 0.0)
+  terms = (gamma(2 * t) * jnp.abs(product)
+           + gamma_a[..., None, None] * outer(a_norms) * jnp.abs(gram_g)
+           + gamma_g[..., None, None] * jnp.abs(gram_a) * outer(g_norms))
+  s = jnp.sum(a_norms * g_norms, axis=-1)
+  sq_error = widen * (_sum_twice(terms) + gamma_a * gamma_g * jnp.square(s))
+  return NormBound(sq, sq_error, widen * (scaled_eps + gamma(t)) * s)
+
+
+def summed_bound(h: jax.Array) -> NormBound:
+  """`NormBound` of instantiated per-example gradients h [..., m, k] (float32) that the weighted
+  sum reads as they are: sq = Σ h², no sq_error (relative to ‖hᵢ‖: left out, as on the vmap
+  path), and slack ε₃₂·‖hᵢ‖ for rounding wᵢ·h to float32 (half of it would do)."""
+  sq = jnp.sum(jnp.square(h), axis=-1)
+  return NormBound(sq, jnp.zeros_like(sq), EPS32 * inflation(h.shape[-1]) * jnp.sqrt(sq))
+
+
+def _norm_bound(term) -> NormBound:
+  """The term's `NormBound`. For a kernel term, the norm is the ghost norm (`gram_norm_bound`) or
+  that of the instantiated gradient, whichever is cheaper."""
   if _is_term(term):
-    return term.sq_norms_and_slack()
+    return term.norm_bound()
   if isinstance(term, _Summed):
-    return jnp.sum(jnp.square(term.h), axis=-1), jnp.zeros(term.h.shape[0], jnp.float32)
-  if isinstance(term, _Lookup):  # its weighted sum is formed in float32: no rounding slack
-    same_row = term.idx[:, :, None] == term.idx[:, None, :]
-    gram = _einsum("mtp,msp->mts", term.g, term.g)
-    sq = jnp.maximum(jnp.sum(jnp.where(same_row, gram, 0.0), axis=(1, 2)), 0.0)
-    return sq, jnp.zeros_like(sq)
+    return summed_bound(term.h)
+  if isinstance(term, _Lookup):  # the Gram of the one-hot rows is [idxₜ = idxₛ], exact
+    same = (term.idx[:, :, None] == term.idx[:, None, :]).astype(jnp.float32)
+    return gram_norm_bound(same, _gram(term.g), 0.0, gamma(term.g.shape[-1]), EPS32)
   if ghost_norm_is_cheaper(*term.a.shape[1:], term.g.shape[-1]):
-    return _ghost_sq_norms_and_slack(_gram(term.a), _gram(term.g), term.g.dtype)
-  sq = jnp.sum(jnp.square(per_example_outer(term.a, term.g)), axis=(1, 2))
-  return sq, rounding_slack(term.a, term.g)
+    return gram_norm_bound(_gram(term.a), _gram(term.g), gamma(term.a.shape[-1]),
+                           gamma(term.g.shape[-1]), float(jnp.finfo(term.g.dtype).eps))
+  return instantiated_bound(per_example_outer(term.a, term.g), term.a, term.g)
+
+
+def instantiated_bound(h: jax.Array, a: jax.Array, g: jax.Array) -> NormBound:
+  """`NormBound` of a kernel term from its instantiated gradients h = Σₜ aₜgₜᵀ [m, d, p] as
+  computed (`per_example_outer`): entrywise within γ_T·Σₜ|aₜⱼ||gₜₖ| of ∇, so within γ_T·Sᵢ in
+  norm (`magnitude`), a linear error that joins `rounding_slack` in the slack."""
+  sq = jnp.sum(jnp.square(h), axis=(1, 2))
+  slack = rounding_slack(a, g) + gamma(a.shape[1]) * magnitude(a, g)
+  return NormBound(sq, jnp.zeros_like(sq), slack)
 
 
 def ghost_norm_is_cheaper(positions: int, d: int, p: int) -> bool:
@@ -289,20 +423,8 @@ def _gram(x: jax.Array) -> jax.Array:
   return _einsum("mtk,msk->mts", x, x)
 
 
-def _ghost_sq_norms_and_slack(gram_a: jax.Array, gram_g: jax.Array, g_dtype
-                              ) -> tuple[jax.Array, jax.Array]:
-  """‖Σₜ aₜgₜᵀ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) [..., m] from the two Grams [..., m, T, T], and the
-  rounding slack eps·Σₜ‖aₜ‖‖gₜ‖ of g's dtype (`rounding_slack`, from the Grams' diagonals)."""
-  sq = jnp.maximum(jnp.sum(gram_a * gram_g, axis=(-2, -1)), 0.0)
-  if g_dtype == jnp.float32:
-    return sq, jnp.zeros_like(sq)
-  diagonal = lambda gram: jnp.diagonal(gram, axis1=-2, axis2=-1)  # ‖aₜ‖², ‖gₜ‖²
-  eps = float(jnp.finfo(g_dtype).eps)
-  return sq, eps * jnp.sum(jnp.sqrt(diagonal(gram_a) * diagonal(gram_g)), axis=-1)
-
-
 def _sq_norms_of_terms(terms: dict) -> dict:
-  """{leaf path: (‖∇ᵢ‖² [m], slack [m])} for `_per_example_terms`' terms.
+  """{leaf path: `NormBound` [m]} for `_per_example_terms`' terms.
 
   The leaves' reductions to [m] are batched. The Gram products of the kernels whose ghost norm
   is used (outside nn.scan) are stacked by Gram shape and output-gradient dtype, the rows of the
@@ -325,23 +447,26 @@ def _sq_norms_of_terms(terms: dict) -> dict:
 
   for path, (_, term, stacked) in terms.items():
     if stacked:
-      found[path] = _term_sq_norms_and_slack(term, stacked)
+      found[path] = _term_norm_bound(term, stacked)
     elif isinstance(term, _Summed):
       rows.setdefault(term.h.shape, []).append((path, term.h))
     elif (isinstance(term, _Outer)
           and ghost_norm_is_cheaper(*term.a.shape[1:], term.g.shape[-1])):
       kernels.setdefault((term.a.shape[:2], term.g.dtype), []).append(
-          (path, gram(term.a), gram(term.g)))
+          (path, gram(term.a), gram(term.g), term.a.shape[-1], term.g.shape[-1]))
     else:
-      found[path] = _sq_norms_and_slack(term)
+      found[path] = _norm_bound(term)
   for (_, g_dtype), members in kernels.items():
     for chunk in _within_gram_cap(members):
-      sq, slack = _ghost_sq_norms_and_slack(jnp.stack([a for _, a, _ in chunk]),
-                                            jnp.stack([g for _, _, g in chunk]), g_dtype)
-      found.update({path: (sq[k], slack[k]) for k, (path, _, _) in enumerate(chunk)})
+      widths = lambda k: jnp.asarray([[gamma(member[k])] for member in chunk], jnp.float32)
+      bound = gram_norm_bound(jnp.stack([a for _, a, _, _, _ in chunk]),
+                              jnp.stack([g for _, _, g, _, _ in chunk]), widths(3), widths(4),
+                              float(jnp.finfo(g_dtype).eps))
+      found.update({member[0]: NormBound(*(x[k] for x in bound))
+                    for k, member in enumerate(chunk)})
   for members in rows.values():
-    sq = jnp.sum(jnp.square(jnp.stack([h for _, h in members])), axis=-1)
-    found.update({path: (sq[k], jnp.zeros_like(sq[k])) for k, (path, _) in enumerate(members)})
+    bound = summed_bound(jnp.stack([h for _, h in members]))
+    found.update({path: NormBound(*(x[k] for x in bound)) for k, (path, _) in enumerate(members)})
   return {path: found[path] for path in terms}
 
 
@@ -349,7 +474,7 @@ MAX_GRAMS_PER_STACK = 48  # half XLA GPU's 96 operands + outputs per fusion: roo
 
 
 def _within_gram_cap(members: list) -> list[list]:
-  """[(path, gram_a, gram_g), ...] split, in order, into runs that read at most
+  """[(path, gram_a, gram_g, ...), ...] split, in order, into runs that read at most
   `MAX_GRAMS_PER_STACK` distinct Gram arrays each (a Gram several layers share counts once)."""
   chunks, distinct = [[]], set()
   for member in members:
@@ -368,30 +493,19 @@ def per_example_outer(a: jax.Array, g: jax.Array) -> jax.Array:
   return _einsum("mtd,mtp->mdp", a, g)
 
 
-def rounding_slack(a: jax.Array, g: jax.Array) -> jax.Array:
-  """[m]: eps·Σₜ‖aᵢₜ‖‖gᵢₜ‖ for a [m, T, d], g [m, T, p], a bound per unit wᵢ on how far
-  rounding the scaled factor to g's dtype moves example i's part of `outer_sum` (zero for
-  float32)."""
-  if g.dtype == jnp.float32:
-    return jnp.zeros(g.shape[0], jnp.float32)
-  norms = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
-  return float(jnp.finfo(g.dtype).eps) * jnp.sum(norms(a) * norms(g), axis=1)
-
-
 def outer_sum(a: jax.Array, g: jax.Array, weights: jax.Array, real: jax.Array,
               scale_inputs: bool = False) -> jax.Array:
   """Σᵢ wᵢ Σₜ aᵢₜ gᵢₜᵀ [d, p] (float32 accumulation) over the rows where `real`, for
   a [m, T, d], g [m, T, p], weights [m]: one matmul, with the narrower factor scaled by wᵢ and
-  rounded back to g's dtype (on a tie d = p, a if `scale_inputs`). Padded rows get exact zeros
-  there, so the other factor's padded rows must be finite (the trainer pads with real
-  examples)."""
-  def scaled(x):
-    x = weights[:, None, None] * x.astype(jnp.float32)
-    return jnp.where(real[:, None, None], x, 0.0).astype(g.dtype)
+  rounded back to g's dtype (on a tie d = p, a if `scale_inputs`; `rounding_slack` bounds what
+  that moves). Both factors' other rows are replaced by zeros (`where`): a row that is not real
+  may hold inf or NaN (an example ghost dropped as non-finite), and 0·inf is NaN."""
+  keep = lambda x: jnp.where(real[:, None, None], x, jnp.zeros((), x.dtype))
+  scaled = lambda x: keep(weights[:, None, None] * x.astype(jnp.float32)).astype(g.dtype)
   d, p = a.shape[-1], g.shape[-1]
   if d < p or (d == p and scale_inputs):
-    return _einsum("mtd,mtp->dp", scaled(a), g)
-  return _einsum("mtd,mtp->dp", a, scaled(g))
+    return _einsum("mtd,mtp->dp", scaled(a), keep(g))
+  return _einsum("mtd,mtp->dp", keep(a), scaled(g))
 
 
 def _weighted_sum(term, weights: jax.Array, real: jax.Array) -> jax.Array:
@@ -684,12 +798,13 @@ def _per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   return terms
 
 
-def _term_sq_norms_and_slack(term, stacked: bool) -> tuple[jax.Array, jax.Array]:
-  """`_sq_norms_and_slack`, summed over the scanned axis of a stacked term."""
+def _term_norm_bound(term, stacked: bool) -> NormBound:
+  """`_norm_bound`, summed over the scanned axis of a stacked term: the slices are orthogonal
+  blocks of the param, and by Minkowski's inequality √Σₖ(√(sqₖ + errₖ) + slackₖ)² is at most
+  √(Σₖ sqₖ + Σₖ errₖ) + Σₖ slackₖ, so the sums bound the stack's contribution."""
   if not stacked:
-    return _sq_norms_and_slack(term)
-  sq, slack = jax.vmap(_sq_norms_and_slack)(term)
-  return jnp.sum(sq, axis=0), jnp.sum(slack, axis=0)
+    return _norm_bound(term)
+  return NormBound(*(jnp.sum(x, axis=0) for x in jax.vmap(_norm_bound)(term)))
 
 
 def per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
@@ -712,7 +827,83 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
-  return sum(sq for sq, _ in _sq_norms_of_terms(terms).values())
+  return sum(bound.sq for bound in _sq_norms_of_terms(terms).values())
+
+
+class ExamplesMixedError(GhostUnsupportedError):
+  """The batched forward pass mixes examples, so ghost's per-example norms are not per-example."""
+
+
+def check_examples_independent(batch_losses: BatchLosses, params: PyTree, batch: PyTree, *,
+                               trainable: PyTree | None = None, fallback: str = "vmap",
+                               rtol: float = 1e-3) -> None:
+  """Raises `ExamplesMixedError` if changing one example of `batch` changes another's loss or
+  ghost norm.
+
+  Ghost clipping takes every example's norm and clipped gradient from one batched forward and
+  backward pass; its bound on one example's contribution holds only if example i's loss, layer
+  inputs and output gradients depend on example i alone. BatchNorm in training mode, a
+  batch-mean subtraction or attention across the batch axis break that silently (and
+  `clipping.reject_batch_stats` sees only BatchNorm's statistics). The vmap path is immune: it
+  differentiates a loss of each example alone. The check replaces the first example, then the
+  last, by another example of the batch and by large random noise (floating leaves; other
+  leaves, such as labels, are taken from that other example), and requires the other examples'
+  losses and ghost squared norms (`ghost_sq_norms`) to stay within rtol of their size plus four
+  times how much two evaluations of `batch` itself differ (non-deterministic reductions on an
+  accelerator). A model that keeps examples apart gives the untouched rows bit for bit.
+
+  Args:
+    batch_losses: batch_losses(params, batch) -> [n] losses, as `clipped_grad_sum` takes it.
+    params: the params (a fresh init is fine: the check reads the model's structure).
+    batch: leaves [n ≥ 2, ...] of distinct, non-degenerate examples; synthetic data serves (the
+      trainer passes random images, so that no private data steers the check).
+    trainable, fallback: as for `clipped_grad_sum`.
+  """
+  n = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
+  if n < 2:
+    raise ValueError(f"check_examples_independent needs a batch of at least 2 examples, got {n}.")
+  evaluate = jax.jit(lambda p, b: (batch_losses(p, b),
+                                   ghost_sq_norms(batch_losses, p, b, trainable, fallback)))
+  as_numpy = lambda values: [np.asarray(x, np.float64) for x in values]
+  base, again = as_numpy(evaluate(params, batch)), as_numpy(evaluate(params, batch))
+  if not all(np.all(np.isfinite(x)) for x in base):
+    raise ValueError("check_examples_independent needs finite losses and norms on its batch.")
+  for index, other in ((0, 1), (n - 1, n - 2)):
+    for what, changed in (("another example", _with_example(batch, index, other, None)),
+                          ("random noise", _with_example(batch, index, other, index))):
+      for name, got, want, repeat in zip(("losses", "gradient norms"),
+                                         as_numpy(evaluate(params, changed)), base, again):
+        rows = np.arange(n) != index
+        tolerance = (4 * np.max(np.abs(repeat - want))
+                     + rtol * (np.abs(want[rows]) + np.mean(np.abs(want))))
+        moved = np.abs(got[rows] - want[rows])
+        if not np.all(moved <= tolerance):  # NaN included
+          raise ExamplesMixedError(
+              f"The model mixes the examples of a batch: replacing example {index} by {what} "
+              f"changed the {name} of other examples (by up to {np.nanmax(moved):.3g}, or to a "
+              "non-finite value), e.g. through batch statistics (BatchNorm in training mode, a "
+              "batch-mean subtraction). Ghost clipping computes every example's norm and "
+              "clipped gradient from one batched pass, so its bound on one example's "
+              "contribution, hence the DP guarantee, does not hold for this model. Use "
+              "perf.per_example_method='vmap' (each example's gradient from that example "
+              "alone), or a model that treats examples independently (GroupNorm, LayerNorm).")
+
+
+def _with_example(batch: PyTree, index: int, other: int, noise_seed: int | None) -> PyTree:
+  """The batch (as NumPy) with row `index` replaced by row `other`, or, with a noise_seed, its
+  floating leaves by random normal values of scale 4·max|leaf| + 1 (its other leaves by row
+  `other`)."""
+  rng = np.random.default_rng(noise_seed)
+
+  def replace(leaf):
+    leaf = np.array(leaf)
+    row = leaf[other]
+    if noise_seed is not None and np.issubdtype(leaf.dtype, np.floating):
+      scale = 4.0 * float(np.max(np.abs(leaf.astype(np.float32)))) + 1.0
+      row = (scale * rng.standard_normal(leaf.shape[1:])).astype(leaf.dtype)
+    leaf[index] = row
+    return leaf
+  return jax.tree_util.tree_map(replace, batch)
 
 
 def _subtree(tree: dict, path: tuple[str, ...], create: bool = False) -> dict:
@@ -754,13 +945,48 @@ def _group_of(rule: clipping.ClipRule, path: tuple[str, ...]) -> str:
   return rule.group_named(path) if isinstance(rule, clipping.GroupClip) else ""
 
 
+def _example_weights(rule: clipping.ClipRule, bounds: dict, real: jax.Array) -> tuple:
+  """(weights {leaf path: wᵢ [m]}, kept [m], norms [m], clipped [m]) from the leaves'
+  `NormBound`s.
+
+  Per clip group, wᵢ = factor(Uᵢ) with Uᵢ = √Σ_leaves upper² ≥ ‖cᵢ‖/wᵢ (the leaves are orthogonal
+  blocks), so the group's contribution has norm ≤ factor(Uᵢ)·Uᵢ ≤ its bound C: every rule's factor
+  satisfies factor(x)·x ≤ C for all x ≥ 0 (flat: min(1, C/x)·x, automatic: Cx/(x + γ),
+  normalized: C, per group likewise), whether it scales down or up. An upper bound, not a lower
+  one: a rule's factor(x)·x bounds x only, and for rules that scale up (factor > 1) the rounding of
+  the scaled factor grows with it, so the factor must see it. kept: the real rows whose bounds are
+  all finite; a row with an inf or NaN anywhere in its terms gets weight 0 and is zeroed in the
+  weighted sums, so it adds exactly 0 (and counts as clipped). norms: the computed ‖∇ᵢ‖ (the
+  statistics); clipped: 1.0 where the rule scaled the example down at that norm, or dropped it.
+  """
+  group_factor = _group_factors(rule)
+  groups: dict[str, list] = {}  # clip group -> [(leaf path, NormBound), ...]
+  for path, bound in bounds.items():
+    groups.setdefault(_group_of(rule, path), []).append((path, bound))
+  factors, sq_norms, clipped, finite = {}, [], [], jnp.ones(real.shape, bool)
+  for name, members in groups.items():
+    norm = jnp.sqrt(sum(bound.sq for _, bound in members))
+    upper = jnp.sqrt(sum(jnp.square(bound.upper()) for _, bound in members))
+    factors[name] = group_factor(name, upper)[0]
+    clipped.append(group_factor(name, norm)[1])
+    sq_norms.append(jnp.square(norm))
+    finite = finite & jnp.isfinite(upper)
+  kept = real & finite
+  weights = {path: jnp.where(kept, factors[name], 0.0)
+             for name, members in groups.items() for path, _ in members}
+  dropped = jnp.where(finite, 0.0, 1.0)
+  norms = jnp.sqrt(sum(sq_norms, jnp.zeros(real.shape, jnp.float32)))
+  return weights, kept, norms, functools.reduce(jnp.maximum, clipped, dropped)
+
+
 def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree,
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
                      fallback: str = "vmap", element_mask: PyTree | None = None
                      ) -> clipping.ClippedSum:
-  """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the same result as
-  `clipping.clipped_grad_sum` (float32), without per-example gradients or a second backward pass.
+  """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the result of
+  `clipping.clipped_grad_sum` (float32) up to the rounding bounds below, without per-example
+  gradients or a second backward pass.
 
   batch_losses(params, batch) -> [m] per-example losses; examples: leaves [n, ...]; mask [n];
   rule: flat, automatic, normalized (one factor per example) or a `GroupClip` (per-layer: one
@@ -768,9 +994,17 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   element_mask: optional pytree like params (0/1): each per-example gradient is M ⊙ ∇ℓᵢ before
     clipping, as `clipping.clipped_grad_sum` of a loss of `finetune.masked_params` (sparse
     fine-tuning). The masked leaves' per-example gradients are instantiated (`_masked`).
+
+  Privacy: the batched forward pass must not mix examples (`check_examples_independent`). Then
+  each example's contribution has norm ≤ rule.sensitivity for every rule, in any precision: its
+  factor is computed from an upper bound on the norm of what the weighted sums add for it,
+  rounding included (`_example_weights`, `NormBound`), not from its computed norm. An example
+  whose terms hold an inf or NaN (an inf or NaN input, an overflow) adds exactly zero, as padded
+  rows (mask 0) do. The statistics report the computed norms; a non-finite one counts as clipped
+  and adds 0 to the norm sum and max.
   """
   clipping.reject_batch_stats(params)
-  group_factor = _group_factors(rule)
+  _group_factors(rule)  # refuses a rule without factors before tracing
   if fallback not in ("vmap", "error"):
     raise ValueError(f"fallback must be 'vmap' or 'error', got {fallback!r}.")
   n = int(mask.shape[0])
@@ -788,33 +1022,16 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
         masked = functools.partial(_masked, module, path[-1])
         terms[path] = (module, (jax.vmap(masked) if stacked else masked)(term, masks[path]),
                        stacked)
-    groups: dict[str, list] = {}  # clip group -> [(leaf path, sq [m], slack [m]), ...]
-    for path, sq_and_slack in _sq_norms_of_terms(terms).items():
-      groups.setdefault(_group_of(rule, path), []).append((path,) + sq_and_slack)
-    real = chunk_mask > 0
-    weights, sq_norms, clipped = {}, [], []
-    for name, members in groups.items():
-      norm = jnp.sqrt(sum(sq for _, sq, _ in members))
-      factor, was_clipped = group_factor(name, norm)
-      # A scaled-down low-precision output gradient is rounded before it is summed: the factor
-      # of a scaled-down example is computed from an upper bound of its norm that covers the
-      # rounding, so that its contribution stays within the clip bound.
-      bound = jnp.sqrt(sum(jnp.square(jnp.sqrt(sq) + slack) for _, sq, slack in members))
-      factor = jnp.where(factor < 1.0, jnp.minimum(factor, group_factor(name, bound)[0]), factor)
-      weights.update({path: jnp.where(real, factor, 0.0) for path, _, _ in members})
-      sq_norms.append(jnp.square(norm))
-      clipped.append(was_clipped)
-    rows = _row_sums(terms, weights, real)
+    weights, kept, norms, clipped = _example_weights(rule, _sq_norms_of_terms(terms),
+                                                     chunk_mask > 0)
+    rows = _row_sums(terms, weights, kept)
 
     def summed_param(key_path, x):
       path = clipping.path_to_names(key_path)
       if path in rows:
         return _as_param(terms[path][0], path[-1], rows[path], x.shape)
-      return _summed_param(terms[path], path[-1], weights[path], real, x.shape)
+      return _summed_param(terms[path], path[-1], weights[path], kept, x.shape)
     summed = jax.tree_util.tree_map_with_path(summed_param, train_p)
-    zeros = jnp.zeros(real.shape, jnp.float32)
-    norms = jnp.sqrt(sum(sq_norms, zeros))  # the whole gradient's norm, for the statistics
-    return summed, clipping.microbatch_stats(
-        norms, functools.reduce(jnp.maximum, clipped, zeros), real)
+    return summed, clipping.microbatch_stats(norms, clipped, chunk_mask > 0)
 
   return clipping.sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)

@@ -301,6 +301,10 @@ class _Run:
     # Ghost clipping holds no per-example gradients.
     batch_losses = (step_lib.make_batch_losses(model, config.perf.dtype, config.perf.remat)
                     if config.perf.per_example_method == "ghost" else None)
+    if batch_losses is not None:  # ghost's bound needs a forward pass that keeps examples apart
+      step_lib.check_ghost_batch_losses(batch_losses, params, parts.private.image_shape,
+                                        parts.private.num_classes,
+                                        state_lib.preprocessor(config), tuning.trainable)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, trainable=tuning.trainable,
                                               layout=self.layout,
                                               grad_dtype=step_lib.grad_dtype(config.perf.dtype),

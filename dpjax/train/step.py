@@ -69,6 +69,19 @@ def make_batch_losses(model: nn.Module, dtype: str = "float32", remat: bool = Fa
   return jax.checkpoint(losses) if remat else losses
 
 
+def check_ghost_batch_losses(batch_losses: Callable, params: PyTree, image_shape: tuple,
+                             num_classes: int, preprocess: Callable,
+                             trainable: PyTree | None = None,
+                             rows: int = 4) -> None:
+  """`ghost.check_examples_independent` on a synthetic batch: `rows` random uint8 images of
+  image_shape (seed 0) through `preprocess`, as the private data goes, and labels 0, 1, ...
+  (mod num_classes). No private data steers the check. Raises ghost.ExamplesMixedError for a
+  model whose batched forward pass mixes examples."""
+  images = np.random.default_rng(0).integers(0, 256, (rows, *image_shape), dtype=np.uint8)
+  batch = dict(image=preprocess(images), label=np.arange(rows, dtype=np.int32) % num_classes)
+  ghost.check_examples_independent(batch_losses, params, batch, trainable=trainable)
+
+
 def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = None) -> Callable:
   """jit (params, batch) -> (mean gradient over the batch, mean loss). Non-private.
 
