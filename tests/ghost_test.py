@@ -659,7 +659,8 @@ def test_a_model_that_mixes_examples_is_refused():
   replaced = dict(batch, image=batch["image"].at[0].set(100.0))
   moved = clipping.global_norm(jax.tree_util.tree_map(jnp.subtract, clip(batch), clip(replaced)))
   assert float(moved) > 2 * rule.sensitivity
-  with pytest.raises(ghost.ExamplesMixedError, match="mixes the examples.*per_example_method='vmap'"):
+  with pytest.raises(ghost.ExamplesMixedError,
+                     match="mixes the examples.*per_example_method='vmap'"):
     ghost.check_examples_independent(losses, params, batch)
 
 

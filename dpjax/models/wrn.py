@@ -177,11 +177,14 @@ class StandardizedConvTerm:
     weight = self.active * (2.0 - r)
     projections = c * (jnp.square(along_1) + weight * jnp.square(along_s)) / n
     # The identity needs ‖sₒ‖² = n·rₒ (r within γ_{n+2}) and sₒ·1 = 0: the computed s's mean is
-    # not exactly 0, which moves the square by ≤ 2cₒ‖Gₒ‖²|sₒ·1|/n.
+    # not exactly 0, which moves the square by ≤ 2cₒ‖Gₒ‖²√rₒ|sₒ·1|/n, and |sₒ·1| is within
+    # γ_n·√n‖sₒ‖ of its computed value.
     projections_error = c * (_sq_error(along_1, along_1_error)
                              + jnp.abs(weight) * _sq_error(along_s, along_s_error)
                              + self.active * ghost.gamma(n + 2) * r * jnp.square(along_s)) / n
-    off_mean = 2 * jnp.max(jnp.abs(jnp.sum(self.standardized, axis=0))) / n
+    s_norms = jnp.sqrt(jnp.sum(jnp.square(self.standardized), axis=0))
+    off_mean = 2 * jnp.max(jnp.abs(jnp.sum(self.standardized, axis=0))
+                           + ghost.gamma(n) * math.sqrt(n) * s_norms) / n
     total = jnp.sum(projections, axis=-1)
     sq = jnp.maximum(main.sq - total, 0.0)
     sq_error = (main.sq_error + ghost.inflation(p + 2) * jnp.sum(projections_error, axis=-1)

@@ -8,8 +8,8 @@ clipping statistics.
 
 Privacy: for every rule, adding or removing one example changes the returned sum by at most
 `rule.sensitivity` in L2 norm (over all trainable parameters together). Padded examples (mask 0)
-and examples whose gradient is not finite contribute exactly zero. Frozen parameters (outside `trainable`) get no per-example gradient and a
-zero sum.
+and examples whose gradient is not finite contribute exactly zero. Frozen parameters (outside
+`trainable`) get no per-example gradient and a zero sum.
 """
 
 from __future__ import annotations

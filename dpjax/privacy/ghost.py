@@ -56,7 +56,9 @@ treated as unsupported.
 Privacy: the clip rules of the vmap path (flat, automatic and normalized; per group for per-layer
 `GroupClip`), each example's factor computed from an upper bound on its contribution's norm
 (above), which exceeds the vmap norm by rounding bounds only (tests/ghost_test.py); the sum's
-sensitivity is rule.sensitivity.
+sensitivity is rule.sensitivity. This assumes that the batched forward pass keeps examples apart
+(the vmap path runs each example alone): `check_examples_independent` refuses a model that mixes
+them, such as one that subtracts a batch mean (the trainer runs it on a synthetic batch).
 """
 
 from __future__ import annotations
@@ -824,7 +826,8 @@ def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
   gradients of the supported layers.
 
-  batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact.
+  batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact
+  (`check_examples_independent`).
   """
   terms = _per_example_terms(batch_losses, params, batch, trainable, fallback)
   return sum(bound.sq for bound in _sq_norms_of_terms(terms).values())
