@@ -168,6 +168,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 < perf.memory_fraction <= 1:
     raise ValueError(f"perf.memory_fraction (the part of the free device memory an automatic "
                      f"microbatch size may use) must be in (0, 1], got {perf.memory_fraction}.")
+  for name, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
+                      ("checkpoint.max_to_keep", config.checkpoint.max_to_keep),
+                      ("eval.every_steps", config.eval.every_steps),
+                      ("eval.batch_size", config.eval.batch_size),
+                      ("log_every_steps", config.log_every_steps)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be an integer > 0, got {value!r} (max_to_keep = 0 would "
+                       "delete every checkpoint; an interval of 0 divides by zero).")
   if config.schedule.total_steps <= 0:
     raise ValueError(f"schedule.total_steps must be > 0, got {config.schedule.total_steps}.")
   if config.data.train_examples < 0:

@@ -40,7 +40,7 @@ from dpjax import config as config_lib
 from dpjax import contrastive, data, models, probe
 from dpjax.data import augment
 from dpjax.privacy import accounting, noise, randomness, sampling
-from dpjax.train import checkpoint, loop, metrics
+from dpjax.train import checkpoint, loop, metrics, workdir_lock
 from dpjax.train import state as state_lib
 
 METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
@@ -300,8 +300,15 @@ def _expected_config(config: ml_collections.ConfigDict) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        show_progress: bool = True) -> dict[str, Any]:
-  """Pre-trains as `config` says (resuming from `workdir`), probes, writes results.json."""
+  """Pre-trains as `config` says (resuming from `workdir`), probes, writes results.json. A workdir
+  that another run holds is refused at once (`workdir_lock`)."""
   validate(config)
+  with workdir_lock.WorkdirLock(workdir):  # a single-process trainer
+    return _train_and_evaluate(config, workdir, show_progress)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        show_progress: bool) -> dict[str, Any]:
   parts, test = state_lib.load_data(config)
   train = parts.private
   model, params = create_model(config, train)

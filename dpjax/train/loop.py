@@ -23,7 +23,7 @@ from dpjax import config as config_lib
 from dpjax import data, finetune, mixing, parallel
 from dpjax.privacy import accounting, clipping, noise, randomness, sampling
 from dpjax.train import checkpoint, metrics, microbatch_size, monitor as monitor_lib
-from dpjax.train import state as state_lib, step as step_lib
+from dpjax.train import state as state_lib, step as step_lib, workdir_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +195,15 @@ def _format_source(s: dict[str, Any]) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        show_progress: bool = True) -> dict[str, Any]:
-  """Trains as `config` says, resuming from `workdir`'s latest checkpoint; returns the results."""
+  """Trains as `config` says, resuming from `workdir`'s latest checkpoint; returns the results.
+  A workdir that another run holds is refused at once (`workdir_lock`)."""
   config_lib.validate(config)
+  with workdir_lock.for_this_process(workdir, parallel.is_main_process()):
+    return _train_and_evaluate(config, workdir, show_progress)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        show_progress: bool) -> dict[str, Any]:
   parallel.check_same_config(config_lib.agreement_view(config))
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
   if config.perf.microbatch_size:  # 0: chosen from the free memory, a multiple of the devices
