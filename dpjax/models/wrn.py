@@ -8,10 +8,14 @@ GroupNorm normalises each example on its own, so per-example gradients stay per-
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # ghost imports this module's layers; at run time it is imported lazily
+  from dpjax.privacy import ghost
 
 
 def standardize_kernel(kernel: jax.Array, eps: float = 1e-6) -> jax.Array:
