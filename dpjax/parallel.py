@@ -19,7 +19,7 @@ jax's partitionable threefry makes the draw the same whatever the layout.
 
 Multi-host. `initialize_distributed` starts jax.distributed (an explicit coordinator, or detected
 on SLURM, or on Cloud TPU pods when DPJAX_DISTRIBUTED=1); every process builds the same host-side
-plan (samplers are functions of (seed, step)), reads only the rows of each batch its devices hold
+plan (samplers are functions of (secret, step)), reads only the rows of each batch its devices hold
 (`process_rows`) and assembles global arrays with `jax.make_array_from_process_local_data`
 (`global_batch`).
 """

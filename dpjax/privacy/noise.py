@@ -152,10 +152,10 @@ def _box_muller(words: jax.Array) -> tuple[jax.Array, jax.Array]:
 def values_per_step(params: PyTree, trainable: PyTree | None = None) -> int:
   """How many noise values one step draws for `params` (trainable leaves only): the
   `num_draws_per_step` of `tail_delta`."""
-  flags = ([True] * len(jax.tree_util.tree_leaves(params)) if trainable is None
-           else jax.tree_util.tree_structure(params).flatten_up_to(trainable))
-  return int(sum(math.prod(jnp.shape(p)) for p, t in zip(jax.tree_util.tree_leaves(params), flags)
-                 if t))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  flags = [True] * len(leaves) if trainable is None else _flags_like(treedef, trainable,
+                                                                       "trainable")
+  return int(sum(math.prod(jnp.shape(p)) for p, t in zip(leaves, flags) if t))
 
 
 PAIR_TAIL_PROBABILITY = 2.0 ** -105

@@ -340,12 +340,13 @@ class _Run:
     """(Re)plans privacy from the schedule as far as it is decided; builds the mechanism."""
     self.plan = plan_privacy(self.config, self.accounting_size, self.schedule,
                              self.rule.sensitivity, self.source)
-    self.noise_tx = None  # a run without private steps has no Gaussian mechanism at all
+    # A run without private steps has no Gaussian mechanism at all. Only the transformation's
+    # update runs: its state (the secret noise key) comes from `_initial_state` or a checkpoint.
+    self.noise_tx = None
     self.clip_count = None  # dp.clip_fraction_noise > 0: private steps release a noisy count
     if self.plan.noise_multiplier is not None:
       self.noise_tx = noise.add_gaussian_noise(self.plan.noise_multiplier, self.rule.sensitivity,
                                                self.plan.expected_batch_size,
-                                               seed=self.config.seed,
                                                trainable=self.tuning.trainable,
                                                split=parallel.split_leaves(self.layout.params))
       if self.plan.clip_fraction_noise:
@@ -500,7 +501,9 @@ class _Run:
       # release the batch size and norms): only noisy, accounted releases leave the device, the
       # update and, with dp.clip_fraction_noise, the noisy clip count.
       acc = self._private_sum(step, params, opt_state)
-      clipped, num_clipped = acc.grad_sum, acc.stats.num_clipped
+      clipped = acc.grad_sum
+      if self.clip_count is not None:  # else apply does not read it: not passed (dispatch cost)
+        num_clipped = acc.stats.num_clipped
     params, opt_state, released = self.apply(params, opt_state, public_grad, clipped,
                                              np.float32(alpha), num_clipped)
     if released is not None:
