@@ -3,13 +3,19 @@
 Rerunning the same command resumes from the latest checkpoint in DIR. Multi-process runs
 (launch/multiprocess.py, launch/slurm.sbatch, launch/tpu_pod.sh) run this same command in every
 process; jax.distributed is started first (see `dpjax.parallel.initialize_distributed`).
+
+Exit status: 0 when training ended (completed, or stopped by the privacy budget); 75 (EX_TEMPFAIL)
+when SIGTERM/SIGINT stopped it after saving a checkpoint: rerun the same command to resume;
+1 with an error message otherwise (a non-finite step: `faults.NonFiniteError`).
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpjax import parallel
-from dpjax.train import contrastive_loop, loop
+from dpjax.train import contrastive_loop, faults, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -28,6 +34,8 @@ def main(argv):
           + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in results["probe"].items()))
     return
   results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+  if results["stopped"] == "preempted":  # checkpoint saved: the same command resumes
+    sys.exit(faults.EXIT_PREEMPTED)
   if parallel.is_main_process():
     print(f"test accuracy {results['test_accuracy']:.4f}  "
           f"epsilon {results['privacy']['epsilon']:.3f}  steps {results['steps']}  "

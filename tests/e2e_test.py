@@ -11,7 +11,7 @@ import pytest
 from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
 from dpjax.privacy import accounting, clipping, ghost, noise, randomness
-from dpjax.train import checkpoint, loop, metrics, state as state_lib, step as step_lib
+from dpjax.train import checkpoint, engine, loop, metrics, state as state_lib, step as step_lib
 from tests.conftest import require_data
 
 
@@ -64,20 +64,21 @@ def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
 def test_public_steps_read_no_private_data_and_private_steps_no_public_data(tmp_path,
                                                                               monkeypatch):
   reads = {"public": [], "private": []}
-  original_fetch = loop._Run._fetch
+  original_fetch = engine.Batches.fetch
+  current = {}
 
   def spy(self, dataset, indices, mask=None):
-    reads["public" if dataset is self.parts.public else "private"].append(self._current_step)
+    reads["public" if dataset is self.parts.public else "private"].append(current["step"])
     return original_fetch(self, dataset, indices, mask)
 
-  original_one_step = loop._Run._one_step
+  original_one_step = loop.Trainer.one_step
 
-  def one_step(self, step, *args):
-    self._current_step = step
-    return original_one_step(self, step, *args)
+  def one_step(self, step):
+    current["step"] = step
+    return original_one_step(self, step)
 
-  monkeypatch.setattr(loop._Run, "_fetch", spy)
-  monkeypatch.setattr(loop._Run, "_one_step", one_step)
+  monkeypatch.setattr(engine.Batches, "fetch", spy)
+  monkeypatch.setattr(loop.Trainer, "one_step", one_step)
   r = loop.train_and_evaluate(small_config(), str(tmp_path), show_progress=False)
   assert set(reads["public"]) == set(range(10))
   assert reads["private"] and min(reads["private"]) >= 10
@@ -123,17 +124,17 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, mode):
 
 def crash_then_resume(config, workdir, crash_step, monkeypatch):
   """Trains until a simulated crash at `crash_step`, then reruns the same command to resume."""
-  original = loop._Run._one_step
+  original = loop.Trainer.one_step
 
-  def crash(self, step, *args):
+  def crash(self, step):
     if step == crash_step:
       raise KeyboardInterrupt("simulated crash")
-    return original(self, step, *args)
+    return original(self, step)
 
-  monkeypatch.setattr(loop._Run, "_one_step", crash)
+  monkeypatch.setattr(loop.Trainer, "one_step", crash)
   with pytest.raises(KeyboardInterrupt):
     loop.train_and_evaluate(config, workdir, show_progress=False)
-  monkeypatch.setattr(loop._Run, "_one_step", original)
+  monkeypatch.setattr(loop.Trainer, "one_step", original)
   return loop.train_and_evaluate(config, workdir, show_progress=False)
 
 

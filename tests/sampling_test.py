@@ -96,7 +96,7 @@ def test_shuffle_epochs_cover_every_example_once_and_account_without_amplificati
 
 @pytest.mark.parametrize("q", [0.0, -0.1, 1.5])
 def test_bad_rate(q):
-  with pytest.raises(ValueError, match=r"sampling rate q must be in \(0, 1\]"):
+  with pytest.raises(ValueError, match=r"sampling rate q \(sampling_rate\) must be in \(0, 1\]"):
     sampling.PoissonSampler(100, q, microbatch_size=4)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import dp_accounting
 import numpy as np
 
+from dpjax.privacy import sampling as sampling_lib
+
 ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
 # TF-Privacy's orders: 1.1, 1.2, ..., 10.9 and 12, ..., 63.
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -61,17 +63,15 @@ def _check_rate(sampling_rate: float) -> None:
 
 def poisson_gaussian_event(noise_multiplier: float, sampling_rate: float,
                            steps: int) -> dp_accounting.DpEvent:
-  """`steps` compositions of the Poisson-subsampled Gaussian mechanism; NoOp when steps == 0."""
-  _check_rate(sampling_rate)
-  if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
-    raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}.")
+  """`steps` compositions of the Poisson-subsampled Gaussian mechanism; NoOp when steps == 0.
+  The event is the sampler's own (`sampling.PoissonSampling.dp_event`)."""
   if steps < 0:
     raise ValueError(f"steps must be >= 0, got {steps!r}.")
+  sampling = sampling_lib.PoissonSampling(sampling_rate)
   if steps == 0:
+    sampling.dp_event(noise_multiplier, 1)  # validates σ
     return dp_accounting.NoOpDpEvent()
-  return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(
-          sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), int(steps))
+  return sampling.dp_event(noise_multiplier, steps)
 
 
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "pld",
@@ -254,10 +254,19 @@ def _bisect(eps_of, target: float, lo: float, hi: float, tol: float) -> tuple[fl
 
 @dataclasses.dataclass
 class LedgerEntry:
-  """`steps` consecutive private steps at one sampling rate and noise multiplier."""
+  """`steps` consecutive private steps at one sampling rate and noise multiplier, sampled as
+  `sampling` names (a key of `sampling.SAMPLINGS`, whose description gives the steps' event)."""
   sampling_rate: float
   noise_multiplier: float
   steps: int
+  sampling: str = sampling_lib.PoissonSampling.name
+
+  def dp_event(self) -> dp_accounting.DpEvent:
+    if self.sampling not in sampling_lib.SAMPLINGS:
+      raise ValueError(f"A ledger entry names the sampling {self.sampling!r}, which this version "
+                       f"of dpjax does not know ({sorted(sampling_lib.SAMPLINGS)}).")
+    description = sampling_lib.SAMPLINGS[self.sampling](self.sampling_rate)
+    return description.dp_event(self.noise_multiplier, self.steps)
 
 
 @dataclasses.dataclass
@@ -275,13 +284,18 @@ class PrivacyLedger:
   public_steps: int = 0
   prior: PrivacyLedger | None = None
 
-  def record_private(self, sampling_rate: float, noise_multiplier: float, steps: int = 1) -> None:
-    poisson_gaussian_event(noise_multiplier, sampling_rate, steps)  # validates the arguments
+  def record_private(self, sampling_rate: float, noise_multiplier: float, steps: int = 1,
+                     sampling: str = sampling_lib.PoissonSampling.name) -> None:
+    """Records `steps` private steps of the Gaussian mechanism (σ) on batches sampled as
+    `sampling` names at rate q (the trainer passes its plan's `sampling`, the sampler's own)."""
+    entry = LedgerEntry(float(sampling_rate), float(noise_multiplier), int(steps), sampling)
+    entry.dp_event()  # validates the arguments
     last = self.entries[-1] if self.entries else None
-    if last and (last.sampling_rate, last.noise_multiplier) == (sampling_rate, noise_multiplier):
-      last.steps += steps
+    if last and (last.sampling, last.sampling_rate, last.noise_multiplier) == (
+        entry.sampling, entry.sampling_rate, entry.noise_multiplier):
+      last.steps += entry.steps
     else:
-      self.entries.append(LedgerEntry(float(sampling_rate), float(noise_multiplier), int(steps)))
+      self.entries.append(entry)
 
   def record_public(self, steps: int = 1) -> None:
     self.public_steps += int(steps)
@@ -303,8 +317,7 @@ class PrivacyLedger:
   def dp_event(self) -> dp_accounting.DpEvent:
     """The composition of everything recorded (public steps as NoOp events), prior first."""
     events = [self.prior.dp_event()] if self.prior is not None else []
-    events += [poisson_gaussian_event(e.noise_multiplier, e.sampling_rate, e.steps)
-               for e in self.entries]
+    events += [e.dp_event() for e in self.entries]
     if self.public_steps:
       events.append(dp_accounting.SelfComposedDpEvent(dp_accounting.NoOpDpEvent(),
                                                       self.public_steps))
@@ -314,7 +327,8 @@ class PrivacyLedger:
     """ε at δ of everything recorded, prior included."""
     if not self.total_private_steps:
       return 0.0
-    if self.private_steps == self.total_private_steps and len(self.entries) == 1:
+    if (self.private_steps == self.total_private_steps and len(self.entries) == 1
+        and self.entries[0].sampling == sampling_lib.PoissonSampling.name):
       e = self.entries[0]  # the cached closed form for the common case
       return epsilon(e.noise_multiplier, e.sampling_rate, e.steps, delta, accountant)
     return _ledger_epsilon(self.to_json(), delta, accountant)

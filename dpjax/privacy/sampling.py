@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import dp_accounting
 import numpy as np
@@ -86,13 +86,51 @@ def pad_to_microbatches(indices: np.ndarray, microbatch_size: int,
 
 def _check_rate(sampling_rate: float) -> None:
   if not (0 < sampling_rate <= 1):
-    raise ValueError(f"The sampling rate q must be in (0, 1], got {sampling_rate!r}. "
+    raise ValueError(f"The sampling rate q (sampling_rate) must be in (0, 1], got {sampling_rate!r}. "
                      "It is the expected batch size divided by the number of private examples.")
 
 
 def _check_count(name: str, value: int) -> None:
   if int(value) != value or value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampling:
+  """Poisson sampling at rate q, as far as privacy goes: public facts only, no seed.
+
+  The one place the privacy event of a Poisson-sampled Gaussian step is written: the sampler
+  (`PoissonSampler.sampling`), the trainer's plan, the ledger (`accounting.PrivacyLedger`, which
+  rebuilds it from `name` and q) and the privacy statement all take it from here, so they cannot
+  disagree.
+  """
+  sampling_rate: float
+  name: ClassVar[str] = "poisson"
+  description: ClassVar[str] = "Poisson"
+  adjacency: ClassVar[str] = "add/remove"
+
+  def __post_init__(self):
+    _check_rate(self.sampling_rate)
+
+  def dp_event(self, noise_multiplier: float, steps: int = 1) -> dp_accounting.DpEvent:
+    """`steps` steps of the Poisson-subsampled Gaussian mechanism of noise multiplier σ (the
+    std of the noise over the sensitivity), under add/remove adjacency."""
+    if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+      raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}.")
+    if int(steps) != steps or steps < 1:
+      raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            self.sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), int(steps))
+
+  def sampler(self, num_examples: int, microbatch_size: int, seed: int | None = None
+              ) -> PoissonSampler:
+    """The sampler of this description over `num_examples` (its seed secret: see PoissonSampler)."""
+    return PoissonSampler(num_examples, self.sampling_rate, microbatch_size, seed=seed)
+
+
+# Sampling descriptions by name: how a ledger entry finds the event of its steps.
+SAMPLINGS: dict[str, type] = {PoissonSampling.name: PoissonSampling}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +171,14 @@ class PoissonSampler:
   def batch(self, step: int) -> PaddedBatch:
     return pad_to_microbatches(self.indices(step), self.microbatch_size)
 
+  @property
+  def sampling(self) -> PoissonSampling:
+    """This sampler's public description: what the plan, the ledger and the statement use."""
+    return PoissonSampling(self.sampling_rate)
+
   def dp_event(self, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
     """The event of `steps` steps of the subsampled Gaussian mechanism (add/remove adjacency)."""
-    return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            self.sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+    return self.sampling.dp_event(noise_multiplier, steps)
 
 
 class NoAmplificationError(ValueError):

@@ -25,16 +25,25 @@ class MetricsWriter:
   enabled=False (every process but process 0 of a multi-process run) writes nothing.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True,
+               resume_step: int | None = None):
+    """resume_step: the step a resumed run starts from. Records of later steps (written after
+    the checkpoint it resumes, by the run that stopped) are dropped from metrics.jsonl, and
+    TensorBoard purges its events from resume_step + 1 on: the resumed run writes them again, once.
+    """
     self._enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      _drop_records_after(path, resume_step)
+    self._jsonl = open(path, "a")
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=None if not resume_step else resume_step + 1)
 
   def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
     if not self._enabled:
@@ -53,6 +62,21 @@ class MetricsWriter:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without the records of steps after `step`, and its "perf" record at
+  `step` (atomically)."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  def kept_line(record):  # a resumed run writes its "perf" record at its first step again
+    return record["step"] < step or (record["step"] == step and record["kind"] != "perf")
+  kept = [line for line in lines if kept_line(json.loads(line))]
+  if len(kept) == len(lines):
+    return
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

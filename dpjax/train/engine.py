@@ -1,0 +1,146 @@
+"""The device side of a run, built once: jitted steps, the mechanism a plan implies, batches.
+
+- `Steps`: the public gradient, the private microbatch accumulation (vmap or ghost), the zero sum
+  and the evaluation, compiled once per shape (`dpjax.train.step`).
+- `Mechanism`: what a `PrivacyPlan` implies on the device: the noise transformation (σ·S once per
+  private step), the apply step (noise, mixing, optimizer) and SPARTA's score step. A new plan
+  (an automatic switch) gets a new Mechanism; nothing else is rebuilt.
+- `Batches`: the global batches of given indices, split over the mesh (each process reads and
+  preprocesses only the rows its devices hold), and the public batches' order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+from dpjax import data, finetune, parallel
+from dpjax.privacy import clipping, noise
+from dpjax.train import microbatch_size, plan as plan_lib, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The run's jitted step functions (see `dpjax.train.step`) and its layout."""
+  layout: parallel.Layout
+  example_loss: Callable
+  public_grad: Callable
+  accumulate: Callable
+  zero_sum: Callable
+  evaluate: Callable
+
+
+def make_steps(config, model, rule: clipping.ClipRule, tuning: state_lib.FineTuning,
+               layout: parallel.Layout) -> Steps:
+  """Builds (and so compiles once) the run's step functions from its config and model."""
+  perf = config.perf
+  example_loss = step_lib.make_example_loss(model, perf.dtype, perf.remat)
+  batch_losses = (step_lib.make_batch_losses(model, perf.dtype, perf.remat)
+                  if perf.per_example_method == "ghost" else None)  # ghost: no per-example grads
+  accumulate = step_lib.make_accumulate(example_loss, rule, trainable=tuning.trainable,
+                                        layout=layout, grad_dtype=step_lib.grad_dtype(perf.dtype),
+                                        batch_losses=batch_losses, masked=tuning.masked)
+  return Steps(layout, example_loss, step_lib.make_public_grad(example_loss, layout), accumulate,
+               step_lib.make_zero_sum(rule, layout), step_lib.make_evaluate(model, layout))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """The device functions of one plan. noise_tx is None for a plan without private steps (its
+  state, the secret key, still comes from the initial state or the checkpoint); clip_count is
+  set when private steps release a noisy clip count; score is SPARTA's selection step."""
+  noise_tx: optax.GradientTransformation | None
+  apply: Callable
+  score: Callable | None
+  clip_count: noise.ClipCountRelease | None
+
+
+def make_mechanism(plan: plan_lib.PrivacyPlan, optimizer: optax.GradientTransformation,
+                   layout: parallel.Layout, trainable: Any, sparta: bool) -> Mechanism:
+  noise_tx = clip_count = score = None
+  if plan.noise_multiplier is not None:
+    noise_tx = noise.add_gaussian_noise(plan.noise_multiplier, plan.sensitivity,
+                                        plan.expected_batch_size, trainable=trainable,
+                                        split=parallel.split_leaves(layout.params))
+    if plan.clip_fraction_noise:
+      clip_count = noise.ClipCountRelease(plan.clip_fraction_noise, plan.expected_batch_size)
+    if sparta:
+      score = step_lib.make_score(noise_tx, layout, clip_count)
+  apply = step_lib.make_apply(noise_tx, optimizer, layout, donate=True, clip_count=clip_count)
+  return Mechanism(noise_tx, apply, score, clip_count)
+
+
+class Batches:
+  """Global batches laid out on the mesh. preprocess: uint8 images -> float32 (on the host)."""
+
+  def __init__(self, mesh: jax.sharding.Mesh, preprocess: Callable, parts: data.PublicPrivate,
+               public_batches: data.ShuffledBatches | None):
+    self.mesh, self.preprocess, self.parts = mesh, preprocess, parts
+    self.public_batches = public_batches
+
+  def public(self, step: int) -> dict:
+    """Step `step`'s public batch (its order a function of the config seed and the step)."""
+    return self.fetch(self.parts.public, self.public_batches.indices(step))
+
+  def private(self, indices: np.ndarray, mask: np.ndarray) -> tuple[dict, Any]:
+    """One private microbatch (rows `indices`, real where `mask`) and its mask."""
+    return self.fetch(self.parts.private, indices, mask)
+
+  def fetch(self, dataset: data.Dataset, indices: np.ndarray, mask: np.ndarray | None = None):
+    """The global batch of `indices` (and its mask) split over the mesh; this process reads and
+    preprocesses only the rows its devices hold."""
+    rows = parallel.process_rows(self.mesh, len(indices))
+    mine = indices[rows]
+    local = dict(image=self.preprocess(dataset.images[mine]), label=dataset.labels[mine])
+    batch = parallel.global_batch(self.mesh, local, len(indices))
+    return batch if mask is None else (batch, parallel.global_batch(self.mesh, mask[rows],
+                                                                    len(indices)))
+
+
+def choose_microbatch_size(config, plan: plan_lib.PrivacyPlan, steps: Steps, initial: Any,
+                           private: data.Dataset, preprocess: Callable, may_go_private: bool,
+                           say: Callable[[str], None]) -> dict[str, Any]:
+  """perf.microbatch_size, or (0) the largest candidate whose accumulate step XLA estimates to
+  fit in perf.memory_fraction of the free memory, the same on every process. Performance only:
+  the privacy plan is fixed before and does not depend on it. Returns what to record."""
+  perf, mesh = config.perf, steps.layout.mesh
+  if perf.microbatch_size:
+    return dict(microbatch_size=perf.microbatch_size, microbatch_size_auto=False)
+  candidates = microbatch_size.candidate_sizes(plan.expected_batch_size, parallel.mesh_size(mesh))
+  if not len(private) or not may_go_private:
+    return dict(microbatch_size=candidates[0], microbatch_size_auto=True)  # never used
+  measure = _accumulate_bytes(steps, initial, private, preprocess, config.finetune.sparse.method
+                              != "none")
+  free = microbatch_size.free_memory_bytes(mesh.local_devices)
+  size = microbatch_size.choose_on_every_process(measure, free, candidates, perf.memory_fraction)
+  say(f"perf.microbatch_size = 0: chose {size} (largest of {candidates} within "
+      f"{perf.memory_fraction:g} of {free / 2**20:.0f} MiB free per device; XLA estimates "
+      f"{measure(size) / 2**20:.1f} MiB for its accumulate step).")
+  return dict(microbatch_size=size, microbatch_size_auto=True, step_bytes=measure(size),
+              free_bytes=free)
+
+
+def accumulate_inputs(state: Any, masked: bool) -> Any:
+  """accumulate's params argument: the params, or (params, element mask) when masked."""
+  if not masked:
+    return state.params
+  return state.params, finetune.find_mask_state(state.opt_state.base).mask
+
+
+def _accumulate_bytes(steps: Steps, initial: Any, private: data.Dataset, preprocess: Callable,
+                      masked: bool) -> Callable[[int], int]:
+  """m -> XLA's estimate (bytes per device) for `steps.accumulate` on a microbatch of m rows,
+  compiled on abstract arguments shaped like the private data's (each m once)."""
+  acc = jax.eval_shape(steps.zero_sum, initial.params)
+  one = (dict(image=preprocess(private.images[:1]), label=private.labels[:1]),
+         np.ones(1, bool))  # one row of (microbatch, mask)
+  inputs = accumulate_inputs(initial, masked)
+  return functools.cache(microbatch_size.measure_jitted(
+      steps.accumulate,
+      lambda m: (acc, inputs, *microbatch_size.abstract_rows(one, m, steps.layout.batch),
+                 np.bool_(True))))

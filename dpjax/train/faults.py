@@ -1,0 +1,122 @@
+"""Faults a training run survives: preemption (SIGTERM/SIGINT) and non-finite training.
+
+Preemption. A cluster stops a job with SIGTERM (SLURM, Kubernetes, Cloud TPU maintenance) and a
+user with Ctrl-C (SIGINT). `PreemptionGuard` turns the first such signal into a flag the host loop
+reads between steps: the loop then saves a checkpoint of the step it finished and returns
+`stopped="preempted"`; `python -m dpjax.main` exits with status `EXIT_PREEMPTED` (75, EX_TEMPFAIL:
+"try again"), and rerunning the same command resumes bit-identically (the checkpoint holds the
+mechanism's secret). A second signal is not caught: it stops the process at once, as usual. In a
+multi-process run every process must stop at the same step (checkpoints are collective), so the
+flag is agreed by all processes (an all-gather) every `sync_every` steps.
+
+Non-finite training. A step whose loss or parameters are not finite (a learning rate that
+diverges, an overflow in float16) stops the run with `NonFiniteError` before that state is
+checkpointed or another private step is taken. `FiniteWatch` reads each step's finiteness flag one
+step late, so the host never waits for the device in between (the flag of step t is read once step
+t + 1 is dispatched). The flag is computed from the updated parameters and the public loss only:
+the parameters are released anyway, so the flag releases nothing private.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: the run stopped early and can be resumed
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or parameters; nothing from that step was saved."""
+
+
+class PreemptionGuard:
+  """Catches the first SIGTERM/SIGINT while training and records it (`requested`).
+
+  Use as a context manager around the host loop; the previous handlers are restored on exit.
+  Signal handlers can only be installed from the main thread: elsewhere (a test thread, a
+  notebook's worker) the guard installs nothing and never fires.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, process_count: int = 1, sync_every: int = 1):
+    self.signal_name: str | None = None
+    self._process_count = process_count
+    self._sync_every = max(int(sync_every), 1)
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    # The next signal of this kind gets the handler that was there before (a second Ctrl-C
+    # interrupts at once).
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+  def requested(self, done: int) -> bool:
+    """Whether to stop after step `done` (every process gets the same answer)."""
+    if self._process_count == 1:
+      return self.signal_name is not None
+    if done % self._sync_every:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+    return bool(np.any(flags))
+
+
+def is_finite(params: Any, loss: jax.Array | None = None) -> jax.Array:
+  """A device bool: every parameter and the loss (if given) are finite. One reduction over the
+  parameters (their sum of squares: also false when it overflows), to run inside a jitted step."""
+  total = sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in jax.tree_util.tree_leaves(params))
+  finite = jnp.isfinite(total)
+  return finite if loss is None else finite & jnp.isfinite(loss)
+
+
+class FiniteWatch:
+  """Raises NonFiniteError for the first step whose finiteness flag is False, one step late.
+
+  `observe(step, flag)` is called after step `step` is dispatched: it reads the previous step's
+  flag (by now computed, or nearly) and keeps this one. `check()` reads the pending flag at once:
+  call it before anything is saved or released (a checkpoint, an evaluation, the final results).
+  """
+
+  def __init__(self):
+    self._pending: tuple[int, Any] | None = None
+
+  def observe(self, step: int, flag: Any) -> None:
+    self.check()
+    self._pending = None if flag is None else (step, flag)
+
+  def check(self) -> None:
+    if self._pending is None:
+      return
+    step, flag = self._pending
+    self._pending = None
+    if not bool(flag):
+      raise NonFiniteError(
+          f"Step {step} produced a non-finite loss or parameters (NaN or inf). The run stops "
+          "before saving that state; the last checkpoint is from before it, and its privacy "
+          "ledger does not count this step. Lower optimizer.learning_rate, use perf.dtype="
+          "'float32', or check the data, then start a new --workdir (or resume this one with a "
+          "config that keeps the same trajectory).")
+
+
+@contextlib.contextmanager
+def no_guard() -> Iterator[None]:
+  yield

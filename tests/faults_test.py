@@ -1,0 +1,160 @@
+"""Faults a run survives: preemption (SIGTERM) then resume, non-finite steps, resumed metrics,
+the progress bar, and main's exit status."""
+
+import collections
+import json
+import os
+import signal
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from dpjax import config as config_lib, main as main_lib
+from dpjax.privacy import accounting
+from dpjax.train import checkpoint, faults, hooks, loop, metrics
+from tests.conftest import require_data
+from tests.e2e_test import _final_params, small_config
+
+
+@pytest.fixture
+def _data(dataset_cache):
+  require_data()
+
+
+def _signal_at(monkeypatch, step_to_signal, signum=signal.SIGTERM):
+  original = loop.Trainer.one_step
+
+  def one_step(self, step):
+    original(self, step)
+    if step == step_to_signal:
+      os.kill(os.getpid(), signum)  # delivered now: the guard's handler sets its flag
+
+  monkeypatch.setattr(loop.Trainer, "one_step", one_step)
+  return original
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_resuming_equals_an_uninterrupted_run(
+    _data, tmp_path, monkeypatch, signum):
+  dp = dict(insecure_reproducible_seed=3)
+  straight = loop.train_and_evaluate(small_config(dp=dp), str(tmp_path / "a"),
+                                     show_progress=False)
+  c = small_config(dp=dp, log_every_steps=4)
+  original = _signal_at(monkeypatch, 12, signum)
+  stopped = loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  assert stopped["stopped"] == "preempted" and stopped["steps"] == 13
+  assert stopped["signal"] == signal.Signals(signum).name
+  assert checkpoint.Checkpointer(str(tmp_path / "b")).latest_step() == 13  # not every 1000
+  assert not (tmp_path / "b" / "results.json").exists()
+  # The handler is gone after the run: the default one is back.
+  assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)
+  monkeypatch.setattr(loop.Trainer, "one_step", original)
+  resumed = loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
+  assert resumed["stopped"] == "completed"
+  assert resumed["privacy"] == straight["privacy"]
+  for x, y in zip(jax.tree_util.tree_leaves(_final_params(tmp_path / "a")),
+                  jax.tree_util.tree_leaves(_final_params(tmp_path / "b"))):
+    np.testing.assert_array_equal(x, y)
+  records = metrics.read_metrics(str(tmp_path / "b"))
+  counts = collections.Counter((r["step"], r["kind"]) for r in records)
+  assert max(counts.values()) == 1, counts  # no record written twice
+  assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8, 12, 16, 20]
+
+
+def test_resuming_after_a_crash_writes_no_duplicate_records(_data, tmp_path, monkeypatch):
+  from tests.e2e_test import crash_then_resume
+  c = small_config(checkpoint=dict(every_steps=4), log_every_steps=2)
+  crash_then_resume(c, str(tmp_path), crash_step=13, monkeypatch=monkeypatch)
+  records = metrics.read_metrics(str(tmp_path))
+  keys = [(r["step"], r["kind"]) for r in records]
+  assert len(keys) == len(set(keys)), keys
+  assert [r["step"] for r in records if r["kind"] == "train"] == list(range(2, 21, 2))
+  assert [r["step"] for r in records if r["kind"] == "perf"] == [0, 12]
+
+
+def test_a_non_finite_step_stops_the_run_before_its_state_is_saved(_data, tmp_path,
+                                                                  monkeypatch):
+  original = loop.Trainer.one_step
+
+  def poisoned(self, step):
+    if step == 14:  # a private step (10 public, then private): its update is NaN
+      self.state = self.state.replace(params=jax.tree_util.tree_map(
+          lambda p: p * np.float32(np.nan), self.state.params))
+    return original(self, step)
+
+  monkeypatch.setattr(loop.Trainer, "one_step", poisoned)
+  c = small_config(checkpoint=dict(every_steps=4))
+  with pytest.raises(faults.NonFiniteError, match="Step 14 produced a non-finite"):
+    loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == 12  # the step-16 checkpoint was never written
+  record = ckpt.read_record()
+  ledger = accounting.PrivacyLedger.from_json(record["ledger"])
+  assert (ledger.public_steps, ledger.private_steps) == (10, 2)  # nothing of step 14 on
+  params = ckpt.read(12)[0]["params"]
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_finite_watch_reads_each_flag_one_step_late_and_check_reads_it_at_once():
+  watch = faults.FiniteWatch()
+  watch.observe(0, np.bool_(True))
+  watch.observe(1, np.bool_(False))  # not read yet
+  with pytest.raises(faults.NonFiniteError, match="Step 1"):
+    watch.observe(2, np.bool_(True))
+  watch = faults.FiniteWatch()
+  watch.observe(5, np.bool_(False))
+  with pytest.raises(faults.NonFiniteError, match="Step 5"):
+    watch.check()
+  assert bool(faults.is_finite({"w": np.ones(3, np.float32)}))
+  assert not bool(faults.is_finite({"w": np.array([1.0, np.inf], np.float32)}))
+  assert not bool(faults.is_finite({"w": np.full(4, 3e38, np.float32)}))  # its square overflows
+
+
+def test_preemption_guard_restores_handlers_and_a_second_signal_is_not_caught():
+  before = signal.getsignal(signal.SIGTERM)
+  with faults.PreemptionGuard() as guard:
+    assert not guard.requested(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.requested(1) and guard.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before  # the next SIGTERM is not caught
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_main_exits_with_ex_tempfail_when_preempted(monkeypatch, tmp_path):
+  monkeypatch.setattr(loop, "train_and_evaluate",
+                      lambda *a: dict(stopped="preempted", steps=3, signal="SIGTERM"))
+  monkeypatch.setattr(main_lib, "_CONFIG",
+                      types.SimpleNamespace(value=config_lib.default_config()))
+  monkeypatch.setattr(main_lib, "_WORKDIR", types.SimpleNamespace(value=str(tmp_path)))
+  monkeypatch.setattr(main_lib, "_PROGRESS", types.SimpleNamespace(value=False))
+  monkeypatch.setattr(main_lib.parallel, "initialize_distributed", lambda **kw: None)
+  with pytest.raises(SystemExit) as exit_info:
+    main_lib.main([])
+  assert exit_info.value.code == faults.EXIT_PREEMPTED == 75
+
+
+def test_progress_bar_shows_no_placeholders_and_epsilon_at_every_private_step():
+  shown = []
+  bar = types.SimpleNamespace(update=lambda n, **kw: shown.append(kw))
+  train_metrics, evaluation = hooks.TrainMetrics(10), hooks.Evaluation(10)
+  hook = hooks.ProgressBar(bar, train_metrics, evaluation, refresh_s=0.0)
+  ledger = accounting.PrivacyLedger()
+  run = types.SimpleNamespace(alpha=1.0, ledger=ledger, total=5,
+                              epsilon=lambda: ledger.epsilon(1e-5, "rdp"))
+  hook.after_step(run, 1)  # public step: nothing spent, no loss or accuracy yet
+  assert shown[-1] == dict(alpha=1.0)
+  epsilons = []
+  for done in (2, 3):
+    ledger.record_private(0.01, 1.0)
+    run.alpha = 0.0
+    hook.after_step(run, done)
+    epsilons.append(shown[-1]["eps"])
+  assert epsilons[0] < epsilons[1] == pytest.approx(ledger.epsilon(1e-5, "rdp"))
+  train_metrics.last_loss, evaluation.last_accuracy = 0.5, 0.9
+  hook.after_step(run, 4)
+  assert set(shown[-1]) == {"alpha", "eps", "loss", "acc"}
+  assert not any(isinstance(v, float) and np.isnan(v) for s in shown for v in s.values())
+  assert json.dumps(shown)  # plain values
