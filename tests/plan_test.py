@@ -7,7 +7,7 @@ import json
 import dp_accounting
 import pytest
 
-from dpjax import config as config_lib, mixing
+from dpjax import config as config_lib
 from dpjax.privacy import accounting, sampling
 from dpjax.train import plan as plan_lib, state as state_lib, statement as statement_lib
 
