@@ -1,4 +1,4 @@
-"""The throughput benchmark's --quick mode runs on CPU and writes a complete JSON table."""
+"""The benchmarks run on CPU and write rows of the one format (`benchmarks.schema`)."""
 
 import json
 import os
@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from benchmarks import schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,21 +21,70 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
                          "--methods=vmap,ghost", "--scans=1", "--breakdown", f"--out={out}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
-  rows = json.loads(out.read_text())["rows"]
-  assert [(r["model"], r["per_example"], r["scan"]) for r in rows] == [
-      ("vit_test", "vmap", 1), ("vit_test", "ghost", 1)]
-  for row in rows:
-    assert "failed" not in row
-    assert row["dp_examples_per_s"] > 0 and row["non_dp_examples_per_s"] > 0
-    ratio = row["dp_examples_per_s"] / row["non_dp_examples_per_s"]
-    assert abs(row["dp_over_non_dp"] - ratio) < 1e-9
-    for name in ("dp", "non_dp"):  # dispatching a window's steps is a part of its time
-      assert 0 < row[f"{name}_dispatch_ms"] <= row[f"{name}_step_ms"]
-    assert row["peak_memory_mb"] > 0 and row["dp_compile_s"] >= 0
+  written = json.loads(out.read_text())
+  assert written["format"] == schema.FORMAT and written["failed"] == []
+  rows = schema.validate_table(written["rows"])
+  assert [(r["model"], r["mode"], r["method"], r["run"]) for r in rows] == [
+      ("vit_test", "nondp", None, 0), ("vit_test", "dp", "vmap", 0),
+      ("vit_test", "nondp", None, 1), ("vit_test", "dp", "ghost", 1)]
+  for i, row in enumerate(rows):
+    assert row["source"] == f"{out}#/rows/{i}" and row["date"]
+    assert row["details"]["scan"] == 1 and row["batch"] == 16
+    assert {"quick", "scan_blocks"} <= set(row["variant"].split("; "))
+    assert row["examples_per_s"] > 0 and row["compile_s"] >= 0 and row["peak_memory_bytes"] > 0
+    # dispatching a window's steps is a part of its time
+    assert 0 < row["details"]["dispatch_ms"] <= row["details"]["step_ms"]
+  for nondp, dp in zip(rows[::2], rows[1::2]):
+    assert (dp["microbatch"], dp["microbatches"], nondp["microbatch"]) == (8, 2, 16)
+    ratio = dp["examples_per_s"] / nondp["examples_per_s"]
+    assert abs(dp["dp_over_non_dp"] - ratio) < 1e-9
     pieces = {"public_grad_ms", "accumulate_ms"} | (
-        {"ghost_backward_ms", "ghost_norms_ms"} if row["per_example"] == "ghost" else set())
-    assert set(row["pieces"]) == pieces and min(row["pieces"].values()) > 0
+        {"ghost_backward_ms", "ghost_norms_ms"} if dp["method"] == "ghost" else set())
+    assert set(dp["details"]["pieces"]) == pieces and min(dp["details"]["pieces"].values()) > 0
   assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
+
+
+def _fake_run_row(measured):
+  """A stand-in for `rows.run_row` that returns `measured(flags)` without a subprocess."""
+  return lambda module, flags, config, env=None: measured(flags)
+
+
+def test_scaling_writes_a_dp_and_a_nondp_row_per_layout(tmp_path, monkeypatch):
+  """The parent process's rows from its layouts' measurements (a stand-in for the subprocess:
+  the archived H200 rows in the keys run_one writes now)."""
+  from benchmarks import rows, scaling
+  archived = json.loads((ROOT / "benchmarks/results/archive/scaling_h200x2.json").read_text())
+  by_layout = {f"{r['data']}x{r['fsdp']}": dict(
+      r, dp_peak_memory_bytes=2**30, non_dp_peak_memory_bytes=2**29, dp_compile_s=30.0,
+      non_dp_compile_s=10.0) for r in archived["rows"]}
+  monkeypatch.setattr(rows, "run_row", _fake_run_row(lambda flags: by_layout[flags[1]]))
+  out = tmp_path / "s.json"
+  monkeypatch.setattr(sys, "argv", ["scaling", "--layouts=1x1,2x1,1x2", "--commit=abc1234",
+                                    f"--out={out}"])
+  scaling.main()
+  table = schema.validate_table(json.loads(out.read_text())["rows"])
+  assert [(r["mesh"], r["mode"]) for r in table] == [
+      (m, mode) for m in ("1x1", "2x1", "1x2") for mode in ("nondp", "dp")]
+  for nondp, dp in zip(table[::2], table[1::2]):
+    assert dp["commit"] == "abc1234" and dp["peak_memory_bytes"] == 2**30
+    assert dp["microbatch"] == 32 * dp["details"]["devices"] and dp["microbatches"] == 4
+    assert nondp["batch"] == dp["batch"] and nondp["compile_s"] == 10.0
+
+
+def test_dp_step_writes_a_dp_and_a_nondp_row_per_model(tmp_path, monkeypatch):
+  from benchmarks import dp_step, rows
+  archived = json.loads((ROOT / "benchmarks/results/archive/dp_step_cpu.json").read_text())
+  by_run = {(r["model"], r["mode"]): dict(r, peak_memory_bytes=2**28) for r in archived["rows"]}
+  monkeypatch.setattr(rows, "run_row", _fake_run_row(
+      lambda flags: by_run[tuple(flags[1].split(":"))]))
+  out = tmp_path / "d.json"
+  monkeypatch.setattr(sys, "argv", ["dp_step", "--models=cnn_tanh_mnist,vit_mini_32",
+                                    f"--out={out}"])
+  dp_step.main()
+  table = schema.validate_table(json.loads(out.read_text())["rows"])
+  assert [(r["model"], r["mode"]) for r in table] == [
+      (m, mode) for m in ("cnn_tanh_mnist", "vit_mini_32") for mode in ("nondp", "dp")]
+  assert all(r["microbatch"] * r["microbatches"] == 256 for r in table)
 
 
 def test_a_failed_configuration_is_a_row_naming_its_exception(tmp_path, monkeypatch):
@@ -48,6 +99,8 @@ def test_a_failed_configuration_is_a_row_naming_its_exception(tmp_path, monkeypa
   out = tmp_path / "rows.json"
   rows.write_rows(str(out), "benchmarks.max_batch", [row])
   assert json.loads(out.read_text())["rows"] == [row]
+  rows.write_table(str(out), "benchmarks.throughput", [], [row])
+  assert json.loads(out.read_text())["failed"] == [row]
   assert rows.failure("Traceback ...\nValueError: bad\n--------\nnote") == "ValueError: bad"
 
 
@@ -149,3 +202,38 @@ def test_compile_time_benchmark_sums_the_compiles_host_events(tmp_path):
     for piece in ("accumulate", "apply_dp"):
       names = [event["name"] for event in row["host_events"][piece]]
       assert any("Compile" in name for name in names), (piece, names)
+
+
+def _pair(run=0, variant=None, clip="flat", dp_rate=50.0, source="runs/x.json", **shared):
+  return schema.pair_rows(
+      dict(benchmark="throughput", model="vit_test", dtype="float32", mesh="1x1", device="cpu",
+           commit=None, date=None, variant=variant, command="python -m benchmarks.throughput",
+           run=run, **shared),
+      dict(microbatch=16, examples_per_s=100.0, compile_s=None, peak_memory_bytes=None,
+           source=f"{source}#/rows/{2 * run}", details={}),
+      dict(microbatch=8, microbatches=2, method="ghost", clip=clip, examples_per_s=dp_rate,
+           compile_s=1.0, peak_memory_bytes=2**20, source=f"{source}#/rows/{2 * run + 1}",
+           details={}))
+
+
+def test_table_schema_rejects_rows_that_break_it():
+  nondp, dp = _pair()
+  assert dp["dp_over_non_dp"] == 0.5 and dp["batch"] == 16 and nondp["microbatches"] == 1
+  broken = [(dict(dp, batch=17), "batch"), (dict(nondp, method="vmap"), "method"),
+            (dict(dp, method="opacus"), "method"), (dict(dp, commit="HEAD"), "commit"),
+            (dict(dp, peak_memory_bytes=1.5), "peak_memory_bytes"),
+            (dict(dp, examples_per_s=float("nan")), "examples_per_s"),
+            (dict(dp, source="x.json"), "source"), ({**dp, "speed": 1.0}, "unknown"),
+            ({k: v for k, v in dp.items() if k != "mesh"}, "missing")]
+  for row, field in broken:
+    with pytest.raises(schema.SchemaError, match=field):
+      schema.validate(row)
+  with pytest.raises(schema.SchemaError, match="is not"):
+    schema.validate_table([nondp, dict(dp, dp_over_non_dp=0.6)])
+  with pytest.raises(schema.SchemaError, match="no nondp row"):
+    schema.validate_table([dp])
+  with pytest.raises(schema.SchemaError, match="two dp rows"):
+    schema.validate_table([nondp, dp, dp])
+  assert schema.mb_to_bytes(1.5) == 3 * 2**19
+  with pytest.raises(ValueError, match="whole number"):
+    schema.mb_to_bytes(1e-9)
