@@ -1,4 +1,5 @@
-"""The benchmarks run on CPU and write rows of the one format (`benchmarks.schema`)."""
+"""The benchmarks run on CPU and write rows of the one format (`benchmarks.schema`); the results
+table is what the archive gives, and the README shows its current rows."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import schema
+from benchmarks import convert_results, report_table, schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,7 +54,7 @@ def test_scaling_writes_a_dp_and_a_nondp_row_per_layout(tmp_path, monkeypatch):
   """The parent process's rows from its layouts' measurements (a stand-in for the subprocess:
   the archived H200 rows in the keys run_one writes now)."""
   from benchmarks import rows, scaling
-  archived = json.loads((ROOT / "benchmarks/results/archive/scaling_h200x2.json").read_text())
+  archived = json.loads((convert_results.RESULTS / "archive/scaling_h200x2.json").read_text())
   by_layout = {f"{r['data']}x{r['fsdp']}": dict(
       r, dp_peak_memory_bytes=2**30, non_dp_peak_memory_bytes=2**29, dp_compile_s=30.0,
       non_dp_compile_s=10.0) for r in archived["rows"]}
@@ -73,7 +74,7 @@ def test_scaling_writes_a_dp_and_a_nondp_row_per_layout(tmp_path, monkeypatch):
 
 def test_dp_step_writes_a_dp_and_a_nondp_row_per_model(tmp_path, monkeypatch):
   from benchmarks import dp_step, rows
-  archived = json.loads((ROOT / "benchmarks/results/archive/dp_step_cpu.json").read_text())
+  archived = json.loads((convert_results.RESULTS / "archive/dp_step_cpu.json").read_text())
   by_run = {(r["model"], r["mode"]): dict(r, peak_memory_bytes=2**28) for r in archived["rows"]}
   monkeypatch.setattr(rows, "run_row", _fake_run_row(
       lambda flags: by_run[tuple(flags[1].split(":"))]))
@@ -237,3 +238,71 @@ def test_table_schema_rejects_rows_that_break_it():
   assert schema.mb_to_bytes(1.5) == 3 * 2**19
   with pytest.raises(ValueError, match="whole number"):
     schema.mb_to_bytes(1e-9)
+
+
+def test_table_current_rows_are_the_last_plain_run_per_configuration():
+  rows = (_pair(0, dp_rate=40.0) + _pair(1, dp_rate=50.0) + _pair(2, "profiled", dp_rate=90.0)
+          + _pair(3, clip="per_layer", dp_rate=30.0))
+  current = report_table.current(rows)
+  assert [(dp["run"], nondp["run"], dp["clip"]) for dp, nondp in current] == [
+      (1, 1, "flat"), (3, 3, "per_layer")]
+  table = report_table.markdown(rows)
+  assert ("| 1 | vit_test | ghost | flat | float32 | 8 × 2 | cpu | 50.0 | 100 | 0.500 | 1 | — | "
+          "1.0 | — |") in table
+  assert "rows 1, 2 (`runs/x.json`): `python -m benchmarks.throughput`" in table
+
+
+def test_table_json_rows_follow_the_schema_and_every_archived_file_is_accounted_for():
+  rows = convert_results.read_table()
+  assert {r["source"].split("/")[0] for r in rows} <= {"archive", "runs"}
+  archived = {p.name for p in (convert_results.RESULTS / "archive").glob("*.json")}
+  converted = {name for name, _, _ in convert_results.ARCHIVE}
+  assert not converted & set(convert_results.DIAGNOSTIC)
+  assert archived == converted | set(convert_results.DIAGNOSTIC)
+  assert {schema.source_file(r).split("/")[1] for r in rows
+          if r["source"].startswith("archive/")} == converted
+
+
+def test_table_json_and_csv_are_what_the_archive_and_runs_give():
+  """The committed table.json and table.csv are the converter's output (run it twice: the same
+  text), so `python -m benchmarks.convert_results` was run after the last change."""
+  first, second = (dict(convert_results.files(convert_results.build_table())) for _ in range(2))
+  assert first == second
+  for name, text in first.items():
+    assert (convert_results.RESULTS / name).read_text() == text, (
+        f"{name} is stale: run python -m benchmarks.convert_results")
+
+
+def _numbers(tree) -> set:
+  if isinstance(tree, dict):
+    return set().union(*map(_numbers, tree.values())) if tree else set()
+  if isinstance(tree, list):
+    return set().union(*map(_numbers, tree)) if tree else set()
+  return {tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else set()
+
+
+def test_table_archived_rows_hold_only_values_of_their_source_file():
+  """Every rate, compile time and peak (as MiB) of a converted row is a number of the file it
+  names; a commit is in that file's text or quoted from the archived README."""
+  cache = {}
+  for row in convert_results.read_table():
+    file = schema.source_file(row)
+    if not file.startswith("archive/"):
+      continue
+    if file not in cache:
+      text = (convert_results.RESULTS / file).read_text()
+      cache[file] = (_numbers(json.loads(text)), text)
+    numbers, text = cache[file]
+    values = [row["examples_per_s"], row["compile_s"]] + (
+        [] if row["peak_memory_bytes"] is None else [row["peak_memory_bytes"] / 2**20])
+    assert all(v is None or v in numbers for v in values), (row["source"], values)
+    assert row["commit"] is None or row["commit"] in text or (
+        convert_results.README_COMMITS[file.split("/")[1]][0] == row["commit"])
+
+
+def test_readme_table_is_the_generated_one():
+  readme = (convert_results.RESULTS / "README.md").read_text()
+  table = report_table.markdown(convert_results.read_table())
+  assert report_table.replace_table(readme, table) == readme, (
+      "the README's table is stale: run python -m benchmarks.report_table")
+  assert readme.index(report_table.BEGIN) < readme.index("## ")  # the table comes first
