@@ -169,12 +169,12 @@ def time_steps(advance: Callable[[], Any], windows: int, steps: int,
   return first, statistics.median(per_step)
 
 
-def peak_memory_mb(mesh) -> float:
+def peak_memory_bytes(mesh) -> int:
   """The largest allocator peak over the mesh's devices; the process's max RSS on CPU."""
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   if None in peaks:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return max(peaks) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  return int(max(peaks))
 
 
 def device_facts() -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Each benchmark's `main` runs every configuration as `python -m benchmarks.NAME --internal flags`
 in a fresh process (its own peak memory, compile caches and XLA_FLAGS), which prints its row as
-the last line of stdout. No jax import here: the parent process never starts a backend.
+the last line of stdout. The timing benchmarks write rows of `benchmarks.schema.Row`
+(`write_table`); the diagnostic ones their own rows (`write_rows`). No jax import here: the
+parent process never starts a backend.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import re
 import subprocess
 import sys
 from typing import Mapping
+
+from benchmarks import schema
 
 
 def run_row(module: str, flags: list[str], config: Mapping, env: Mapping | None = None) -> dict:
@@ -39,5 +43,26 @@ def write_rows(path: str, module: str, rows: list[dict]) -> None:
   run cut short keeps what it measured."""
   if path:
     with open(path, "w") as f:
-      json.dump(dict(rows=rows, command=f"python -m {module} " + " ".join(sys.argv[1:]),
-                     host=platform.node()), f, indent=2)
+      json.dump(dict(rows=rows, command=command(module), host=platform.node()), f, indent=2)
+
+
+def command(module: str) -> str:
+  """This process's command line, as `python -m module ...`."""
+  return f"python -m {module} " + " ".join(sys.argv[1:])
+
+
+def environment_variant() -> list[str]:
+  """The part of a row's `variant` set by this process's environment: XLA_FLAGS, if any."""
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  return [f"XLA_FLAGS={flags}"] if flags else []
+
+
+def write_table(path: str, module: str, rows: list[schema.Row], failed: list[dict]) -> None:
+  """Writes {format, command, host, rows, failed} to `path` (nothing when empty): `rows` are
+  validated `schema.Row`s, `failed` the configurations that failed (`run_row`'s "failed" rows).
+  Called after every configuration, so a run cut short keeps what it measured."""
+  schema.validate_table(rows)
+  if path:
+    with open(path, "w") as f:
+      json.dump(dict(format=schema.FORMAT, command=command(module), host=platform.node(),
+                     rows=rows, failed=failed), f, indent=2)

@@ -8,10 +8,11 @@ examples, in
 the same process, so their ratio compares like with like. Examples/s is the median over windows
 of steps dispatched without per-step synchronisation; compile time is the first step's extra.
 
-  python -m benchmarks.throughput --out benchmarks/results/throughput_h100.json      # GPU suite
-  python -m benchmarks.throughput --quick --out /tmp/t.json                           # CPU, ~1 min
+  python -m benchmarks.throughput --out benchmarks/results/runs/NAME.json  # GPU suite
+  python -m benchmarks.throughput --quick --out /tmp/t.json                  # CPU, ~1 min
 
-Prints a markdown table and writes JSON (rows, command, versions).
+Prints a markdown table and writes JSON: two `benchmarks.schema.Row`s per configuration (nondp,
+dp), the command, the configurations that failed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import argparse
 import itertools
 import json
 import os
+from typing import Mapping, Sequence
 
 from benchmarks import rows as rows_lib
+from benchmarks import schema
 
 # (model, microbatch, microbatches per step); the GPU suite and the CPU smoke run.
 SUITE = [("vit_b16_224", 32, 4), ("vit_b16_224", 64, 2), ("vit_b16_224", 128, 1),
@@ -45,8 +48,9 @@ def run_one(args: argparse.Namespace) -> dict:
   # Non-DP first: the allocator's peak after it is the non-DP step's; after the DP step, the
   # overall peak is the DP step's whenever that is the larger (peaks only grow).
   result.update(steps.measure("non_dp", args.windows, args.steps),
-                non_dp_peak_memory_mb=harness.peak_memory_mb(mesh))
-  result.update(steps.measure("dp", args.windows, args.steps))
+                non_dp_peak_memory_bytes=harness.peak_memory_bytes(mesh))
+  result.update(steps.measure("dp", args.windows, args.steps),
+                dp_peak_memory_bytes=harness.peak_memory_bytes(mesh))  # before the extras below
   result["dp_over_non_dp"] = result["dp_examples_per_s"] / result["non_dp_examples_per_s"]
   if args.breakdown:
     result["pieces"] = steps.time_pieces(args.steps)
@@ -63,8 +67,41 @@ def run_one(args: argparse.Namespace) -> dict:
         result[f"{name}_profile"] = found
       except Exception as e:  # a trace that cannot be written or read loses no measurement
         result[f"{name}_profile"] = dict(error=repr(e)[:500])
-  result.update(harness.device_facts(), peak_memory_mb=harness.peak_memory_mb(mesh))
+  result.update(harness.device_facts())
   return result
+
+
+SHARED_DETAILS = ("num_params", "attention", "scan", "jax", "platform")
+
+
+def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
+            commit: str | None, date: str | None, variant: Sequence[str] = (),
+            details: Mapping | None = None) -> list[schema.Row]:
+  """The nondp and dp `schema.Row`s of one configuration's measurement (`run_one`'s dict).
+
+  `sources`: the two rows' `source`; `variant`: what else differs from a plain run (e.g. a smoke
+  run's settings); scanned blocks, another attention than "fused" and a profile (its HLO dump
+  slows the compiles) are read off `raw`. `details`: extra details for both rows.
+  """
+  parts = list(variant)
+  if raw.get("scan"):
+    parts.append("scan_blocks")
+  if raw.get("attention") not in (None, "", "fused"):
+    parts.append(f"attention={raw['attention']}")
+  if "dp_profile" in raw:
+    parts.append("profiled")
+  shared_details = {k: raw[k] for k in SHARED_DETAILS if k in raw} | dict(details or {})
+  nondp = schema.mode_fields(raw, "non_dp", sources[0], shared_details, ("profile",))
+  nondp.update(microbatch=raw["batch"])
+  dp = schema.mode_fields(raw, "dp", sources[1], shared_details, ("profile",))
+  if raw.get("pieces"):
+    dp["details"]["pieces"] = raw["pieces"]
+  dp.update(microbatch=raw["microbatch"], microbatches=raw["microbatches"],
+            method=raw["per_example"], clip=raw["clip"])
+  shared = dict(benchmark="throughput", model=raw["model"], dtype=raw["dtype"], mesh="1x1",
+                device=raw["device"], commit=commit, date=date, variant="; ".join(parts) or None,
+                command=command, run=run)
+  return schema.pair_rows(shared, nondp, dp)
 
 
 def configurations(args: argparse.Namespace) -> list[dict]:
@@ -110,6 +147,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--out", default="")
+  parser.add_argument("--commit", default="",
+                      help="the commit measured (default: git's HEAD; needed where no .git is)")
   # one configuration, internal
   for name in ("model", "clip", "dtype", "attention", "per_example"):
     parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
@@ -121,27 +160,35 @@ def main() -> None:
     return
   if args.quick:
     args.steps, args.windows = min(args.steps, 2), min(args.windows, 2)
-  rows = []
-  for config in configurations(args):
+  measured, rows, failed = [], [], []
+  found = schema.provenance(args.commit)
+  variant = (["quick"] if args.quick else []) + rows_lib.environment_variant()
+  for run, config in enumerate(configurations(args)):
     flags = [f"--{k}={v}" for k, v in config.items()] + [
         f"--steps={args.steps}", f"--windows={args.windows}"] + (
         ["--breakdown"] if args.breakdown else []) + (
-        [f"--profile={args.profile}/{len(rows)}", f"--profile_top={args.profile_top}"]
+        [f"--profile={args.profile}/{run}", f"--profile_top={args.profile_top}"]
         if args.profile else [])
     env = dict(os.environ)
     if args.profile:  # the optimized HLO, to name what each kernel computes
       from benchmarks import profile
-      env["XLA_FLAGS"] = profile.dump_flags(f"{args.profile}/{len(rows)}/hlo")
-    rows.append(rows_lib.run_row("benchmarks.throughput", flags, config, env))
-    if "failed" not in rows[-1]:
-      print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
-    rows_lib.write_rows(args.out, "benchmarks.throughput", rows)
-  print(markdown_table(rows))
+      env["XLA_FLAGS"] = profile.dump_flags(f"{args.profile}/{run}/hlo")
+    raw = rows_lib.run_row("benchmarks.throughput", flags, config, env)
+    measured.append(raw)
+    if "failed" in raw:
+      failed.append(raw)
+    else:
+      print(markdown_table([raw]).splitlines()[-1], flush=True)
+      sources = tuple(f"{args.out or '-'}#/rows/{len(rows) + i}" for i in range(2))
+      rows += to_rows(raw, run=run, sources=sources, command=rows_lib.command(
+          "benchmarks.throughput"), variant=variant, **found)
+    rows_lib.write_table(args.out, "benchmarks.throughput", rows, failed)
+  print(markdown_table(measured))
 
 
 def markdown_table(rows: list[dict]) -> str:
   lines = ["| model | clip | per-example | dtype | attention | scan | microbatch × k | "
-           "non-DP ex/s | DP ex/s | DP ÷ non-DP | DP compile s | non-DP peak MB | peak MB |",
+           "non-DP ex/s | DP ex/s | DP ÷ non-DP | DP compile s | non-DP peak MiB | peak MiB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     head = (f"| {r['model']} | {r['clip']} | {r['per_example']} | {r['dtype']} | "
@@ -152,8 +199,8 @@ def markdown_table(rows: list[dict]) -> str:
       continue
     lines.append(head + f" {r['non_dp_examples_per_s']:,.0f} | {r['dp_examples_per_s']:,.0f} | "
                  f"{r['dp_over_non_dp']:.3f} | {r['dp_compile_s']:.1f} | "
-                 f"{r.get('non_dp_peak_memory_mb', float('nan')):,.0f} | "
-                 f"{r['peak_memory_mb']:,.0f} |")
+                 f"{r['non_dp_peak_memory_bytes'] / 2**20:,.0f} | "
+                 f"{r['dp_peak_memory_bytes'] / 2**20:,.0f} |")
   return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The throughput benchmark's --quick mode runs on CPU and writes a complete JSON table."""
+"""The benchmarks run on CPU and write rows of the one format (`benchmarks.schema`); the results
+table is what the archive gives, and the README shows its current rows."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from benchmarks import convert_results, report_table, schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,21 +22,70 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
                          "--methods=vmap,ghost", "--scans=1", "--breakdown", f"--out={out}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
-  rows = json.loads(out.read_text())["rows"]
-  assert [(r["model"], r["per_example"], r["scan"]) for r in rows] == [
-      ("vit_test", "vmap", 1), ("vit_test", "ghost", 1)]
-  for row in rows:
-    assert "failed" not in row
-    assert row["dp_examples_per_s"] > 0 and row["non_dp_examples_per_s"] > 0
-    ratio = row["dp_examples_per_s"] / row["non_dp_examples_per_s"]
-    assert abs(row["dp_over_non_dp"] - ratio) < 1e-9
-    for name in ("dp", "non_dp"):  # dispatching a window's steps is a part of its time
-      assert 0 < row[f"{name}_dispatch_ms"] <= row[f"{name}_step_ms"]
-    assert row["peak_memory_mb"] > 0 and row["dp_compile_s"] >= 0
+  written = json.loads(out.read_text())
+  assert written["format"] == schema.FORMAT and written["failed"] == []
+  rows = schema.validate_table(written["rows"])
+  assert [(r["model"], r["mode"], r["method"], r["run"]) for r in rows] == [
+      ("vit_test", "nondp", None, 0), ("vit_test", "dp", "vmap", 0),
+      ("vit_test", "nondp", None, 1), ("vit_test", "dp", "ghost", 1)]
+  for i, row in enumerate(rows):
+    assert row["source"] == f"{out}#/rows/{i}" and row["date"]
+    assert row["details"]["scan"] == 1 and row["batch"] == 16
+    assert {"quick", "scan_blocks"} <= set(row["variant"].split("; "))
+    assert row["examples_per_s"] > 0 and row["compile_s"] >= 0 and row["peak_memory_bytes"] > 0
+    # dispatching a window's steps is a part of its time
+    assert 0 < row["details"]["dispatch_ms"] <= row["details"]["step_ms"]
+  for nondp, dp in zip(rows[::2], rows[1::2]):
+    assert (dp["microbatch"], dp["microbatches"], nondp["microbatch"]) == (8, 2, 16)
+    ratio = dp["examples_per_s"] / nondp["examples_per_s"]
+    assert abs(dp["dp_over_non_dp"] - ratio) < 1e-9
     pieces = {"public_grad_ms", "accumulate_ms"} | (
-        {"ghost_backward_ms", "ghost_norms_ms"} if row["per_example"] == "ghost" else set())
-    assert set(row["pieces"]) == pieces and min(row["pieces"].values()) > 0
+        {"ghost_backward_ms", "ghost_norms_ms"} if dp["method"] == "ghost" else set())
+    assert set(dp["details"]["pieces"]) == pieces and min(dp["details"]["pieces"].values()) > 0
   assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
+
+
+def _fake_run_row(measured):
+  """A stand-in for `rows.run_row` that returns `measured(flags)` without a subprocess."""
+  return lambda module, flags, config, env=None: measured(flags)
+
+
+def test_scaling_writes_a_dp_and_a_nondp_row_per_layout(tmp_path, monkeypatch):
+  """The parent process's rows from its layouts' measurements (a stand-in for the subprocess:
+  the archived H200 rows in the keys run_one writes now)."""
+  from benchmarks import rows, scaling
+  archived = json.loads((convert_results.RESULTS / "archive/scaling_h200x2.json").read_text())
+  by_layout = {f"{r['data']}x{r['fsdp']}": dict(
+      r, dp_peak_memory_bytes=2**30, non_dp_peak_memory_bytes=2**29, dp_compile_s=30.0,
+      non_dp_compile_s=10.0) for r in archived["rows"]}
+  monkeypatch.setattr(rows, "run_row", _fake_run_row(lambda flags: by_layout[flags[1]]))
+  out = tmp_path / "s.json"
+  monkeypatch.setattr(sys, "argv", ["scaling", "--layouts=1x1,2x1,1x2", "--commit=abc1234",
+                                    f"--out={out}"])
+  scaling.main()
+  table = schema.validate_table(json.loads(out.read_text())["rows"])
+  assert [(r["mesh"], r["mode"]) for r in table] == [
+      (m, mode) for m in ("1x1", "2x1", "1x2") for mode in ("nondp", "dp")]
+  for nondp, dp in zip(table[::2], table[1::2]):
+    assert dp["commit"] == "abc1234" and dp["peak_memory_bytes"] == 2**30
+    assert dp["microbatch"] == 32 * dp["details"]["devices"] and dp["microbatches"] == 4
+    assert nondp["batch"] == dp["batch"] and nondp["compile_s"] == 10.0
+
+
+def test_dp_step_writes_a_dp_and_a_nondp_row_per_model(tmp_path, monkeypatch):
+  from benchmarks import dp_step, rows
+  archived = json.loads((convert_results.RESULTS / "archive/dp_step_cpu.json").read_text())
+  by_run = {(r["model"], r["mode"]): dict(r, peak_memory_bytes=2**28) for r in archived["rows"]}
+  monkeypatch.setattr(rows, "run_row", _fake_run_row(
+      lambda flags: by_run[tuple(flags[1].split(":"))]))
+  out = tmp_path / "d.json"
+  monkeypatch.setattr(sys, "argv", ["dp_step", "--models=cnn_tanh_mnist,vit_mini_32",
+                                    f"--out={out}"])
+  dp_step.main()
+  table = schema.validate_table(json.loads(out.read_text())["rows"])
+  assert [(r["model"], r["mode"]) for r in table] == [
+      (m, mode) for m in ("cnn_tanh_mnist", "vit_mini_32") for mode in ("nondp", "dp")]
+  assert all(r["microbatch"] * r["microbatches"] == 256 for r in table)
 
 
 def test_a_failed_configuration_is_a_row_naming_its_exception(tmp_path, monkeypatch):
@@ -48,6 +100,8 @@ def test_a_failed_configuration_is_a_row_naming_its_exception(tmp_path, monkeypa
   out = tmp_path / "rows.json"
   rows.write_rows(str(out), "benchmarks.max_batch", [row])
   assert json.loads(out.read_text())["rows"] == [row]
+  rows.write_table(str(out), "benchmarks.throughput", [], [row])
+  assert json.loads(out.read_text())["failed"] == [row]
   assert rows.failure("Traceback ...\nValueError: bad\n--------\nnote") == "ValueError: bad"
 
 
@@ -149,3 +203,106 @@ def test_compile_time_benchmark_sums_the_compiles_host_events(tmp_path):
     for piece in ("accumulate", "apply_dp"):
       names = [event["name"] for event in row["host_events"][piece]]
       assert any("Compile" in name for name in names), (piece, names)
+
+
+def _pair(run=0, variant=None, clip="flat", dp_rate=50.0, source="runs/x.json", **shared):
+  return schema.pair_rows(
+      dict(benchmark="throughput", model="vit_test", dtype="float32", mesh="1x1", device="cpu",
+           commit=None, date=None, variant=variant, command="python -m benchmarks.throughput",
+           run=run, **shared),
+      dict(microbatch=16, examples_per_s=100.0, compile_s=None, peak_memory_bytes=None,
+           source=f"{source}#/rows/{2 * run}", details={}),
+      dict(microbatch=8, microbatches=2, method="ghost", clip=clip, examples_per_s=dp_rate,
+           compile_s=1.0, peak_memory_bytes=2**20, source=f"{source}#/rows/{2 * run + 1}",
+           details={}))
+
+
+def test_table_schema_rejects_rows_that_break_it():
+  nondp, dp = _pair()
+  assert dp["dp_over_non_dp"] == 0.5 and dp["batch"] == 16 and nondp["microbatches"] == 1
+  broken = [(dict(dp, batch=17), "batch"), (dict(nondp, method="vmap"), "method"),
+            (dict(dp, method="opacus"), "method"), (dict(dp, commit="HEAD"), "commit"),
+            (dict(dp, peak_memory_bytes=1.5), "peak_memory_bytes"),
+            (dict(dp, examples_per_s=float("nan")), "examples_per_s"),
+            (dict(dp, source="x.json"), "source"), ({**dp, "speed": 1.0}, "unknown"),
+            ({k: v for k, v in dp.items() if k != "mesh"}, "missing")]
+  for row, field in broken:
+    with pytest.raises(schema.SchemaError, match=field):
+      schema.validate(row)
+  with pytest.raises(schema.SchemaError, match="is not"):
+    schema.validate_table([nondp, dict(dp, dp_over_non_dp=0.6)])
+  with pytest.raises(schema.SchemaError, match="no nondp row"):
+    schema.validate_table([dp])
+  with pytest.raises(schema.SchemaError, match="two dp rows"):
+    schema.validate_table([nondp, dp, dp])
+  assert schema.mb_to_bytes(1.5) == 3 * 2**19
+  with pytest.raises(ValueError, match="whole number"):
+    schema.mb_to_bytes(1e-9)
+
+
+def test_table_current_rows_are_the_last_plain_run_per_configuration():
+  rows = (_pair(0, dp_rate=40.0) + _pair(1, dp_rate=50.0) + _pair(2, "profiled", dp_rate=90.0)
+          + _pair(3, clip="per_layer", dp_rate=30.0))
+  current = report_table.current(rows)
+  assert [(dp["run"], nondp["run"], dp["clip"]) for dp, nondp in current] == [
+      (1, 1, "flat"), (3, 3, "per_layer")]
+  table = report_table.markdown(rows)
+  assert ("| 1 | vit_test | ghost | flat | float32 | 8 × 2 | cpu | 50.0 | 100 | 0.500 | 1 | — | "
+          "1.0 | — |") in table
+  assert "rows 1, 2 (`runs/x.json`): `python -m benchmarks.throughput`" in table
+
+
+def test_table_json_rows_follow_the_schema_and_every_archived_file_is_accounted_for():
+  rows = convert_results.read_table()
+  assert {r["source"].split("/")[0] for r in rows} <= {"archive", "runs"}
+  archived = {p.name for p in (convert_results.RESULTS / "archive").glob("*.json")}
+  converted = {name for name, _, _ in convert_results.ARCHIVE}
+  assert not converted & set(convert_results.DIAGNOSTIC)
+  assert archived == converted | set(convert_results.DIAGNOSTIC)
+  assert {schema.source_file(r).split("/")[1] for r in rows
+          if r["source"].startswith("archive/")} == converted
+
+
+def test_table_json_and_csv_are_what_the_archive_and_runs_give():
+  """The committed table.json and table.csv are the converter's output (run it twice: the same
+  text), so `python -m benchmarks.convert_results` was run after the last change."""
+  first, second = (dict(convert_results.files(convert_results.build_table())) for _ in range(2))
+  assert first == second
+  for name, text in first.items():
+    assert (convert_results.RESULTS / name).read_text() == text, (
+        f"{name} is stale: run python -m benchmarks.convert_results")
+
+
+def _numbers(tree) -> set:
+  if isinstance(tree, dict):
+    return set().union(*map(_numbers, tree.values())) if tree else set()
+  if isinstance(tree, list):
+    return set().union(*map(_numbers, tree)) if tree else set()
+  return {tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else set()
+
+
+def test_table_archived_rows_hold_only_values_of_their_source_file():
+  """Every rate, compile time and peak (as MiB) of a converted row is a number of the file it
+  names; a commit is in that file's text or quoted from the archived README."""
+  cache = {}
+  for row in convert_results.read_table():
+    file = schema.source_file(row)
+    if not file.startswith("archive/"):
+      continue
+    if file not in cache:
+      text = (convert_results.RESULTS / file).read_text()
+      cache[file] = (_numbers(json.loads(text)), text)
+    numbers, text = cache[file]
+    values = [row["examples_per_s"], row["compile_s"]] + (
+        [] if row["peak_memory_bytes"] is None else [row["peak_memory_bytes"] / 2**20])
+    assert all(v is None or v in numbers for v in values), (row["source"], values)
+    assert row["commit"] is None or row["commit"] in text or (
+        convert_results.README_COMMITS[file.split("/")[1]][0] == row["commit"])
+
+
+def test_readme_table_is_the_generated_one():
+  readme = (convert_results.RESULTS / "README.md").read_text()
+  table = report_table.markdown(convert_results.read_table())
+  assert report_table.replace_table(readme, table) == readme, (
+      "the README's table is stale: run python -m benchmarks.report_table")
+  assert readme.index(report_table.BEGIN) < readme.index("## ")  # the table comes first
