@@ -140,7 +140,8 @@ def test_progress_bar_shows_no_placeholders_and_epsilon_at_every_private_step():
   shown = []
   bar = types.SimpleNamespace(update=lambda n, **kw: shown.append(kw))
   train_metrics, evaluation = hooks.TrainMetrics(10), hooks.Evaluation(10)
-  hook = hooks.ProgressBar(bar, train_metrics, evaluation, refresh_s=0.0)
+  extras = lambda: dict(loss=train_metrics.last_loss, acc=evaluation.last_accuracy)
+  hook = hooks.ProgressBar(bar, extras, refresh_s=0.0)
   ledger = accounting.PrivacyLedger()
   run = types.SimpleNamespace(alpha=1.0, ledger=ledger, total=5,
                               epsilon=lambda: ledger.epsilon(1e-5, "rdp"))

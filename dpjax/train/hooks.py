@@ -13,7 +13,7 @@ except after the last step, which the run's end handles (final checkpoint, evalu
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
@@ -38,6 +38,8 @@ class Hook(Protocol):
 
   def load_state_dict(self, state: dict) -> None: ...
 
+  def after_restore(self, run: Any) -> None: ...
+
 
 class BaseHook:
   """No-op defaults: a hook overrides what it needs."""
@@ -54,6 +56,10 @@ class BaseHook:
 
   def load_state_dict(self, state: dict) -> None:
     del state
+
+  def after_restore(self, run: Any) -> None:
+    """Called once a checkpoint is restored (after every hook's `load_state_dict`)."""
+    del run
 
 
 class TrainMetrics(BaseHook):
@@ -104,14 +110,14 @@ class Checkpointing(BaseHook):
 
 
 class ProgressBar(BaseHook):
-  """The progress bar: shows only values that exist (no placeholders) and the ε spent so far,
-  recomputed at most once per `refresh_s` seconds (the bar redraws no faster)."""
+  """The progress bar: α, the ε spent so far (recomputed at most once per `refresh_s` seconds:
+  the bar redraws no faster) and what `extras()` returns; only values that exist, no
+  placeholders."""
   name = "progress"
 
-  def __init__(self, bar: metrics.Progress, train_metrics: TrainMetrics, evaluation: Evaluation,
+  def __init__(self, bar: metrics.Progress, extras: Callable[[], dict[str, Any]],
                refresh_s: float = 1.0):
-    self.bar, self.train_metrics, self.evaluation = bar, train_metrics, evaluation
-    self.refresh_s = refresh_s
+    self.bar, self.extras, self.refresh_s = bar, extras, refresh_s
     self._epsilon: float | None = None
     self._epsilon_at = -float("inf")
 
@@ -122,10 +128,7 @@ class ProgressBar(BaseHook):
       if now - self._epsilon_at >= self.refresh_s or done == run.total:
         self._epsilon, self._epsilon_at = run.epsilon(), now
       shown["eps"] = self._epsilon
-    if self.train_metrics.last_loss is not None:
-      shown["loss"] = self.train_metrics.last_loss
-    if self.evaluation.last_accuracy is not None:
-      shown["acc"] = self.evaluation.last_accuracy
+    shown.update({k: v for k, v in self.extras().items() if v is not None})
     self.bar.update(1, **shown)
 
 
@@ -186,6 +189,11 @@ class PublicStatistics(BaseHook):
   def load_state_dict(self, state):
     if self.auto is not None and state is not None:
       self.auto = mixing.AutoSwitch.from_state_dict(state)
+
+  def after_restore(self, run):
+    """The plan the switch decided before the checkpoint, made again from its public state."""
+    if self.auto is not None and self.auto.switch_step is not None:
+      run.replan(plan_lib.switched(run.plan, run.config, self.auto), self.auto)
 
 
 class SpartaPhases(BaseHook):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -28,8 +27,8 @@ import numpy as np
 
 from dpjax import config as config_lib
 from dpjax import data, mixing, parallel
-from dpjax.privacy import accounting, clipping, noise, randomness
-from dpjax.train import checkpoint, engine, faults, hooks as hooks_lib, metrics
+from dpjax.privacy import clipping, noise, randomness
+from dpjax.train import checkpoint, engine, hooks as hooks_lib, host_loop
 from dpjax.train import monitor as monitor_lib, plan as plan_lib, state as state_lib
 from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
 
@@ -128,20 +127,15 @@ def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
   return tree["params"], dict(record, step=int(tree["step"]))
 
 
-class Trainer:
-  """One training run: its pieces, its host state (device state, ledger, plan) and its loop."""
+class Trainer(host_loop.HostLoop):
+  """Classification and fine-tuning: public/private mixed DP steps on labelled images."""
 
   def __init__(self, inputs: RunInputs):
     config, parts = inputs.config, inputs.loaded.parts
-    self.config, self.workdir, self.inputs, self.mesh = config, inputs.workdir, inputs, inputs.mesh
-    self.total = config.schedule.total_steps
-    self.main = parallel.is_main_process()
-    self.schedule = inputs.schedule
-    self.optimizer = state_lib.create_training_optimizer(config, inputs.tuning)
-    # Drawn on every run start (a collective in a multi-process run); a resumed run replaces it
-    # by its checkpoint's (`_restore`).
-    self.secret = randomness.run_secret(config.dp.insecure_reproducible_seed)
-    self.state = train_state.initial_state(self.optimizer, inputs.params, self.mesh, self.secret)
+    super().__init__(config, inputs.workdir, inputs.mesh,
+                     state_lib.create_training_optimizer(config, inputs.tuning), inputs.params,
+                     inputs.source)
+    self.inputs, self.schedule = inputs, inputs.schedule
     self.preprocess = state_lib.preprocessor(config)
     self.steps = engine.make_steps(config, inputs.model, inputs.rule, inputs.tuning,
                                    parallel.make_layout(self.mesh, self.state.params,
@@ -157,39 +151,29 @@ class Trainer:
     self.batches = engine.Batches(self.mesh, self.preprocess, parts, data.ShuffledBatches(
         public_train, config.schedule.public_batch_size, config.seed) if len(public_train) else None)
     self.test = (self.preprocess(inputs.loaded.test.images), inputs.loaded.test.labels)
-    self.plans: list[plan_lib.PrivacyPlan] = []  # the plan before training, then any switch's
     self.replan(plan_lib.plan_privacy(config, state_lib.accounting_size(inputs.loaded),
                                       self.schedule, inputs.rule.sensitivity, inputs.source))
     self.microbatch = engine.choose_microbatch_size(
         config, self.plan, self.steps, self.state, parts.private, self.preprocess,
         auto is not None or bool(self.plan.planned_private_steps), self.say)
-    self.budget = (accounting.PrivacyBudget(config.dp.target_epsilon, self.plan.delta,
-                                            self.plan.accountant)
-                   if config.dp.target_epsilon is not None else None)
-    self.checkpointer = checkpoint.Checkpointer(self.workdir, config.checkpoint.max_to_keep)
     self.hooks = self._make_hooks(auto, public_train, heldout)
-    self.watch = faults.FiniteWatch()
-    self.ledger = state_lib.starting_ledger(inputs.source)
-    self.sampler, self.writer, self.logs, self.alpha = None, None, {}, 1.0
     self._spent_sum = None  # the last private step's sum, reused by the next (`private_sum`)
 
-  # ---------------------------------------------------------------------------------------------
-  def replan(self, plan: plan_lib.PrivacyPlan, schedule: mixing.AlphaSchedule | None = None):
-    """Makes `plan` the run's plan from now on, with its mechanism (an automatic switch's new plan
-    comes with the controller that decided it, now its schedule)."""
-    self.plan = plan
-    if schedule is not None:
-      self.schedule = schedule
-    self.plans.append(plan)
+  def on_new_plan(self, plan: plan_lib.PrivacyPlan) -> None:
     self.mechanism = engine.make_mechanism(plan, self.optimizer, self.steps.layout,
                                            self.inputs.tuning.trainable,
                                            self.config.finetune.sparse.method == "sparta")
-    self.first_private_step = mixing.first_private_step(self.schedule, self.total)
+
+  def microbatch_size(self) -> int:
+    return self.microbatch["microbatch_size"]
+
+  def progress_values(self) -> dict[str, Any]:
+    return dict(loss=self._train_metrics.last_loss, acc=self._evaluation.last_accuracy)
 
   def _make_hooks(self, auto, public_train, heldout) -> list[hooks_lib.Hook]:
     c = self.config
-    train_metrics = hooks_lib.TrainMetrics(c.log_every_steps)
-    evaluation = hooks_lib.Evaluation(c.eval.every_steps)
+    self._train_metrics = hooks_lib.TrainMetrics(c.log_every_steps)
+    self._evaluation = hooks_lib.Evaluation(c.eval.every_steps)
     made: list[hooks_lib.Hook] = []
     if (auto or c.curvature.every_steps) and len(public_train):
       monitor = monitor_lib.PublicMonitor(
@@ -203,8 +187,8 @@ class Trainer:
     if sparse.method == "sparta":
       made.append(hooks_lib.SpartaPhases(self.inputs.tuning, sparse.fraction, (
           sparse.warmup_steps, sparse.warmup_steps + sparse.selection_steps)))
-    self._progress_hooks = (train_metrics, evaluation)
-    return made + [train_metrics, evaluation, hooks_lib.Checkpointing(c.checkpoint.every_steps)]
+    return made + [self._train_metrics, self._evaluation,
+                   hooks_lib.Checkpointing(c.checkpoint.every_steps)]
 
   def _heldout_loss(self, heldout):
     if heldout is None:
@@ -215,37 +199,8 @@ class Trainer:
     return lambda params: self.evaluate_on(parallel.place(params, self.mesh), images,
                                            labels)["test_loss"]
 
-  # ---------------------------------------------------------------------------------------------
-  def run(self, show_progress: bool) -> dict[str, Any]:
-    start = self._restore()
-    self.sampler = (self.plan.sampling.sampler(len(self.inputs.loaded.parts.private),
-                                               self.microbatch["microbatch_size"],
-                                               randomness.sampler_seed(self.secret))
-                    if self.plan.sampling else None)
-    self.writer = metrics.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
-    bar = metrics.Progress(self.total, start, show_progress and self.main)
-    all_hooks = self.hooks + [hooks_lib.ProgressBar(bar, *self._progress_hooks)]
+  def on_start(self, start: int) -> None:
     self.writer.write(start, "perf", self.microbatch)
-    stopped, started, done = None, time.time(), start
-    with faults.PreemptionGuard(jax.process_count(), self.config.log_every_steps) as guard:
-      for step in range(start, self.total):
-        for hook in all_hooks:
-          hook.before_step(self, step)
-        self.alpha = self.schedule(step)
-        if mixing.reads_private(self.alpha) and not self._budget_allows():
-          stopped = "budget"
-          break
-        self.one_step(step)
-        done = step + 1
-        for hook in all_hooks:
-          hook.after_step(self, done)
-        if done < self.total and guard.requested(done):
-          stopped = "preempted"
-          break
-    bar.close()
-    if stopped == "preempted":
-      return self._preempted(done, guard.signal_name)
-    return self._finish(done, stopped, time.time() - started)
 
   def one_step(self, step: int) -> None:
     """Step `step` at α = self.alpha: the device work, then the ledger."""
@@ -297,24 +252,6 @@ class Trainer:
     return self._spent_sum
 
   # ---------------------------------------------------------------------------------------------
-  def say(self, message: str) -> None:
-    if self.main:
-      print(message)
-
-  def epsilon(self) -> float:
-    return self.ledger.epsilon(self.plan.delta, self.plan.accountant)
-
-  def _budget_allows(self) -> bool:
-    if self.budget is None:
-      return True
-    try:
-      self.budget.check(self.ledger, self.plan.sampling_rate, self.plan.effective_noise_multiplier,
-                        hint=self.plan.planned_private_steps)
-    except accounting.BudgetExceededError as e:
-      self.say(f"Stopping before step {self.ledger.private_steps + self.ledger.public_steps}: {e}")
-      return False
-    return True
-
   def evaluate_test(self, params) -> dict[str, float]:
     return self.evaluate_on(params, *self.test)
 
@@ -334,51 +271,6 @@ class Trainer:
     return dict(test_accuracy=correct / len(labels), test_loss=loss / len(labels))
 
   # ---------------------------------------------------------------------------------------------
-  def _record(self) -> dict:
-    hook_states = {h.name: h.state_dict() for h in self.hooks if h.state_dict() is not None}
-    return dict(ledger=self.ledger.to_json(), config=config_lib.trajectory_view(self.config),
-                plan=self.plan.summary(), plans=[p.summary() for p in self.plans[1:]],
-                hooks=hook_states)
-
-  def save(self, done: int) -> None:
-    """Checkpoints the state after `done` steps; never a non-finite one (NonFiniteError)."""
-    self.watch.check()
-    self.checkpointer.save(done, train_state.checkpoint_tree(self.state, done, self.secret,
-                                                             self.mesh), self._record())
-
-  def _restore(self) -> int:
-    template = train_state.checkpoint_tree(self.state, 0, self.secret, self.mesh)
-    restored = self.checkpointer.restore(template, config_lib.trajectory_view(self.config))
-    if restored is None:
-      return 0
-    tree, record = restored
-    self.state, step, self.secret = train_state.from_checkpoint_tree(tree)
-    ledger = accounting.PrivacyLedger.from_json(record["ledger"])
-    state_lib.check_resumed_prior(ledger, self.inputs.source)
-    if ledger.private_steps + ledger.public_steps != step:
-      raise checkpoint.CheckpointError(
-          f"The checkpoint's ledger counts {ledger.private_steps + ledger.public_steps} steps but "
-          f"its state is at step {step}; the checkpoint is inconsistent. Use a new --workdir.")
-    self.ledger = ledger
-    states = record.get("hooks") or {}
-    if "auto_switch" not in states and record.get("auto_switch"):  # records before hooks
-      states = dict(auto_switch=json.loads(record["auto_switch"]))
-    for hook in self.hooks:
-      if hook.name in states:
-        hook.load_state_dict(states[hook.name])
-    for hook in self.hooks:  # the plan an automatic switch decided before the checkpoint
-      auto = getattr(hook, "auto", None)
-      if auto is not None and auto.switch_step is not None:
-        self.replan(plan_lib.switched(self.plan, self.config, auto), auto)
-    return step
-
-  def _preempted(self, done: int, signal_name: str | None) -> dict[str, Any]:
-    self.save(done)
-    self.writer.close()
-    self.say(f"Stopped by {signal_name} after step {done}: checkpoint saved in "
-             f"{self.checkpointer.directory}. Rerun the same command to resume.")
-    return dict(steps=done, stopped="preempted", signal=signal_name, privacy=None)
-
   def _finetune_summary(self) -> dict[str, Any]:
     """How many parameters trained at the end (selected leaves, and the element mask's ones)."""
     from dpjax import finetune
@@ -396,7 +288,7 @@ class Trainer:
                                                         tuning.selection, tuning.order)
     return summary
 
-  def _finish(self, step: int, stopped: str | None, seconds: float) -> dict[str, Any]:
+  def finish(self, step: int, stopped: str | None, seconds: float) -> dict[str, Any]:
     self.save(step)
     evaluation = self.evaluate_test(self.state.params)
     statement = statement_lib.privacy_statement(

@@ -276,7 +276,7 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
   clipped_sum: the step's `ClippedSum.grad_sum` as `make_accumulate` leaves it: under a layout,
   the per-device partial sums [devices, *shape], which apply adds up itself (one all-reduce, in
   the same executable: no separate `make_total` call, whose dispatch cost ~1.2 ms of host time per
-  step on a small model, `benchmarks/results/README.md`).
+  step on a small model, `benchmarks/results/archive/README.md`).
   The noise transformation runs exactly once when a clipped sum is given (a private step) and not
   at all otherwise. Under a layout it runs once for the global step: the key is replicated and
   the draw is laid out like the params, so no device adds noise of its own. donate=True reuses
