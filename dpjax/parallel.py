@@ -136,6 +136,11 @@ def replicate(value: Any, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
 
 
+def replicate_tree(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Host arrays (the same on every process) as arrays replicated over the mesh."""
+  return jax.tree_util.tree_map(lambda x: replicate(x, mesh), tree)
+
+
 def check_divides(rows: int, mesh: Mesh, what: str) -> None:
   """MeshError unless `rows` splits evenly over the mesh's devices."""
   n = mesh_size(mesh)

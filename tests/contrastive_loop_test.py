@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from dpjax import contrastive, data
+from dpjax import contrastive, data, parallel
 from dpjax.privacy import randomness, sampling
-from dpjax.train import contrastive_loop
-from dpjax.train import state as state_lib
+from dpjax.train import checkpoint, contrastive_loop
+from dpjax.train import state as state_lib, train_state
 from tests.conftest import require_data
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "contrastive.py"
@@ -136,10 +136,18 @@ def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
   plan = contrastive_loop.plan_privacy(config, 60000)
   assert plan.noise_multiplier == 0.7 and plan.sensitivity == pytest.approx(16.58, abs=0.2)
   zeros = {"w": np.zeros((200, 250), np.float32)}
-  optimizer = contrastive_loop.create_optimizer(config, plan, randomness.fresh_secret())
-  state = optimizer.init(zeros)
-  first, state = optimizer.update(zeros, state, zeros)
-  second, _ = optimizer.update(zeros, state, zeros)
+  mesh = parallel.make_mesh(1, 1)
+  secret = randomness.fresh_secret()
+  base = state_lib.create_optimizer(config)
+  state = train_state.initial_state(base, zeros, mesh, secret)
+  mechanism = contrastive_loop.make_mechanism(plan, base)
+  updates = []
+  for _ in range(2):  # the clipped sum is zero: the update is −lr · noise / B
+    applied = mechanism.apply(parallel.place(zeros, mesh), state.opt_state, None,
+                              parallel.place(zeros, mesh), np.float32(0.0))
+    updates.append(np.asarray(applied.params["w"]))
+    state = train_state.TrainState(state.params, applied.opt_state)
+  first, second = ({"w": u} for u in updates)
   expected = 0.7 * plan.sensitivity / 16  # σ·S divided by the expected batch size; sgd: −lr·g
   for update in (first, second):
     assert float(np.std(update["w"])) == pytest.approx(expected, rel=0.02)  # 50k draws: ±0.6%
@@ -175,3 +183,23 @@ def test_the_encoder_refuses_batchnorm():
   with pytest.raises(models.BatchNormInDPModelError):
     models.assert_dp_compatible(model, example_input=jax.ShapeDtypeStruct((1, 4, 4, 1),
                                                                           np.float32))
+
+
+def test_runs_on_a_2x4_mesh_as_on_one_device(tmp_path, dataset_cache):
+  """The same run (reproducible mode) on one device and on a data 2 × fsdp 4 mesh of 8 virtual
+  CPU devices: the same privacy, loss and params (up to float rounding)."""
+  require_data()
+  results, params = {}, {}
+  for name, (data_axis, fsdp) in {"one": (1, 1), "mesh": (2, 4)}.items():
+    config = tiny_config("logit_dp", insecure_reproducible_seed=11)
+    config.mesh.update(data=data_axis, fsdp=fsdp)
+    config.contrastive.probe.update(train_examples=100, test_examples=100, steps=5)
+    results[name] = contrastive_loop.train_and_evaluate(config, str(tmp_path / name),
+                                                        show_progress=False)
+    params[name] = checkpoint.Checkpointer(str(tmp_path / name)).read(3)[0]["params"]
+  assert results["mesh"]["privacy"] == results["one"]["privacy"]
+  assert results["mesh"]["test_contrastive_loss"] == pytest.approx(
+      results["one"]["test_contrastive_loss"], rel=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(params["one"]),
+                  jax.tree_util.tree_leaves(params["mesh"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

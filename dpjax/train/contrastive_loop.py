@@ -22,12 +22,10 @@ accuracy is reported.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -37,11 +35,11 @@ import numpy as np
 import optax
 
 from dpjax import config as config_lib
-from dpjax import contrastive, data, models, probe
+from dpjax import contrastive, data, mixing, models, parallel, probe
 from dpjax.data import augment
 from dpjax.privacy import accounting, noise, randomness, sampling
-from dpjax.train import checkpoint, loop, metrics, workdir_lock
-from dpjax.train import state as state_lib
+from dpjax.train import engine, hooks, host_loop, plan as plan_lib, state as state_lib
+from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
 
 METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
 _AUGMENT_STREAM = 0xA06
@@ -116,8 +114,9 @@ def sensitivity(config: ml_collections.ConfigDict, num_private: int) -> float:
   return 1.0
 
 
-def plan_privacy(config: ml_collections.ConfigDict, num_private: int) -> loop.PrivacyPlan:
-  """Sampling rate, private steps and σ (calibrated to dp.target_epsilon when unset)."""
+def plan_privacy(config: ml_collections.ConfigDict, num_private: int) -> plan_lib.PrivacyPlan:
+  """Sampling rate, private steps and σ (calibrated to dp.target_epsilon when unset). Every step
+  of a DP method is private; a method without DP has a plan without private steps."""
   dp, c = config.dp, config.contrastive
   private = c.method in ("logit_dp", "naive")
   steps = config.schedule.total_steps if c.method != "random_init" else 0
@@ -132,10 +131,12 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int) -> loop.Pr
     if sigma is None:
       sigma = accounting.calibrate_noise(dp.target_epsilon, dp.delta, q, steps, dp.accountant)
   clip = {"logit_dp": "Logit-DP pair clipping", "naive": "per-row clipping"}.get(c.method, "none")
-  return loop.PrivacyPlan(num_private if private else 0, float(dp.expected_batch_size), q,
-                          steps if private else 0, None if sigma is None else float(sigma),
-                          dp.delta, dp.accountant, dp.target_epsilon, clip, dp.clip_norm,
-                          sensitivity(config, num_private))
+  kind = "private" if private else "public"
+  return plan_lib.PrivacyPlan(
+      num_private if private else 0, float(dp.expected_batch_size), q, steps if private else 0,
+      None if sigma is None else float(sigma), dp.delta, dp.accountant, dp.target_epsilon, clip,
+      dp.clip_norm, sensitivity(config, num_private),
+      phases=(plan_lib.Phase(kind, 0, steps),) if steps else ())
 
 
 def create_model(config: ml_collections.ConfigDict, dataset: data.Dataset
@@ -152,17 +153,21 @@ def create_model(config: ml_collections.ConfigDict, dataset: data.Dataset
   return model, variables["params"]
 
 
-def create_optimizer(config: ml_collections.ConfigDict, plan: loop.PrivacyPlan,
-                     secret: np.ndarray) -> optax.GradientTransformation:
-  """Noise on the clipped sum (DP) or the plain mean over the expected batch, then the optimizer.
-  The noise key comes from the run's mechanism `secret` (`dpjax.privacy.randomness`)."""
-  base = state_lib.create_optimizer(config)
+def make_mechanism(plan: plan_lib.PrivacyPlan, optimizer: optax.GradientTransformation
+                   ) -> engine.Mechanism:
+  """Noise of std σ·S on the clipped sum once per step (DP), or the plain sum (no DP), over the
+  expected batch size, then the optimizer: the engine's apply step (`step.make_apply`), its noise
+  key from the run's secret (the state's). The grad sum arrives whole (not per-device partial
+  sums), so apply is jitted without a layout: GSPMD keeps the params' and state's shardings."""
   if plan.noise_multiplier is None:
-    return optax.chain(optax.scale(1.0 / plan.expected_batch_size), base)
-  return noise.dp_optimizer(base, noise_multiplier=plan.noise_multiplier,
-                            sensitivity=plan.sensitivity,
-                            expected_batch_size=plan.expected_batch_size,
-                            seed=randomness.noise_key(secret))
+    noise_tx = optax.scale(1.0 / plan.expected_batch_size)
+  else:
+    # One flat draw for every layout (no per-leaf split for FSDP): the same noise values as on
+    # one device, so a mesh run reproduces a single-device run in the reproducible mode.
+    noise_tx = noise.add_gaussian_noise(plan.noise_multiplier, plan.sensitivity,
+                                        plan.expected_batch_size)
+  return engine.Mechanism(noise_tx, step_lib.make_apply(noise_tx, optimizer, donate=True), None,
+                          None)
 
 
 def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -187,24 +192,27 @@ def make_grad_sum(model, config: ml_collections.ConfigDict):
   return lambda params, a, b, mask: fn(embed, params, a, b, mask, temperature=c.temperature)
 
 
-def make_train_step(model, config: ml_collections.ConfigDict,
-                    optimizer: optax.GradientTransformation):
-  """The jitted step (params, opt_state, images [n, H, W, C] uint8, ids [n], mask [n], step)
-  -> (params, opt_state). Compiles once per padded batch size."""
+def make_grad_step(model, config: ml_collections.ConfigDict, layout: parallel.Layout):
+  """The jitted (params, images [n, H, W, C] uint8, ids [n], mask [n], step) -> the method's
+  clipped gradient sum (`make_grad_sum`) in the params' layout. Compiles once per padded batch
+  size."""
   grad_sum = make_grad_sum(model, config)
   views_kw = augment_kwargs(config)
   base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _AUGMENT_STREAM)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, images, ids, mask, step_index):
+  def step(params, images, ids, mask, step_index):
     images = images.astype(jnp.float32) / 255.0  # uint8 crosses to the device, as data.to_float
     views_a, views_b = augment.two_views(jax.random.fold_in(base_key, step_index), images, ids,
                                          **views_kw)
-    summed = grad_sum(params, views_a, views_b, mask)
-    updates, opt_state = optimizer.update(summed.grad_sum, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    return grad_sum(params, views_a, views_b, mask).grad_sum
 
-  return step
+  # The batch is replicated, not split over the mesh: with its rows split under plain jit, the
+  # per-view Jacobians came out wrong (conv and dense layers alike, jax 0.10.2 CPU: DESIGN.md's
+  # sharp edge; tests/contrastive_loop_test.py compares with one device). Every device computes
+  # the whole sum; the params and optimizer state keep their layout (FSDP splits them).
+  params_sharding = layout.sharding(layout.params)
+  return jax.jit(step, in_shardings=(params_sharding,) + (layout.replicated,) * 4,
+                 out_shardings=params_sharding)
 
 
 def make_eval_loss(model, config: ml_collections.ConfigDict):
@@ -301,102 +309,114 @@ def _expected_config(config: ml_collections.ConfigDict) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        show_progress: bool = True) -> dict[str, Any]:
   """Pre-trains as `config` says (resuming from `workdir`), probes, writes results.json. A workdir
-  that another run holds is refused at once (`workdir_lock`)."""
+  that another run holds is refused at once (`workdir_lock`); SIGTERM/SIGINT saves a checkpoint
+  and returns stopped="preempted" (`host_loop`)."""
   validate(config)
-  with workdir_lock.WorkdirLock(workdir):  # a single-process trainer
-    return _train_and_evaluate(config, workdir, show_progress)
+  with workdir_lock.for_this_process(workdir, parallel.is_main_process()):
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
+    parts, test = state_lib.load_data(config)
+    model, params = create_model(config, parts.private)
+    return ContrastiveTrainer(config, workdir, (parts, test), model, params, mesh).run(
+        show_progress)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        show_progress: bool) -> dict[str, Any]:
-  parts, test = state_lib.load_data(config)
-  train = parts.private
-  model, params = create_model(config, train)
-  plan = plan_privacy(config, len(train))
-  # The mechanism's secret: the noise key and the batches; a resumed run takes its checkpoint's.
-  secret = randomness.run_secret(config.dp.insecure_reproducible_seed)
-  optimizer = create_optimizer(config, plan, secret)
-  opt_state = optimizer.init(params)
-  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
-  record = lambda ledger: dict(ledger=ledger.to_json(), config=_expected_config(config),
-                               plan=dataclasses.asdict(plan))
-  state = lambda p, o, s: dict(params=p, opt_state=o, step=jnp.asarray(s, jnp.int32),
-                               secret=jnp.asarray(secret))
-  restored = checkpointer.restore(state(params, opt_state, 0), _expected_config(config))
-  start, ledger = 0, accounting.PrivacyLedger()
-  if restored is not None:
-    saved, saved_record = restored
-    params, opt_state, start = saved["params"], saved["opt_state"], int(saved["step"])
-    secret = randomness.check_secret(np.asarray(saved["secret"]))
-    ledger = accounting.PrivacyLedger.from_json(saved_record["ledger"])
-    if ledger.private_steps + ledger.public_steps != start:
-      raise checkpoint.CheckpointError(
-          f"The checkpoint's ledger counts {ledger.private_steps + ledger.public_steps} steps but "
-          f"its state is at step {start}; it is inconsistent. Use a new --workdir.")
-  total = config.schedule.total_steps if config.contrastive.method != "random_init" else 0
-  private = plan.noise_multiplier is not None
-  capacity = (max_batch_size(config, plan.expected_batch_size)
-              if config.contrastive.method == "naive" else None)
-  sampler = sampling.PoissonSampler(len(train), plan.sampling_rate, config.perf.microbatch_size,
-                                    seed=randomness.sampler_seed(secret))
-  budget = (accounting.PrivacyBudget(config.dp.target_epsilon, plan.delta, plan.accountant)
-            if private and config.dp.target_epsilon is not None else None)
-  train_step = make_train_step(model, config, optimizer)
-  eval_loss = make_eval_loss(model, config)
-  eval_rows = np.arange(min(config.contrastive.eval_batch_size, len(test)))
-  eval_images = jnp.asarray(data.to_float(test.images[eval_rows]))
-  evaluate = lambda p: float(eval_loss(p, eval_images, jnp.asarray(eval_rows, jnp.int32)))
-  writer = metrics.MetricsWriter(workdir)
-  progress = metrics.Progress(total, start, show_progress)
-  stopped, started = "completed", time.time()
-  step = start
-  for step in range(start, total):
-    if budget is not None:
-      try:
-        budget.check(ledger, plan.sampling_rate, plan.noise_multiplier,
-                     hint=plan.planned_private_steps)
-      except accounting.BudgetExceededError as e:
-        print(f"Stopping before step {step}: {e}")
-        stopped = "budget"
-        break
-    batch = batch_for_step(sampler, step, capacity)
-    params, opt_state = train_step(params, opt_state, train.images[batch.indices],
-                                   batch.indices.astype(np.int32),
-                                   batch.mask, np.int32(step))
-    if private:
-      ledger.record_private(plan.sampling_rate, plan.noise_multiplier)
+class ContrastiveEvaluation(hooks.BaseHook):
+  """The InfoNCE loss on fixed views of test images every `every` steps, with the ε spent."""
+  name = "evaluation"
+
+  def __init__(self, every: int):
+    self.every = every
+
+  def after_step(self, run, done):
+    if hooks.due(done, self.every, run.total):
+      run.watch.check()
+      run.writer.write(done, "eval", dict(test_contrastive_loss=run.evaluate(run.state.params),
+                                          epsilon=run.epsilon()))
+
+
+class ContrastiveTrainer(host_loop.HostLoop):
+  """Contrastive pre-training on the shared host loop: every step reads a Poisson batch of the
+  (all private) training images; a DP method's steps are private steps of its plan."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               data_parts: tuple[data.PublicPrivate, data.Dataset], model, params,
+               mesh: jax.sharding.Mesh):
+    super().__init__(config, workdir, mesh, state_lib.create_optimizer(config), params)
+    (self.parts, test), self.model = data_parts, model
+    self.layout = parallel.make_layout(mesh, self.state.params, self.state.opt_state)
+    self.grad_step = make_grad_step(model, config, self.layout)
+    self.schedule = mixing.constant(0.0)  # every step reads the (private) training images
+    self.replan(plan_privacy(config, len(self.parts.private)))
+    if self.plan.noise_multiplier is None:
+      self.budget = None  # no private step: nothing to guard
+    self.capacity = (max_batch_size(config, self.plan.expected_batch_size)
+                     if config.contrastive.method == "naive" else None)
+    eval_loss = make_eval_loss(model, config)
+    rows = np.arange(min(config.contrastive.eval_batch_size, len(test)))
+    images, ids = jnp.asarray(data.to_float(test.images[rows])), jnp.asarray(rows, jnp.int32)
+    self.evaluate = lambda p: float(eval_loss(p, images, ids))
+    self.hooks = [ContrastiveEvaluation(config.eval.every_steps),
+                  hooks.Checkpointing(config.checkpoint.every_steps)]
+
+  def on_new_plan(self, plan: plan_lib.PrivacyPlan) -> None:
+    self.mechanism = make_mechanism(plan, self.optimizer)
+
+  def trajectory(self) -> dict:
+    return _expected_config(self.config)
+
+  def run(self, show_progress: bool) -> dict[str, Any]:
+    if self.config.contrastive.method == "random_init":
+      self.total = 0  # no training: probes of the initial encoder
+    return super().run(show_progress)
+
+  def make_sampler(self) -> sampling.PoissonSampler:
+    # Every method draws Poisson batches; a DP method's are its plan's sampling.
+    return sampling.PoissonSampler(len(self.parts.private), self.plan.sampling_rate,
+                                   self.config.perf.microbatch_size,
+                                   seed=randomness.sampler_seed(self.secret))
+
+  def one_step(self, step: int) -> None:
+    batch = batch_for_step(self.sampler, step, self.capacity)
+    images, ids, mask = parallel.replicate_tree(
+        (self.parts.private.images[batch.indices], batch.indices.astype(np.int32), batch.mask),
+        self.mesh)
+    state = self.state
+    grad_sum = self.grad_step(state.params, images, ids, mask, np.int32(step))
+    applied = self.mechanism.apply(state.params, state.opt_state, None, grad_sum,
+                                   np.float32(0.0))
+    self.state = train_state.TrainState(applied.params, applied.opt_state)
+    self.watch.observe(step, applied.finite)
+    if self.plan.noise_multiplier is not None:
+      self.plan.record_private(self.ledger)
     else:
-      ledger.record_public()
-    done = step + 1
-    if done % config.eval.every_steps == 0 and done != total:
-      epsilon = ledger.epsilon(plan.delta, plan.accountant)
-      writer.write(done, "eval", dict(test_contrastive_loss=evaluate(params), epsilon=epsilon))
-    if done % config.checkpoint.every_steps == 0 and done != total:
-      checkpointer.save(done, state(params, opt_state, done), record(ledger))
-    progress.update(1)
-  else:
-    step = total
-  progress.close()
-  seconds = time.time() - started
-  checkpointer.save(step, state(params, opt_state, step), record(ledger))
-  statement = loop.privacy_statement(plan, ledger, config, noise.values_per_step(params))
-  statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels are "
-                                  "not read); add/remove adjacency")
-  statement["probes"] = PROBES_STATEMENT
-  probes, probe_read = run_probes(model, params, config, parts.public)
-  results = dict(method=config.contrastive.method, temperature=config.contrastive.temperature,
-                 steps=step, stopped=stopped, train_seconds=seconds,
-                 test_contrastive_loss=evaluate(params), privacy=statement,
-                 probe=probes, probe_data=probe_read)
-  writer.write(step, "final", dict(test_contrastive_loss=results["test_contrastive_loss"],
-                                   epsilon=statement["epsilon"],
-                                   **{f"probe_{k}": v["test_accuracy"]
-                                      for k, v in results["probe"].items()}))
-  writer.close()
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  print(loop.format_statement(statement) if private else
-        f"Privacy: none. Method {config.contrastive.method!r} trains without clipping or noise, so "
-        "this encoder has no differential-privacy guarantee.")
-  print(f"  {PROBES_STATEMENT}")
-  return results
+      self.ledger.record_public()
+
+  def finish(self, step: int, stopped: str | None, seconds: float) -> dict[str, Any]:
+    self.save(step)
+    config, params = self.config, self.state.params
+    private = self.plan.noise_multiplier is not None
+    statement = statement_lib.privacy_statement(self.plan, self.ledger, config,
+                                                noise.values_per_step(params))
+    statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels "
+                                    "are not read); add/remove adjacency")
+    statement["probes"] = PROBES_STATEMENT
+    probes, probe_read = run_probes(self.model, parallel.local_copy(params), config,
+                                    self.parts.public)
+    results = dict(method=config.contrastive.method, temperature=config.contrastive.temperature,
+                   steps=step, stopped=stopped or "completed", train_seconds=seconds,
+                   test_contrastive_loss=self.evaluate(params), privacy=statement,
+                   probe=probes, probe_data=probe_read)
+    self.writer.write(step, "final", dict(test_contrastive_loss=results["test_contrastive_loss"],
+                                          epsilon=statement["epsilon"],
+                                          **{f"probe_{k}": v["test_accuracy"]
+                                             for k, v in results["probe"].items()}))
+    self.writer.close()
+    if self.main:
+      with open(os.path.join(self.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    self.say(statement_lib.format_statement(statement) if private else
+             f"Privacy: none. Method {config.contrastive.method!r} trains without clipping or "
+             "noise, so this encoder has no differential-privacy guarantee.")
+    self.say(f"  {PROBES_STATEMENT}")
+    return results

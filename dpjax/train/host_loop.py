@@ -80,6 +80,14 @@ class HostLoop:
   def microbatch_size(self) -> int:
     return self.config.perf.microbatch_size
 
+  def make_sampler(self) -> Any:
+    """The private batches' sampler: the plan's sampling, seeded by the run's secret (made once
+    the secret is known: drawn, or restored)."""
+    if self.plan.sampling is None:
+      return None
+    return self.plan.sampling.sampler(self.plan.num_private_examples, self.microbatch_size(),
+                                      randomness.sampler_seed(self.secret))
+
   def on_new_plan(self, plan: plan_lib.PrivacyPlan) -> None:
     """Builds what the device needs for `plan` (its mechanism)."""
     del plan
@@ -100,10 +108,7 @@ class HostLoop:
 
   def run(self, show_progress: bool) -> dict[str, Any]:
     start = self.restore()
-    self.sampler = (self.plan.sampling.sampler(self.plan.num_private_examples,
-                                               self.microbatch_size(),
-                                               randomness.sampler_seed(self.secret))
-                    if self.plan.sampling else None)
+    self.sampler = self.make_sampler()
     self.writer = metrics.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
     bar = metrics.Progress(self.total, start, show_progress and self.main)
     self.on_start(start)
