@@ -3,11 +3,15 @@
 Rerunning the same command resumes from the latest checkpoint in DIR. Multi-process runs
 (launch/multiprocess.py, launch/slurm.sbatch, launch/tpu_pod.sh) run this same command in every
 process; jax.distributed is started first (see `dpjax.parallel.initialize_distributed`).
+`--help` lists the flags and every config key with its default and meaning.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpjax import config as config_lib
 from dpjax import parallel
 from dpjax.train import contrastive_loop, loop
 
@@ -34,5 +38,26 @@ def main(argv):
           f"({results['stopped']})")
 
 
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+_HELP_FULL = ("--helpfull", "-helpfull")
+
+
+def usage(full: bool = False) -> str:
+  """This command's help: what it does, its flags (every module's when `full`) and the config
+  keys grouped by block, with their defaults and meanings."""
+  flag_help = flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()
+  return f"{__doc__.strip()}\n\nflags:\n{flag_help}\n\n{config_lib.help_text()}"
+
+
+def run(argv: list[str]) -> None:
+  """`app.run(main)`, except that --help and --helpfull print `usage` and exit 0 (absl's own
+  help flags exit 1 and list no config key)."""
+  asked = set(argv[1:])
+  if asked & set(_HELP + _HELP_FULL):
+    print(usage(full=bool(asked & set(_HELP_FULL))))
+    sys.exit(0)
+  app.run(main, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run(sys.argv)
