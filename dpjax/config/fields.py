@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from ml_collections import config_dict
 
@@ -108,7 +108,7 @@ class Spec:
     return f"{cls.BLOCK}.{name}" if cls.BLOCK else name
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]):
+  def from_mapping(cls, values: Mapping[str, Any]) -> Self:
     """The spec of a config block; missing keys take their defaults, unknown keys are refused."""
     check(isinstance(values, Mapping),
           f"{cls.BLOCK or 'The config'} must be a block of keys (a dict), got {values!r}.")
