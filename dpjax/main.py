@@ -4,6 +4,8 @@ Rerunning the same command resumes from the latest checkpoint in DIR. Multi-proc
 (launch/multiprocess.py, launch/slurm.sbatch, launch/tpu_pod.sh) run this same command in every
 process; jax.distributed is started first (see `dpjax.parallel.initialize_distributed`).
 
+`--help` lists the flags and every config key with its default and meaning.
+
 Exit status: 0 when training ended (completed, or stopped by the privacy budget); 75 (EX_TEMPFAIL)
 when SIGTERM/SIGINT stopped it after saving a checkpoint: rerun the same command to resume;
 1 with an error message otherwise (a non-finite step: `faults.NonFiniteError`).
@@ -14,6 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpjax import config as config_lib
 from dpjax import parallel
 from dpjax.train import contrastive_loop, faults, loop
 
@@ -30,6 +33,8 @@ def main(argv):
   parallel.initialize_distributed(**_CONFIG.value.distributed)
   if "contrastive" in _CONFIG.value:  # experiments/contrastive.py
     results = contrastive_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _PROGRESS.value)
+    if results["stopped"] == "preempted":
+      sys.exit(faults.EXIT_PREEMPTED)
     print(f"method {results['method']}  epsilon {results['privacy']['epsilon']:.3f}  linear probe "
           + ", ".join(f"{k} {v['test_accuracy']:.4f}" for k, v in results["probe"].items()))
     return
@@ -42,5 +47,26 @@ def main(argv):
           f"({results['stopped']})")
 
 
+_HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+_HELP_FULL = ("--helpfull", "-helpfull")
+
+
+def usage(full: bool = False) -> str:
+  """This command's help: what it does, its flags (every module's when `full`) and the config
+  keys grouped by block, with their defaults and meanings."""
+  flag_help = flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()
+  return f"{__doc__.strip()}\n\nflags:\n{flag_help}\n\n{config_lib.help_text()}"
+
+
+def run(argv: list[str]) -> None:
+  """`app.run(main)`, except that --help and --helpfull print `usage` and exit 0 (absl's own
+  help flags exit 1 and list no config key)."""
+  asked = set(argv[1:])
+  if asked & set(_HELP + _HELP_FULL):
+    print(usage(full=bool(asked & set(_HELP_FULL))))
+    sys.exit(0)
+  app.run(main, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run(sys.argv)

@@ -34,7 +34,7 @@ for part in "$@"; do
       baselines fmnist fashion_mnist cnn
       run fmnist_clip_only_switch300 clip_only,fashion_mnist,cnn
       run fmnist_clip_only_private_only clip_only,fashion_mnist,cnn \
-          --config.mixing.schedule=constant --config.mixing.alpha=0.0
+          --config.mixing.schedule=constant --config.mixing.alpha=0.0 --config.mixing.switch_step=0
       sweep fmnist_switch dp,fashion_mnist,cnn --sweep=mixing.switch_step=0,100,200,300,400 \
           --sweep=dp.target_epsilon=1,3,8 --baseline=public_only="$out/fmnist_public_only" \
           --baseline=nonprivate="$out/fmnist_nonprivate"

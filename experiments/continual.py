@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.update(name="adam", learning_rate=5e-3 if model == "cnn" else 1e-3)
   config.schedule.update(total_steps=PUBLIC_STEPS + PRIVATE_STEPS, public_batch_size=256,
                          lr_schedule="cosine")
-  config.mixing.update(schedule="switch", switch_step=PUBLIC_STEPS, reset_moments="first")
+  config.mixing.reset_moments = "first"
   config.perf.microbatch_size = 256
   config.eval.every_steps = 60
   config.checkpoint.every_steps = 200
@@ -59,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+  if variant in ("dp", "clip_only"):
+    config.mixing.update(schedule="switch", switch_step=PUBLIC_STEPS)
   if variant == "auto":
     config.mixing.schedule = "auto"
     config.mixing.auto.update(criterion="either", check_every=20, patience=3,

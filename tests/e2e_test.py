@@ -24,7 +24,8 @@ def small_config(**blocks):
               expected_batch_size=128)
   c.optimizer.update(name="adam", learning_rate=3e-3)
   c.schedule.update(total_steps=20, public_batch_size=128)
-  c.mixing.update(schedule="switch", switch_step=10)
+  if blocks.get("mixing", {}).get("schedule", "switch") == "switch":  # others don't read it
+    c.mixing.update(schedule="switch", switch_step=10)
   c.perf.microbatch_size = 64
   c.eval.update(every_steps=1000, batch_size=2500)
   c.checkpoint.every_steps = 1000

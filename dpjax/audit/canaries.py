@@ -57,13 +57,10 @@ class Canaries:
 
 
 def validate(audit: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for an `audit` config block that cannot build canaries."""
-  if audit.canaries < 0:
-    raise ValueError(f"audit.canaries must be >= 0, got {audit.canaries}.")
-  if audit.kind not in KINDS:
-    raise ValueError(f"audit.kind must be one of {KINDS}, got {audit.kind!r}.")
-  if audit.insert_into not in PARTS:
-    raise ValueError(f"audit.insert_into must be one of {PARTS}, got {audit.insert_into!r}.")
+  """Raises ValueError for an `audit` config block that cannot build canaries
+  (`dpjax.config.blocks.AuditSpec`'s checks)."""
+  from dpjax.config import blocks  # here: dpjax.config imports this module for KINDS and PARTS
+  blocks.AuditSpec.from_mapping(audit.to_dict())
 
 
 def take_canaries(train: Dataset, audit: ml_collections.ConfigDict

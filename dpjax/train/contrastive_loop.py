@@ -41,57 +41,24 @@ from dpjax.privacy import accounting, noise, randomness, sampling
 from dpjax.train import engine, hooks, host_loop, plan as plan_lib, state as state_lib
 from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
 
-METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
+METHODS = config_lib.contrastive_block.METHODS  # the contrastive.method names
 _AUGMENT_STREAM = 0xA06
 _PROBE_SPLIT_SEED = 0x9B0E  # halves a test split for the pre-training dataset's probe
 
 
 def default_block() -> ml_collections.ConfigDict:
-  """The `contrastive` config block (experiments/contrastive.py sets it)."""
-  return ml_collections.ConfigDict(dict(
-      # logit_dp | naive | nonprivate | random_init (no training: probes of the initial encoder)
-      method="logit_dp", temperature=1.0,
-      # The encoder: model.name's network with `representation_dim` outputs, then the projection
-      # head Dense(hidden_dim) -> tanh -> Dense(embedding_dim).
-      representation_dim=64, hidden_dim=128, embedding_dim=32,
-      # naive only: the largest batch (a privacy parameter); 0 = E[n] + 5·sqrt(E[n]), rounded up
-      # to a multiple of perf.microbatch_size.
-      max_batch_size=0,
-      augment=dict(crop_scale_min=0.3, flip=True, brightness=0.4, contrast=0.4, noise_std=0.0),
-      # Linear probes after training, one per dataset (`probe_data`: never a private example);
-      # train_examples / test_examples cap the probe's parts (0 = all).
-      probe=dict(datasets="fashion_mnist,mnist", train_examples=0, test_examples=0, steps=500,
-                 l2=1e-4, learning_rate=0.05),
-      eval_batch_size=512))
+  """The `contrastive` config block (experiments/contrastive.py sets it); its keys, defaults and
+  meanings are `dpjax.config.ContrastiveSpec`'s."""
+  return config_lib.default_contrastive_block()
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for contrastive configs that cannot run correctly."""
-  c = config.contrastive
-  if c.method not in METHODS:
-    raise ValueError(f"contrastive.method must be one of {METHODS}, got {c.method!r}.")
-  if not (math.isfinite(c.temperature) and c.temperature > 0):
-    raise ValueError(f"contrastive.temperature must be > 0, got {c.temperature!r}.")
-  if config.data.public_fraction != 0 or config.data.public_name:
-    raise ValueError("Contrastive pre-training treats every training image as private: set "
-                     "data.public_fraction=0 and leave data.public_name empty.")
-  if config.audit.canaries:
-    raise ValueError("audit.canaries are labelled examples for supervised training; the "
-                     "contrastive trainer does not insert them. Set audit.canaries=0.")
-  if config.dp.clip != "flat":
-    raise ValueError(f"Contrastive methods clip pair (Logit-DP) or row (naive) gradients to "
-                     f"dp.clip_norm: set dp.clip='flat', not {config.dp.clip!r}.")
-  if c.method in ("logit_dp", "naive"):
-    if config.dp.noise_multiplier is None and config.dp.target_epsilon is None:
-      raise ValueError("Set dp.noise_multiplier or dp.target_epsilon for a DP method.")
-  if c.max_batch_size < 0:
-    raise ValueError(f"contrastive.max_batch_size must be >= 0, got {c.max_batch_size}.")
-  if config.perf.microbatch_size <= 0:
-    raise ValueError(f"perf.microbatch_size must be > 0 for the contrastive trainer (0, chosen "
-                     f"from free memory, is for the supervised trainer only); got "
-                     f"{config.perf.microbatch_size}.")
-  if config.schedule.total_steps < 0:
-    raise ValueError("schedule.total_steps must be >= 0.")
+  """Raises ValueError for contrastive configs that cannot run correctly (`dpjax.config.parse`:
+  every block's checks and the contrastive trainer's checks across blocks)."""
+  if "contrastive" not in config:
+    raise ValueError("The contrastive trainer needs a `contrastive` config block: set "
+                     "config.contrastive = contrastive_loop.default_block().")
+  config_lib.parse(config)
 
 
 def max_batch_size(config: ml_collections.ConfigDict, expected: float) -> int:

@@ -11,8 +11,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from dpjax import config as config_lib
 from dpjax import data, finetune, mixing, models
 from dpjax.audit import canaries as canaries_lib
+from dpjax.config import registries
 from dpjax.privacy import accounting
 from dpjax.train import checkpoint
 
@@ -71,22 +73,13 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data.PublicPrivate, da
 
 
 def alpha_schedule(config: ml_collections.ConfigDict) -> mixing.AlphaSchedule:
-  m = config.mixing
-  if m.schedule == "auto":
-    a = m.auto
-    return mixing.AutoSwitch(criterion=a.criterion, patience=a.patience, min_delta=a.min_delta,
-                             max_switch_step=a.max_switch_step if a.max_switch_step >= 0 else None)
-  arguments = dict(constant=dict(alpha=m.alpha), switch=dict(switch_step=m.switch_step),
-                   linear=dict(start=m.start, end=m.end, begin=m.begin, until=m.until),
-                   cosine=dict(start=m.start, end=m.end, until=m.until),
-                   sample_ratio=dict(public_batch_size=config.schedule.public_batch_size,
-                                     private_batch_size=config.dp.expected_batch_size))
-  if m.schedule not in arguments:
-    raise ValueError(f"Unknown mixing.schedule {m.schedule!r}; choose one of "
-                     f"{sorted(arguments) + ['auto']}.")
-  schedule = mixing.make_schedule(m.schedule, **arguments[m.schedule])
-  for step in range(config.schedule.total_steps):  # fail now, not mid-run, on a bad α
-    schedule(step)
+  """The config's α schedule (`config.mixing`, parsed into its schedule's spec), evaluated at
+  every step once so that a bad α fails now, not mid-run."""
+  spec = config_lib.parse_block(config, "mixing").schedule
+  schedule = spec.build(config.schedule.public_batch_size, config.dp.expected_batch_size)
+  if not isinstance(schedule, mixing.AutoSwitch):
+    for step in range(config.schedule.total_steps):
+      schedule(step)
   return schedule
 
 
@@ -102,21 +95,11 @@ def create_model(config: ml_collections.ConfigDict, dataset: data.Dataset) -> tu
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  o, s = config.optimizer, config.schedule
-  lr: Any = o.learning_rate
-  if s.lr_schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(s.warmup_steps, 1),
-                                            s.total_steps)
-  elif s.lr_schedule != "constant":
-    raise ValueError(f"Unknown schedule.lr_schedule {s.lr_schedule!r}; use constant or cosine.")
-  if o.name == "sgd":
-    opt = optax.sgd(lr, momentum=o.momentum or None)
-    return optax.chain(optax.add_decayed_weights(o.weight_decay), opt) if o.weight_decay else opt
-  if o.name == "adam":
-    return optax.adam(lr, b1=o.b1, b2=o.b2)
-  if o.name == "adamw":
-    return optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
-  raise ValueError(f"Unknown optimizer.name {o.name!r}; choose sgd, adam or adamw.")
+  """The optimizer `optimizer.name` with the learning rate of `schedule.lr_schedule`."""
+  o = config_lib.parse_block(config, "optimizer")
+  s = config_lib.parse_block(config, "schedule")
+  lr = registries.LR_SCHEDULES.lookup(s.lr_schedule).build(o.learning_rate, s)
+  return registries.OPTIMIZERS.lookup(o.name).build(lr, o)
 
 
 def preprocessor(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
@@ -244,19 +227,12 @@ class FineTuning:
 
 
 def finetuning(config: ml_collections.ConfigDict, params: Any, order: list[str]) -> FineTuning:
-  f, sparse = config.finetune, config.finetune.sparse
+  f = config_lib.parse_block(config, "finetune")
   selection = finetune.select(params, f.selection, f.num_blocks, f.patterns, order)
   trainable = None if all(jax.tree_util.tree_leaves(selection)) else selection
-  if sparse.method == "none":
-    mask = None if trainable is None else finetune.selection_mask(params, selection)
-  elif sparse.method == "sparta":
-    mask = (finetune.warmup_mask(params, selection, order) if sparse.warmup_steps > 0
-            else finetune.selection_mask(params, selection))
-  else:
-    scores = (finetune.magnitude_rows(params) if sparse.method == "magnitude"
-              else finetune.random_rows(params, config.seed))
-    mask = finetune.top_rows(scores, params, selection, sparse.fraction, order)
-  return FineTuning(order, selection, trainable, mask, sparse.method != "none")
+  mask = registries.SPARSE_MASKS.lookup(f.sparse.method).build(params, selection, trainable,
+                                                              order, f.sparse, config.seed)
+  return FineTuning(order, selection, trainable, mask, f.sparse.method != "none")
 
 
 def create_training_optimizer(config: ml_collections.ConfigDict, tuning: FineTuning

@@ -1,0 +1,83 @@
+"""The experiment config: ml_collections blocks that experiments override, parsed once into frozen,
+typed specs (`parse`) that check themselves.
+
+Every key, its type, default and meaning is defined once, in the specs:
+  blocks.py             data, model, dp, curvature, perf, mesh, distributed, finetune (+ sparse),
+                        optimizer, schedule, eval, checkpoint, audit
+  mixing_block.py       mixing: the α schedule, written flat, parsed into the chosen schedule's
+                        spec (registered by name)
+  contrastive_block.py  contrastive (+ augment, probe): contrastive pre-training
+  run.py                RunSpec: all blocks, seed, log_every_steps and the checks across blocks
+  registries.py         names → what they build: optimizers, lr schedules, sparse masks
+  fields.py             the Spec base (types, choices, unknown keys), Registry
+`default_config()` is generated from them; `python -m dpjax.main --help` (or
+`python -m dpjax.config`) lists every key with its default and meaning (`help_text`).
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import ml_collections
+
+from dpjax.config.contrastive_block import ContrastiveSpec
+from dpjax.config.fields import ConfigError, Registry
+from dpjax.config.run import RunSpec, parse, parse_block
+
+__all__ = ["ConfigError", "ContrastiveSpec", "Registry", "RunSpec", "TRAJECTORY_BLOCKS",
+           "agreement_view", "default_config", "default_contrastive_block", "help_text", "parse",
+           "parse_block", "trajectory_view", "validate"]
+
+# The blocks that decide the training trajectory; a checkpoint must agree with the config on them.
+TRAJECTORY_BLOCKS = ("seed", "data", "model", "dp", "mixing", "finetune", "optimizer",
+                     "schedule")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A complete config with every field (the specs' defaults); experiments change what they need."""
+  return ml_collections.ConfigDict(RunSpec.defaults())
+
+
+def default_contrastive_block() -> ml_collections.ConfigDict:
+  """The `contrastive` block's defaults (experiments/contrastive.py sets the block)."""
+  return ml_collections.ConfigDict(ContrastiveSpec.defaults())
+
+
+def validate(config: ml_collections.ConfigDict) -> RunSpec:
+  """`parse(config)`: raises ValueError (ConfigError) with a clear message for configs that cannot
+  run correctly; returns the RunSpec."""
+  return parse(config)
+
+
+def help_text() -> str:
+  """Every config key, grouped by block, with its default and meaning."""
+  groups: dict[str, list[str]] = {}
+  for key, default, meaning in RunSpec.describe():
+    lines = groups.setdefault(key.split(".")[0] if "." in key else "top level", [])
+    lines.append(f"  {key} = {default!r}")
+    lines += textwrap.wrap(meaning, 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+  intro = ("Config keys, with their defaults and meanings. Set one with --config.KEY=VALUE; "
+           "experiments/*.py set whole blocks; a config with a `contrastive` block runs "
+           "contrastive pre-training (dpjax/train/contrastive_loop.py).")
+  return "\n".join(textwrap.wrap(intro, 100) + [
+      f"\n{block}:\n" + "\n".join(lines) for block, lines in groups.items()])
+
+
+def agreement_view(config: ml_collections.ConfigDict) -> dict:
+  """What every process of a multi-process run must agree on: all but the `distributed` block."""
+  return {k: v for k, v in config.to_dict().items() if k != "distributed"}
+
+
+def trajectory_view(config: ml_collections.ConfigDict) -> dict:
+  """The part of the config that must match for a checkpoint to be resumed (the `audit` block
+  only when it inserts canaries, finetune.init_from_public only when True, dp.clip_fraction_noise
+  only when it is set, so runs without them match checkpoints from before them)."""
+  full = config.to_dict()
+  view = {k: full[k] for k in TRAJECTORY_BLOCKS}
+  if view["dp"].get("clip_fraction_noise") == 0:
+    view["dp"] = {k: v for k, v in view["dp"].items() if k != "clip_fraction_noise"}
+  if full.get("audit", {}).get("canaries"):
+    view["audit"] = full["audit"]
+  if not view["finetune"].get("init_from_public", True):  # matches checkpoints from before it
+    view["finetune"] = {k: v for k, v in view["finetune"].items() if k != "init_from_public"}
+  return view
