@@ -66,6 +66,7 @@ def test_a_target_met_without_noise_gets_the_floor_at_once(monkeypatch, accounta
   sigma = accounting.calibrate_noise(target, DELTA, q, steps, accountant)
   assert sigma == accounting.MIN_NOISE_MULTIPLIER > 0
   assert min(calls) == accounting.MIN_NOISE_MULTIPLIER
+  monkeypatch.undo()  # stop counting
   assert accounting.epsilon(sigma, q, steps, DELTA, accountant) <= target
   assert accounting.plan_noise(None, 0.0, target, DELTA, q, steps, accountant) == (sigma, sigma)
 
