@@ -124,8 +124,44 @@ def test_cifar_tarball_checksum_and_contents(tmp_path):
 def test_cifar_batch_with_foreign_class_is_refused(tmp_path):
   folder, _ = testing.write_fake_cifar10(tmp_path, images_per_batch=1)
   (folder / "test_batch").write_bytes(pickle.dumps({b"data": shutil.rmtree}))
-  with pytest.raises(pickle.UnpicklingError, match="refusing"):
+  with pytest.raises(local_files.DataFormatError, match="test_batch.*refusing") as error:
     local_files.read_split("cifar10", "test", folder, verify=False)
+  assert isinstance(error.value.__cause__, pickle.UnpicklingError)
+
+
+# A corrupt file raises DataFormatError naming it and saying what to do.
+@pytest.mark.parametrize("cut", [10, 100])  # the gzip header only, or part of the stream
+def test_truncated_gzip_is_named(tmp_path, cut):
+  path = testing.write_idx(tmp_path / "x-idx1-ubyte.gz", np.arange(200, dtype=np.uint8))
+  path.write_bytes(path.read_bytes()[:cut])
+  with pytest.raises(local_files.DataFormatError, match="not a readable gzip") as error:
+    local_files.read_idx(path, local_files.IDX_LABELS_MAGIC)
+  assert str(path) in str(error.value) and "download it again" in str(error.value)
+
+
+def test_idx_header_cut_short_is_named(tmp_path):
+  path = tmp_path / "x.gz"
+  path.write_bytes(gzip.compress(local_files.IDX_IMAGES_MAGIC.to_bytes(4, "big") + bytes(5)))
+  with pytest.raises(local_files.DataFormatError, match="header needs 16 bytes") as error:
+    local_files.read_idx(path, local_files.IDX_IMAGES_MAGIC)
+  assert str(path) in str(error.value)
+
+
+def test_truncated_cifar_tarball_is_named(tmp_path):
+  tarball, _ = testing.write_fake_cifar10(tmp_path, images_per_batch=50, tarball=True)
+  tarball.write_bytes(tarball.read_bytes()[:-1000])
+  with pytest.raises(local_files.DataFormatError, match="not a readable tar.gz") as error:
+    local_files.read_split("cifar10", "test", tarball, verify=False)
+  assert str(tarball) in str(error.value) and "download it again" in str(error.value)
+
+
+def test_damaged_cifar_batch_is_named(tmp_path):
+  folder, _ = testing.write_fake_cifar10(tmp_path, images_per_batch=2)
+  path = folder / "data_batch_3"
+  path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(local_files.DataFormatError, match="not a readable CIFAR batch") as error:
+    local_files.read_split("cifar10", "train", folder, verify=False)
+  assert str(path) in str(error.value)
 
 
 def test_cifar_batch_with_wrong_width_is_rejected(tmp_path):

@@ -55,22 +55,23 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = Non
   """Loads a split of "mnist", "fashion_mnist" or "cifar10" through the TFDS ArrayRecord cache.
 
   The first call converts the original files (found by `locations.resolve_data_dir(name,
-  data_dir)`) into the cache; later calls read only the cache.
+  data_dir)`) into the cache; later calls read the cache entry built from the same files (checked
+  by their SHA-256s), or without the files the one usable entry (`tfds_cache`).
 
   Args:
     name: one of `specs.KNOWN_DATASETS`; anything else raises ValueError listing them.
     split: "train" or "test".
     data_dir: configured folder of the original files (None: $DPJAX_DATA_DIR, system folders).
     cache_dir: cache root (None: $DPJAX_CACHE_DIR or ~/.cache/dpjax).
-    verify: require the official release when building the cache.
+    verify: require the official release, of the files and of the cache entry read.
 
   Returns:
     A Dataset with images uint8 [N, H, W, C] and labels int32 [N] in the original file order.
   """
   spec = specs.get_spec(name)
   specs.check_split(split)
-  root = tfds_cache.ensure_cache(name, cache_dir, data_dir, verify)
-  images, labels = tfds_cache.read_cached_split(name, split, root)
+  entry = tfds_cache.ensure_cache(name, cache_dir, data_dir, verify)
+  images, labels = tfds_cache.read_cached_split(name, split, entry)
   return Dataset(images=images, labels=labels, num_classes=spec.num_classes, name=name,
                  split=split)
 

@@ -18,6 +18,7 @@ import io
 import pickle
 import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from dpjax.data import specs
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+REPLACE_IT = "Delete it and download it again, or point data.dir at a good copy."
 
 
 class ChecksumError(ValueError):
@@ -33,7 +35,7 @@ class ChecksumError(ValueError):
 
 
 class DataFormatError(ValueError):
-  """A file is not in the format its name promises."""
+  """A file is not in the format its name promises (or is corrupt); the message names it."""
 
 
 def md5_hex(data: bytes) -> str:
@@ -68,23 +70,43 @@ def read_idx(path: Path, expected_magic: int, expected_md5: str | None = None) -
     ChecksumError: on an md5 mismatch.
     DataFormatError: on a wrong magic number or a size that disagrees with the header.
   """
-  data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+  data = idx_bytes(path)
   if expected_md5 is not None:
     check_md5(path, md5_hex(data), expected_md5, "decompressed bytes")
   return _parse_idx(path, data, expected_magic)
+
+
+def idx_bytes(path: Path) -> bytes:
+  """The bytes of an IDX file, decompressed if its name ends in .gz.
+
+  Raises:
+    DataFormatError: naming `path` when it is not a complete gzip stream (truncated, damaged).
+  """
+  raw = path.read_bytes()
+  if path.suffix != ".gz":
+    return raw
+  try:
+    return gzip.decompress(raw)
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+    raise DataFormatError(f"{path} is not a readable gzip file ({e}): it is truncated or "
+                          f"corrupt. {REPLACE_IT}") from e
 
 
 def _parse_idx(path: Path, data: bytes, expected_magic: int) -> np.ndarray:
   magic = struct.unpack(">i", data[:4])[0] if len(data) >= 4 else None
   if magic != expected_magic:
     raise DataFormatError(f"{path} is not an IDX file of the expected kind: magic number "
-                          f"{magic}, expected {expected_magic}.")
+                          f"{magic}, expected {expected_magic}. {REPLACE_IT}")
   ndim = magic & 0xFF
   header = 4 + 4 * ndim
+  if len(data) < header:
+    raise DataFormatError(f"{path}: the IDX header needs {header} bytes, the file has "
+                          f"{len(data)}. {REPLACE_IT}")
   dims = struct.unpack(f">{ndim}I", data[4:header])
   if len(data) != header + int(np.prod(dims)):
     raise DataFormatError(f"{path}: header says shape {dims}, which needs "
-                          f"{int(np.prod(dims))} bytes of data, but it has {len(data) - header}.")
+                          f"{int(np.prod(dims))} bytes of data, but it has {len(data) - header}. "
+                          f"{REPLACE_IT}")
   return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
@@ -98,7 +120,7 @@ def read_idx_split(folder: Path, spec: specs.DatasetSpec, split: str,
 
 
 def _idx_md5(spec: specs.DatasetSpec, file_name: str, verify: bool) -> str | None:
-  return spec.md5[file_name.removesuffix(".gz")] if verify else None
+  return specs.official_md5(spec, file_name) if verify else None
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -118,7 +140,11 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _parse_cifar_batch(where: str, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
   """Parses one pickled batch into images [n, 32, 32, 3] uint8 (from CHW rows), labels [n]."""
-  batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+  try:
+    batch = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+  except Exception as e:  # a damaged pickle raises any of a dozen types; all mean the same here
+    raise DataFormatError(f"{where} is not a readable CIFAR batch ({type(e).__name__}: {e}). "
+                          f"{REPLACE_IT}") from e
   if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
     raise DataFormatError(f"{where} is not a CIFAR batch (a dict with b'data' and b'labels').")
   data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], np.int32)
@@ -136,13 +162,17 @@ def _cifar_batch_bytes(source: Path, spec: specs.DatasetSpec, names: tuple[str, 
   if source.is_dir():
     return [(source / name).read_bytes() for name in names]
   if verify:
-    check_md5(source, file_md5_hex(source), spec.md5[specs.CIFAR10_TARBALL], "tarball")
-  with tarfile.open(source, "r:gz") as tar:
-    members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-    missing = [n for n in names if n not in members]
-    if missing:
-      raise DataFormatError(f"{source} lacks {', '.join(missing)}.")
-    return [tar.extractfile(members[n]).read() for n in names]
+    check_md5(source, file_md5_hex(source), specs.official_md5(spec, source.name), "tarball")
+  try:
+    with tarfile.open(source, "r:gz") as tar:
+      members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+      missing = [n for n in names if n not in members]
+      if missing:
+        raise DataFormatError(f"{source} lacks {', '.join(missing)}. {REPLACE_IT}")
+      return [tar.extractfile(members[n]).read() for n in names]
+  except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    raise DataFormatError(f"{source} is not a readable tar.gz archive ({e}): it is truncated or "
+                          f"corrupt. {REPLACE_IT}") from e
 
 
 def read_cifar_split(source: Path, spec: specs.DatasetSpec, split: str,
@@ -154,7 +184,8 @@ def read_cifar_split(source: Path, spec: specs.DatasetSpec, split: str,
     verify: check the tarball's md5 (when `source` is the tarball).
   """
   names = spec.files[split]
-  parts = [_parse_cifar_batch(f"{source}:{n}", raw)
+  where = (lambda n: str(source / n)) if source.is_dir() else (lambda n: f"{source} (member {n})")
+  parts = [_parse_cifar_batch(where(n), raw)
            for n, raw in zip(names, _cifar_batch_bytes(source, spec, names, verify))]
   return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 

@@ -109,6 +109,17 @@ def get_spec(name: str) -> DatasetSpec:
   return _SPECS[name]
 
 
+def official_md5(spec: DatasetSpec, file_name: str) -> str | None:
+  """The md5 the official release has for its file `file_name`, or None if it has none.
+
+  IDX files: md5 of the *decompressed* bytes. Any `*.tar.gz` of a "cifar" dataset: md5 of the
+  tarball itself. Extracted CIFAR batch files have none (only the tarball is checksummed).
+  """
+  if spec.file_format == "cifar":
+    return spec.md5[CIFAR10_TARBALL] if file_name.endswith(".tar.gz") else None
+  return spec.md5.get(file_name.removesuffix(".gz"))
+
+
 def check_split(split: str) -> None:
   """Raises ValueError unless `split` is one of SPLITS."""
   if split not in SPLITS:

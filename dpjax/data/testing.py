@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import hashlib
 import os
 import pickle
 import tarfile
@@ -25,6 +28,42 @@ def find_shared_data(test_file: str) -> Path | None:
   env = os.environ.get(locations.DATA_DIR_ENV)
   path = Path(env) if env else Path(test_file).resolve().parents[2] / "shared" / "data"
   return path if path.is_dir() else None
+
+
+def write_fake_idx(root: Path, name: str = "mnist", examples: tuple[int, int] = (6, 4),
+                   seed: int = 0) -> Path:
+  """Writes a tiny MNIST-like dataset in the original format: root/<subfolder>/*-idx?-ubyte.gz.
+
+  `examples` is (train, test); images are random uint8 [n, 28, 28], labels random in [0, 10).
+  Returns the folder (what `locations.resolve_data_dir(name, root)` finds).
+  """
+  spec = specs.get_spec(name)
+  rng = np.random.default_rng(seed)
+  folder = root / spec.subfolders[0]
+  folder.mkdir(parents=True)
+  for split, n in zip(specs.SPLITS, examples):
+    image_file, label_file = spec.files[split]
+    write_idx(folder / image_file, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    write_idx(folder / label_file, rng.integers(0, 10, n, dtype=np.uint8))
+  return folder
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+  """Writes uint8 `array` [N] or [N, H, W] as a gzip'd IDX file (magic 2049 or 2051)."""
+  header = (0x800 + array.ndim).to_bytes(4, "big")
+  header += b"".join(d.to_bytes(4, "big") for d in array.shape)
+  path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+  return path
+
+
+def spec_of_files(name: str, folder: Path) -> specs.DatasetSpec:
+  """`name`'s spec with the checksums and counts of the IDX files in `folder`, so that tests can
+  make tiny files pass as the official release (monkeypatch it into specs._SPECS)."""
+  spec = specs.get_spec(name)
+  raw = {f: gzip.decompress((folder / f).read_bytes()) for f in spec.all_files}
+  md5 = {f.removesuffix(".gz"): hashlib.md5(data).hexdigest() for f, data in raw.items()}
+  counts = {split: int.from_bytes(raw[spec.files[split][1]][4:8], "big") for split in specs.SPLITS}
+  return dataclasses.replace(spec, md5=md5, num_examples=counts)
 
 
 def write_fake_cifar10(root: Path, images_per_batch: int = 3, seed: int = 0,

@@ -1,17 +1,35 @@
-"""A TFDS ArrayRecord cache of the local datasets, and TFDS datasets by name.
+"""A TFDS ArrayRecord cache of the local datasets, keyed by the files it was built from; TFDS
+datasets by name.
 
-The original files are converted once into a TFDS dataset `dpjax_local/<name>` (ArrayRecord
-files, Tensor features image/label/index) under the cache folder, then read back with
-`tfds.data_source` (random access, no TensorFlow needed). TFDS shuffles records when it writes
-them, so every record carries its `index` in the original file order and reading puts it back.
+The original files are converted into a TFDS dataset `dpjax_local/<name>` (ArrayRecord files,
+Tensor features image/label/index), then read back with `tfds.data_source` (random access, no
+TensorFlow needed). TFDS shuffles records when it writes them, so every record carries its
+`index` in the original file order and reading puts it back.
 
-The cache is keyed by dataset name and `DpjaxLocal.VERSION` only: delete
-<cache>/dpjax_local/<name> to rebuild it from other files.
+Layout: <cache>/dpjax_local/<name>/<entry>/, where <entry> is `cache_manifest.entry_name` of the
+SHA-256s of the original files; it holds the TFDS data_dir and manifest.json (`cache_manifest`:
+source digests, whether they were verified, the entry's own file digests). Other files get
+another entry, never the first one's. An entry is built in a temporary folder beside it (.tmp-*,
+deleted if the build fails; a killed build's is ignored and may be deleted) and renamed into
+place with its manifest, so an interrupted build never leaves an entry that looks complete.
+
+Which entry `ensure_cache` uses:
+- the original files are found: the entry of their digests, built if missing and rebuilt if its
+  manifest is missing, unreadable or disagrees with its files (left by an older dpjax, damaged).
+  With verify=True the recorded digests must be the official checksums: an entry built with
+  verify=False from the official files is then marked verified; one built from other files
+  raises ChecksumError.
+- they are not found: the one usable entry (with verify=True: whose recorded digests are the
+  official ones); entries with the same content count as one. None: DataNotFoundError saying
+  why each entry was refused; several different ones: CacheEntryError naming them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from dpjax.data import cache_manifest
 from dpjax.data import local_files
 from dpjax.data import locations
 from dpjax.data import specs
@@ -73,44 +92,161 @@ class DpjaxLocal(tfds.core.GeneratorBasedBuilder):
 
 def ensure_cache(name: str, cache_dir: str | os.PathLike | None = None,
                  data_dir: str | os.PathLike | None = None, verify: bool = True) -> Path:
-  """Builds the TFDS cache of `name` unless it exists; returns the cache root folder.
+  """Returns the cache entry of `name` (a TFDS data_dir) to read, building it if needed.
 
   Args:
     name: a dataset in `specs.KNOWN_DATASETS`.
     cache_dir: cache root; default `default_cache_dir()`.
-    data_dir: configured folder of the original files (see `locations.resolve_data_dir`); only
-      looked at when the cache has to be built.
-    verify: require the official release when building (see `local_files`).
+    data_dir: configured folder of the original files (see `locations.resolve_data_dir`); when
+      they are found, the entry built from exactly these files is used.
+    verify: require the official release: when building (see `local_files`), and of an existing
+      entry's recorded source digests (see the module docstring).
+
+  Raises:
+    local_files.ChecksumError: verify=True and the files (or those an entry was built from
+      without them) are not the official release.
+    local_files.DataFormatError: an original file is corrupt; the message names it.
+    locations.DataNotFoundError: no original files and no usable entry.
+    cache_manifest.CacheEntryError: no original files and several usable entries that differ.
   """
-  specs.get_spec(name)
+  spec = specs.get_spec(name)
   root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-  if not is_cached(name, root):
-    _build(name, root, data_dir, verify)
-  return root
-
-
-def is_cached(name: str, cache_root: Path) -> bool:
-  """Whether the cache of `name` under `cache_root` is complete."""
-  builder = DpjaxLocal(config=name, data_dir=cache_root)
-  return builder.data_path.exists() and builder.is_prepared()
-
-
-def _build(name: str, root: Path, data_dir: str | os.PathLike | None, verify: bool) -> None:
-  """Converts the original files into the cache; tolerates another process winning the race."""
-  source = locations.resolve_data_dir(name, data_dir)
-  builder = DpjaxLocal(config=name, data_dir=root, source=source, verify=verify,
-                       file_format="array_record")
+  folder = root / BUILDER_NAME / name
   try:
+    source = locations.resolve_data_dir(name, data_dir)
+  except locations.DataNotFoundError as not_found:
+    return _entry_without_source(spec, folder, verify, not_found)
+  sha256s = cache_manifest.source_sha256(spec, source)
+  entry = folder / cache_manifest.entry_name(sha256s)
+  manifest = _trusted(spec, entry)
+  if manifest is None or _sha256s(manifest) != sha256s:
+    _discard(entry)
+    manifest = _build(spec, entry, source, sha256s, verify)
+  if verify:
+    problems = cache_manifest.official_mismatches(spec, manifest)
+    if problems:
+      raise local_files.ChecksumError(
+          f"The {spec.title} files in {source} are not the official release: "
+          f"{'; '.join(problems)} (recorded when the cache entry {entry} was built from them). "
+          "The files are corrupt, truncated or not the original: delete them and download them "
+          "again, or pass verify=False to use them anyway.")
+    _mark_verified(entry, manifest)
+  return entry
+
+
+def _read(spec: specs.DatasetSpec, entry: Path) -> cache_manifest.Manifest:
+  """The manifest of `entry`; CacheEntryError saying why if it cannot be trusted."""
+  return cache_manifest.read(entry, spec.name, str(DpjaxLocal.VERSION))
+
+
+def _trusted(spec: specs.DatasetSpec, entry: Path) -> cache_manifest.Manifest | None:
+  """The manifest of `entry` if it can be trusted, else None."""
+  try:
+    return _read(spec, entry)
+  except cache_manifest.CacheEntryError:
+    return None
+
+
+def _sha256s(manifest: cache_manifest.Manifest) -> dict[str, str]:
+  return {name: digests["sha256"] for name, digests in manifest.sources.items()}
+
+
+def _mark_verified(entry: Path, manifest: cache_manifest.Manifest) -> None:
+  """Records that `entry`'s sources passed the official checks (the caller made them)."""
+  if not manifest.verified:
+    cache_manifest.write(entry, dataclasses.replace(manifest, verified=True))
+
+
+def _discard(entry: Path) -> None:
+  """Moves an untrusted entry out of the way in one rename, then deletes it; no-op if absent."""
+  stale = entry.parent / f".stale-{uuid.uuid4().hex}"
+  try:
+    os.rename(entry, stale)
+  except FileNotFoundError:
+    return
+  shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build(spec: specs.DatasetSpec, entry: Path, source: Path, sha256s: dict[str, str],
+           verify: bool) -> cache_manifest.Manifest:
+  """Converts the original files into a temporary folder, writes its manifest and renames it to
+  `entry`; tolerates another process placing the same entry first. Returns entry's manifest."""
+  entry.parent.mkdir(parents=True, exist_ok=True)
+  temporary = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex}"
+  try:
+    builder = DpjaxLocal(config=spec.name, data_dir=temporary, source=source, verify=verify,
+                         file_format="array_record")
     builder.download_and_prepare(
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  except OSError:  # TFDS renames its temporary folder; that fails if another process was first
-    if not is_cached(name, root):
-      raise
+    shutil.rmtree(temporary / "downloads", ignore_errors=True)  # TFDS's empty download folder
+    sources = {name: {"sha256": sha256s[name],
+                      "content_md5": cache_manifest.content_md5(spec, path)}
+               for name, path in cache_manifest.source_files(spec, source).items()}
+    if cache_manifest.source_sha256(spec, source) != sha256s:
+      raise RuntimeError(f"The files in {source} changed while the cache was built from them; "
+                         "run again once nothing writes to them.")
+    cache_manifest.write(temporary, cache_manifest.Manifest(
+        dataset=spec.name, builder_version=str(DpjaxLocal.VERSION), source=str(source),
+        sources=sources, verified=verify,
+        num_examples={s: builder.info.splits[s].num_examples for s in specs.SPLITS},
+        files=cache_manifest.tree_sha256(temporary)))
+    try:
+      os.rename(temporary, entry)
+    except OSError:  # another process placed the entry first: fine if it is the same one
+      if _trusted(spec, entry) is None:
+        raise
+  finally:
+    shutil.rmtree(temporary, ignore_errors=True)
+  manifest = _trusted(spec, entry)
+  if manifest is None:
+    raise cache_manifest.CacheEntryError(f"The cache entry {entry} changed as it was written.")
+  return manifest
+
+
+def _entry_without_source(spec: specs.DatasetSpec, folder: Path, verify: bool,
+                          not_found: locations.DataNotFoundError) -> Path:
+  """The one usable entry of `folder` when the original files are not there (see the module
+  docstring); raises `not_found`, extended with why each entry was refused, if there is none."""
+  usable, refused = [], []
+  for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+    if entry.name.startswith("."):  # a build in progress or left by a killed one
+      continue
+    try:
+      manifest = _read(spec, entry)
+    except cache_manifest.CacheEntryError as e:
+      refused.append(str(e))
+      continue
+    problems = cache_manifest.official_mismatches(spec, manifest) if verify else []
+    if problems:
+      refused.append(f"{entry} was built from files that are not the official release "
+                     f"({'; '.join(problems)})")
+    else:
+      usable.append((entry, manifest))
+  if not usable:
+    why = (f" None of the cached copies in {folder} may be used: {'; '.join(refused)}."
+           if refused else "")
+    raise locations.DataNotFoundError(f"{not_found}{why}")
+  if len({_content(m) for _, m in usable}) > 1:
+    raise cache_manifest.CacheEntryError(
+        f"The {spec.title} files were not found and the cache {folder} holds copies built from "
+        f"different files: {', '.join(f'{e.name} (from {m.source})' for e, m in usable)}. Point "
+        "data.dir at the files to use, or delete the entries you do not want.")
+  entry, manifest = usable[0]
+  if verify:
+    _mark_verified(entry, manifest)
+  return entry
+
+
+def _content(manifest: cache_manifest.Manifest) -> tuple[tuple[str, str], ...]:
+  """What identifies an entry's data: the content md5s (equal for gzip files that differ only in
+  their headers, like Debian's Fashion-MNIST)."""
+  return tuple(sorted((name, d["content_md5"]) for name, d in manifest.sources.items()))
 
 
 def read_cached_split(name: str, split: str, cache_root: Path) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a whole split of the cache in original order.
+  """Reads a whole split of the cache entry `cache_root` (what `ensure_cache` returned) in
+  original order.
 
   Returns:
     (images, labels): images [N, H, W, C] uint8, labels [N] int32.

@@ -34,6 +34,10 @@ ACCOUNTANTS = ("pld", "rdp", "rdp_classic")
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 PLD_DISCRETIZATION = 1e-4
 CALIBRATION_TOLERANCE = 0.01  # calibrated ε lies in [(1 − tol)·target, target]
+# Calibration searches σ in [MIN, MAX] (`calibrate_noise` says why there is a floor).
+MIN_NOISE_MULTIPLIER = 0.25
+MAX_NOISE_MULTIPLIER = 2.0 ** 20
+BISECTION_STEPS = 40  # halvings of log σ: from a factor 2 to a factor 1 + 2e-11
 
 
 class BudgetExceededError(RuntimeError):
@@ -191,18 +195,33 @@ def plan_noise(noise_multiplier: float | None, count_noise: float, target_epsilo
 
 def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
                     accountant: str = "pld", prior: PrivacyLedger | None = None) -> float:
-  """The noise multiplier σ whose ε for this schedule lies in [0.99·target, target].
+  """The noise multiplier σ whose ε for this schedule lies in [0.99·target, target], or
+  MIN_NOISE_MULTIPLIER when even that much noise stays at or below the target.
 
   prior: private steps taken before this schedule (a ledger, e.g. the run this one starts from);
   then the ε that lands in [0.99·target, target] is the composition of prior and schedule.
-  Raises ValueError when the prior alone already spends the target.
+
+  The search considers σ in [MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER] only, so it ends after
+  a bounded number of accountant calls (`_bracket`: at most 2 halvings or 20 doublings from σ = 1,
+  `_bisect`: at most BISECTION_STEPS halvings of log σ per resolution). The floor is a choice:
+  a target so large that σ < 0.25 would meet it (ε of tens or more) gets σ = 0.25, whose ε is
+  verified to be <= the target (a tighter guarantee than asked for; the run's ledger reports the
+  true ε). Returning the floor rather than raising keeps runs that calibrate for the few steps
+  left (the automatic switch) alive, and σ is never 0: noise is never dropped by accident. Below
+  the floor the PLD accountant's cost grows as 1/σ² (minutes per call at σ = 0.03), which is what
+  made such targets hang.
+
+  Raises ValueError when the target is not finite and > 0, when the prior alone already spends
+  it, when even σ = MAX_NOISE_MULTIPLIER exceeds it, or when the accountant's resolution cannot
+  place ε within 1% of it (a target far below the PLD grid).
 
   Bisection on log σ (ε decreases in σ). For PLD a coarse (pessimistic, so never optimistic) grid
   narrows the bracket first; the answer is always verified with the accountant at its default
   resolution, and a σ whose verified ε exceeds the target is never returned.
   """
   if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-    raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}.")
+    raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon!r}. For a run "
+                     "without a privacy target set dp.noise_multiplier instead.")
   if steps <= 0:
     raise ValueError(f"steps must be > 0 to calibrate noise, got {steps!r}.")
   spent = prior.epsilon(delta, accountant) if prior is not None else 0.0
@@ -217,34 +236,50 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, s
   if accountant == "pld" and (spent == 0 or epsilon_of_event(
       prior.dp_event(), delta, accountant, 10 * PLD_DISCRETIZATION) < target_epsilon):
     lo, hi = _bracket(coarse, target_epsilon)
-    _, hi = _bisect(coarse, target_epsilon, lo, hi, CALIBRATION_TOLERANCE / 2)
+    if lo is not None:
+      _, hi = _bisect(coarse, target_epsilon, lo, hi, CALIBRATION_TOLERANCE / 2)
   else:
     lo, hi = _bracket(exact, target_epsilon)
+  if lo is None:  # even the floor meets the target (checked at the coarse grid for PLD)
+    if exact(MIN_NOISE_MULTIPLIER) <= target_epsilon:
+      return MIN_NOISE_MULTIPLIER
+    lo, hi = _bracket(exact, target_epsilon)  # exact(floor) > target: a bracket exists
   lo, hi = _bisect(exact, target_epsilon, lo, hi, CALIBRATION_TOLERANCE)
   verified = exact(hi)
   if not (1 - CALIBRATION_TOLERANCE) * target_epsilon <= verified <= target_epsilon:
-    raise AssertionError(f"Calibration failed: σ = {hi} gives ε = {verified}, target "
-                         f"{target_epsilon} ({accountant}).")
+    raise ValueError(f"Cannot calibrate σ to ε = {target_epsilon} ({accountant}, δ = {delta:g}): "
+                     f"ε jumps from {exact(lo):.6g} to {verified:.6g} at σ ≈ {hi:.6g}, so no σ "
+                     f"lands within {CALIBRATION_TOLERANCE:.0%} below the target (it is below "
+                     "the accountant's resolution). Raise dp.target_epsilon, or set "
+                     "dp.noise_multiplier.")
   return hi
 
 
-def _bracket(eps_of, target: float) -> tuple[float, float]:
-  """(lo, hi) with eps_of(lo) > target >= eps_of(hi)."""
-  lo, hi = 0.25, 1.0
+def _bracket(eps_of, target: float) -> tuple[float | None, float]:
+  """(lo, hi) with eps_of(lo) > target >= eps_of(hi), both in [MIN_NOISE_MULTIPLIER,
+  MAX_NOISE_MULTIPLIER] and hi = 2·lo; (None, MIN_NOISE_MULTIPLIER) when eps_of(floor) <= target.
+
+  Calls eps_of at most 22 times (σ = 1, then doublings up to 2^20 or halvings down to 0.25).
+  """
+  hi = 1.0
   while eps_of(hi) > target:
-    lo, hi = hi, hi * 2
-    if hi > 1e6:
-      raise ValueError(f"No noise multiplier below 1e6 reaches ε = {target}.")
-  while eps_of(lo) <= target:
-    lo, hi = lo / 2, lo
-    if lo < 1e-4:
-      raise ValueError(f"Even σ = {hi:g} gives ε <= {target}: the schedule needs no calibration.")
-  return lo, hi
+    if hi >= MAX_NOISE_MULTIPLIER:
+      raise ValueError(f"No noise multiplier up to {MAX_NOISE_MULTIPLIER:g} reaches ε = {target}: "
+                       f"σ = {hi:g} still gives ε = {eps_of(hi):.6g}. Raise dp.target_epsilon, "
+                       "or take fewer private steps or a lower sampling rate.")
+    hi *= 2
+  while hi > MIN_NOISE_MULTIPLIER:
+    lo = hi / 2
+    if eps_of(lo) > target:
+      return lo, hi
+    hi = lo
+  return None, MIN_NOISE_MULTIPLIER
 
 
 def _bisect(eps_of, target: float, lo: float, hi: float, tol: float) -> tuple[float, float]:
-  """Shrinks (lo, hi) until eps_of(hi) is in [(1 − tol)·target, target]; keeps eps_of(lo) > target."""
-  for _ in range(100):
+  """Shrinks (lo, hi) until eps_of(hi) is in [(1 − tol)·target, target]; keeps eps_of(lo) > target.
+  Stops after BISECTION_STEPS halvings of log(hi/lo) (the caller checks where eps_of(hi) landed)."""
+  for _ in range(BISECTION_STEPS):
     if eps_of(hi) >= (1 - tol) * target:
       break
     mid = math.sqrt(lo * hi)
