@@ -252,3 +252,22 @@ def test_budget_guard_counts_the_prior():
     return direct.get_epsilon(DELTA)
   assert with_prior(taken) <= 2.0 < with_prior(taken + 1)
   assert taken < budget.steps_allowed(accounting.PrivacyLedger(), q, sigma)  # the prior cost some
+
+
+def test_budget_guard_with_a_huge_target_asks_the_accountant_once_per_plan(monkeypatch):
+  """A target that the whole plan stays far below: the guard checks the plan once, and never
+  searches the (huge) number of steps the budget would allow."""
+  budget = accounting.PrivacyBudget(1e6, 1e-5, "rdp")
+  calls = []
+  original = accounting.PrivacyLedger.epsilon
+  monkeypatch.setattr(accounting.PrivacyLedger, "epsilon",
+                      lambda self, *a: calls.append(1) or original(self, *a))
+  ledger = accounting.PrivacyLedger()
+  for _ in range(50):
+    budget.check(ledger, 0.01, 0.5, hint=50)
+    ledger.record_private(0.01, 0.5)
+  assert len(calls) <= 2
+  # Beyond its plan, the run gets the full search (and a small target still stops it).
+  small = accounting.PrivacyBudget(1.0, 1e-5, "rdp")
+  with pytest.raises(accounting.BudgetExceededError):
+    small.check(ledger, 0.01, 0.5, hint=50)

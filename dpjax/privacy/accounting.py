@@ -424,15 +424,31 @@ class PrivacyBudget:
 
   def check(self, ledger: PrivacyLedger, sampling_rate: float, noise_multiplier: float,
             hint: int | None = None) -> None:
-    """Raises `BudgetExceededError` if one more private step at (q, σ) would exceed the target."""
+    """Raises `BudgetExceededError` if one more private step at (q, σ) would exceed the target.
+
+    hint: the planned number of private steps at (q, σ). When the budget allows all of them, the
+    guard asks no further (a huge target would otherwise search up to 10⁹ steps, each an ε
+    evaluation); a run that goes beyond its plan gets the full search then."""
     base = _without_last_run(ledger, sampling_rate, noise_multiplier)
     done = ledger.private_steps - base.private_steps
+    if hint and 0 < done + 1 <= hint and self._plan_fits(base, sampling_rate, noise_multiplier,
+                                                         hint):
+      return
     if done + 1 > self.steps_allowed(base, sampling_rate, noise_multiplier, hint):
       raise BudgetExceededError(
           f"The next private step would take ε above the budget {self.target_epsilon} at "
           f"δ = {self.delta:g} ({self.accountant}); {ledger.private_steps} private steps were "
           f"taken, spending ε = {self.spent(ledger):.4f}. Stop here, or start a new run with a "
           "larger budget or more noise.")
+
+  def _plan_fits(self, ledger: PrivacyLedger, q: float, sigma: float, steps: int) -> bool:
+    """Whether `steps` more steps at (q, σ) after `ledger` stay within the target (cached)."""
+    key = (ledger.to_json(), q, sigma, "plan", steps)
+    if key not in self._cache:
+      trial = PrivacyLedger([dataclasses.replace(e) for e in ledger.entries], 0, ledger.prior)
+      trial.record_private(q, sigma, steps)
+      self._cache[key] = trial.epsilon(self.delta, self.accountant) <= self.target_epsilon
+    return self._cache[key]
 
   def _search_steps(self, ledger, q, sigma, hint) -> int:
     def fits(extra):
