@@ -90,7 +90,7 @@ def test_apply_releases_the_noisy_fraction_of_the_steps_count():
   state = step_lib.OptState(tx.init(params), opt.init(params))
   fractions = []
   for _ in range(400):
-    _, state, released, _ = apply(params, state, None, acc.grad_sum, np.float32(0.0),
+    _, state, released = apply(params, state, None, acc.grad_sum, np.float32(0.0),
                                acc.stats.num_clipped)
     fractions.append(float(released))
   assert abs(np.mean(fractions) - num_clipped / b) < 5 * sigma_c / b / np.sqrt(400)

@@ -79,35 +79,39 @@ def test_a_non_finite_step_stops_the_run_before_its_state_is_saved(_data, tmp_pa
   original = loop.Trainer.one_step
 
   def poisoned(self, step):
-    if step == 14:  # a private step (10 public, then private): its update is NaN
+    if step == 13:  # a private step (10 public, then private): its update is NaN
       self.state = self.state.replace(params=jax.tree_util.tree_map(
           lambda p: p * np.float32(np.nan), self.state.params))
     return original(self, step)
 
   monkeypatch.setattr(loop.Trainer, "one_step", poisoned)
-  c = small_config(checkpoint=dict(every_steps=4))
-  with pytest.raises(faults.NonFiniteError, match="Step 14 produced a non-finite"):
+  c = small_config(checkpoint=dict(every_steps=4), log_every_steps=100)
+  with pytest.raises(faults.NonFiniteError,
+                     match="after step 16 are not finite.*finite after step 12"):
     loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.latest_step() == 12  # the step-16 checkpoint was never written
   record = ckpt.read_record()
   ledger = accounting.PrivacyLedger.from_json(record["ledger"])
-  assert (ledger.public_steps, ledger.private_steps) == (10, 2)  # nothing of step 14 on
+  assert (ledger.public_steps, ledger.private_steps) == (10, 2)  # nothing of step 13 on
   params = ckpt.read(12)[0]["params"]
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
   assert not (tmp_path / "results.json").exists()
+  # Checked every log_every_steps steps too, without a checkpoint due.
+  c = small_config(log_every_steps=5)
+  with pytest.raises(faults.NonFiniteError, match="after step 15 are not finite"):
+    loop.train_and_evaluate(c, str(tmp_path / "b"), show_progress=False)
 
 
-def test_finite_watch_reads_each_flag_one_step_late_and_check_reads_it_at_once():
-  watch = faults.FiniteWatch()
-  watch.observe(0, np.bool_(True))
-  watch.observe(1, np.bool_(False))  # not read yet
-  with pytest.raises(faults.NonFiniteError, match="Step 1"):
-    watch.observe(2, np.bool_(True))
-  watch = faults.FiniteWatch()
-  watch.observe(5, np.bool_(False))
-  with pytest.raises(faults.NonFiniteError, match="Step 5"):
-    watch.check()
+def test_finite_watch_checks_every_n_steps_and_on_demand():
+  watch = faults.FiniteWatch(every=2)
+  bad = {"w": np.array([1.0, np.nan], np.float32)}
+  watch.after_step(1, bad)  # not a checking step
+  with pytest.raises(faults.NonFiniteError, match="after step 2 .* finite after step 0"):
+    watch.after_step(2, bad)
+  watch.after_step(4, {"w": np.ones(2, np.float32)})
+  with pytest.raises(faults.NonFiniteError, match="after step 5 .* finite after step 4"):
+    watch.check(5, bad)
   assert bool(faults.is_finite({"w": np.ones(3, np.float32)}))
   assert not bool(faults.is_finite({"w": np.array([1.0, np.inf], np.float32)}))
   assert not bool(faults.is_finite({"w": np.full(4, 3e38, np.float32)}))  # its square overflows

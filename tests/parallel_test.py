@@ -55,7 +55,7 @@ class _make_dp_step:
                             self.put(mask[half]), np.bool_(half.start == 0))
     public_grad, _ = self.public_grad(params, self.put(public))
     self.clipped_sum = parallel.to_host(self.total(acc).grad_sum)
-    params, opt_state, _, _ = self.apply(params, opt_state, public_grad, acc.grad_sum,
+    params, opt_state, _ = self.apply(params, opt_state, public_grad, acc.grad_sum,
                                       np.float32(0.3))
     return parallel.to_host(params), parallel.to_host(acc.stats), params
 
@@ -144,7 +144,7 @@ def test_noise_is_the_same_draw_whatever_the_layout():
       mesh = parallel.make_mesh(*sizes)
       layout = parallel.make_layout(mesh, p, state)
       p, state = parallel.place(p, mesh), parallel.place(state, mesh)
-    out, _, _, _ = step_lib.make_apply(tx, optax.sgd(1.0), layout)(
+    out, _, _ = step_lib.make_apply(tx, optax.sgd(1.0), layout)(
         p, state, None, _zero_sum(p, layout), np.float32(0))
     draws.append(parallel.to_host(out)["w"])
   np.testing.assert_allclose(draws[0], draws[1])

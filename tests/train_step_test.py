@@ -18,12 +18,12 @@ def test_apply_noises_private_steps_once_and_public_steps_never():
   apply = step_lib.make_apply(tx, opt)
   state = step_lib.OptState(tx.init(params), opt.init(params))
   grads = {"w": jnp.ones(4)}
-  p1, s1, _, _ = apply(params, state, grads, None, 1.0)  # public-only
+  p1, s1, _ = apply(params, state, grads, None, 1.0)  # public-only
   assert int(s1.noise.count) == 0
   np.testing.assert_allclose(p1["w"], -1.0)
-  p2, s2, _, _ = apply(params, s1, None, grads, 0.0)  # private-only
+  p2, s2, _ = apply(params, s1, None, grads, 0.0)  # private-only
   assert int(s2.noise.count) == 1
-  p3, s3, _, _ = apply(params, s2, grads, grads, 0.5)  # mixed
+  p3, s3, _ = apply(params, s2, grads, grads, 0.5)  # mixed
   assert int(s3.noise.count) == 2
   assert not np.allclose(p2["w"], p3["w"])
 

@@ -297,7 +297,7 @@ class ContrastiveEvaluation(hooks.BaseHook):
 
   def after_step(self, run, done):
     if hooks.due(done, self.every, run.total):
-      run.watch.check()
+      run.watch.check(done, run.state.params)
       run.writer.write(done, "eval", dict(test_contrastive_loss=run.evaluate(run.state.params),
                                           epsilon=run.epsilon()))
 
@@ -353,7 +353,6 @@ class ContrastiveTrainer(host_loop.HostLoop):
     applied = self.mechanism.apply(state.params, state.opt_state, None, grad_sum,
                                    np.float32(0.0))
     self.state = train_state.TrainState(applied.params, applied.opt_state)
-    self.watch.observe(step, applied.finite)
     if self.plan.noise_multiplier is not None:
       self.plan.record_private(self.ledger)
     else:

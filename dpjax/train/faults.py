@@ -9,20 +9,21 @@ mechanism's secret). A second signal is not caught: it stops the process at once
 multi-process run every process must stop at the same step (checkpoints are collective), so the
 flag is agreed by all processes (an all-gather) every `sync_every` steps.
 
-Non-finite training. A step whose loss or parameters are not finite (a learning rate that
-diverges, an overflow in float16) stops the run with `NonFiniteError` before that state is
-checkpointed or another private step is taken. `FiniteWatch` reads each step's finiteness flag one
-step late, so the host never waits for the device in between (the flag of step t is read once step
-t + 1 is dispatched). The flag is computed from the updated parameters and the public loss only:
-the parameters are released anyway, so the flag releases nothing private.
+Non-finite training. Parameters that are not finite (a learning rate that diverges, an
+overflow in float16) stop the run with `NonFiniteError` before that state is checkpointed,
+evaluated or returned. `FiniteWatch` checks the parameters every `every` steps (the trainer's
+log_every_steps: one small jitted reduction then, no per-step cost; a per-step flag cost 5-9% of
+a small model's step on an H200) and always right before a checkpoint, an evaluation or the final
+results. The steps between the last good check and the failure are lost with the process: their
+ledger entries were never saved. The check reads the parameters only, which are released anyway:
+it releases nothing private.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,34 +90,23 @@ def is_finite(params: Any, loss: jax.Array | None = None) -> jax.Array:
 
 
 class FiniteWatch:
-  """Raises NonFiniteError for the first step whose finiteness flag is False, one step late.
+  """Raises NonFiniteError when the parameters are not finite, checked every `every` steps
+  (`after_step`) and whenever `check` is called (before anything is saved or released)."""
 
-  `observe(step, flag)` is called after step `step` is dispatched: it reads the previous step's
-  flag (by now computed, or nearly) and keeps this one. `check()` reads the pending flag at once:
-  call it before anything is saved or released (a checkpoint, an evaluation, the final results).
-  """
+  def __init__(self, every: int):
+    self.every = max(int(every), 1)
+    self.last_good = 0
+    self._finite = jax.jit(is_finite)
 
-  def __init__(self):
-    self._pending: tuple[int, Any] | None = None
+  def after_step(self, done: int, params: Any) -> None:
+    if done % self.every == 0:
+      self.check(done, params)
 
-  def observe(self, step: int, flag: Any) -> None:
-    self.check()
-    self._pending = None if flag is None else (step, flag)
-
-  def check(self) -> None:
-    if self._pending is None:
-      return
-    step, flag = self._pending
-    self._pending = None
-    if not bool(flag):
+  def check(self, done: int, params: Any) -> None:
+    if not bool(self._finite(params)):
       raise NonFiniteError(
-          f"Step {step} produced a non-finite loss or parameters (NaN or inf). The run stops "
-          "before saving that state; the last checkpoint is from before it, and its privacy "
-          "ledger does not count this step. Lower optimizer.learning_rate, use perf.dtype="
-          "'float32', or check the data, then start a new --workdir (or resume this one with a "
-          "config that keeps the same trajectory).")
-
-
-@contextlib.contextmanager
-def no_guard() -> Iterator[None]:
-  yield
+          f"The parameters after step {done} are not finite (NaN or inf); they were finite after "
+          f"step {self.last_good}. The run stops before saving them; the last checkpoint is from "
+          "before, and its privacy ledger counts no later step. Lower optimizer.learning_rate, "
+          "use perf.dtype='float32', or check the data, then start again in a new --workdir.")
+    self.last_good = done

@@ -91,7 +91,7 @@ class Evaluation(BaseHook):
   def after_step(self, run, done):
     if not due(done, self.every, run.total):
       return
-    run.watch.check()  # never evaluate (release) a non-finite state
+    run.watch.check(done, run.state.params)  # never evaluate (release) a non-finite state
     evaluation = run.evaluate_test(run.state.params)
     self.last_accuracy = evaluation["test_accuracy"]
     run.writer.write(done, "eval", dict(evaluation, epsilon=run.epsilon()))

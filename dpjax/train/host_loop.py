@@ -48,7 +48,7 @@ class HostLoop:
     self.state = train_state.initial_state(optimizer, params, mesh, self.secret)
     self.ledger = state_lib.starting_ledger(source)
     self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
-    self.watch = faults.FiniteWatch()
+    self.watch = faults.FiniteWatch(config.log_every_steps)
     self.plans: list[plan_lib.PrivacyPlan] = []  # the plan before training, then any switch's
     self.hooks: list[hooks_lib.Hook] = []
     self.budget: accounting.PrivacyBudget | None = None
@@ -124,6 +124,7 @@ class HostLoop:
           break
         self.one_step(step)
         done = step + 1
+        self.watch.after_step(done, self.state.params)
         for hook in all_hooks:
           hook.after_step(self, done)
         if done < self.total and guard.requested(done):
@@ -165,7 +166,7 @@ class HostLoop:
 
   def save(self, done: int) -> None:
     """Checkpoints the state after `done` steps; never a non-finite one (NonFiniteError)."""
-    self.watch.check()
+    self.watch.check(done, self.state.params)
     self.checkpointer.save(done, train_state.checkpoint_tree(self.state, done, self.secret,
                                                              self.mesh), self.record())
 

@@ -227,7 +227,6 @@ class Trainer(host_loop.HostLoop):
     applied = mechanism.apply(state.params, state.opt_state, public_grad, clipped,
                               np.float32(self.alpha), num_clipped)
     self.state = train_state.TrainState(applied.params, applied.opt_state)
-    self.watch.observe(step, applied.finite)
     if applied.noisy_clip_fraction is not None:
       logs["noisy_clip_fraction"] = applied.noisy_clip_fraction
     if clipped is not None:

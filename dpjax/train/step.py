@@ -24,7 +24,6 @@ import optax
 
 from dpjax import finetune, mixing, parallel
 from dpjax.privacy import clipping, ghost, noise
-from dpjax.train import faults
 
 PyTree = Any
 
@@ -37,12 +36,10 @@ class OptState(NamedTuple):
 
 class Applied(NamedTuple):
   """What `make_apply`'s step returns. noisy_clip_fraction: the step's released clip count over
-  the expected batch size (None unless released); finite: a device bool, False when the updated
-  params hold a NaN or inf (`faults.is_finite`: post-processing of released values only)."""
+  the expected batch size (None unless released)."""
   params: Any
   opt_state: OptState
   noisy_clip_fraction: Any
-  finite: Any
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -271,7 +268,7 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
                layout: parallel.Layout | None = None, donate: bool = False,
                clip_count: noise.ClipCountRelease | None = None) -> Callable:
   """jit (params, opt_state, public_grad|None, clipped_sum|None, alpha, num_clipped=None)
-  -> `Applied` (params, opt_state, noisy_clip_fraction|None, finite).
+  -> `Applied` (params, opt_state, noisy_clip_fraction|None).
 
   clipped_sum: the step's `ClippedSum.grad_sum` as `make_accumulate` leaves it: under a layout,
   the per-device partial sums [devices, *shape], which apply adds up itself (one all-reduce, in
@@ -295,8 +292,8 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
       private_grad, noise_state = noise_tx.update(clipped_sum, opt_state.noise)
     grads = mixing.mix(alpha, public_grad, private_grad)
     updates, base_state = optimizer.update(grads, opt_state.base, params)
-    params = optax.apply_updates(params, updates)
-    return Applied(params, OptState(noise_state, base_state), released, faults.is_finite(params))
+    return Applied(optax.apply_updates(params, updates), OptState(noise_state, base_state),
+                   released)
 
   if layout is None:
     return jax.jit(apply, donate_argnums=donated)
@@ -316,8 +313,7 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
       compiled[kind] = jax.jit(
           apply_partial, in_shardings=(params_sharding, opt_sharding) + grad_shardings
           + (layout.replicated, layout.replicated),
-          out_shardings=Applied(params_sharding, opt_sharding, layout.replicated,
-                                layout.replicated),
+          out_shardings=Applied(params_sharding, opt_sharding, layout.replicated),
           donate_argnums=donated)
     return compiled[kind](params, opt_state, public_grad, clipped_sum, alpha, num_clipped)
   return apply_sharded
