@@ -10,7 +10,7 @@ import pytest
 
 from dpjax import config as config_lib
 from dpjax import finetune, parallel
-from dpjax.privacy import accounting, clipping, noise, randomness
+from dpjax.privacy import accounting, calibration, clipping, noise, randomness
 from dpjax.train import loop, metrics, state as state_lib, step as step_lib
 from tests import toy_models
 from tests.conftest import require_data
@@ -149,17 +149,17 @@ def test_sharded_apply_and_score_release_the_single_device_value():
 
 
 def test_effective_noise_multiplier_and_its_inverse():
-  assert accounting.effective_noise_multiplier(1.3, 0.0) == 1.3  # not released: σ exactly
-  assert accounting.effective_noise_multiplier(1.0, 1.0) == pytest.approx(2 ** -0.5)
-  assert accounting.effective_noise_multiplier(3.0, 4.0) == pytest.approx(12 / 5)
-  sigma = accounting.gradient_noise_multiplier(12 / 5, 4.0)
+  assert calibration.effective_noise_multiplier(1.3, 0.0) == 1.3  # not released: σ exactly
+  assert calibration.effective_noise_multiplier(1.0, 1.0) == pytest.approx(2 ** -0.5)
+  assert calibration.effective_noise_multiplier(3.0, 4.0) == pytest.approx(12 / 5)
+  sigma = calibration.gradient_noise_multiplier(12 / 5, 4.0)
   assert sigma == pytest.approx(3.0)
-  assert accounting.gradient_noise_multiplier(0.8, 0.0) == 0.8
+  assert calibration.gradient_noise_multiplier(0.8, 0.0) == 0.8
   for count_noise in (2.4, 1.0):  # σ_c ≤ σ_eff: the count alone would spend the budget
     with pytest.raises(ValueError, match="clip_fraction_noise"):
-      accounting.gradient_noise_multiplier(2.4, count_noise)
+      calibration.gradient_noise_multiplier(2.4, count_noise)
   with pytest.raises(ValueError):
-    accounting.effective_noise_multiplier(1.0, -1.0)
+    calibration.effective_noise_multiplier(1.0, -1.0)
 
 
 def test_two_gaussians_on_the_same_data_are_one_gaussian_of_sigma_eff():
@@ -168,7 +168,7 @@ def test_two_gaussians_on_the_same_data_are_one_gaussian_of_sigma_eff():
   sigma, sigma_c, delta = 1.5, 2.5, 1e-5
   both = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(sigma),
                                         dp_accounting.GaussianDpEvent(sigma_c)])
-  one = dp_accounting.GaussianDpEvent(accounting.effective_noise_multiplier(sigma, sigma_c))
+  one = dp_accounting.GaussianDpEvent(calibration.effective_noise_multiplier(sigma, sigma_c))
   assert (accounting.epsilon_of_event(both, delta) ==
           pytest.approx(accounting.epsilon_of_event(one, delta), rel=2e-3))
 
@@ -188,11 +188,11 @@ def test_calibration_meets_the_target_with_the_count_released():
   assert 0.99 * 2.0 <= eps <= 2.0
   assert plan.effective_noise_multiplier == without.noise_multiplier  # the same calibration
   assert plan.noise_multiplier > plan.effective_noise_multiplier
-  assert accounting.effective_noise_multiplier(plan.noise_multiplier, 2.0) == pytest.approx(
+  assert calibration.effective_noise_multiplier(plan.noise_multiplier, 2.0) == pytest.approx(
       plan.effective_noise_multiplier, rel=1e-12)
   given = _plan(2.0, noise_multiplier=1.0)
   assert given.noise_multiplier == 1.0
-  assert given.effective_noise_multiplier == accounting.effective_noise_multiplier(1.0, 2.0)
+  assert given.effective_noise_multiplier == calibration.effective_noise_multiplier(1.0, 2.0)
 
 
 def test_count_noise_at_or_below_sigma_eff_is_refused_at_the_start():
@@ -270,7 +270,7 @@ def test_without_the_count_nothing_is_logged_and_the_spend_is_unchanged(tmp_path
   assert not any("noisy_clip_fraction" in x for x in _train_logs(str(tmp_path)))
   p = r["privacy"]
   q = p["sampling_rate"]
-  sigma = accounting.calibrate_noise(2.0, 1e-5, q, 2, "rdp")
+  sigma = calibration.calibrate_noise(2.0, 1e-5, q, 2, "rdp")
   assert p["noise_multiplier"] == p["effective_noise_multiplier"] == sigma
   assert p["epsilon"] == accounting.epsilon(sigma, q, 2, 1e-5, "rdp")
   assert p["clip_fraction_noise"] == 0.0 and "noisy_clip_fraction" not in p["released"]

@@ -10,7 +10,7 @@ import pytest
 
 from dpjax import config as config_lib
 from dpjax import finetune, models
-from dpjax.privacy import accounting, clipping, noise
+from dpjax.privacy import accounting, calibration, clipping, noise
 from dpjax.train import checkpoint, loop
 from dpjax.train import state as state_lib
 from dpjax.train import step as step_lib
@@ -336,7 +336,7 @@ def test_the_target_is_the_total_budget_of_the_composition(private_run, tmp_path
   assert 0.99 * target <= b["epsilon"] <= target
   assert b["epsilon"] == pytest.approx(_pld_epsilon(_run_event(a), _run_event(b)),
                                        rel=1e-6)
-  assert b["noise_multiplier"] > accounting.calibrate_noise(target, 1e-5, b["sampling_rate"], 2)
+  assert b["noise_multiplier"] > calibration.calibrate_noise(target, 1e-5, b["sampling_rate"], 2)
   # A fixed σ with a target: the guard stops B before the composition would exceed it.
   composed = lambda steps: _pld_epsilon(_run_event(a),
                                         _gaussian_steps(b["sampling_rate"], 2.0, steps))

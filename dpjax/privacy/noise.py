@@ -18,7 +18,7 @@ multiplier σ on the clipped sum; it must be called exactly once per step (the s
 says how many times it was). Dividing by the *expected* batch size q·N, never the realised one,
 keeps the batch size (which depends on the private data under Poisson sampling) unreleased.
 A step may also release its count of clipped examples with noise (`ClipCountRelease`), drawn from
-the same secret key chain; `dpjax.privacy.accounting.effective_noise_multiplier` accounts both.
+the same secret key chain; `dpjax.privacy.calibration.effective_noise_multiplier` accounts both.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ class ClipCountRelease:
 
   Privacy: one call releases num_clipped + N(0, σ_c²), a Gaussian mechanism of noise multiplier
   σ_c, on the same Poisson sample as the step's gradient release;
-  `dpjax.privacy.accounting.effective_noise_multiplier` accounts the two together. It must be
+  `dpjax.privacy.calibration.effective_noise_multiplier` accounts the two together. It must be
   called with the step's noise state before `add_gaussian_noise` moves the key on, at most once
   per step.
   """

@@ -37,7 +37,7 @@ import optax
 from dpjax import config as config_lib
 from dpjax import contrastive, data, mixing, models, parallel, probe
 from dpjax.data import augment
-from dpjax.privacy import accounting, noise, randomness, sampling
+from dpjax.privacy import accounting, calibration, noise, randomness, sampling
 from dpjax.train import engine, hooks, host_loop, plan as plan_lib, state as state_lib
 from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
 
@@ -96,7 +96,7 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int) -> plan_li
     accounting.check_delta(dp.delta, num_private)
     sigma = dp.noise_multiplier
     if sigma is None:
-      sigma = accounting.calibrate_noise(dp.target_epsilon, dp.delta, q, steps, dp.accountant)
+      sigma = calibration.calibrate_noise(dp.target_epsilon, dp.delta, q, steps, dp.accountant)
   clip = {"logit_dp": "Logit-DP pair clipping", "naive": "per-row clipping"}.get(c.method, "none")
   kind = "private" if private else "public"
   return plan_lib.PrivacyPlan(

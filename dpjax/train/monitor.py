@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from dpjax import curvature, data
-from dpjax.privacy import accounting, clipping, randomness
+from dpjax.privacy import calibration, clipping, randomness
 
 _MONITOR_STREAM = 0xC0A7
 
@@ -63,7 +63,7 @@ class PublicMonitor:
   def predicted_noise_multiplier(self, step: int) -> float | None:
     """σ a private phase starting at `step` would use: the configured one, or calibrated to the
     target ε for the steps left (with dp.clip_fraction_noise, the gradient's share of the
-    calibrated σ_eff, `accounting.gradient_noise_multiplier`; None if σ_c leaves it none).
+    calibrated σ_eff, `calibration.gradient_noise_multiplier`; None if σ_c leaves it none).
     Public: depends on the config and the step only.
 
     The prediction calibrates with RDP (fast; slightly more noise than PLD for the same ε) since
@@ -80,12 +80,12 @@ class PublicMonitor:
     count_noise = dp.get("clip_fraction_noise", 0.0)
     if count_noise and count_noise <= effective:
       return None
-    return accounting.gradient_noise_multiplier(effective, count_noise)
+    return calibration.gradient_noise_multiplier(effective, count_noise)
 
 
 @functools.lru_cache(maxsize=256)
 def _calibrated(target, delta, q, steps, accountant) -> float:
-  return accounting.calibrate_noise(target, delta, q, steps, accountant)
+  return calibration.calibrate_noise(target, delta, q, steps, accountant)
 
 
 def split_heldout(public: data.Dataset, fraction: float, seed: int

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from dpjax import mixing
-from dpjax.privacy import accounting, sampling
+from dpjax.privacy import accounting, calibration, sampling
 from dpjax.train import state as state_lib
 
 
@@ -43,7 +43,7 @@ class PrivacyPlan:
   params this one starts from (`state.read_source`), None without finetune.init_from.
   clip_fraction_noise: σ_c of the clip count each private step releases (0: not released);
   effective_noise_multiplier: σ_eff, what the ledger and the budget guard account per private
-  step (σ itself when σ_c = 0; `accounting.effective_noise_multiplier`).
+  step (σ itself when σ_c = 0; `calibration.effective_noise_multiplier`).
   phases: the run's steps by kind, in order. decided_at / reason: the step at which an automatic
   switch made this plan, and why (None / "" for a plan made before training).
   """
@@ -67,7 +67,7 @@ class PrivacyPlan:
 
   def __post_init__(self):
     if self.effective_noise_multiplier is None and self.noise_multiplier is not None:
-      object.__setattr__(self, "effective_noise_multiplier", accounting.effective_noise_multiplier(
+      object.__setattr__(self, "effective_noise_multiplier", calibration.effective_noise_multiplier(
           self.noise_multiplier, self.clip_fraction_noise))
 
   @property
@@ -121,7 +121,7 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
                  source: state_lib.Source | None = None) -> PrivacyPlan:
   """Sampling rate, private step count and noise multiplier (calibrated to the target ε if unset;
   with a source, so that the composition of the source's ledger and this run hits the target;
-  with dp.clip_fraction_noise, σ_eff is calibrated and σ follows, `accounting.plan_noise`).
+  with dp.clip_fraction_noise, σ_eff is calibrated and σ follows, `calibration.plan_noise`).
 
   Uses public facts only: the config, the schedule, the number of private examples, the source's
   ledger.
@@ -147,13 +147,13 @@ def plan_privacy(config: ml_collections.ConfigDict, num_private: int,
   prior = source.ledger if source else None
   sigma = effective = None
   if private_steps:
-    sigma, effective = accounting.plan_noise(dp.noise_multiplier, count_noise, dp.target_epsilon,
+    sigma, effective = calibration.plan_noise(dp.noise_multiplier, count_noise, dp.target_epsilon,
                                              dp.delta, q, private_steps, dp.accountant, prior)
   elif count_noise and dp.noise_multiplier is None and isinstance(schedule, mixing.AutoSwitch):
     # Refuse now a σ_c that the earliest switch (the most private steps) would refuse.
     most = total - max(config.mixing.auto.min_switch_step, 0)
     if most > 0:
-      accounting.plan_noise(None, count_noise, dp.target_epsilon, dp.delta, q, most,
+      calibration.plan_noise(None, count_noise, dp.target_epsilon, dp.delta, q, most,
                             dp.accountant, prior)
   return PrivacyPlan(num_private, float(dp.expected_batch_size), q, private_steps, sigma,
                      dp.delta, dp.accountant, dp.target_epsilon, dp.clip, dp.clip_norm,

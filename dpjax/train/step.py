@@ -281,7 +281,7 @@ def make_apply(noise_tx: optax.GradientTransformation | None,
   clip_count: with it, a private step also releases its count of clipped examples (num_clipped:
   the step's `ClipStats.num_clipped`, a device scalar) plus N(0, σ_c²), over the expected batch
   size (`noise.ClipCountRelease`), in the same executable, its noise from the step's noise key;
-  account such steps with `accounting.effective_noise_multiplier`. Without clip_count, or on a
+  account such steps with `calibration.effective_noise_multiplier`. Without clip_count, or on a
   public step, the third output is None and num_clipped is not read.
   """
   donated = (0, 1) if donate else ()
