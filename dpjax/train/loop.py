@@ -177,7 +177,8 @@ class Trainer(host_loop.HostLoop):
     made: list[hooks_lib.Hook] = []
     if (auto or c.curvature.every_steps) and len(public_train):
       monitor = monitor_lib.PublicMonitor(
-          c, public_train, heldout, self.steps.example_loss, self.inputs.rule, self.preprocess,
+          c, public_train, heldout,
+          monitor_lib.CurvatureLoss(self.steps.example_loss, self.inputs.rule, self.preprocess),
           self._heldout_loss(heldout), state_lib.accounting_size(self.inputs.loaded))
       made.append(hooks_lib.PublicStatistics(monitor, auto, c.curvature.every_steps,
                                              c.mixing.auto.check_every,

@@ -10,7 +10,7 @@ switch decision) depends on private data.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -22,14 +22,26 @@ from dpjax.privacy import calibration, clipping, randomness
 _MONITOR_STREAM = 0xC0A7
 
 
+class CurvatureLoss(NamedTuple):
+  """What the curvature terms are computed from: the loss of ONE example (`step.make_example_loss`),
+  the clip rule private steps use, and the host preprocessing of uint8 images."""
+  example_loss: Callable
+  rule: clipping.ClipRule
+  preprocess: Callable
+
+
 class PublicMonitor:
-  """Computes public-data statistics at a step for the current params."""
+  """Computes public-data statistics at a step for the current params.
+
+  public_train / heldout: the public training part and the held-out public part (None without);
+  heldout_loss: params -> the held-out part's mean loss; num_private: N, for the predicted σ.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, public_train: data.Dataset,
-               heldout: data.Dataset | None, example_loss: Callable, rule: clipping.ClipRule,
-               preprocess: Callable, heldout_loss: Callable | None, num_private: int):
+               heldout: data.Dataset | None, loss: CurvatureLoss,
+               heldout_loss: Callable | None, num_private: int):
     self.config, self.public, self.heldout = config, public_train, heldout
-    self.example_loss, self.rule, self.preprocess = example_loss, rule, preprocess
+    self.example_loss, self.rule, self.preprocess = loss
     self.heldout_loss_fn = heldout_loss
     self.num_private = num_private
 
