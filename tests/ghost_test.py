@@ -1,6 +1,10 @@
 """Tests for dpjax.privacy.ghost: ghost norms equal vmap norms; the ghost sum equals the vmap sum."""
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -351,6 +355,36 @@ def test_the_vit_needs_no_fallback(name):
   np.testing.assert_allclose(
       np.sqrt(ghost.ghost_sq_norms(losses, params, batch, fallback="error")),
       np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
+
+
+_TERM_ORDER = """
+import flax.linen as nn
+from dpjax.models import wrn
+from dpjax.privacy import ghost
+from tests import toy_models
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(wrn.WSConv(4, (3, 3), strides=4)(x).reshape((x.shape[0], -1)))
+
+model = Net()
+print(list(ghost.per_example_terms(toy_models.batch_losses(model), toy_models.init(model),
+                                   toy_models.batch(2), fallback="error")))
+"""
+
+
+def test_the_order_of_terms_does_not_depend_on_the_hash_seed():
+  """A module's ghost_grads terms, hence the order of the sums over them, follow its params, not
+  a set of their names (whose order varies with PYTHONHASHSEED: the processes of one
+  multi-process run would trace different programs). Seeds 0 and 1 order the set {kernel, gain,
+  bias} differently (CPython 3.11)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  orders = [subprocess.run([sys.executable, "-c", _TERM_ORDER], cwd=root, capture_output=True,
+                           text=True, check=True, env=dict(env, PYTHONHASHSEED=seed)).stdout
+            for seed in ("0", "1")]
+  assert "gain" in orders[0] and orders[0] == orders[1]
 
 
 def test_a_subclass_of_a_self_described_layer_is_not_trusted():

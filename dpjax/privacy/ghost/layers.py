@@ -49,7 +49,9 @@ class Layer:
   """A supported layer call, as seen at trace time."""
   module: nn.Module  # an unbound clone (its attributes only)
   path: tuple[str, ...]
-  param_names: frozenset
+  # The params ghost computes, in the module's order: the order of a layer's terms, hence of
+  # the sums over them (a set's order would vary with the process's string-hash seed).
+  param_names: tuple[str, ...]
   shapes: dict  # {param name: its shape in one call} (under nn.scan: one slice of the stack)
 
 
@@ -100,8 +102,8 @@ def intercepting(batch_losses: BatchLosses, layers: dict) -> Callable:
       if context.method_name != "setup" and not context.method_name.startswith("_"):
         # Another method reads the layer's params (nn.Embed.attend: tied weights): its gradient
         # is not in the call's factored term, so the layer's params go to the fallback.
-        layers[tuple(module.path)] = Layer(module.clone(parent=None), tuple(module.path),
-                                           frozenset(), {})
+        layers[tuple(module.path)] = Layer(module.clone(parent=None), tuple(module.path), (),
+                                           {})
       return next_fun(*args, **kwargs)
     outputs = next_fun(*args, **kwargs)
     own = module.variables.get("params", {})
@@ -109,7 +111,7 @@ def intercepting(batch_losses: BatchLosses, layers: dict) -> Callable:
       names = layer_param_names(module)
       layers[tuple(module.path)] = Layer(
           module.clone(parent=None), tuple(module.path),
-          frozenset(own) if names is not None and set(own) == names else frozenset(),
+          tuple(own) if names is not None and set(own) == names else (),
           {name: tuple(jnp.shape(value)) for name, value in own.items()})
     module.sow(INPUTS, "inputs", args[0] if args else kwargs["inputs"])
     return module.perturb("probe", outputs, collection=PROBES)
