@@ -1,5 +1,5 @@
 """Formulations of an instantiated per-example gradient's norm and weighted sum (ghost clipping's
-`_Summed` terms), timed alone on one device.
+`ghost.terms.Summed`), timed alone on one device.
 
 Ghost clipping instantiates a few small per-example gradients hᵢ (biases, norm scales, the ViT's
 position embedding: hᵢ = gᵢ [T, d]) and needs their squared norms Σₖ hᵢₖ² [m] and their weighted

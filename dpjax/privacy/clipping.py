@@ -60,9 +60,9 @@ class ClipRule(abc.ABC):
 
   A rule splits the gradient's leaves into clip groups (`groups`: one group, ONE_GROUP, for rules
   that scale the whole gradient) and scales each group by a factor computed from that group's L2
-  norm alone (`factors`). Both per-example paths use only these three members: the vmap path
-  (`clip`) from the norms of the per-example gradients, ghost clipping
-  (`dpjax.privacy.ghost.clipped_grad_sum`) from upper bounds on them.
+  norm alone (`factors`). Both per-example paths use only `groups`, `factors` and `sensitivity`:
+  the vmap path (`clip`) with the norms of the per-example gradients, ghost clipping
+  (`dpjax.privacy.ghost.clipped_grad_sum`) with upper bounds on them.
 
   Guarantee, which every rule must keep: each group g has a bound C_g with Σ_g C_g² =
   sensitivity², and factor_g(x)·x ≤ C_g for every norm x ≥ 0, whether the factor scales down
