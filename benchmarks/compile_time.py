@@ -55,7 +55,7 @@ def run_one(args: argparse.Namespace) -> dict:
   public = microbatch_size.abstract_rows(one, args.microbatch, steps.layout.batch)
   # The jitted functions of the two steps (`harness.Steps.dp` / `.non_dp`), on abstract arguments.
   pieces = {"zero_sum": (steps.zero_sum, (params,)),
-            "accumulate": (steps.accumulate, (acc, params, batch, mask, np.bool_(True))),
+            "accumulate": (steps.accumulate, (acc, params, None, batch, mask, np.bool_(True))),
             "apply_dp": (steps.apply, (params, opt_state, None, acc.grad_sum, np.float32(0.0))),
             "public_grad": (steps.public_grad, (params, public)),
             "apply_non_dp": (steps.apply, (params, opt_state, grad, None, np.float32(1.0)))}

@@ -94,7 +94,7 @@ class Steps:
   def dp(self, params, opt_state):
     # As the trainer does: the first microbatch overwrites the last step's sum (no zero sum).
     self.spent = step_lib.sum_microbatches(self.accumulate, self.zero_sum, self.spent, params,
-                                           params, ((b, self.mask) for b in self.microbatches))
+                                           None, ((b, self.mask) for b in self.microbatches))
     return self.apply(params, opt_state, None, self.spent.grad_sum, np.float32(0.0))[:2]
 
   def non_dp(self, params, opt_state):
@@ -108,7 +108,7 @@ class Steps:
     the norms)."""
     params = self.state[0]
     found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
-             "accumulate": lambda: self.accumulate(self.zero_sum(params), params,
+             "accumulate": lambda: self.accumulate(self.zero_sum(params), params, None,
                                                    self.microbatches[0], self.mask,
                                                    np.bool_(True))}
     if self.batch_losses is not None:

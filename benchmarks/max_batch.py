@@ -58,7 +58,7 @@ def run_one(args: argparse.Namespace) -> dict:
   measures = {
       "dp": microbatch_size.measure_jitted(
           steps.accumulate,
-          lambda m: (acc, params, *rows(m, (one, np.ones(1, bool))), np.bool_(True))),
+          lambda m: (acc, params, None, *rows(m, (one, np.ones(1, bool))), np.bool_(True))),
       "non_dp": microbatch_size.measure_jitted(
           steps.public_grad, lambda m: (params, rows(m, one)))}
   stats = jax.devices()[0].memory_stats() or {}

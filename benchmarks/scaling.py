@@ -47,7 +47,7 @@ def run_one(args: argparse.Namespace, data: int, fsdp: int) -> dict:
     chain = [steps.zero_sum(params)]  # accumulate donates its acc: feed it its own output back
 
     def one_microbatch():
-      chain[0] = steps.accumulate(chain[0], params, steps.microbatches[0], steps.mask,
+      chain[0] = steps.accumulate(chain[0], params, None, steps.microbatches[0], steps.mask,
                                   np.bool_(False))
       return chain[0]
     acc = steps.zero_sum(params)

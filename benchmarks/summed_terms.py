@@ -1,5 +1,5 @@
 """Formulations of an instantiated per-example gradient's norm and weighted sum (ghost clipping's
-`_Summed` terms), timed alone on one device.
+`ghost.terms.Summed`), timed alone on one device.
 
 Ghost clipping instantiates a few small per-example gradients hᵢ (biases, norm scales, the ViT's
 position embedding: hᵢ = gᵢ [T, d]) and needs their squared norms Σₖ hᵢₖ² [m] and their weighted
@@ -7,7 +7,8 @@ sum Σᵢ wᵢhᵢ (float32). On an H200 two kernels around the position embeddi
 5.7 ms of a 64 ms ViT-B/16 step (`results/archive/throughput_h200_profile.json`). Each variant
 here computes both from a bf16 h [m, T, d] (an argument: in the trainer h comes out of the
 backward pass, whose fusions this leaves out); all took ~0.05 ms for [128, 197, 768], so the cost
-was in XLA's fusion with the other layers' scalings (`ghost._unshared`), not in the formulation:
+was in XLA's fusion with the other layers' scalings (`ghost.terms.unshared`), not in the
+formulation:
 
   python -m benchmarks.summed_terms --shape 128x197x768 --out $OUT/summed_terms.json
 

@@ -2,7 +2,7 @@
 
 Two kinds of restriction, both pytrees with the params' structure:
   selection (bool per leaf): the leaves that train at all. Frozen leaves get no per-example
-    gradients (the DP step differentiates only the selected leaves: `clipping.partition`) and
+    gradients (the DP step differentiates only the selected leaves: `pytrees.partition`) and
     exactly zero update. The layer-selection hyperparameter of Cattan et al. 2022.
   mask (float32 per element, 0/1): within the selected leaves, which elements train. The DP step
     sees M ⊙ ∇ℓᵢ (so clipping and noise act on the subnetwork only) and the update is M ⊙ update:
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax.privacy import clipping, randomness
+from dpjax import pytrees
+from dpjax.privacy import randomness
 
 PyTree = Any
 SELECTIONS = ("all", "head", "head_norms", "bias", "last_blocks", "attention", "mlp", "patterns")
@@ -36,10 +37,6 @@ SELECTIONS = ("all", "head", "head_norms", "bias", "last_blocks", "attention", "
 
 class SelectionError(ValueError):
   """A parameter selection or mask does not fit the model."""
-
-
-def _paths(params: PyTree) -> list[tuple[str, ...]]:
-  return [clipping.path_to_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _is_norm(path: tuple[str, ...], module_leaves: dict[tuple[str, ...], set]) -> bool:
@@ -75,7 +72,7 @@ def _top_modules(paths: list[tuple[str, ...]], order: Sequence[str] | None) -> l
 
 def head_module(params: PyTree, order: Sequence[str] | None = None) -> str:
   """The classifier head: the top-level module named 'head', else the last one called."""
-  modules = _top_modules(_paths(params), order)
+  modules = _top_modules(pytrees.leaf_paths(params), order)
   if not modules:
     raise SelectionError("The params have no modules to select from.")
   return "head" if "head" in modules else modules[-1]
@@ -98,7 +95,7 @@ def select(params: PyTree, selection: str = "all", num_blocks: int = 1,
     patterns     leaves whose 'a/b/c' path matches any of the comma-separated regexes `patterns`.
   Raises SelectionError for an unknown selection or one that matches no parameter.
   """
-  paths = _paths(params)
+  paths = pytrees.leaf_paths(params)
   module_leaves: dict[tuple[str, ...], set] = {}
   for path in paths:
     module_leaves.setdefault(path[:-1], set()).add(path[-1])
@@ -133,7 +130,7 @@ def select(params: PyTree, selection: str = "all", num_blocks: int = 1,
       "mlp": lambda p: in_head(p) or component(p, "mlp"),
       "patterns": lambda p: any(r.search("/".join(p)) for r in regexes),
   }
-  chosen_leaves = clipping.trainable_mask(params, rules[selection])
+  chosen_leaves = pytrees.trainable_mask(params, rules[selection])
   if not any(jax.tree_util.tree_leaves(chosen_leaves)):
     raise SelectionError(
         f"finetune selection {selection!r}{f' (patterns {patterns!r})' if patterns else ''} "
@@ -152,7 +149,7 @@ def check_mask(params: PyTree, mask: PyTree) -> None:
                          f"{jax.tree_util.tree_structure(mask)} vs "
                          f"{jax.tree_util.tree_structure(params)}.")
   bad = [f"{'/'.join(path)}: param {p.shape} vs mask {np.shape(m)}"
-         for path, p, m in zip(_paths(params), jax.tree_util.tree_leaves(params),
+         for path, p, m in zip(pytrees.leaf_paths(params), jax.tree_util.tree_leaves(params),
                                jax.tree_util.tree_leaves(mask)) if p.shape != np.shape(m)]
   if bad:
     raise SelectionError("Mask shapes do not fit their parameters: " + "; ".join(bad))
@@ -218,7 +215,7 @@ def prunable(params: PyTree, selection: PyTree, order: Sequence[str] | None = No
   """The leaves whose rows are selected: selected kernels (ndim > 1) outside the head."""
   head = head_module(params, order)
   return jax.tree_util.tree_map_with_path(
-      lambda path, p, s: bool(s) and p.ndim > 1 and clipping.path_to_names(path)[0] != head,
+      lambda path, p, s: bool(s) and p.ndim > 1 and pytrees.path_to_names(path)[0] != head,
       params, selection)
 
 
@@ -285,7 +282,7 @@ def kept_fraction(mask: PyTree, params: PyTree, selection: PyTree,
   """{leaf path: fraction of its elements that train} for the prunable leaves."""
   rows_of = prunable(params, selection, order)
   out = {}
-  for path, m, r in zip(_paths(params), jax.tree_util.tree_leaves(mask),
+  for path, m, r in zip(pytrees.leaf_paths(params), jax.tree_util.tree_leaves(mask),
                         jax.tree_util.tree_leaves(rows_of)):
     if r:
       out["/".join(path)] = float(jnp.mean(m))

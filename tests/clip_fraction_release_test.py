@@ -48,8 +48,9 @@ def test_the_count_adds_one_flag_per_real_example(name):
     grad = jax.grad(loss)(params, jax.tree_util.tree_map(lambda x: x[i], examples))
     if isinstance(rule, clipping.GroupClip):
       groups = {}
-      for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
-        groups.setdefault(rule.group_named(clipping.path_to_names(path)), []).append(leaf)
+      for name, leaf in zip(jax.tree_util.tree_leaves(rule.groups(grad)),
+                            jax.tree_util.tree_leaves(grad)):
+        groups.setdefault(name, []).append(leaf)
       expected += any(float(clipping.global_norm(g)) > rule.clip_norms[n]
                       for n, g in groups.items())
     else:
@@ -81,7 +82,7 @@ def test_apply_releases_the_noisy_fraction_of_the_steps_count():
   params = toy_models.init(model)
   rule = clipping.FlatClip(0.5)
   accumulate = step_lib.make_accumulate(toy_models.per_example_loss(model), rule)
-  acc = accumulate(step_lib.make_zero_sum(rule)(params), params,
+  acc = accumulate(step_lib.make_zero_sum(rule)(params), params, None,
                    toy_models.batch(16, seed=1, scale=3.0), jnp.arange(16) < 12, np.bool_(True))
   num_clipped, b, sigma_c = float(acc.stats.num_clipped), 16.0, 2.0
   assert 0 < num_clipped <= 12

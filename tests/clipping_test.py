@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax.privacy import clipping
+from dpjax import pytrees
+from dpjax.privacy import clip_stats, clipping
 from tests import toy_models
 
 RULES = {
@@ -45,7 +46,7 @@ def reference_clip(g, rule):
   else:  # GroupClip: clip each layer's block separately
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(g)[0]:
-      names = clipping.path_to_names(path)
+      names = pytrees.path_to_names(path)
       out.setdefault(rule.group_of(names), []).append((names, np.asarray(x, np.float64)))
     scaled = {}
     for group, members in out.items():
@@ -54,7 +55,7 @@ def reference_clip(g, rule):
       for names, x in members:
         scaled[names] = x * (min(1.0, c / n) if n > 0 else 1.0)
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: scaled[clipping.path_to_names(p)], g)
+        lambda p, _: scaled[pytrees.path_to_names(p)], g)
   return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64) * f, g)
 
 
@@ -109,6 +110,38 @@ def test_contributions_bounded_for_random_gradients():
     for rule in rules:
       clipped, _, _ = rule.clip(g)
       assert float(clipping.global_norm(clipped)) <= rule.sensitivity * (1 + 1e-6)
+
+
+def test_every_rules_factors_keep_factor_times_norm_within_each_groups_bound():
+  """The `ClipRule` contract that ghost clipping relies on when it feeds the factors an upper
+  bound U on a group's norm: factor_g(x)·x ≤ C_g for every x ≥ 0 (zero, tiny, huge, inf), with
+  Σ_g C_g² = sensitivity², for rules that scale down (flat, per-layer) and up (automatic,
+  normalized); and the clip flag marks x > C_g."""
+  tree = {"a": {"kernel": np.zeros((3, 4)), "bias": np.zeros(4)}, "b": {"kernel": np.zeros(5)}}
+  x = jnp.concatenate([jnp.zeros(1), jnp.logspace(-8, 8, 161), jnp.full(1, jnp.inf)])
+  rules = [r(tree) for r in RULES.values()]
+  rules.append(clipping.GroupClip({"a": 0.3, "b": 2.0}, group_of=lambda p: p[0]))
+  for rule in rules:
+    names = set(jax.tree_util.tree_leaves(rule.groups(tree)))
+    bounds = (rule.clip_norms if isinstance(rule, clipping.GroupClip)
+              else {name: rule.sensitivity for name in names})
+    assert math.isclose(math.sqrt(sum(c * c for c in bounds.values())), rule.sensitivity)
+    for name in names:  # this group's norm x, the others' zero
+      factors, flags = rule.factors({other: x if other == name else jnp.zeros_like(x)
+                                     for other in names})
+      scaled = np.asarray(jnp.where(jnp.isinf(x), 0.0, factors[name] * x))
+      assert np.all(scaled <= bounds[name] * (1 + 1e-6)), (rule, name)
+      assert np.all(np.asarray(factors[name])[np.isinf(x)] == 0.0)
+      np.testing.assert_array_equal(flags, np.asarray(x > bounds[name], np.float32))
+
+
+def test_a_rule_must_define_its_groups_and_factors():
+  """A rule that does not say how it scales each group (e.g. one that clips element by element)
+  cannot be made: both per-example paths use only `groups` and `factors`."""
+  class ElementClip(clipping.ClipRule):
+    sensitivity = 1.0
+  with pytest.raises(TypeError, match="abstract"):
+    ElementClip()
 
 
 def test_sensitivity_of_group_and_per_layer_rules():
@@ -194,7 +227,7 @@ def test_statistics():
   out = clipping.clipped_grad_sum(toy_models.per_example_loss(model), params,
                                   toy_models.batch(6, scale=100.0), np.ones(6, bool),
                                   clipping.FlatClip(1e-6), microbatch_size=3)
-  summary = clipping.summarize(out.stats)
+  summary = clip_stats.summarize(out.stats)
   assert float(summary["clip_fraction"]) == 1.0
   assert float(summary["max_grad_norm"]) >= float(summary["mean_grad_norm"]) > 0
 
@@ -203,7 +236,7 @@ def test_frozen_parameters_get_no_per_example_gradient():
   model = toy_models.MODELS["dense"]
   params = toy_models.init(model)
   loss = toy_models.per_example_loss(model)
-  trainable = clipping.trainable_mask(params, lambda path: path[0] == "Dense_1")
+  trainable = pytrees.trainable_mask(params, lambda path: path[0] == "Dense_1")
   examples, mask = toy_models.batch(6), np.ones(6, bool)
   rule = clipping.FlatClip(1.0)
   run = lambda p: clipping.clipped_grad_sum(loss, p, examples, mask, rule, microbatch_size=3,

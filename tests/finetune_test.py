@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from dpjax import config as config_lib
-from dpjax import finetune, models
+from dpjax import finetune, models, pytrees
 from dpjax.privacy import accounting, calibration, clipping, noise
 from dpjax.train import checkpoint, loop
 from dpjax.train import state as state_lib
@@ -28,8 +28,8 @@ def _vit():
 
 
 def _chosen(params, selection):
-  return sorted("/".join(clipping.path_to_names(p)) for p, keep in
-                jax.tree_util.tree_flatten_with_path(selection)[0] if keep)
+  return sorted("/".join(path) for path, keep in
+                zip(pytrees.leaf_paths(selection), jax.tree_util.tree_leaves(selection)) if keep)
 
 
 def test_selections_on_a_vit():

@@ -1,6 +1,10 @@
 """Tests for dpjax.privacy.ghost: ghost norms equal vmap norms; the ghost sum equals the vmap sum."""
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -9,9 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax import finetune, models
+from dpjax import finetune, models, pytrees
 from dpjax.models import wrn
 from dpjax.privacy import clipping, ghost
+from dpjax.privacy.ghost import collect
+from dpjax.privacy.ghost import norms as ghost_norms
+from dpjax.privacy.ghost import patches as ghost_patches
+from dpjax.privacy.ghost import terms as ghost_terms
 from dpjax.train import step as step_lib
 from tests import toy_models
 
@@ -141,23 +149,23 @@ def test_leaf_norms_are_reduced_one_stack_per_shape():
   params = toy_models.init(model)
   losses = step_lib.make_batch_losses(model, "bfloat16")
   batch = toy_models.batch(8, seed=4, scale=3.0)
-  terms = jax.jit(lambda p, b: {path: term for path, (_, term, _) in ghost._per_example_terms(
+  terms = jax.jit(lambda p, b: {path: term for path, (_, term, _) in collect.leaf_terms(
       losses, p, b, None, "vmap").items()})(params, batch)
-  entries = ghost._per_example_terms(losses, params, batch, None, "vmap")
-  rebuilt = lambda found: {path: (module, found[path], stacked)
+  entries = collect.leaf_terms(losses, params, batch, None, "vmap")
+  rebuilt = lambda found: {path: collect.LeafTerm(module, found[path], stacked)
                            for path, (module, _, stacked) in entries.items()}
-  norms = jax.jit(lambda found: ghost._sq_norms_of_terms(rebuilt(found)))(terms)
+  norms = jax.jit(lambda found: ghost_norms.sq_norms_of_terms(rebuilt(found)))(terms)
   gram_shapes, row_shapes = set(), set()  # (m, T) of the kernels' Grams; [m, width] rows
   for path, (_, term, stacked) in entries.items():
-    expected = ghost._term_norm_bound(terms[path], stacked)
+    expected = ghost_norms.term_norm_bound(terms[path], stacked)
     for got, want in zip(norms[path], expected):
       np.testing.assert_allclose(got, want, rtol=1e-6)
-    if isinstance(term, ghost._Outer):
+    if isinstance(term, ghost_terms.Outer):
       gram_shapes.add(term.a.shape[:2])
-    elif isinstance(term, ghost._Summed):
+    elif isinstance(term, ghost_terms.Summed):
       row_shapes.add(term.h.shape)
   assert all(np.all(bound.slack > 0) for bound in norms.values())
-  jaxpr = jax.make_jaxpr(lambda found: ghost._sq_norms_of_terms(rebuilt(found)))(terms)
+  jaxpr = jax.make_jaxpr(lambda found: ghost_norms.sq_norms_of_terms(rebuilt(found)))(terms)
   reductions = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum"]
   # Per Gram shape the norm and its error bound (each summed over T², in two steps) and the
   # slack; per row shape a norm: 19 here, for 40 leaves.
@@ -170,28 +178,28 @@ def test_gram_stacks_are_capped_and_keep_the_norms(monkeypatch):
   shared, other = object(), [object() for _ in range(5)]
   members = [("q", shared, other[0]), ("k", shared, other[1]), ("v", shared, other[2]),
              ("o", other[3], other[4])]
-  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 4)
-  chunks = ghost._within_gram_cap(members)
+  monkeypatch.setattr(ghost_norms, "MAX_GRAMS_PER_STACK", 4)
+  chunks = ghost_norms.within_gram_cap(members)
   assert [[path for path, _, _ in chunk] for chunk in chunks] == [["q", "k", "v"], ["o"]]
   assert all(len({id(x) for _, a, g in chunk for x in (a, g)}) <= 4 for chunk in chunks)
-  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 2)
-  assert [len(chunk) for chunk in ghost._within_gram_cap(members)] == [1, 1, 1, 1]
+  monkeypatch.setattr(ghost_norms, "MAX_GRAMS_PER_STACK", 2)
+  assert [len(chunk) for chunk in ghost_norms.within_gram_cap(members)] == [1, 1, 1, 1]
 
   model = MODELS["vit"]()
   params = toy_models.init(model)
   losses = step_lib.make_batch_losses(model, "bfloat16")
   batch = toy_models.batch(8, seed=5, scale=3.0)
-  entries = ghost._per_example_terms(losses, params, batch, None, "vmap")
-  capped = ghost._sq_norms_of_terms(entries)
-  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 1000)
-  whole = ghost._sq_norms_of_terms(entries)
+  entries = collect.leaf_terms(losses, params, batch, None, "vmap")
+  capped = ghost_norms.sq_norms_of_terms(entries)
+  monkeypatch.setattr(ghost_norms, "MAX_GRAMS_PER_STACK", 1000)
+  whole = ghost_norms.sq_norms_of_terms(entries)
   for path in entries:
     for got, want in zip(capped[path], whole[path]):
       np.testing.assert_allclose(got, want, rtol=1e-6)
   reductions = lambda: sum(e.primitive.name == "reduce_sum" for e in jax.make_jaxpr(
-      lambda: ghost._sq_norms_of_terms(entries))().eqns)
+      lambda: ghost_norms.sq_norms_of_terms(entries))().eqns)
   uncapped = reductions()
-  monkeypatch.setattr(ghost, "MAX_GRAMS_PER_STACK", 2)
+  monkeypatch.setattr(ghost_norms, "MAX_GRAMS_PER_STACK", 2)
   assert reductions() > uncapped
 
 
@@ -206,14 +214,14 @@ def test_conv_patches_are_gathered_from_the_input(module, tiles, shape):
   """Convs without input dilation get their patches without an (identity-kernel) convolution:
   a reshape when the windows tile the input (a ViT's patch embedding), else strided slices; in
   the order the kernel is laid out in, so patches @ kernel is the conv."""
-  assert not ghost._channels_first(module)
+  assert not ghost_patches.channels_first(module)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
-  jaxpr = str(jax.make_jaxpr(lambda v: ghost._conv_patches(module, v))(x))
+  jaxpr = str(jax.make_jaxpr(lambda v: ghost_patches.module_patches(module, v))(x))
   assert "conv_general_dilated" not in jaxpr
   slices = jaxpr.count(" slice[")  # one per kernel position, or at most one crop when tiling
   assert slices <= 1 if tiles else slices == math.prod(module.kernel_size)
   params = module.init(jax.random.PRNGKey(1), x)["params"]
-  patches = ghost._conv_patches(module, x)
+  patches = ghost_patches.module_patches(module, x)
   assert patches.shape == shape
   kernel = params["kernel"].reshape(-1, 5)
   np.testing.assert_allclose(patches @ kernel + params["bias"], module.apply({"params": params}, x),
@@ -226,14 +234,14 @@ def test_the_weighted_sum_scales_the_factor_that_needs_no_transpose():
   (scaling them cost a transpose per layer on an H200); a conv scales its output grads."""
   model = toy_models.MODELS["attention"]
   params = toy_models.init(model)
-  terms = ghost._per_example_terms(batch_losses_of(model), params, toy_models.batch(2), None,
+  terms = collect.leaf_terms(batch_losses_of(model), params, toy_models.batch(2), None,
                                    "error")
   scales = {"/".join(path[-2:]): term.scale_inputs for path, (_, term, _) in terms.items()
-            if isinstance(term, ghost._Outer)}
+            if isinstance(term, ghost_terms.Outer)}
   assert scales == {"query/kernel": True, "key/kernel": True, "value/kernel": True,
                     "out/kernel": False, "Dense_0/kernel": True, "Dense_1/kernel": True}
   conv = toy_models.MODELS["conv"]
-  terms = ghost._per_example_terms(batch_losses_of(conv), toy_models.init(conv),
+  terms = collect.leaf_terms(batch_losses_of(conv), toy_models.init(conv),
                                    toy_models.batch(2), None, "error")
   assert not terms[("Conv_0", "kernel")][1].scale_inputs
 
@@ -245,7 +253,7 @@ def test_per_example_terms_cover_exactly_the_trainable_leaves():
            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   terms = ghost.per_example_terms(batch_losses_of(model), params, toy_models.batch(2))
   assert set(terms) == paths
-  trainable = clipping.trainable_mask(params, lambda path: "Dense_1" in path)
+  trainable = pytrees.trainable_mask(params, lambda path: "Dense_1" in path)
   terms = ghost.per_example_terms(batch_losses_of(model), params, toy_models.batch(2), trainable)
   assert set(terms) == {p for p in paths if "Dense_1" in p}
 
@@ -253,7 +261,7 @@ def test_per_example_terms_cover_exactly_the_trainable_leaves():
 def test_ghost_norms_with_a_frozen_subset():
   model = toy_models.MODELS["attention"]
   params = toy_models.init(model)
-  trainable = clipping.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path)
+  trainable = pytrees.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path)
   losses = batch_losses_of(model)
   batch = toy_models.batch(5, seed=3)
   np.testing.assert_allclose(
@@ -281,7 +289,7 @@ def test_ghost_clipped_sum_equals_the_vmap_clipped_sum(name, rule, frozen):
   params = toy_models.init(model)
   if rule == "per_layer":  # most (example, layer) pairs scaled down at this scale, not all
     rule = clipping.per_layer_clip(params, 2.0)
-  trainable = (clipping.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path
+  trainable = (pytrees.trainable_mask(params, lambda path: "Dense_1" in path or "bias" in path
                                        or "Conv_1" in path) if frozen else None)
   losses = batch_losses_of(model)
   example_loss = lambda p, ex: losses(p, jax.tree_util.tree_map(lambda x: x[None], ex))[0]
@@ -349,6 +357,36 @@ def test_the_vit_needs_no_fallback(name):
       np.sqrt(vmap_sq_norms(losses, params, batch)), rtol=1e-5)
 
 
+_TERM_ORDER = """
+import flax.linen as nn
+from dpjax.models import wrn
+from dpjax.privacy import ghost
+from tests import toy_models
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(wrn.WSConv(4, (3, 3), strides=4)(x).reshape((x.shape[0], -1)))
+
+model = Net()
+print(list(ghost.per_example_terms(toy_models.batch_losses(model), toy_models.init(model),
+                                   toy_models.batch(2), fallback="error")))
+"""
+
+
+def test_the_order_of_terms_does_not_depend_on_the_hash_seed():
+  """A module's ghost_grads terms, hence the order of the sums over them, follow its params, not
+  a set of their names (whose order varies with PYTHONHASHSEED: the processes of one
+  multi-process run would trace different programs). Seeds 0 and 1 order the set {kernel, gain,
+  bias} differently (CPython 3.11)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  orders = [subprocess.run([sys.executable, "-c", _TERM_ORDER], cwd=root, capture_output=True,
+                           text=True, check=True, env=dict(env, PYTHONHASHSEED=seed)).stdout
+            for seed in ("0", "1")]
+  assert "gain" in orders[0] and orders[0] == orders[1]
+
+
 def test_a_subclass_of_a_self_described_layer_is_not_trusted():
   class ShiftedEmbedding(models.vit.TokenEmbedding):  # inherits ghost_grads, changes the maths
     def __call__(self, patches):
@@ -412,17 +450,13 @@ def test_an_embedding_tied_to_the_output_goes_to_the_fallback():
                                       "embedding")
 
 
-def test_a_rule_without_factors_or_a_leaf_without_a_group_is_refused():
+def test_a_leaf_without_a_group_is_refused():
+  """(A rule without groups and factors cannot be made at all: clipping_test.)"""
   model = toy_models.MODELS["dense"]
   params = toy_models.init(model)
   losses, batch = batch_losses_of(model), toy_models.batch(2)
-
-  class ElementClip(clipping.ClipRule):  # clips element by element: no factor per example
-    sensitivity = 1.0
-  with pytest.raises(ghost.GhostUnsupportedError, match="scales the whole gradient"):
-    ghost.clipped_grad_sum(losses, params, batch, jnp.ones(2), ElementClip())
   rule = clipping.GroupClip({"Dense_0": 1.0}, group_of=lambda path: path[0])
-  with pytest.raises(ValueError, match="Dense_1/kernel falls in group 'Dense_1'"):
+  with pytest.raises(ValueError, match=r"Dense_1/(kernel|bias) falls in group 'Dense_1'"):
     ghost.clipped_grad_sum(losses, params, batch, jnp.ones(2), rule)
 
 

@@ -117,7 +117,8 @@ def test_xla_estimate_of_the_cnn_accumulate_step_grows_with_the_microbatch():
   one = (dict(image=np.zeros((1, 28, 28, 1), np.float32), label=np.zeros(1, np.int32)),
          np.ones(1, bool))
   measure = mb.measure_jitted(
-      accumulate, lambda m: (acc, params, *mb.abstract_rows(one, m, layout.batch), np.bool_(True)))
+      accumulate,
+      lambda m: (acc, params, None, *mb.abstract_rows(one, m, layout.batch), np.bool_(True)))
   small, large = measure(8), measure(64)
   param_bytes = 4 * sum(p.size for p in jax.tree_util.tree_leaves(params))
   assert large - small >= (64 - 8) * param_bytes

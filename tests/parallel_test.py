@@ -51,8 +51,9 @@ class _make_dp_step:
     params, opt_state = self.state
     acc = self.zero_sum(params)
     for half in (slice(0, 16), slice(16, 32)):
-      acc = self.accumulate(acc, params, self.put(jax.tree_util.tree_map(lambda x: x[half], batch)),
-                            self.put(mask[half]), np.bool_(half.start == 0))
+      rows = self.put(jax.tree_util.tree_map(lambda x: x[half], batch))
+      acc = self.accumulate(acc, params, None, rows, self.put(mask[half]),
+                            np.bool_(half.start == 0))
     public_grad, _ = self.public_grad(params, self.put(public))
     self.clipped_sum = parallel.to_host(self.total(acc).grad_sum)
     params, opt_state, _ = self.apply(params, opt_state, public_grad, acc.grad_sum,

@@ -57,15 +57,15 @@ def test_a_first_microbatch_overwrites_acc_without_reading_it(ghost):
   zero_sum = step_lib.make_zero_sum(rule)
   batch, mask = toy_models.batch(8, seed=1, scale=3.0), jnp.arange(8) < 6
   def fresh():
-    return accumulate(zero_sum(params), params, batch, mask, np.bool_(False))
+    return accumulate(zero_sum(params), params, None, batch, mask, np.bool_(False))
   expected = jax.device_get(fresh())
   assert expected.stats.num_examples == 6 and expected.sensitivity == 0.5
   nan = lambda: jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), fresh())
   for spent in (nan(), step_lib.reuse_sum(nan())):  # accumulate donates acc: one each
-    first = jax.device_get(accumulate(spent, params, batch, mask, np.bool_(True)))
+    first = jax.device_get(accumulate(spent, params, None, batch, mask, np.bool_(True)))
     for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(expected)):
       np.testing.assert_array_equal(a, b)
-  twice = jax.device_get(accumulate(fresh(), params, batch, mask, np.bool_(False)))
+  twice = jax.device_get(accumulate(fresh(), params, None, batch, mask, np.bool_(False)))
   assert twice.stats.num_examples == 12 and twice.stats.norm_max == expected.stats.norm_max
   for a, b in zip(jax.tree_util.tree_leaves(twice.grad_sum),
                   jax.tree_util.tree_leaves(expected.grad_sum)):
@@ -98,9 +98,31 @@ def test_a_step_sums_its_own_microbatches_and_an_empty_draw_sums_to_zero(count):
   batch, mask = toy_models.batch(8, seed=3, scale=3.0), jnp.arange(8) < 7
   nan_sum = lambda: jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), zero_sum(params))
   found = jax.device_get(step_lib.sum_microbatches(
-      accumulate, zero_sum, nan_sum(), params, params, [(batch, mask)] * count))
-  one = jax.device_get(accumulate(zero_sum(params), params, batch, mask, np.bool_(True)))
+      accumulate, zero_sum, nan_sum(), params, None, [(batch, mask)] * count))
+  one = jax.device_get(accumulate(zero_sum(params), params, None, batch, mask, np.bool_(True)))
   assert found.stats.num_examples == 7 * count and found.sensitivity == 0.5
   for got, want in zip(jax.tree_util.tree_leaves(found.grad_sum),
                        jax.tree_util.tree_leaves(one.grad_sum)):
     np.testing.assert_allclose(got, count * want, rtol=1e-6)
+
+
+def test_accumulate_takes_the_element_mask_it_was_made_for():
+  """accumulate's element_mask is a mask exactly when it was made with masked=True (None
+  otherwise: an empty pytree, nothing dispatched); an all-ones mask changes nothing."""
+  model = toy_models.MODELS["dense"]
+  params = toy_models.init(model)
+  rule = clipping.FlatClip(0.5)
+  loss = step_lib.make_example_loss(model)
+  plain = step_lib.make_accumulate(loss, rule)
+  masked = step_lib.make_accumulate(loss, rule, masked=True)
+  zero_sum = step_lib.make_zero_sum(rule)
+  ones = jax.tree_util.tree_map(jnp.ones_like, params)
+  batch, mask = toy_models.batch(8, seed=2, scale=3.0), jnp.arange(8) < 7
+  with pytest.raises(ValueError, match="masked=False"):
+    plain(zero_sum(params), params, ones, batch, mask, np.bool_(True))
+  with pytest.raises(ValueError, match="masked=True"):
+    masked(zero_sum(params), params, None, batch, mask, np.bool_(True))
+  want = jax.device_get(plain(zero_sum(params), params, None, batch, mask, np.bool_(True)))
+  got = jax.device_get(masked(zero_sum(params), params, ones, batch, mask, np.bool_(True)))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

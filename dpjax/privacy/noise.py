@@ -312,7 +312,7 @@ class ClipCountRelease:
   """The Gaussian mechanism on a private step's number of clipped examples.
 
   stddev: σ_c > 0, the noise's standard deviation (the count's sensitivity is 1,
-    `clipping.ClipStats`).
+    `clip_stats.ClipStats`).
   expected_batch_size: B = q·N, the public divisor that turns the count into a fraction.
 
   Privacy: one call releases num_clipped + N(0, σ_c²), a Gaussian mechanism of noise multiplier

@@ -21,8 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpjax import parallel
-from dpjax.privacy import clipping
+from dpjax import parallel, pytrees
 
 PyTree = Any
 
@@ -156,11 +155,11 @@ def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str]
   step = _source_step(manager, step)
   where = manager.directory
   saved = manager.read(step)[0]["params"]
-  flat_saved = {clipping.path_to_names(path): v
+  flat_saved = {pytrees.path_to_names(path): v
                 for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   problems, leaves = [], []
   for path, t in jax.tree_util.tree_flatten_with_path(template)[0]:
-    names = clipping.path_to_names(path)
+    names = pytrees.path_to_names(path)
     name = "/".join(names)
     if keep_template(names[0]):
       leaves.append(t)

@@ -125,11 +125,10 @@ def choose_microbatch_size(config, plan: plan_lib.PrivacyPlan, steps: Steps, ini
               free_bytes=free)
 
 
-def accumulate_inputs(state: Any, masked: bool) -> Any:
-  """accumulate's params argument: the params, or (params, element mask) when masked."""
-  if not masked:
-    return state.params
-  return state.params, finetune.find_mask_state(state.opt_state.base).mask
+def element_mask(state: Any, masked: bool) -> Any:
+  """accumulate's element_mask argument: the optimizer state's element mask when masked, else
+  None (an empty pytree: nothing to dispatch)."""
+  return finetune.find_mask_state(state.opt_state.base).mask if masked else None
 
 
 def _accumulate_bytes(steps: Steps, initial: Any, private: data.Dataset, preprocess: Callable,
@@ -139,8 +138,8 @@ def _accumulate_bytes(steps: Steps, initial: Any, private: data.Dataset, preproc
   acc = jax.eval_shape(steps.zero_sum, initial.params)
   one = (dict(image=preprocess(private.images[:1]), label=private.labels[:1]),
          np.ones(1, bool))  # one row of (microbatch, mask)
-  inputs = accumulate_inputs(initial, masked)
+  mask = element_mask(initial, masked)
   return functools.cache(microbatch_size.measure_jitted(
       steps.accumulate,
-      lambda m: (acc, inputs, *microbatch_size.abstract_rows(one, m, steps.layout.batch),
-                 np.bool_(True))))
+      lambda m: (acc, initial.params, mask,
+                 *microbatch_size.abstract_rows(one, m, steps.layout.batch), np.bool_(True))))

@@ -240,15 +240,15 @@ class Trainer(host_loop.HostLoop):
     """The step's clipped sum over its Poisson batch's microbatches (per-device partial sums under
     a layout: apply, or score, adds them). Sparse fine-tuning masks per-example gradients by the
     optimizer state's element mask."""
-    inputs = engine.accumulate_inputs(self.state, self.inputs.tuning.masked)
+    element_mask = engine.element_mask(self.state, self.inputs.tuning.masked)
     microbatches = (self.batches.private(indices, mask)
                     for indices, mask in self.sampler.batch(step).microbatches())
     # The first microbatch overwrites the previous private step's sum without reading it: no
     # zero sum is made (and dispatched) each step. That sum (params-sized, float32) stays
     # allocated between steps, so a mixed step's public gradient is computed beside it.
     self._spent_sum = step_lib.sum_microbatches(self.steps.accumulate, self.steps.zero_sum,
-                                                self._spent_sum, self.state.params, inputs,
-                                                microbatches)
+                                                self._spent_sum, self.state.params,
+                                                element_mask, microbatches)
     return self._spent_sum
 
   # ---------------------------------------------------------------------------------------------

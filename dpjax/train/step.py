@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from dpjax import finetune, mixing, parallel
-from dpjax.privacy import clipping, ghost, noise
+from dpjax.privacy import clip_stats, clipping, ghost, noise
 
 PyTree = Any
 
@@ -130,7 +130,8 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     trainable: PyTree | None = None, layout: parallel.Layout | None = None,
                     grad_dtype: Any = None, batch_losses: Callable | None = None,
                     masked: bool = False) -> Callable:
-  """jit (acc, params, microbatch, mask, first) -> acc + the microbatch's `ClippedSum`.
+  """jit (acc, params, element_mask, microbatch, mask, first) -> acc + the microbatch's
+  `ClippedSum`.
 
   acc is a `ClippedSum`. first (a bool scalar): True for a step's first microbatch, whose result
   is the microbatch's sum alone: acc's values are not read, so acc may be the previous step's
@@ -145,13 +146,13 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   grad_dtype: see `clipping.clipped_grad_sum`.
   batch_losses: if given (`make_batch_losses`), per-example norms come from ghost clipping
     (`dpjax.privacy.ghost`) instead of vmap(grad); the clipped sum is the same.
-  masked: if True, `params` is a pair (params, element mask) and each per-example gradient is
-    mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; ghost: `element_mask`).
+  masked: if True, element_mask is a 0/1 pytree like params and each per-example gradient is
+    element_mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; ghost: `element_mask`);
+    if False, element_mask must be None (an empty pytree: nothing to dispatch).
   """
-  def local_sum(params, microbatch, mask):
-    loss, element_mask = example_loss, None
+  def local_sum(inputs, microbatch, mask):
+    (params, element_mask), loss = inputs, example_loss
     if masked:
-      params, element_mask = params
       loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
@@ -162,27 +163,29 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
     return part.grad_sum, part.stats
 
   def reduce_stats(stats):
-    return clipping.ClipStats(*jax.lax.psum(stats[:3], parallel.MESH_AXES),
-                              jax.lax.pmax(stats.norm_max, parallel.MESH_AXES))
+    return clip_stats.ClipStats(*jax.lax.psum(stats[:3], parallel.MESH_AXES),
+                                jax.lax.pmax(stats.norm_max, parallel.MESH_AXES))
 
-  param_specs = None if layout is None else (
-      (layout.params, layout.params) if masked else layout.params)
+  input_specs = None if layout is None else (layout.params, layout.params if masked else None)
   clipped_sum = local_sum if layout is None else parallel.sharded_gradient_sum(
-      local_sum, layout.mesh, param_specs, reduce_stats, partial=True)
+      local_sum, layout.mesh, input_specs, reduce_stats, partial=True)
 
-  def accumulate(acc, params, microbatch, mask, first):
-    grad_sum, stats = clipped_sum(params, microbatch, mask)
+  def accumulate(acc, params, element_mask, microbatch, mask, first):
+    if (element_mask is not None) != masked:  # at trace time: no cost per step
+      raise ValueError(f"This accumulate step was made with masked={masked}: pass "
+                       f"{'the element mask' if masked else 'None'} as its element_mask.")
+    grad_sum, stats = clipped_sum((params, element_mask), microbatch, mask)
     # A select, not a product: whatever acc holds (NaN included) never reaches a first sum.
     added = lambda old, new: jnp.where(first, new, old + new)
     since_first = lambda summed, new: jnp.where(first, new, summed)
     return clipping.ClippedSum(
         jax.tree_util.tree_map(added, acc.grad_sum, grad_sum), jnp.float32(rule.sensitivity),
-        clipping.ClipStats(*map(since_first, clipping.add_stats(acc.stats, stats), stats)))
+        clip_stats.ClipStats(*map(since_first, clip_stats.add_stats(acc.stats, stats), stats)))
 
   if layout is None:
     return jax.jit(accumulate, donate_argnums=0)
   acc_sharding = _partial_sum_sharding(layout)
-  return jax.jit(accumulate, in_shardings=(acc_sharding, layout.sharding(param_specs),
+  return jax.jit(accumulate, in_shardings=(acc_sharding, *layout.sharding(input_specs),
                                            layout.batch, layout.batch, layout.replicated),
                  out_shardings=acc_sharding, donate_argnums=0)
 
@@ -192,16 +195,16 @@ def reuse_sum(spent: clipping.ClippedSum) -> clipping.ClippedSum:
   acc: its grad_sum buffers, donated and overwritten unread, with host zeros for the sensitivity
   and statistics (not `spent`'s arrays: the caller may still hold those, for its metrics)."""
   zero = np.float32(0.0)
-  return clipping.ClippedSum(spent.grad_sum, zero, clipping.ClipStats(zero, zero, zero, zero))
+  return clipping.ClippedSum(spent.grad_sum, zero, clip_stats.ClipStats(zero, zero, zero, zero))
 
 
 def sum_microbatches(accumulate: Callable, zero_sum: Callable, spent: clipping.ClippedSum | None,
-                     params: PyTree, inputs: Any, microbatches: Iterable[tuple]
+                     params: PyTree, element_mask: PyTree | None, microbatches: Iterable[tuple]
                      ) -> clipping.ClippedSum:
   """A private step's `ClippedSum`: `accumulate` (`make_accumulate`) over the step's microbatches
   [(microbatch, mask), ...], the first with first=True, its acc the previous step's final sum
   `spent` (`reuse_sum`: overwritten unread, no zero sum made) or, for the first step,
-  `zero_sum(params)`. inputs: accumulate's params argument (a (params, mask) pair when masked).
+  `zero_sum(params)`. element_mask: accumulate's (None unless it was made with masked=True).
 
   With no microbatch at all (an empty Poisson draw) the result is a fresh zero sum, never
   `spent`: a previous step's sum must not be released a second time.
@@ -210,7 +213,7 @@ def sum_microbatches(accumulate: Callable, zero_sum: Callable, spent: clipping.C
   for k, (microbatch, mask) in enumerate(microbatches):
     if k == 0:
       acc = zero_sum(params) if spent is None else reuse_sum(spent)
-    acc = accumulate(acc, inputs, microbatch, mask, np.bool_(k == 0))
+    acc = accumulate(acc, params, element_mask, microbatch, mask, np.bool_(k == 0))
   return zero_sum(params) if acc is None else acc
 
 
@@ -246,7 +249,7 @@ def zero_clipped_sum(params: PyTree, rule: clipping.ClipRule,
   """An empty `ClippedSum`: float32 zeros like params, each leaf with `leading` axes in front."""
   return clipping.ClippedSum(
       jax.tree_util.tree_map(lambda p: jnp.zeros(leading + p.shape, jnp.float32), params),
-      jnp.float32(rule.sensitivity), clipping.zero_stats())
+      jnp.float32(rule.sensitivity), clip_stats.zero_stats())
 
 
 def make_zero_sum(rule: clipping.ClipRule, layout: parallel.Layout | None = None) -> Callable:

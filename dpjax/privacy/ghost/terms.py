@@ -1,0 +1,169 @@
+"""Factored terms: a param leaf's per-example gradients, held as the factors they are made of.
+
+Each term has the methods of `Term` (its norms with their rounding bounds, its weighted sum over
+the examples, its instantiated per-example gradients):
+  Outer(a [m, T, d], g [m, T, p]): ∇ᵢ = Σₜ aᵢₜ gᵢₜᵀ (a kernel; never instantiated per example),
+  Summed(h [m, p]):                ∇ᵢ = hᵢ (biases, norm scales: small, instantiated in float32),
+  Lookup(idx [m, T], g [m, T, d]): ∇ᵢ = Σₜ e_{idxᵢₜ} gᵢₜᵀ (an embedding table's rows).
+A module's own `ghost_grads` may return any pytree with these methods (the WRN's
+`StandardizedConvTerm`). Matmuls accumulate in float32 (`einsum`); the rounding bounds are in
+`rounding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from dpjax.privacy.ghost.rounding import (EPS32, NormBound, gamma, gram_norm_bound,
+                                          instantiated_bound, summed_bound)
+
+
+class Term(Protocol):
+  """A param's per-example gradients in a factored form of a module's own (from its
+  `ghost_grads`; a pytree: under nn.scan, ghost vmaps these methods over the scanned axis)."""
+
+  def norm_bound(self) -> NormBound:
+    """The squared norms [m] of exactly the per-example gradients whose weighted sum
+    `weighted_sum` forms, with bounds on the rounding in them and in that sum (`NormBound`;
+    `gram_norm_bound` and `rounding_slack` give a kernel's)."""
+
+  def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
+    """Σᵢ wᵢ·∇ᵢ over the rows where `real`, float32, flattened in the param's order. Rows that
+    are not real may hold non-finite values: zero them with `where` (0·inf is NaN), as
+    `outer_sum` does."""
+
+  def instantiate(self) -> jax.Array:
+    """The per-example gradients [m, size], float32, flattened in the param's order."""
+
+
+def is_term(value) -> bool:
+  """Whether `value` has the methods of `Term` (else it is an array of per-example gradients)."""
+  return all(hasattr(value, name) for name in ("norm_bound", "weighted_sum", "instantiate"))
+
+
+def as_rows(x: jax.Array, features: int) -> jax.Array:
+  """[m, ..., features] -> [m, T, features], dtype kept (matmuls accumulate in float32)."""
+  return x.reshape(x.shape[0], -1, features)
+
+
+def einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  """einsum accumulating in float32; float32 operands at full precision (no TF32 rounding, which
+  would let a clipped contribution exceed its bound)."""
+  full = all(x.dtype == jnp.float32 for x in operands)
+  return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST if full else None)
+
+
+def gram(x: jax.Array) -> jax.Array:
+  """[m, T, k] -> the per-example Gram matrices [m, T, T] (xₜ·xₛ), float32."""
+  return einsum("mtk,msk->mts", x, x)
+
+
+def ghost_norm_is_cheaper(positions: int, d: int, p: int) -> bool:
+  """fastDP's rule for a kernel's per-example norm over T positions (inputs of width d, outputs of
+  width p): the ghost norm costs T²(d + p) per example, the instantiated gradient T·d·p."""
+  return positions * positions * (d + p) <= positions * d * p
+
+
+def per_example_outer(a: jax.Array, g: jax.Array) -> jax.Array:
+  """Σₜ aᵢₜ gᵢₜᵀ [m, d, p], float32, for a [m, T, d], g [m, T, p]: instantiated kernel
+  gradients (one batched matmul)."""
+  return einsum("mtd,mtp->mdp", a, g)
+
+
+def outer_sum(a: jax.Array, g: jax.Array, weights: jax.Array, real: jax.Array,
+              scale_inputs: bool = False) -> jax.Array:
+  """Σᵢ wᵢ Σₜ aᵢₜ gᵢₜᵀ [d, p] (float32 accumulation) over the rows where `real`, for
+  a [m, T, d], g [m, T, p], weights [m]: one matmul, with the narrower factor scaled by wᵢ and
+  rounded back to g's dtype (on a tie d = p, a if `scale_inputs`; `rounding_slack` bounds what
+  that moves). Both factors' other rows are replaced by zeros (`where`): a row that is not real
+  may hold inf or NaN (an example ghost dropped as non-finite), and 0·inf is NaN."""
+  keep = lambda x: jnp.where(real[:, None, None], x, jnp.zeros((), x.dtype))
+  scaled = lambda x: keep(weights[:, None, None] * x.astype(jnp.float32)).astype(g.dtype)
+  d, p = a.shape[-1], g.shape[-1]
+  if d < p or (d == p and scale_inputs):
+    return einsum("mtd,mtp->dp", scaled(a), keep(g))
+  return einsum("mtd,mtp->dp", keep(a), scaled(g))
+
+
+def unshared(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """The arrays behind an optimization barrier, for a reduction that reads them: otherwise XLA
+  merges it with every other layer's elementwise use of the weights into one multi-output
+  fusion, which then runs at the reduction's pace (2.3 ms of a 64 ms ViT-B/16 step on an H200:
+  `benchmarks/results/README.md`)."""
+  return jax.lax.optimization_barrier(arrays)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Outer:
+  """A kernel's term. Its norm is the ghost norm (from the Grams of a and g) or that of the
+  instantiated gradient, whichever is cheaper (`ghost_norm_is_cheaper`). Its weighted sum scales
+  the narrower factor by wᵢ; on a tie, a if `scale_inputs`: the factor that needs no transpose
+  (`layer_terms.layer_terms` decides)."""
+  a: jax.Array
+  g: jax.Array
+  scale_inputs: bool = dataclasses.field(metadata=dict(static=True))
+
+  def norm_bound(self) -> NormBound:
+    if ghost_norm_is_cheaper(*self.a.shape[1:], self.g.shape[-1]):
+      return gram_norm_bound(gram(self.a), gram(self.g), gamma(self.a.shape[-1]),
+                             gamma(self.g.shape[-1]), float(jnp.finfo(self.g.dtype).eps))
+    return instantiated_bound(per_example_outer(self.a, self.g), self.a, self.g)
+
+  def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
+    """[d, p]: `outer_sum`."""
+    return outer_sum(self.a, self.g, weights, real, self.scale_inputs)
+
+  def instantiate(self) -> jax.Array:
+    h = per_example_outer(self.a, self.g)
+    return h.reshape(h.shape[0], -1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Summed:
+  """Instantiated per-example gradients h [m, k] (float32)."""
+  h: jax.Array
+
+  def norm_bound(self) -> NormBound:
+    return summed_bound(self.h)
+
+  def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
+    """A matrix-vector product over the row axis."""
+    weights, real = unshared(weights, real)
+    return einsum("m,mk->k", weights, jnp.where(real[:, None], self.h, 0.0))
+
+  def instantiate(self) -> jax.Array:
+    return self.h
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Lookup:
+  """An embedding table's term: rows idx [m, T] (in range) looked up, output grads g [m, T, d]:
+  ∇ᵢ = Σₜ e_{idxₜ} gₜᵀ, whose squared norm is Σₜ,ₛ [idxₜ = idxₛ] (gₜ·gₛ)."""
+  idx: jax.Array
+  g: jax.Array
+  rows: int = dataclasses.field(metadata=dict(static=True))
+
+  def norm_bound(self) -> NormBound:
+    """The Gram of the one-hot rows is [idxₜ = idxₛ], exact."""
+    same = (self.idx[:, :, None] == self.idx[:, None, :]).astype(jnp.float32)
+    return gram_norm_bound(same, gram(self.g), 0.0, gamma(self.g.shape[-1]), EPS32)
+
+  def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
+    """Each example's scaled output grads added into their rows (float32 scatter-add)."""
+    g = jnp.where(real[:, None, None], self.g.astype(jnp.float32), 0.0) * weights[:, None, None]
+    features = g.shape[-1]
+    return jnp.zeros((self.rows, features), jnp.float32).at[self.idx.reshape(-1)].add(
+        g.reshape(-1, features))
+
+  def instantiate(self) -> jax.Array:
+    h = jax.vmap(lambda idx, g: jnp.zeros((self.rows, g.shape[-1]), jnp.float32).at[idx].add(
+        g.astype(jnp.float32)))(self.idx, self.g)
+    return h.reshape(h.shape[0], -1)
