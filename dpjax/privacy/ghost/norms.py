@@ -33,7 +33,7 @@ def sq_norms_of_terms(terms: dict[tuple[str, ...], LeafTerm]) -> dict[tuple[str,
   is used (outside nn.scan) are stacked by Gram shape and output-gradient dtype, the rows of the
   `Summed` terms (biases, norms' scales) by shape, and each stack is reduced at once: XLA fuses
   the stack into the reduction, one kernel per shape instead of one or two per leaf (on an H200 a
-  CIFAR-sized ViT's step launched ~140 of them; `benchmarks/results/README.md`). The Grams
+  CIFAR-sized ViT's step launched ~140 of them; `benchmarks/results/archive/README.md`). The Grams
   themselves stay one matmul per distinct array (q, k and v share their input's): stacking the
   layers' inputs to batch those matmuls copies the inputs and was slower. The norms are the same.
   A Gram stack holds at most `MAX_GRAMS_PER_STACK` distinct Grams: XLA's GPU fusion passes cap a

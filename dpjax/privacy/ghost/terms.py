@@ -94,7 +94,7 @@ def unshared(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   """The arrays behind an optimization barrier, for a reduction that reads them: otherwise XLA
   merges it with every other layer's elementwise use of the weights into one multi-output
   fusion, which then runs at the reduction's pace (2.3 ms of a 64 ms ViT-B/16 step on an H200:
-  `benchmarks/results/README.md`)."""
+  `benchmarks/results/archive/README.md`)."""
   return jax.lax.optimization_barrier(arrays)
 
 
