@@ -52,13 +52,13 @@ def default_block() -> ml_collections.ConfigDict:
   return config_lib.default_contrastive_block()
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> config_lib.RunSpec:
   """Raises ValueError for contrastive configs that cannot run correctly (`dpjax.config.parse`:
   every block's checks and the contrastive trainer's checks across blocks)."""
   if "contrastive" not in config:
     raise ValueError("The contrastive trainer needs a `contrastive` config block: set "
                      "config.contrastive = contrastive_loop.default_block().")
-  config_lib.parse(config)
+  return config_lib.parse(config)
 
 
 def max_batch_size(config: ml_collections.ConfigDict, expected: float) -> int:
@@ -278,14 +278,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Pre-trains as `config` says (resuming from `workdir`), probes, writes results.json. A workdir
   that another run holds is refused at once (`workdir_lock`); SIGTERM/SIGINT saves a checkpoint
   and returns stopped="preempted" (`host_loop`)."""
-  validate(config)
+  run = host_loop.RunConfig(config, validate(config), workdir)
   with workdir_lock.for_this_process(workdir, parallel.is_main_process()):
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
+    mesh = parallel.make_mesh(run.spec.mesh.data, run.spec.mesh.fsdp)
+    parallel.check_divides(run.spec.perf.microbatch_size, mesh, "perf.microbatch_size")
     parts, test = state_lib.load_data(config)
     model, params = create_model(config, parts.private)
-    return ContrastiveTrainer(config, workdir, (parts, test), model, params, mesh).run(
-        show_progress)
+    return ContrastiveTrainer(run, (parts, test), model, params, mesh).run(show_progress)
 
 
 class ContrastiveEvaluation(hooks.BaseHook):
@@ -306,10 +305,11 @@ class ContrastiveTrainer(host_loop.HostLoop):
   """Contrastive pre-training on the shared host loop: every step reads a Poisson batch of the
   (all private) training images; a DP method's steps are private steps of its plan."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+  def __init__(self, run: host_loop.RunConfig,
                data_parts: tuple[data.PublicPrivate, data.Dataset], model, params,
                mesh: jax.sharding.Mesh):
-    super().__init__(config, workdir, mesh, state_lib.create_optimizer(config), params)
+    config, spec = run.config, run.spec
+    super().__init__(run, mesh, state_lib.create_optimizer(config), params)
     (self.parts, test), self.model = data_parts, model
     self.layout = parallel.make_layout(mesh, self.state.params, self.state.opt_state)
     self.grad_step = make_grad_step(model, config, self.layout)
@@ -318,13 +318,13 @@ class ContrastiveTrainer(host_loop.HostLoop):
     if self.plan.noise_multiplier is None:
       self.budget = None  # no private step: nothing to guard
     self.capacity = (max_batch_size(config, self.plan.expected_batch_size)
-                     if config.contrastive.method == "naive" else None)
+                     if spec.contrastive.method == "naive" else None)
     eval_loss = make_eval_loss(model, config)
-    rows = np.arange(min(config.contrastive.eval_batch_size, len(test)))
+    rows = np.arange(min(spec.contrastive.eval_batch_size, len(test)))
     images, ids = jnp.asarray(data.to_float(test.images[rows])), jnp.asarray(rows, jnp.int32)
     self.evaluate = lambda p: float(eval_loss(p, images, ids))
-    self.hooks = [ContrastiveEvaluation(config.eval.every_steps),
-                  hooks.Checkpointing(config.checkpoint.every_steps)]
+    self.hooks = [ContrastiveEvaluation(spec.eval.every_steps),
+                  hooks.Checkpointing(spec.checkpoint.every_steps)]
 
   def on_new_plan(self, plan: plan_lib.PrivacyPlan) -> None:
     self.mechanism = make_mechanism(plan, self.optimizer)
@@ -333,14 +333,14 @@ class ContrastiveTrainer(host_loop.HostLoop):
     return _expected_config(self.config)
 
   def run(self, show_progress: bool) -> dict[str, Any]:
-    if self.config.contrastive.method == "random_init":
+    if self.spec.contrastive.method == "random_init":
       self.total = 0  # no training: probes of the initial encoder
     return super().run(show_progress)
 
   def make_sampler(self) -> sampling.PoissonSampler:
     # Every method draws Poisson batches; a DP method's are its plan's sampling.
     return sampling.PoissonSampler(len(self.parts.private), self.plan.sampling_rate,
-                                   self.config.perf.microbatch_size,
+                                   self.spec.perf.microbatch_size,
                                    seed=randomness.sampler_seed(self.secret))
 
   def one_step(self, step: int) -> None:
@@ -360,7 +360,7 @@ class ContrastiveTrainer(host_loop.HostLoop):
 
   def finish(self, step: int, stopped: str | None, seconds: float) -> dict[str, Any]:
     self.save(step)
-    config, params = self.config, self.state.params
+    config, spec, params = self.config, self.spec, self.state.params
     private = self.plan.noise_multiplier is not None
     statement = statement_lib.privacy_statement(self.plan, self.ledger, config,
                                                 noise.values_per_step(params))
@@ -369,7 +369,7 @@ class ContrastiveTrainer(host_loop.HostLoop):
     statement["probes"] = PROBES_STATEMENT
     probes, probe_read = run_probes(self.model, parallel.local_copy(params), config,
                                     self.parts.public)
-    results = dict(method=config.contrastive.method, temperature=config.contrastive.temperature,
+    results = dict(method=spec.contrastive.method, temperature=spec.contrastive.temperature,
                    steps=step, stopped=stopped or "completed", train_seconds=seconds,
                    test_contrastive_loss=self.evaluate(params), privacy=statement,
                    probe=probes, probe_data=probe_read)
@@ -382,7 +382,7 @@ class ContrastiveTrainer(host_loop.HostLoop):
       with open(os.path.join(self.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     self.say(statement_lib.format_statement(statement) if private else
-             f"Privacy: none. Method {config.contrastive.method!r} trains without clipping or "
+             f"Privacy: none. Method {spec.contrastive.method!r} trains without clipping or "
              "noise, so this encoder has no differential-privacy guarantee.")
     self.say(f"  {PROBES_STATEMENT}")
     return results

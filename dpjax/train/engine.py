@@ -35,10 +35,10 @@ class Steps:
   evaluate: Callable
 
 
-def make_steps(config, model, rule: clipping.ClipRule, tuning: state_lib.FineTuning,
+def make_steps(perf, model, rule: clipping.ClipRule, tuning: state_lib.FineTuning,
                layout: parallel.Layout) -> Steps:
-  """Builds (and so compiles once) the run's step functions from its config and model."""
-  perf = config.perf
+  """Builds (and so compiles once) the run's step functions from the perf block (its spec,
+  `dpjax.config.blocks.PerfSpec`) and the model."""
   example_loss = step_lib.make_example_loss(model, perf.dtype, perf.remat)
   batch_losses = (step_lib.make_batch_losses(model, perf.dtype, perf.remat)
                   if perf.per_example_method == "ghost" else None)  # ghost: no per-example grads
@@ -102,19 +102,19 @@ class Batches:
                                                                     len(indices)))
 
 
-def choose_microbatch_size(config, plan: plan_lib.PrivacyPlan, steps: Steps, initial: Any,
+def choose_microbatch_size(spec, plan: plan_lib.PrivacyPlan, steps: Steps, initial: Any,
                            private: data.Dataset, preprocess: Callable, may_go_private: bool,
                            say: Callable[[str], None]) -> dict[str, Any]:
   """perf.microbatch_size, or (0) the largest candidate whose accumulate step XLA estimates to
   fit in perf.memory_fraction of the free memory, the same on every process. Performance only:
   the privacy plan is fixed before and does not depend on it. Returns what to record."""
-  perf, mesh = config.perf, steps.layout.mesh
+  perf, mesh = spec.perf, steps.layout.mesh
   if perf.microbatch_size:
     return dict(microbatch_size=perf.microbatch_size, microbatch_size_auto=False)
   candidates = microbatch_size.candidate_sizes(plan.expected_batch_size, parallel.mesh_size(mesh))
   if not len(private) or not may_go_private:
     return dict(microbatch_size=candidates[0], microbatch_size_auto=True)  # never used
-  measure = _accumulate_bytes(steps, initial, private, preprocess, config.finetune.sparse.method
+  measure = _accumulate_bytes(steps, initial, private, preprocess, spec.finetune.sparse.method
                               != "none")
   free = microbatch_size.free_memory_bytes(mesh.local_devices)
   size = microbatch_size.choose_on_every_process(measure, free, candidates, perf.memory_fraction)

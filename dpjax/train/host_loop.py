@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -32,23 +32,33 @@ from dpjax.train import checkpoint, faults, hooks as hooks_lib, metrics
 from dpjax.train import plan as plan_lib, state as state_lib, train_state
 
 
+class RunConfig(NamedTuple):
+  """A run's config as given (`config`: its trajectory view is what checkpoints compare) and as
+  parsed once (`spec`, `dpjax.config.parse`: what the trainers read), and its workdir."""
+  config: ml_collections.ConfigDict
+  spec: config_lib.RunSpec
+  workdir: str
+
+
 class HostLoop:
   """A run's host state (device state, secret, ledger, plan) and its loop."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
+  def __init__(self, run: RunConfig, mesh: jax.sharding.Mesh,
                optimizer: optax.GradientTransformation, params: Any,
                source: state_lib.Source | None = None):
-    self.config, self.workdir, self.mesh, self.source = config, workdir, mesh, source
-    self.total = config.schedule.total_steps
+    self.config, self.spec, self.workdir = run
+    self.mesh, self.source = mesh, source
+    spec = self.spec
+    self.total = spec.schedule.total_steps
     self.main = parallel.is_main_process()
     self.optimizer = optimizer
     # Drawn on every run start (a collective in a multi-process run); a resumed run replaces it
     # by its checkpoint's (`restore`).
-    self.secret = randomness.run_secret(config.dp.insecure_reproducible_seed)
+    self.secret = randomness.run_secret(spec.dp.insecure_reproducible_seed)
     self.state = train_state.initial_state(optimizer, params, mesh, self.secret)
     self.ledger = state_lib.starting_ledger(source)
-    self.checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
-    self.watch = faults.FiniteWatch(config.log_every_steps)
+    self.checkpointer = checkpoint.Checkpointer(self.workdir, spec.checkpoint.max_to_keep)
+    self.watch = faults.FiniteWatch(spec.log_every_steps)
     self.plans: list[plan_lib.PrivacyPlan] = []  # the plan before training, then any switch's
     self.hooks: list[hooks_lib.Hook] = []
     self.budget: accounting.PrivacyBudget | None = None
@@ -78,7 +88,7 @@ class HostLoop:
     return config_lib.trajectory_view(self.config)
 
   def microbatch_size(self) -> int:
-    return self.config.perf.microbatch_size
+    return self.spec.perf.microbatch_size
 
   def make_sampler(self) -> Any:
     """The private batches' sampler: the plan's sampling, seeded by the run's secret (made once
@@ -100,8 +110,8 @@ class HostLoop:
     self.plans.append(plan)
     if schedule is not None:
       self.schedule = schedule
-    if self.budget is None and self.config.dp.target_epsilon is not None:
-      self.budget = accounting.PrivacyBudget(self.config.dp.target_epsilon, plan.delta,
+    if self.budget is None and self.spec.dp.target_epsilon is not None:
+      self.budget = accounting.PrivacyBudget(self.spec.dp.target_epsilon, plan.delta,
                                              plan.accountant)
     self.first_private_step = mixing.first_private_step(self.schedule, self.total)
     self.on_new_plan(plan)
@@ -114,7 +124,7 @@ class HostLoop:
     self.on_start(start)
     all_hooks = self.hooks + [hooks_lib.ProgressBar(bar, self.progress_values)]
     stopped, started, done = None, time.time(), start
-    with faults.PreemptionGuard(jax.process_count(), self.config.log_every_steps) as guard:
+    with faults.PreemptionGuard(jax.process_count(), self.spec.log_every_steps) as guard:
       for step in range(start, self.total):
         for hook in all_hooks:
           hook.before_step(self, step)

@@ -43,17 +43,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   A workdir that another run holds is refused at once (`workdir_lock`). A run stopped by
   SIGTERM/SIGINT returns stopped="preempted" after saving a checkpoint (no final evaluation, no
   results.json); rerun the same command to resume."""
-  config_lib.validate(config)
+  run = host_loop.RunConfig(config, config_lib.validate(config), workdir)
   with workdir_lock.for_this_process(workdir, parallel.is_main_process()):
-    return Trainer(build_inputs(config, workdir)).run(show_progress)
+    return Trainer(build_inputs(run)).run(show_progress)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunInputs:
   """What a run is built from: its config, data, model and initial params (public facts and the
   data; nothing about the mechanism's secret)."""
-  config: ml_collections.ConfigDict
-  workdir: str
+  run: host_loop.RunConfig
   loaded: state_lib.TrainingData
   schedule: mixing.AlphaSchedule
   model: Any
@@ -64,22 +63,23 @@ class RunInputs:
   source: state_lib.Source | None
 
 
-def build_inputs(config: ml_collections.ConfigDict, workdir: str) -> RunInputs:
+def build_inputs(run: host_loop.RunConfig) -> RunInputs:
+  config, spec = run.config, run.spec
   parallel.check_same_config(config_lib.agreement_view(config))
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-  if config.perf.microbatch_size:  # 0: chosen from the free memory, a multiple of the devices
-    parallel.check_divides(config.perf.microbatch_size, mesh, "perf.microbatch_size")
+  mesh = parallel.make_mesh(spec.mesh.data, spec.mesh.fsdp)
+  if spec.perf.microbatch_size:  # 0: chosen from the free memory, a multiple of the devices
+    parallel.check_divides(spec.perf.microbatch_size, mesh, "perf.microbatch_size")
   loaded = state_lib.load_training_data(config)
   if len(loaded.parts.public):
-    parallel.check_divides(config.schedule.public_batch_size, mesh, "schedule.public_batch_size")
+    parallel.check_divides(spec.schedule.public_batch_size, mesh, "schedule.public_batch_size")
   schedule = state_lib.alpha_schedule(config)
   check_canaries_train(config, schedule)
   model, params = state_lib.create_model(config, loaded.parts.private)
   order = state_lib.module_order(model, params, loaded.parts.private)
   params, source = state_lib.finetune_start(config, params, order)
   tuning = state_lib.finetuning(config, params, order)
-  rule = clipping.make_clip_rule(config.dp.clip, config.dp.clip_norm, params, config.dp.stability)
-  return RunInputs(config, workdir, loaded, schedule, model, params, tuning, rule, mesh, source)
+  rule = clipping.make_clip_rule(spec.dp.clip, spec.dp.clip_norm, params, spec.dp.stability)
+  return RunInputs(run, loaded, schedule, model, params, tuning, rule, mesh, source)
 
 
 def check_canaries_train(config: ml_collections.ConfigDict,
@@ -131,30 +131,30 @@ class Trainer(host_loop.HostLoop):
   """Classification and fine-tuning: public/private mixed DP steps on labelled images."""
 
   def __init__(self, inputs: RunInputs):
-    config, parts = inputs.config, inputs.loaded.parts
-    super().__init__(config, inputs.workdir, inputs.mesh,
+    config, spec, parts = inputs.run.config, inputs.run.spec, inputs.loaded.parts
+    super().__init__(inputs.run, inputs.mesh,
                      state_lib.create_training_optimizer(config, inputs.tuning), inputs.params,
                      inputs.source)
     self.inputs, self.schedule = inputs, inputs.schedule
     self.preprocess = state_lib.preprocessor(config)
-    self.steps = engine.make_steps(config, inputs.model, inputs.rule, inputs.tuning,
+    self.steps = engine.make_steps(spec.perf, inputs.model, inputs.rule, inputs.tuning,
                                    parallel.make_layout(self.mesh, self.state.params,
                                                         self.state.opt_state))
-    if config.perf.per_example_method == "ghost":  # ghost's bound: examples kept apart
+    if spec.perf.per_example_method == "ghost":  # ghost's bound: examples kept apart
       step_lib.check_ghost_batch_losses(
-          step_lib.make_batch_losses(inputs.model, config.perf.dtype, config.perf.remat),
+          step_lib.make_batch_losses(inputs.model, spec.perf.dtype, spec.perf.remat),
           inputs.params, parts.private.image_shape, parts.private.num_classes, self.preprocess,
           inputs.tuning.trainable)
     auto = self.schedule if isinstance(self.schedule, mixing.AutoSwitch) else None
     public_train, heldout = monitor_lib.split_heldout(
-        parts.public, config.mixing.auto.holdout_fraction if auto else 0.0, config.seed)
+        parts.public, spec.mixing.schedule.holdout_fraction if auto else 0.0, spec.seed)
     self.batches = engine.Batches(self.mesh, self.preprocess, parts, data.ShuffledBatches(
-        public_train, config.schedule.public_batch_size, config.seed) if len(public_train) else None)
+        public_train, spec.schedule.public_batch_size, spec.seed) if len(public_train) else None)
     self.test = (self.preprocess(inputs.loaded.test.images), inputs.loaded.test.labels)
     self.replan(plan_lib.plan_privacy(config, state_lib.accounting_size(inputs.loaded),
                                       self.schedule, inputs.rule.sensitivity, inputs.source))
     self.microbatch = engine.choose_microbatch_size(
-        config, self.plan, self.steps, self.state, parts.private, self.preprocess,
+        spec, self.plan, self.steps, self.state, parts.private, self.preprocess,
         auto is not None or bool(self.plan.planned_private_steps), self.say)
     self.hooks = self._make_hooks(auto, public_train, heldout)
     self._spent_sum = None  # the last private step's sum, reused by the next (`private_sum`)
@@ -162,7 +162,7 @@ class Trainer(host_loop.HostLoop):
   def on_new_plan(self, plan: plan_lib.PrivacyPlan) -> None:
     self.mechanism = engine.make_mechanism(plan, self.optimizer, self.steps.layout,
                                            self.inputs.tuning.trainable,
-                                           self.config.finetune.sparse.method == "sparta")
+                                           self.spec.finetune.sparse.method == "sparta")
 
   def microbatch_size(self) -> int:
     return self.microbatch["microbatch_size"]
@@ -171,18 +171,19 @@ class Trainer(host_loop.HostLoop):
     return dict(loss=self._train_metrics.last_loss, acc=self._evaluation.last_accuracy)
 
   def _make_hooks(self, auto, public_train, heldout) -> list[hooks_lib.Hook]:
-    c = self.config
+    c = self.spec
     self._train_metrics = hooks_lib.TrainMetrics(c.log_every_steps)
     self._evaluation = hooks_lib.Evaluation(c.eval.every_steps)
     made: list[hooks_lib.Hook] = []
     if (auto or c.curvature.every_steps) and len(public_train):
       monitor = monitor_lib.PublicMonitor(
-          c, public_train, heldout,
+          self.config, public_train, heldout,
           monitor_lib.CurvatureLoss(self.steps.example_loss, self.inputs.rule, self.preprocess),
           self._heldout_loss(heldout), state_lib.accounting_size(self.inputs.loaded))
+      switch = c.mixing.schedule if auto else None  # its spec: `config.AutoSwitchSpec`
       made.append(hooks_lib.PublicStatistics(monitor, auto, c.curvature.every_steps,
-                                             c.mixing.auto.check_every,
-                                             c.mixing.auto.min_switch_step))
+                                             switch.check_every if switch else 1,
+                                             switch.min_switch_step if switch else 0))
     made.append(hooks_lib.MomentReset(c.mixing.reset_moments))
     sparse = c.finetune.sparse
     if sparse.method == "sparta":
@@ -257,7 +258,7 @@ class Trainer(host_loop.HostLoop):
 
   def evaluate_on(self, params, images, labels) -> dict[str, float]:
     devices = parallel.mesh_size(self.mesh)
-    size = -(-self.config.eval.batch_size // devices) * devices  # rows split over the mesh
+    size = -(-self.spec.eval.batch_size // devices) * devices  # rows split over the mesh
     rows = parallel.process_rows(self.mesh, size)
     correct = loss = 0.0
     for start in range(0, len(labels), size):
@@ -279,8 +280,8 @@ class Trainer(host_loop.HostLoop):
     state = finetune.find_mask_state(self.state.opt_state.base)
     masks = (jax.tree_util.tree_leaves(parallel.to_host(state.mask)) if state is not None
              else [np.ones(1)] * len(sizes))
-    summary = dict(selection=self.config.finetune.selection,
-                   sparse=self.config.finetune.sparse.method, total_params=sum(sizes),
+    summary = dict(selection=self.spec.finetune.selection,
+                   sparse=self.spec.finetune.sparse.method, total_params=sum(sizes),
                    trainable_params=int(sum(float(np.mean(m)) * n for m, n in zip(masks, sizes))))
     if tuning.masked:
       summary["kept_fraction"] = finetune.kept_fraction(parallel.to_host(state.mask),
