@@ -14,7 +14,8 @@ the loss per iteration by
 
 and σ²R² tr(H)/(B c²) (the per-sample form of the last term) is the decelerator.
 
-Use: `terms = curvature_terms(example_loss, params, public_batch(ds.public, idx), rule, key)`,
+Use: `terms = curvature_terms(example_loss, params, public_batch(ds.public, idx), rule, key)`
+(`dpjax.data.public_batch`),
 then the pure float functions `decelerator`, `loss_improvement_sgd`, `loss_improvement_dp`,
 `optimal_batch_size` and `optimal_alpha` of `terms`.
 
@@ -38,7 +39,6 @@ return silent garbage:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -46,87 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax.data.dataset import Dataset, to_float
+from dpjax.data.public_batch import PublicBatch, require_public
 from dpjax.privacy.clipping import ClipRule, global_norm
 
 PyTree = Any
 BatchLoss = Callable[[PyTree, dict], jax.Array]    # (params, {image [n,...], label [n]}) -> mean
 ExampleLoss = Callable[[PyTree, dict], jax.Array]  # (params, {image [H,W,C], label []}) -> scalar
-
-
-class PrivateDataError(ValueError):
-  """Private data was offered to a computation that may only read public data."""
-
-
-_BUILT_BY_PUBLIC_BATCH = object()  # only `public_batch` passes this to PublicBatch
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PublicBatch:
-  """A batch of PUBLIC examples. Build it with `public_batch`; the constructor refuses otherwise.
-
-  Attributes:
-    image: float32 [n, H, W, C], preprocessed.
-    label: int32 [n].
-    source: where it came from, e.g. "mnist train[public]".
-
-  The token check stops accidents, not deliberate bypasses (dataclasses.replace, object.__setattr__).
-  """
-  image: jax.Array
-  label: jax.Array
-  source: str
-  _token: object = dataclasses.field(default=None, repr=False)
-
-  def __post_init__(self):
-    if self._token is not _BUILT_BY_PUBLIC_BATCH:
-      raise TypeError("PublicBatch is built only by curvature.public_batch(dataset, indices), "
-                      "which checks that the dataset is not private.")
-
-  def __len__(self) -> int:
-    return int(self.label.shape[0])
-
-  def as_dict(self) -> dict[str, jax.Array]:
-    """{"image": [n, H, W, C], "label": [n]}, the batch format of the losses."""
-    return {"image": self.image, "label": self.label}
-
-
-def public_batch(dataset: Dataset, indices: np.ndarray,
-                 preprocess: Callable[[np.ndarray], np.ndarray] = to_float) -> PublicBatch:
-  """Examples `indices` [n] of a public `dataset`, images preprocessed to float32 [n, H, W, C].
-
-  Raises PrivateDataError if `dataset.split` marks it private (contains "private", e.g.
-  "train[private]" from `split_dataset`), and TypeError if `dataset` is not a `Dataset`.
-  Privacy: the returned batch holds only examples of a dataset not labelled private.
-  """
-  if not isinstance(dataset, Dataset):
-    raise TypeError(f"public_batch needs a dpjax.data.Dataset, got {type(dataset).__name__}.")
-  if "private" in dataset.split.lower():
-    raise PrivateDataError(
-        f"{dataset.name} {dataset.split!r} is private data. Curvature statistics steer training "
-        "(switch point, α, batch size) without noise, so they may only read public data: use the "
-        "public part (split_dataset(...).public), or privatise the statistics yourself.")
-  indices = np.asarray(indices)
-  if indices.ndim != 1 or indices.size == 0 or not np.issubdtype(indices.dtype, np.integer):
-    raise ValueError(f"indices must be a non-empty 1-D integer array, got {indices.dtype} "
-                     f"{indices.shape}.")
-  if indices.min() < 0 or indices.max() >= len(dataset):
-    raise ValueError(f"indices must lie in [0, {len(dataset)}), got [{indices.min()}, "
-                     f"{indices.max()}].")
-  images = np.asarray(preprocess(dataset.images[indices]), np.float32)
-  if images.shape != (len(indices),) + dataset.image_shape:
-    raise ValueError(f"preprocess changed the image shape to {images.shape}; expected "
-                     f"{(len(indices),) + dataset.image_shape}.")
-  return PublicBatch(jnp.asarray(images), jnp.asarray(dataset.labels[indices], jnp.int32),
-                     f"{dataset.name} {dataset.split}".strip(), _BUILT_BY_PUBLIC_BATCH)
-
-
-def _require_public(batch: Any, caller: str) -> dict[str, jax.Array]:
-  if not isinstance(batch, PublicBatch):
-    raise TypeError(
-        f"{caller} reads only a PublicBatch (built by curvature.public_batch from a public "
-        f"Dataset), got {type(batch).__name__}. Curvature statistics steer training, so they may "
-        "only read public data.")
-  return batch.as_dict()
 
 
 class _Static:
@@ -190,7 +115,7 @@ def hvp(batch_loss: BatchLoss, params: PyTree, batch: PublicBatch, v: PyTree) ->
   Returns:
     H v, a pytree like params, H = ∇²_params batch_loss. Privacy: reads only public data.
   """
-  return _hvp_jit(_Static(batch_loss), params, _require_public(batch, "hvp"), v)
+  return _hvp_jit(_Static(batch_loss), params, require_public(batch, "hvp"), v)
 
 
 class TraceEstimate(NamedTuple):
@@ -240,7 +165,7 @@ def hutchinson_trace(batch_loss: BatchLoss, params: PyTree, batch: PublicBatch, 
   Costs m HVPs, run one after another (memory of one). Privacy: reads only public data.
   """
   samples = _hutchinson_jit(_Static(batch_loss), params,
-                            _require_public(batch, "hutchinson_trace"), key,
+                            require_public(batch, "hutchinson_trace"), key,
                             _check_probes(num_probes))
   return _summarize_trace(samples)
 
@@ -326,7 +251,7 @@ def curvature_terms(example_loss: ExampleLoss, params: PyTree, batch: PublicBatc
 
   Privacy: reads only the public batch; the outputs are functions of public data and of params.
   """
-  data = _require_public(batch, "curvature_terms")
+  data = require_public(batch, "curvature_terms")
   n = len(batch)
   if n < 2:
     raise ValueError(f"curvature_terms needs a batch of at least 2 examples, got {n}.")

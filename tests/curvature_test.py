@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from dpjax import curvature
+from dpjax.data import public_batch as public_batch_lib
 from dpjax.data.dataset import Dataset, to_float
 from dpjax.data.splits import split_dataset
 from dpjax.privacy import clipping
@@ -35,7 +36,7 @@ def setup():
   params = toy_models.init(model, seed=1)
   loss = toy_models.per_example_loss(model)
   parts = split_dataset(_toy_dataset(), public_fraction=0.5, seed=0)
-  batch = curvature.public_batch(parts.public, np.arange(N), preprocess=_centered)
+  batch = public_batch_lib.public_batch(parts.public, np.arange(N), preprocess=_centered)
   flat, unravel = ravel_pytree(params)
   flat_loss = lambda p, ex: loss(unravel(p), ex)
   grad_one = jax.jit(jax.grad(flat_loss))
@@ -211,11 +212,11 @@ def test_degenerate_terms():
 
 def test_private_part_is_refused(setup):
   private = setup["parts"].private
-  with pytest.raises(curvature.PrivateDataError, match="public"):
-    curvature.public_batch(private, np.arange(4))
-  with pytest.raises(curvature.PrivateDataError):  # a part of the private part is still private
-    curvature.public_batch(private.subset(np.arange(4), "public"), np.arange(4))
-  assert issubclass(curvature.PrivateDataError, ValueError)
+  with pytest.raises(public_batch_lib.PrivateDataError, match="public"):
+    public_batch_lib.public_batch(private, np.arange(4))
+  with pytest.raises(public_batch_lib.PrivateDataError):  # a part of the private part is still private
+    public_batch_lib.public_batch(private.subset(np.arange(4), "public"), np.arange(4))
+  assert issubclass(public_batch_lib.PrivateDataError, ValueError)
 
 
 def test_anything_but_a_public_batch_is_refused(setup):
@@ -232,4 +233,4 @@ def test_anything_but_a_public_batch_is_refused(setup):
     curvature.curvature_terms(s["loss"], s["params"], raw, clipping.FlatClip(1.0),
                               jax.random.key(0))
   with pytest.raises(TypeError, match="public_batch"):
-    curvature.PublicBatch(raw["image"], raw["label"], "toy train[private]")
+    public_batch_lib.PublicBatch(raw["image"], raw["label"], "toy train[private]")

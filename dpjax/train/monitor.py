@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from dpjax import curvature, data
+from dpjax.data import public_batch as public_batch_lib
 from dpjax.privacy import calibration, clipping, randomness
 
 _MONITOR_STREAM = 0xC0A7
@@ -53,8 +54,8 @@ class PublicMonitor:
     c = self.config
     size = min(c.curvature.batch_size, len(self.public))
     rng = np.random.default_rng([c.seed, step, _MONITOR_STREAM])
-    batch = curvature.public_batch(self.public, rng.choice(len(self.public), size, replace=False),
-                                   self.preprocess)
+    rows = rng.choice(len(self.public), size, replace=False)
+    batch = public_batch_lib.public_batch(self.public, rows, self.preprocess)
     terms = curvature.curvature_terms(self.example_loss, params, batch, self.rule,
                                       jax.random.fold_in(
                                           randomness.stream_key(c.seed, "curvature probes"), step),
