@@ -207,16 +207,7 @@ def test_degenerate_terms():
 
 
 # ------------------------------------------------------------------------------------------------
-# Privacy: the API refuses private data.
-
-
-def test_private_part_is_refused(setup):
-  private = setup["parts"].private
-  with pytest.raises(public_batch_lib.PrivateDataError, match="public"):
-    public_batch_lib.public_batch(private, np.arange(4))
-  with pytest.raises(public_batch_lib.PrivateDataError):  # a part of the private part is still private
-    public_batch_lib.public_batch(private.subset(np.arange(4), "public"), np.arange(4))
-  assert issubclass(public_batch_lib.PrivateDataError, ValueError)
+# Privacy: the API refuses anything but a PublicBatch (its guard: tests/data_public_batch_test.py).
 
 
 def test_anything_but_a_public_batch_is_refused(setup):
@@ -232,5 +223,3 @@ def test_anything_but_a_public_batch_is_refused(setup):
   with pytest.raises(TypeError, match="PublicBatch"):
     curvature.curvature_terms(s["loss"], s["params"], raw, clipping.FlatClip(1.0),
                               jax.random.key(0))
-  with pytest.raises(TypeError, match="public_batch"):
-    public_batch_lib.PublicBatch(raw["image"], raw["label"], "toy train[private]")
