@@ -12,6 +12,8 @@ from dpjax import config as config_lib
 from dpjax import finetune, parallel
 from dpjax.privacy import accounting, calibration, clipping, noise, randomness
 from dpjax.train import loop, metrics, state as state_lib, step as step_lib
+from dpjax.train import plan as plan_lib
+from dpjax.train import statement as statement_lib
 from tests import toy_models
 from tests.conftest import require_data
 from tests.e2e_test import small_config
@@ -178,7 +180,7 @@ def _plan(count_noise, noise_multiplier=None, **blocks):
   """small_config's plan (10 private steps of 20, ε = 2, RDP) for 54,000 private examples."""
   c = small_config(dp=dict(clip_fraction_noise=count_noise, noise_multiplier=noise_multiplier),
                    **blocks)
-  return loop.plan_privacy(c, 54000, state_lib.alpha_schedule(c), 1.0)
+  return plan_lib.plan_privacy(c, 54000, state_lib.alpha_schedule(c), 1.0)
 
 
 def test_calibration_meets_the_target_with_the_count_released():
@@ -257,7 +259,7 @@ def test_trainer_logs_the_noisy_fraction_on_private_steps_and_accounts_sigma_eff
   assert p["clip_fraction_noise"] == 2.0
   assert p["noise_multiplier"] > p["effective_noise_multiplier"]
   assert "noisy_clip_fraction" in p["released"]
-  text = loop.format_statement(p)
+  text = statement_lib.format_statement(p)
   assert "σ_c = 2" in text and "σ_eff" in text
 
 

@@ -12,6 +12,7 @@ from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
 from dpjax.privacy import accounting, clipping, ghost, noise, randomness
 from dpjax.train import checkpoint, engine, loop, metrics, state as state_lib, step as step_lib
+from dpjax.train import statement as statement_lib
 from tests.conftest import require_data
 
 
@@ -97,7 +98,7 @@ def test_all_data_public_is_reported_as_not_private(tmp_path):
                    schedule=dict(total_steps=5))
   r = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
   assert r["privacy"]["non_private"] and r["privacy"]["private_steps"] == 0
-  assert "no differential-privacy guarantee" in loop.format_statement(r["privacy"])
+  assert "no differential-privacy guarantee" in statement_lib.format_statement(r["privacy"])
   with pytest.raises(ValueError, match="no private data"):
     loop.train_and_evaluate(small_config(data=dict(public_fraction=1.0)), str(tmp_path / "b"),
                             show_progress=False)

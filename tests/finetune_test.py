@@ -14,6 +14,7 @@ from dpjax.privacy import accounting, calibration, clipping, noise
 from dpjax.train import checkpoint, loop
 from dpjax.train import state as state_lib
 from dpjax.train import step as step_lib
+from dpjax.train import statement as statement_lib
 from tests import toy_models
 from tests.conftest import require_data
 from tests.e2e_test import small_config
@@ -308,7 +309,7 @@ def test_fine_tuning_composes_the_source_runs_ledger_transitively(private_run, t
   assert b["composed_from"] == dict(workdir=a_dir, declared_public=False, private_steps=3,
                                     epsilon_alone=pytest.approx(a["epsilon"]), source_delta=1e-5,
                                     composed_at_delta=1e-5)
-  assert "composed at this run's δ with the 3 private steps" in loop.format_statement(b)
+  assert "composed at this run's δ with the 3 private steps" in statement_lib.format_statement(b)
   # Rerunning resumes B from its final checkpoint, whose ledger holds the same prior.
   again = loop.train_and_evaluate(_private_config(2, init_from=a_dir), str(tmp_path / "b"),
                                   show_progress=False)["privacy"]

@@ -103,6 +103,8 @@ class FiniteWatch:
       self.check(done, params)
 
   def check(self, done: int, params: Any) -> None:
+    if done == self.last_good and done:  # checked at this step already (a save, an evaluation)
+      return
     if not bool(self._finite(params)):
       raise NonFiniteError(
           f"The parameters after step {done} are not finite (NaN or inf); they were finite after "

@@ -26,15 +26,11 @@ import ml_collections
 import numpy as np
 
 from dpjax import config as config_lib
-from dpjax import data, mixing, parallel
+from dpjax import data, finetune, mixing, parallel
 from dpjax.privacy import clipping, noise, randomness
 from dpjax.train import checkpoint, engine, hooks as hooks_lib, host_loop
 from dpjax.train import monitor as monitor_lib, plan as plan_lib, state as state_lib
 from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
-
-# Kept importable from here: the trainer's plan and statement.
-PrivacyPlan, plan_privacy = plan_lib.PrivacyPlan, plan_lib.plan_privacy
-privacy_statement, format_statement = statement_lib.privacy_statement, statement_lib.format_statement
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -274,7 +270,6 @@ class Trainer(host_loop.HostLoop):
   # ---------------------------------------------------------------------------------------------
   def _finetune_summary(self) -> dict[str, Any]:
     """How many parameters trained at the end (selected leaves, and the element mask's ones)."""
-    from dpjax import finetune
     params, tuning = self.state.params, self.inputs.tuning
     sizes = [int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)]
     state = finetune.find_mask_state(self.state.opt_state.base)
