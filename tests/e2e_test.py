@@ -10,8 +10,9 @@ import pytest
 
 from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
+from dpjax.data import pipeline
 from dpjax.privacy import accounting, clipping, ghost, noise, randomness
-from dpjax.train import checkpoint, engine, loop, metrics, state as state_lib, step as step_lib
+from dpjax.train import checkpoint, loop, metrics, state as state_lib, step as step_lib
 from dpjax.train import statement as statement_lib
 from tests.conftest import require_data
 
@@ -65,26 +66,30 @@ def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
 
 def test_public_steps_read_no_private_data_and_private_steps_no_public_data(tmp_path,
                                                                               monkeypatch):
-  reads = {"public": [], "private": []}
-  original_fetch = engine.Batches.fetch
-  current = {}
-
-  def spy(self, dataset, indices, mask=None):
-    reads["public" if dataset is self.parts.public else "private"].append(current["step"])
-    return original_fetch(self, dataset, indices, mask)
-
-  original_one_step = loop.Trainer.one_step
-
-  def one_step(self, step):
-    current["step"] = step
-    return original_one_step(self, step)
-
-  monkeypatch.setattr(engine.Batches, "fetch", spy)
-  monkeypatch.setattr(loop.Trainer, "one_step", one_step)
+  """What the data pipelines read (ahead of the steps, `dpjax.data.pipeline`), by part and step:
+  the public part only at the public steps, the private part only at the private ones."""
+  reads = record_reads(monkeypatch)
   r = loop.train_and_evaluate(small_config(), str(tmp_path), show_progress=False)
-  assert set(reads["public"]) == set(range(10))
-  assert reads["private"] and min(reads["private"]) >= 10
+  assert sorted(step for part, step in reads if part == "public") == list(range(10))
+  assert sorted(step for part, step in reads if part == "private") == list(range(10, 20))
   assert r["privacy"]["public_steps"] == 10
+
+
+def record_reads(monkeypatch) -> dict[tuple[str, int], np.ndarray]:
+  """Spies on the data pipelines: {(part, step): the ids of the examples read} for the public
+  and private parts (the last read of each step wins: a resumed run's)."""
+  reads = {}
+  original_read = pipeline.ReadStep.__call__
+
+  def spy(self, step):
+    element = original_read(self, step)
+    if isinstance(self.draw, (pipeline.PublicDraw, pipeline.PrivateDraw)):  # not the evaluation
+      part = "public" if isinstance(self.draw, pipeline.PublicDraw) else "private"
+      reads[(part, step)] = element["id"][element["mask"]]
+    return element
+
+  monkeypatch.setattr(pipeline.ReadStep, "__call__", spy)
+  return reads
 
 
 def test_public_only_run_spends_nothing(tmp_path):
@@ -112,10 +117,16 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, mode):
   first, second = randomness.fixed_secret(1), randomness.fixed_secret(2)
   draws = iter([first, first, second])
   monkeypatch.setattr(randomness, "fresh_secret", lambda: next(draws))
+  reads = record_reads(monkeypatch)
   straight = loop.train_and_evaluate(small_config(dp=dp), str(tmp_path / "a"),
                                      show_progress=False)
+  straight_reads = dict(reads)
+  reads.clear()
   c = small_config(checkpoint=dict(every_steps=4), dp=dp)
   resumed = crash_then_resume(c, str(tmp_path / "b"), crash_step=13, monkeypatch=monkeypatch)
+  assert reads.keys() == straight_reads.keys()  # the same batches read, example for example
+  for key, ids in straight_reads.items():
+    np.testing.assert_array_equal(reads[key], ids, err_msg=str(key))
   assert resumed["privacy"] == straight["privacy"]
   assert resumed["test_accuracy"] == straight["test_accuracy"]
   a = _final_params(tmp_path / "a")

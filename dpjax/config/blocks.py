@@ -35,6 +35,10 @@ class DataSpec(Spec):
                              "files)")
   train_examples: int = field(0, "train on the first N examples of the training split only "
                                  "(0: all)")
+  workers: int = field(0, "grain worker processes that read, decode and preprocess batches "
+                          "(0: threads of the training process only)")
+  threads: int = field(4, "reading threads per process of the data pipeline")
+  prefetch: int = field(2, "steps the data pipeline reads ahead")
 
   def check(self):
     check(0 <= self.public_fraction <= 1,
@@ -44,6 +48,11 @@ class DataSpec(Spec):
           f"{self.public_name!r}.")
     check(self.train_examples >= 0,
           f"data.train_examples must be >= 0 (0: all), got {self.train_examples}.")
+    check(self.workers >= 0, f"data.workers must be >= 0 (0: no worker processes), got "
+                             f"{self.workers}.")
+    check(self.threads >= 1, f"data.threads must be >= 1, got {self.threads}.")
+    check(self.prefetch >= 1, f"data.prefetch must be >= 1 (steps read ahead), got "
+                              f"{self.prefetch}.")
 
 
 @dataclasses.dataclass(frozen=True)

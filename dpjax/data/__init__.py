@@ -8,6 +8,7 @@ Typical use:
 """
 
 from dpjax.data.batches import ShuffledBatches
+from dpjax.data.batches import ShuffledOrder
 from dpjax.data.batches import gather
 from dpjax.data.dataset import Dataset
 from dpjax.data.dataset import load_dataset
@@ -35,7 +36,7 @@ from dpjax.data.tfds_cache import load_tfds_by_name
 
 __all__ = [
     "CACHE_DIR_ENV", "ChecksumError", "DATA_DIR_ENV", "DataFormatError", "DataNotFoundError",
-    "Dataset", "KNOWN_DATASETS", "OverlapError", "PublicPrivate", "ShuffledBatches",
+    "Dataset", "KNOWN_DATASETS", "OverlapError", "PublicPrivate", "ShuffledBatches", "ShuffledOrder",
     "check_disjoint", "default_cache_dir", "ensure_cache", "gather", "get_spec", "load_dataset",
     "load_tfds_by_name", "normalization", "pair_datasets", "public_private_split", "read_split",
     "resolve_data_dir", "split_dataset", "standardize", "to_float",

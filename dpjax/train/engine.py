@@ -5,21 +5,23 @@
 - `Mechanism`: what a `PrivacyPlan` implies on the device: the noise transformation (σ·S once per
   private step), the apply step (noise, mixing, optimizer) and SPARTA's score step. A new plan
   (an automatic switch) gets a new Mechanism; nothing else is rebuilt.
-- `Batches`: the global batches of given indices, split over the mesh (each process reads and
-  preprocesses only the rows its devices hold), and the public batches' order.
+- `Batches`: the public, private and evaluation batches, streamed by grain pipelines
+  (`dpjax.data.pipeline`) and split over the mesh (each process reads and preprocesses only the
+  rows its devices hold).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import optax
 
 from dpjax import data, finetune, parallel
+from dpjax.data import pipeline
 from dpjax.privacy import clipping, noise
 from dpjax.train import microbatch_size, plan as plan_lib, state as state_lib, step as step_lib
 
@@ -75,31 +77,80 @@ def make_mechanism(plan: plan_lib.PrivacyPlan, optimizer: optax.GradientTransfor
   return Mechanism(noise_tx, apply, score, clip_count)
 
 
+def pipeline_options(data_spec) -> pipeline.Options:
+  """The data block's (`dpjax.config.blocks.DataSpec`) pipeline settings."""
+  return pipeline.Options(data_spec.workers, data_spec.threads, data_spec.prefetch)
+
+
 class Batches:
-  """Global batches laid out on the mesh. preprocess: uint8 images -> float32 (on the host)."""
+  """The run's batches laid out on the mesh, streamed by `dpjax.data.pipeline` (each process reads
+  and preprocesses only the rows its devices hold, ahead of the step).
+
+  public(t): step t's public batch, in the order `public_order` (`data.ShuffledOrder`) gives.
+  private(t, sampler): step t's private microbatches, exactly the sampler's Poisson draw.
+  evaluation(dataset, size): a dataset's batches of `size` rows, for evaluation.
+  reads_public / reads_private: t -> whether step t reads that part (what the pipelines read
+  ahead; a wrong guess costs a restart, never a wrong batch). preprocess: uint8 -> float32 on the
+  host, picklable.
+  """
 
   def __init__(self, mesh: jax.sharding.Mesh, preprocess: Callable, parts: data.PublicPrivate,
-               public_batches: data.ShuffledBatches | None):
-    self.mesh, self.preprocess, self.parts = mesh, preprocess, parts
-    self.public_batches = public_batches
+               public_order: data.ShuffledOrder | None, options: pipeline.Options,
+               total_steps: int, reads_public: Callable[[int], bool],
+               reads_private: Callable[[int], bool]):
+    self.mesh, self.preprocess, self.parts, self.options = mesh, preprocess, parts, options
+    self.total_steps, self.reads_private = total_steps, reads_private
+    self._public = None if public_order is None else pipeline.StepStream(
+        self._reader(parts.public, pipeline.PublicDraw(public_order), public_order.batch_size),
+        reads_public, total_steps, options)
+    self._private: tuple[Any, pipeline.StepStream] | None = None  # (sampler, its stream)
+
+  def _reader(self, dataset: data.Dataset, draw: Callable, rows: int) -> pipeline.ReadStep:
+    return pipeline.ReadStep(dataset.images, dataset.labels, draw,
+                             parallel.process_rows(self.mesh, rows), self.preprocess)
 
   def public(self, step: int) -> dict:
     """Step `step`'s public batch (its order a function of the config seed and the step)."""
-    return self.fetch(self.parts.public, self.public_batches.indices(step))
+    element = self._public.get(step)
+    return self._global(next(pipeline.microbatches(element))[0], len(element["mask"][0]))
 
-  def private(self, indices: np.ndarray, mask: np.ndarray) -> tuple[dict, Any]:
-    """One private microbatch (rows `indices`, real where `mask`) and its mask."""
-    return self.fetch(self.parts.private, indices, mask)
+  def private(self, step: int, sampler: Any) -> Iterator[tuple[dict, Any]]:
+    """Step `step`'s private microbatches (batch, mask) of the sampler's draw, on the mesh."""
+    if self._private is None or self._private[0] is not sampler:
+      self.close_private()
+      self._private = (sampler, pipeline.StepStream(
+          self._reader(self.parts.private, pipeline.PrivateDraw(sampler), sampler.microbatch_size),
+          self.reads_private, self.total_steps, self.options))
+    element = self._private[1].get(step)
+    for batch, mask in pipeline.microbatches(element):
+      yield self._global(batch, sampler.microbatch_size), self._global(mask,
+                                                                        sampler.microbatch_size)
 
-  def fetch(self, dataset: data.Dataset, indices: np.ndarray, mask: np.ndarray | None = None):
-    """The global batch of `indices` (and its mask) split over the mesh; this process reads and
-    preprocesses only the rows its devices hold."""
-    rows = parallel.process_rows(self.mesh, len(indices))
-    mine = indices[rows]
-    local = dict(image=self.preprocess(dataset.images[mine]), label=dataset.labels[mine])
-    batch = parallel.global_batch(self.mesh, local, len(indices))
-    return batch if mask is None else (batch, parallel.global_batch(self.mesh, mask[rows],
-                                                                    len(indices)))
+  def evaluation(self, dataset: data.Dataset, size: int) -> Iterator[tuple[dict, Any]]:
+    """(batch, mask) of `dataset`'s consecutive batches of `size` rows (the last one padded)."""
+    draw = pipeline.SequentialDraw(len(dataset), size)
+    stream = pipeline.StepStream(self._reader(dataset, draw, size), lambda b: True,
+                                 draw.num_batches, dataclasses.replace(self.options, workers=0))
+    try:
+      for b in range(draw.num_batches):
+        batch, mask = next(pipeline.microbatches(stream.get(b)))
+        yield self._global(batch, size), self._global(mask, size)
+    finally:
+      stream.close()
+
+  def _global(self, local: Any, rows: int) -> Any:
+    return parallel.global_batch(self.mesh, local, rows)
+
+  def close_private(self) -> None:
+    if self._private is not None:
+      self._private[1].close()
+      self._private = None
+
+  def close(self) -> None:
+    """Stops the pipelines' worker processes."""
+    self.close_private()
+    if self._public is not None:
+      self._public.close()
 
 
 def choose_microbatch_size(spec, plan: plan_lib.PrivacyPlan, steps: Steps, initial: Any,
@@ -136,8 +187,9 @@ def _accumulate_bytes(steps: Steps, initial: Any, private: data.Dataset, preproc
   """m -> XLA's estimate (bytes per device) for `steps.accumulate` on a microbatch of m rows,
   compiled on abstract arguments shaped like the private data's (each m once)."""
   acc = jax.eval_shape(steps.zero_sum, initial.params)
-  one = (dict(image=preprocess(private.images[:1]), label=private.labels[:1]),
-         np.ones(1, bool))  # one row of (microbatch, mask)
+  one = (dict(image=preprocess(private.images[:1]), label=private.labels[:1],
+              id=np.zeros(1, np.int32), step=np.zeros(1, np.int32)),
+         np.ones(1, bool))  # one row of (microbatch, mask), as `pipeline.microbatches` gives
   mask = element_mask(initial, masked)
   return functools.cache(microbatch_size.measure_jitted(
       steps.accumulate,

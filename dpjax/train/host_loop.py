@@ -116,7 +116,16 @@ class HostLoop:
     self.first_private_step = mixing.first_private_step(self.schedule, self.total)
     self.on_new_plan(plan)
 
+  def on_stop(self) -> None:
+    """Called once when `run` ends, however it ends (the data pipelines' workers stop here)."""
+
   def run(self, show_progress: bool) -> dict[str, Any]:
+    try:
+      return self._run(show_progress)
+    finally:
+      self.on_stop()
+
+  def _run(self, show_progress: bool) -> dict[str, Any]:
     start = self.restore()
     self.sampler = self.make_sampler()
     self.writer = metrics.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)

@@ -144,9 +144,11 @@ class Trainer(host_loop.HostLoop):
     auto = self.schedule if isinstance(self.schedule, mixing.AutoSwitch) else None
     public_train, heldout = monitor_lib.split_heldout(
         parts.public, spec.mixing.schedule.holdout_fraction if auto else 0.0, spec.seed)
-    self.batches = engine.Batches(self.mesh, self.preprocess, parts, data.ShuffledBatches(
-        public_train, spec.schedule.public_batch_size, spec.seed) if len(public_train) else None)
-    self.test = (self.preprocess(inputs.loaded.test.images), inputs.loaded.test.labels)
+    self.batches = engine.Batches(
+        self.mesh, self.preprocess, dataclasses.replace(parts, public=public_train),
+        data.ShuffledOrder(len(public_train), spec.schedule.public_batch_size, spec.seed)
+        if len(public_train) else None, engine.pipeline_options(spec.data), self.total, self._reads_public,
+        self._reads_private)
     self.replan(plan_lib.plan_privacy(config, state_lib.accounting_size(inputs.loaded),
                                       self.schedule, inputs.rule.sensitivity, inputs.source))
     self.microbatch = engine.choose_microbatch_size(
@@ -159,6 +161,16 @@ class Trainer(host_loop.HostLoop):
     self.mechanism = engine.make_mechanism(plan, self.optimizer, self.steps.layout,
                                            self.inputs.tuning.trainable,
                                            self.spec.finetune.sparse.method == "sparta")
+
+  def _reads_public(self, step: int) -> bool:
+    return (self.plan.phase_at(step) != "selection"
+            and mixing.reads_public(self.schedule(step)))
+
+  def _reads_private(self, step: int) -> bool:
+    return self.plan.phase_at(step) in plan_lib.PRIVATE_PHASES
+
+  def on_stop(self) -> None:
+    self.batches.close()
 
   def microbatch_size(self) -> int:
     return self.microbatch["microbatch_size"]
@@ -191,11 +203,10 @@ class Trainer(host_loop.HostLoop):
   def _heldout_loss(self, heldout):
     if heldout is None:
       return None
-    images, labels = self.preprocess(heldout.images), heldout.labels
     # The monitor works on a local copy of the params (parallel.local_copy); evaluation runs on
     # the mesh, so the copy is laid out there again.
-    return lambda params: self.evaluate_on(parallel.place(params, self.mesh), images,
-                                           labels)["test_loss"]
+    return lambda params: self.evaluate_on(parallel.place(params, self.mesh),
+                                           heldout)["test_loss"]
 
   def on_start(self, start: int) -> None:
     self.writer.write(start, "perf", self.microbatch)
@@ -238,8 +249,7 @@ class Trainer(host_loop.HostLoop):
     a layout: apply, or score, adds them). Sparse fine-tuning masks per-example gradients by the
     optimizer state's element mask."""
     element_mask = engine.element_mask(self.state, self.inputs.tuning.masked)
-    microbatches = (self.batches.private(indices, mask)
-                    for indices, mask in self.sampler.batch(step).microbatches())
+    microbatches = self.batches.private(step, self.sampler)
     # The first microbatch overwrites the previous private step's sum without reading it: no
     # zero sum is made (and dispatched) each step. That sum (params-sized, float32) stays
     # allocated between steps, so a mixed step's public gradient is computed beside it.
@@ -250,22 +260,18 @@ class Trainer(host_loop.HostLoop):
 
   # ---------------------------------------------------------------------------------------------
   def evaluate_test(self, params) -> dict[str, float]:
-    return self.evaluate_on(params, *self.test)
+    return self.evaluate_on(params, self.inputs.loaded.test)
 
-  def evaluate_on(self, params, images, labels) -> dict[str, float]:
+  def evaluate_on(self, params, dataset: data.Dataset) -> dict[str, float]:
+    """Accuracy and mean loss on `dataset` (streamed in batches of eval.batch_size rows, rounded
+    up to a multiple of the devices)."""
     devices = parallel.mesh_size(self.mesh)
     size = -(-self.spec.eval.batch_size // devices) * devices  # rows split over the mesh
-    rows = parallel.process_rows(self.mesh, size)
     correct = loss = 0.0
-    for start in range(0, len(labels), size):
-      idx = np.arange(start, start + size)[rows]
-      mask = idx < len(labels)
-      idx = np.where(mask, idx, 0)
-      put = lambda x: parallel.global_batch(self.mesh, x, size)
-      c, l = self.steps.evaluate(params, put(dict(image=images[idx], label=labels[idx])),
-                                 put(mask))
+    for batch, mask in self.batches.evaluation(dataset, size):
+      c, l = self.steps.evaluate(params, batch, mask)
       correct, loss = correct + float(c), loss + float(l)
-    return dict(test_accuracy=correct / len(labels), test_loss=loss / len(labels))
+    return dict(test_accuracy=correct / len(dataset), test_loss=loss / len(dataset))
 
   # ---------------------------------------------------------------------------------------------
   def _finetune_summary(self) -> dict[str, Any]:

@@ -93,6 +93,9 @@ class PrivacyPlan:
     return dataclasses.asdict(self)
 
 
+PRIVATE_PHASES = ("mixed", "private", "selection")  # the phase kinds whose steps read private data
+
+
 def phases_of(schedule: mixing.AlphaSchedule, total_steps: int,
               selection: tuple[int, int] | None = None) -> tuple[Phase, ...]:
   """The run's phases from its α schedule (an undecided automatic switch: "undecided" until its

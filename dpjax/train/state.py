@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -104,8 +105,8 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 def preprocessor(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
   """uint8 images [..., C] -> float32: [0, 1], or standardised with the dataset's constants."""
-  if config.data.standardize:
-    return lambda images: data.standardize(images, config.data.name)
+  if config.data.standardize:  # a partial, not a lambda: the pipeline's workers unpickle it
+    return functools.partial(data.standardize, name=config.data.name)
   return data.to_float
 
 
