@@ -111,8 +111,8 @@ class Batches:
 
   def public(self, step: int) -> dict:
     """Step `step`'s public batch (its order a function of the config seed and the step)."""
-    element = self._public.get(step)
-    return self._global(next(pipeline.microbatches(element))[0], len(element["mask"][0]))
+    batch, _ = next(pipeline.microbatches(self._public.get(step)))  # one microbatch, all real
+    return self._global(batch, self._public.read.draw.order.batch_size)
 
   def private(self, step: int, sampler: Any) -> Iterator[tuple[dict, Any]]:
     """Step `step`'s private microbatches (batch, mask) of the sampler's draw, on the mesh."""
