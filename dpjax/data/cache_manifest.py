@@ -11,10 +11,12 @@ original files it was built from, holding `manifest.json`:
   num_examples               split -> examples in the entry
   files                      path in the entry -> SHA-256 of the entry's own files
 
-The manifest is written last and the entry renamed into place whole, so an entry without a
-readable manifest is left over from another version or damaged: `read` refuses it, as it refuses
-an entry whose files changed since they were written. `official_mismatches` compares the recorded
-digests with the official checksums without reading the original files again.
+The manifest is written last and the entry renamed into place whole (`build`), so an entry
+without a readable manifest is left over from another version or damaged: `read` refuses it, as it
+refuses an entry whose files changed since they were written (`discard` moves such an entry out
+of the way). `official_mismatches` compares the recorded digests with the official checksums
+without reading the original files again. The image-folder cache (`image_folder`) keeps its
+entries the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from dpjax.data import local_files
@@ -144,4 +148,43 @@ def read(entry: Path, dataset: str, builder_version: str) -> Manifest:
     changed = sorted(set(actual.items()) ^ set(manifest.files.items()))
     raise CacheEntryError(f"the files of {entry} differ from those its manifest lists "
                           f"({', '.join(sorted({k for k, _ in changed}))}).")
+  return manifest
+
+
+def discard(entry: Path) -> None:
+  """Moves an untrusted entry out of the way in one rename, then deletes it; no-op if absent."""
+  stale = entry.parent / f".stale-{uuid.uuid4().hex}"
+  try:
+    os.rename(entry, stale)
+  except FileNotFoundError:
+    return
+  shutil.rmtree(stale, ignore_errors=True)
+
+
+def build(entry: Path, fill: Callable[[Path], Manifest],
+          trusted: Callable[[Path], Manifest | None]) -> Manifest:
+  """Builds `entry` whole or not at all, and returns its manifest.
+
+  `fill(folder)` writes the entry's files into a new temporary folder beside `entry` (.tmp-*,
+  deleted if anything fails; a killed build's is ignored and may be deleted) and returns its
+  manifest; its `files` field is replaced by the digests of what `fill` wrote. The manifest is
+  written last and the folder renamed to `entry`. Another process placing the same entry first is
+  fine if `trusted(entry)` (the caller's `read`, None when the entry cannot be trusted) accepts it.
+  """
+  entry.parent.mkdir(parents=True, exist_ok=True)
+  temporary = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex}"
+  try:
+    temporary.mkdir()
+    manifest = fill(temporary)
+    write(temporary, dataclasses.replace(manifest, files=tree_sha256(temporary)))
+    try:
+      os.rename(temporary, entry)
+    except OSError:  # another process placed the entry first: fine if it is the same one
+      if trusted(entry) is None:
+        raise
+  finally:
+    shutil.rmtree(temporary, ignore_errors=True)
+  manifest = trusted(entry)
+  if manifest is None:
+    raise CacheEntryError(f"The cache entry {entry} changed as it was written.")
   return manifest

@@ -1,28 +1,33 @@
-"""The in-memory form of a dataset the trainer uses, and how to load one."""
+"""The form of a dataset the trainer uses, and how to load one."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
+from dpjax.data import image_folder
+from dpjax.data import records
 from dpjax.data import specs
 from dpjax.data import tfds_cache
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Images and labels of one split, in memory.
+  """Images and labels of one split (or part of one).
 
   Attributes:
-    images: uint8 [N, H, W, C].
-    labels: int32 [N], in [0, num_classes).
+    images: uint8 [N, H, W, C]: a NumPy array in memory, or a `records.RecordImages` that reads
+      and decodes only the rows indexed (image-folder datasets). Both index like NumPy
+      (`images[index_array]` -> uint8 [n, H, W, C]) and have `take(indices, axis=0)`.
+    labels: int32 [N], in [0, num_classes), in memory.
     num_classes: number of classes.
     name: dataset name, e.g. "mnist".
     split: which split (or part of one) this is, e.g. "train"; used to catch overlaps.
   """
-  images: np.ndarray
+  images: np.ndarray | records.RecordImages
   labels: np.ndarray
   num_classes: int
   name: str
@@ -45,31 +50,49 @@ class Dataset:
     return tuple(self.images.shape[1:])
 
   def subset(self, indices: np.ndarray, part: str) -> "Dataset":
-    """Returns a copy holding examples `indices` [n] (in that order); `part` names it."""
-    return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
-                               split=f"{self.split}[{part}]")
+    """Returns a copy holding examples `indices` [n] (in that order); `part` names it. Lazy
+    images stay lazy (a view: nothing is read)."""
+    return dataclasses.replace(self, images=self.images.take(indices, axis=0),
+                               labels=self.labels[indices], split=f"{self.split}[{part}]")
 
 
 def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None, verify: bool = True) -> Dataset:
-  """Loads a split of "mnist", "fashion_mnist" or "cifar10" through the TFDS ArrayRecord cache.
+                 cache_dir: str | os.PathLike | None = None, verify: bool = True, *,
+                 classes: Sequence[str] | None = None,
+                 image_shape: Sequence[int] | None = None) -> Dataset:
+  """Loads a split of a known dataset through its cache.
 
-  The first call converts the original files (found by `locations.resolve_data_dir(name,
-  data_dir)`) into the cache; later calls read the cache entry built from the same files (checked
-  by their SHA-256s), or without the files the one usable entry (`tfds_cache`).
+  "mnist", "fashion_mnist", "cifar10": the first call converts the original files (found by
+  `locations.resolve_data_dir(name, data_dir)`) into the TFDS ArrayRecord cache; later calls read
+  the cache entry built from the same files (checked by their SHA-256s), or without the files the
+  one usable entry (`tfds_cache`). Images are read into memory.
+  "cifar10_jpeg", "image_folder" (the folder or archive `data_dir` names): the first call checks
+  every image and writes the cache entry (`image_folder`); images stay on disk, read lazily.
 
   Args:
     name: one of `specs.KNOWN_DATASETS`; anything else raises ValueError listing them.
     split: "train" or "test".
-    data_dir: configured folder of the original files (None: $DPJAX_DATA_DIR, system folders).
+    data_dir: configured folder of the original files (None: $DPJAX_DATA_DIR, system folders);
+      for "image_folder" the folder or archive itself (required).
     cache_dir: cache root (None: $DPJAX_CACHE_DIR or ~/.cache/dpjax).
-    verify: require the official release, of the files and of the cache entry read.
+    verify: require the official release, of the files and of the cache entry read ("image_folder"
+      has none: no effect).
+    classes, image_shape: "image_folder" only: class folder names in label order (None: sorted),
+      and the (H, W, C) every image must have (None: the first image's).
 
   Returns:
-    A Dataset with images uint8 [N, H, W, C] and labels int32 [N] in the original file order.
+    A Dataset with images uint8 [N, H, W, C] and labels int32 [N]: in the original file order, or
+    for image folders in the order `image_folder` describes (a fixed shuffle of the files).
   """
   spec = specs.get_spec(name)
   specs.check_split(split)
+  if isinstance(spec, specs.ImageFolderSpec):
+    images, labels, info = image_folder.load(name, split, data_dir, cache_dir, verify, classes,
+                                             image_shape)
+    return Dataset(images=images, labels=labels, num_classes=len(info.classes), name=name,
+                   split=split)
+  if classes or image_shape:
+    raise ValueError(f"classes and image_shape are for image_folder only; {name} has its own.")
   entry = tfds_cache.ensure_cache(name, cache_dir, data_dir, verify)
   images, labels = tfds_cache.read_cached_split(name, split, entry)
   return Dataset(images=images, labels=labels, num_classes=spec.num_classes, name=name,
@@ -82,8 +105,19 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 def normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel (mean, std) [C] float32 of `name`'s training images scaled to [0, 1]."""
+  """Per-channel (mean, std) [C] float32 of `name`'s training images scaled to [0, 1].
+
+  Public constants of a known dataset (its spec). "image_folder" has none: its training split's
+  statistics (`image_folder.FolderInfo`) are computed from its images, private ones when the
+  training split is, and preprocessing private data with them is a release the DP guarantee does
+  not cover; ValueError says so.
+  """
   spec = specs.get_spec(name)
+  if not spec.mean:
+    raise ValueError(f"{spec.title} has no public normalization constants: the mean and std of its "
+                     "training images are computed from them, so standardising with them would "
+                     "leak private data outside the DP guarantee. Scale images to [0, 1] instead "
+                     "(data.standardize=False).")
   return np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
 
 

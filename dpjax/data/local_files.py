@@ -195,7 +195,7 @@ def read_split(name: str, split: str, source: Path,
   """Reads one split of a known dataset from its original files and validates it.
 
   Args:
-    name: a dataset in `specs.KNOWN_DATASETS`.
+    name: a dataset in `specs.LOCAL_DATASETS`.
     split: "train" or "test".
     source: what `locations.resolve_data_dir` returned.
     verify: require the official release (checksums and example counts).
@@ -203,7 +203,7 @@ def read_split(name: str, split: str, source: Path,
   Returns:
     (images, labels): images [N, H, W, C] uint8, labels [N] int32 in [0, num_classes).
   """
-  spec = specs.get_spec(name)
+  spec = specs.local_spec(name)
   specs.check_split(split)
   reader = read_idx_split if spec.file_format == "idx" else read_cifar_split
   images, labels = reader(Path(source), spec, split, verify)

@@ -4,7 +4,9 @@ Search order: the configured folder if one is given (and nothing else), otherwis
 $DPJAX_DATA_DIR, then the folder an OS package installs to (Debian's
 /usr/share/datasets/fashion-mnist for Fashion-MNIST). Below each root both layouts work:
 ROOT/<subfolder>/files (e.g. ROOT/mnist/, ROOT/cifar-10-batches-py/ or ROOT/cifar-10-python.tar.gz)
-and ROOT/files.
+and ROOT/files. An image-folder dataset is an archive (`ARCHIVE_SUFFIXES`) or a folder holding
+train/: ROOT/<subfolder> (cifar10_jpeg: ROOT/cifar10-jpeg/cifar10-jpeg.tar.gz, ...) or ROOT itself,
+which for "image_folder" must be configured (data.dir): $DPJAX_DATA_DIR is not one image folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from dpjax.data import specs
 
 DATA_DIR_ENV = "DPJAX_DATA_DIR"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -22,7 +25,8 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def resolve_data_dir(name: str, configured_dir: str | os.PathLike | None = None) -> Path:
-  """Returns the folder holding `name`'s original files (for CIFAR-10 possibly its tarball).
+  """Returns the folder holding `name`'s original files (for CIFAR-10 possibly its tarball; for an
+  image-folder dataset its archive or its folder).
 
   Args:
     name: a dataset in `specs.KNOWN_DATASETS`.
@@ -32,6 +36,9 @@ def resolve_data_dir(name: str, configured_dir: str | os.PathLike | None = None)
     DataNotFoundError: naming the files looked for, the places searched and how to get the files.
   """
   spec = specs.get_spec(name)
+  if name == "image_folder" and not configured_dir:
+    raise DataNotFoundError(f"data.name = 'image_folder' reads the folder or archive that "
+                            f"data.dir names, and data.dir is empty. {spec.how_to_get}")
   roots = _roots(spec, configured_dir)
   candidates = [c for root in roots for c in _candidates(spec, root)]
   for candidate in candidates:
@@ -51,15 +58,28 @@ def _candidates(spec: specs.DatasetSpec, root: Path) -> list[Path]:
   return [root / sub for sub in spec.subfolders] + [root]
 
 
-def _is_complete(spec: specs.DatasetSpec, path: Path) -> bool:
+def is_archive(path: Path) -> bool:
+  """Whether `path`'s name ends in one of ARCHIVE_SUFFIXES (any case)."""
+  return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _is_complete(spec: specs.DatasetSpec | specs.ImageFolderSpec, path: Path) -> bool:
+  if isinstance(spec, specs.ImageFolderSpec):
+    return path.is_file() and is_archive(path) or (path / "train").is_dir()
   if path.name.endswith(".tar.gz"):
     return path.is_file()
   return all((path / f).is_file() for f in spec.all_files)
 
 
-def _not_found_message(spec: specs.DatasetSpec, roots: list[Path], candidates: list[Path]) -> str:
+def _not_found_message(spec: specs.DatasetSpec | specs.ImageFolderSpec, roots: list[Path],
+                       candidates: list[Path]) -> str:
   where = (f"in {', '.join(map(str, candidates))}" if roots else
            f"anywhere: no data folder is configured and {DATA_DIR_ENV} is unset")
+  if isinstance(spec, specs.ImageFolderSpec):
+    return (f"{spec.title} not found {where}: looked for an archive "
+            f"({', '.join(ARCHIVE_SUFFIXES)}) or a folder holding train/ (no such file or folder, "
+            f"or a folder without train/). Set --config.data.dir or {DATA_DIR_ENV} to it. "
+            f"{spec.how_to_get}")
   return (f"{spec.title} files not found {where} (looked for {', '.join(spec.all_files)}). "
           f"Set --config.data.dir or {DATA_DIR_ENV} to a folder holding them, directly or as "
           f"{' or '.join(spec.subfolders)} below it. {spec.how_to_get}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ class DpjaxLocal(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Original files with an index feature."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in specs.KNOWN_DATASETS]
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in specs.LOCAL_DATASETS]
 
   def __init__(self, *, source: Path | None = None, verify: bool = True, **kwargs: Any):
     self._source = source
@@ -95,7 +94,7 @@ def ensure_cache(name: str, cache_dir: str | os.PathLike | None = None,
   """Returns the cache entry of `name` (a TFDS data_dir) to read, building it if needed.
 
   Args:
-    name: a dataset in `specs.KNOWN_DATASETS`.
+    name: a dataset in `specs.LOCAL_DATASETS`.
     cache_dir: cache root; default `default_cache_dir()`.
     data_dir: configured folder of the original files (see `locations.resolve_data_dir`); when
       they are found, the entry built from exactly these files is used.
@@ -109,7 +108,7 @@ def ensure_cache(name: str, cache_dir: str | os.PathLike | None = None,
     locations.DataNotFoundError: no original files and no usable entry.
     cache_manifest.CacheEntryError: no original files and several usable entries that differ.
   """
-  spec = specs.get_spec(name)
+  spec = specs.local_spec(name)
   root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
   folder = root / BUILDER_NAME / name
   try:
@@ -120,7 +119,7 @@ def ensure_cache(name: str, cache_dir: str | os.PathLike | None = None,
   entry = folder / cache_manifest.entry_name(sha256s)
   manifest = _trusted(spec, entry)
   if manifest is None or _sha256s(manifest) != sha256s:
-    _discard(entry)
+    cache_manifest.discard(entry)
     manifest = _build(spec, entry, source, sha256s, verify)
   if verify:
     problems = cache_manifest.official_mismatches(spec, manifest)
@@ -157,23 +156,12 @@ def _mark_verified(entry: Path, manifest: cache_manifest.Manifest) -> None:
     cache_manifest.write(entry, dataclasses.replace(manifest, verified=True))
 
 
-def _discard(entry: Path) -> None:
-  """Moves an untrusted entry out of the way in one rename, then deletes it; no-op if absent."""
-  stale = entry.parent / f".stale-{uuid.uuid4().hex}"
-  try:
-    os.rename(entry, stale)
-  except FileNotFoundError:
-    return
-  shutil.rmtree(stale, ignore_errors=True)
-
-
 def _build(spec: specs.DatasetSpec, entry: Path, source: Path, sha256s: dict[str, str],
            verify: bool) -> cache_manifest.Manifest:
-  """Converts the original files into a temporary folder, writes its manifest and renames it to
-  `entry`; tolerates another process placing the same entry first. Returns entry's manifest."""
-  entry.parent.mkdir(parents=True, exist_ok=True)
-  temporary = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex}"
-  try:
+  """Converts the original files into the entry `entry` (`cache_manifest.build`: whole or not at
+  all); returns its manifest."""
+
+  def fill(temporary: Path) -> cache_manifest.Manifest:
     builder = DpjaxLocal(config=spec.name, data_dir=temporary, source=source, verify=verify,
                          file_format="array_record")
     builder.download_and_prepare(
@@ -186,22 +174,12 @@ def _build(spec: specs.DatasetSpec, entry: Path, source: Path, sha256s: dict[str
     if cache_manifest.source_sha256(spec, source) != sha256s:
       raise RuntimeError(f"The files in {source} changed while the cache was built from them; "
                          "run again once nothing writes to them.")
-    cache_manifest.write(temporary, cache_manifest.Manifest(
+    return cache_manifest.Manifest(
         dataset=spec.name, builder_version=str(DpjaxLocal.VERSION), source=str(source),
         sources=sources, verified=verify,
-        num_examples={s: builder.info.splits[s].num_examples for s in specs.SPLITS},
-        files=cache_manifest.tree_sha256(temporary)))
-    try:
-      os.rename(temporary, entry)
-    except OSError:  # another process placed the entry first: fine if it is the same one
-      if _trusted(spec, entry) is None:
-        raise
-  finally:
-    shutil.rmtree(temporary, ignore_errors=True)
-  manifest = _trusted(spec, entry)
-  if manifest is None:
-    raise cache_manifest.CacheEntryError(f"The cache entry {entry} changed as it was written.")
-  return manifest
+        num_examples={s: builder.info.splits[s].num_examples for s in specs.SPLITS}, files={})
+
+  return cache_manifest.build(entry, fill, lambda e: _trusted(spec, e))
 
 
 def _entry_without_source(spec: specs.DatasetSpec, folder: Path, verify: bool,
