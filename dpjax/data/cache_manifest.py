@@ -118,6 +118,12 @@ def write(entry: Path, manifest: Manifest) -> None:
   os.replace(temporary, entry / MANIFEST)
 
 
+def mark_verified(entry: Path, manifest: Manifest) -> None:
+  """Records that `entry`'s sources passed the official checks (the caller made them)."""
+  if not manifest.verified:
+    write(entry, dataclasses.replace(manifest, verified=True))
+
+
 def read(entry: Path, dataset: str, builder_version: str) -> Manifest:
   """The manifest of `entry`, checked against the entry's files.
 

@@ -140,7 +140,9 @@ def ensure_entry(spec: specs.ImageFolderSpec, source: Path, folder: Path, verify
   manifest = _trusted(spec, entry)
   if manifest is None or manifest.sources.get("source", {}).get("sha256") != digest:
     cache_manifest.discard(entry)
-    _build(spec, entry, source, digest, classes, image_shape, digest in official)
+    manifest = _build(spec, entry, source, digest, classes, image_shape, digest in official)
+  if digest in official:
+    cache_manifest.mark_verified(entry, manifest)
   info = read_info(entry)
   if image_shape and tuple(image_shape) != info.image_shape:
     first = image_source.where_in(source, read_paths(entry, "train")[0])
@@ -233,7 +235,8 @@ def _check_classes(splits: dict[str, dict[str, list[image_source.Image]]],
   if "train" not in splits:
     raise ImageFolderError(f"{where('train')}/ is missing: a dataset needs a training split.")
   order = classes or tuple(sorted(splits["train"]))
-  for split, by_class in splits.items():
+  for split in [s for s in specs.SPLITS if s in splits]:
+    by_class = splits[split]
     for name, images in sorted(by_class.items()):
       if not images:
         raise ImageFolderError(f"{where(split, name)}/ holds no images: remove the empty "

@@ -90,13 +90,24 @@ def members(source: Path) -> Iterator[tuple[PurePosixPath, bytes | None]]:
           if (rel := keep(member.filename)) is not None:
             yield rel, None if member.is_dir() else archive.read(member)
       return
-    with tarfile.open(source, "r|*") as archive:  # a stream: one pass, any compression
+    with tarfile.open(source, "r:*") as archive:  # any compression; members read in order
       for member in archive:
         if (rel := keep(member.name)) is not None and (member.isfile() or member.isdir()):
           yield rel, archive.extractfile(member).read() if member.isfile() else None
+      _check_end(archive)
   except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
     raise ImageFolderError(f"{source} is not a readable archive ({type(e).__name__}: {e}): it "
                            "is truncated or corrupt. Replace it.") from e
+
+
+def _check_end(archive: tarfile.TarFile) -> None:
+  """Raises tarfile.ReadError unless the archive read ends with tar's end-of-archive block and its
+  compressed stream is complete: tarfile takes a tar cut at a block boundary for a whole one."""
+  archive.fileobj.seek(archive.offset)
+  if archive.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+    raise tarfile.ReadError("no end-of-archive block after the last member")
+  while archive.fileobj.read(1 << 20):  # a truncated gzip/bz2/xz stream raises EOFError here
+    pass
 
 
 @dataclasses.dataclass

@@ -6,11 +6,15 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import io
 import pickle
 import tarfile
+import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 
 from dpjax.data import locations
 from dpjax.data import specs
@@ -103,3 +107,57 @@ def _pack(folder: Path, tarball: Path) -> Path:
     f.unlink()
   folder.rmdir()
   return tarball
+
+
+def write_image_folder(root: Path, classes: Sequence[str] = ("ant", "bee", "cat"),
+                       counts: Mapping[str, int] | None = None,
+                       shape: tuple[int, int, int] = (8, 8, 3), seed: int = 0,
+                       suffixes: Sequence[str] = (".png", ".jpg")) -> dict[str, np.ndarray]:
+  """Writes random images as root/<split>/<class>/<i><suffix> (suffixes taken in turn).
+
+  counts: split -> images per class (default train 4, test 2). shape: (H, W, C), C 1 or 3.
+
+  Returns:
+    relative path -> its pixels uint8 [H, W, C] as Pillow decodes the file (JPEG is lossy).
+  """
+  rng = np.random.default_rng(seed)
+  pixels = {}
+  for split, n in (counts or {"train": 4, "test": 2}).items():
+    for name in classes:
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        path = f"{split}/{name}/{i}{suffixes[i % len(suffixes)]}"
+        write_image(root / path, rng.integers(0, 256, shape, dtype=np.uint8))
+        pixels[path] = np.asarray(PIL.Image.open(root / path)).reshape(shape)
+  return pixels
+
+
+def write_image(path: Path, pixels: np.ndarray) -> Path:
+  """Saves uint8 pixels [H, W, C] (C 1 or 3) as the image format `path`'s suffix names."""
+  PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+  return path
+
+
+def encoded(pixels: np.ndarray, image_format: str) -> bytes:
+  """uint8 pixels [H, W, C] encoded as an image file of `image_format` ("PNG", "JPEG", ...)."""
+  out = io.BytesIO()
+  PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(out, image_format)
+  return out.getvalue()
+
+
+def pack(folder: Path, archive: Path, top: str = "", reverse: bool = False) -> Path:
+  """Packs the files and folders below `folder` into `archive` (.tar, .tar.gz, .tgz or .zip, by
+  its name), below a folder `top` if given, in sorted order (reversed if `reverse`)."""
+  archive.parent.mkdir(parents=True, exist_ok=True)
+  paths = sorted(folder.rglob("*"), reverse=reverse)
+  names = [str(Path(top) / p.relative_to(folder)) for p in paths]
+  if archive.name.endswith(".zip"):
+    with zipfile.ZipFile(archive, "w") as z:
+      for path, name in zip(paths, names):
+        z.write(path, name)
+    return archive
+  mode = "w:gz" if archive.name.endswith((".tar.gz", ".tgz")) else "w"
+  with tarfile.open(archive, mode) as tar:
+    for path, name in zip(paths, names):
+      tar.add(path, name, recursive=False)
+  return archive

@@ -26,7 +26,6 @@ Which entry `ensure_cache` uses:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -129,7 +128,7 @@ def ensure_cache(name: str, cache_dir: str | os.PathLike | None = None,
           f"{'; '.join(problems)} (recorded when the cache entry {entry} was built from them). "
           "The files are corrupt, truncated or not the original: delete them and download them "
           "again, or pass verify=False to use them anyway.")
-    _mark_verified(entry, manifest)
+    cache_manifest.mark_verified(entry, manifest)
   return entry
 
 
@@ -148,12 +147,6 @@ def _trusted(spec: specs.DatasetSpec, entry: Path) -> cache_manifest.Manifest | 
 
 def _sha256s(manifest: cache_manifest.Manifest) -> dict[str, str]:
   return {name: digests["sha256"] for name, digests in manifest.sources.items()}
-
-
-def _mark_verified(entry: Path, manifest: cache_manifest.Manifest) -> None:
-  """Records that `entry`'s sources passed the official checks (the caller made them)."""
-  if not manifest.verified:
-    cache_manifest.write(entry, dataclasses.replace(manifest, verified=True))
 
 
 def _build(spec: specs.DatasetSpec, entry: Path, source: Path, sha256s: dict[str, str],
@@ -212,7 +205,7 @@ def _entry_without_source(spec: specs.DatasetSpec, folder: Path, verify: bool,
         "data.dir at the files to use, or delete the entries you do not want.")
   entry, manifest = usable[0]
   if verify:
-    _mark_verified(entry, manifest)
+    cache_manifest.mark_verified(entry, manifest)
   return entry
 
 
