@@ -108,6 +108,18 @@ def test_an_int_is_a_float_where_a_float_is_expected():
     ({"data.public_fraction": 1.5}, config_lib.ConfigError, "public_fraction"),
     ({"data.public_name": "imagenet"}, config_lib.ConfigError, "public_name"),
     ({"data.train_examples": -1}, config_lib.ConfigError, "train_examples"),
+    ({"data.name": "image_folder"}, config_lib.ConfigError, "image_folder' needs data.dir"),
+    ({"data.classes": ("a", "b")}, config_lib.ConfigError,
+     "data.classes and data.image_shape are read only when data.name is 'image_folder'"),
+    ({"data.name": "cifar10_jpeg", "data.image_shape": (32, 32, 3)}, config_lib.ConfigError,
+     "cifar10_jpeg has its own"),
+    ({"data.name": "image_folder", "data.dir": "/d.tar", "data.classes": ("a", "a")},
+     config_lib.ConfigError, "distinct class folder names"),
+    ({"data.name": "image_folder", "data.dir": "/d.tar", "data.image_shape": (8, 8)},
+     config_lib.ConfigError, r"\(H, W, C\) of positive integers"),
+    ({"data.name": "image_folder", "data.dir": "/d.tar", "data.standardize": True},
+     config_lib.ConfigError, "computed from its \\(private\\) training images"),
+    ({"data.public_name": "image_folder"}, config_lib.ConfigError, "public_name"),
     ({"model.name": "resnet9000"}, config_lib.ConfigError, "resnet9000.*cnn_tanh"),
     ({"dp.noise_multiplier": None}, config_lib.ConfigError, "Set dp.noise_multiplier"),
     ({"dp.clip_norm": 0.0}, config_lib.ConfigError, "clip_norm"),
@@ -179,6 +191,17 @@ def test_each_value_check(changes, error, match):
   config_lib.parse(_base())
   with pytest.raises(error, match=match):
     config_lib.parse(_with(changes))
+
+
+def test_image_folder_keys_parse_and_stay_out_of_the_trajectory_when_empty():
+  spec = config_lib.parse(_with({"data.name": "image_folder", "data.dir": "/d.tgz",
+                                 "data.classes": ("b", "a"), "data.image_shape": (8, 8, 3)}))
+  assert (spec.data.classes, spec.data.image_shape) == (("b", "a"), (8, 8, 3))
+  assert config_lib.parse(_with({"data.name": "cifar10_jpeg", "data.standardize": True}))
+  default = config_lib.default_config()
+  assert {"classes", "image_shape"}.isdisjoint(config_lib.trajectory_view(default)["data"])
+  default.data.update(name="image_folder", dir="/d.tgz", classes=("b", "a"))
+  assert config_lib.trajectory_view(default)["data"]["classes"] == ("b", "a")
 
 
 @pytest.mark.parametrize("changes,spec", [

@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 
+from dpjax.data import batches
 from dpjax.data import dataset as dataset_lib
 from dpjax.data import local_files
+from dpjax.data import records
+from dpjax.data import splits
 from dpjax.data import testing
 from dpjax.data import tfds_cache
 
@@ -71,6 +74,31 @@ def test_fake_cifar10_through_env_cache_dir(tmp_path, monkeypatch):
   assert test.images.shape == (2, 32, 32, 3) and test.num_classes == 10
   assert test.labels.tolist() == batches["test_batch"][b"labels"]
   assert (tmp_path / "cache" / "dpjax_local" / "cifar10").is_dir()
+
+
+def test_an_image_folder_stays_lazy_through_subsets_splits_and_batches(tmp_path):
+  testing.write_image_folder(tmp_path / "f", counts={"train": 10, "test": 2})
+  train = dataset_lib.load_dataset("image_folder", "train", tmp_path / "f", tmp_path / "cache")
+  assert isinstance(train.images, records.RecordImages) and len(train) == 30
+  assert (train.image_shape, train.num_classes, train.split) == ((8, 8, 3), 3, "train")
+  dense = np.asarray(train.images)
+  public_idx, private_idx = splits.public_private_split(30, 0.3, seed=0)
+  parts = splits.split_dataset(train, 0.3, seed=0)
+  assert isinstance(parts.private.images, records.RecordImages)
+  np.testing.assert_array_equal(parts.private.images[:], dense[private_idx])
+  np.testing.assert_array_equal(parts.private.labels, train.labels[private_idx])
+  batch = batches.gather(parts.public, np.array([2, 0]))
+  np.testing.assert_array_equal(batch["image"], dataset_lib.to_float(dense[public_idx[[2, 0]]]))
+  with pytest.raises(ValueError, match="image_folder only"):
+    dataset_lib.load_dataset("mnist", "train", cache_dir=tmp_path, classes=("a",))
+
+
+def test_normalization_is_public_constants_only():
+  mean, std = dataset_lib.normalization("cifar10_jpeg")
+  np.testing.assert_allclose(mean, [0.4913, 0.4821, 0.4465])
+  assert std.shape == (3,)
+  with pytest.raises(ValueError, match="no public normalization constants.*private data"):
+    dataset_lib.normalization("image_folder")
 
 
 def test_unknown_name_lists_known_ones(tmp_path):

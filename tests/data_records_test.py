@@ -60,6 +60,19 @@ def test_take_is_a_view_that_indexes_like_numpy(split, monkeypatch):
     lazy.take([0], axis=1)
 
 
+def test_appended_images_follow_the_view_in_memory(split):
+  lazy, images, _ = split
+  more = np.full((2,) + SHAPE, 7, np.uint8)
+  grown = lazy.take([4, 9]).append(more).append(more[:1] + 1)
+  want = np.concatenate([images[[4, 9]], more, more[:1] + 1])
+  assert grown.shape == want.shape
+  np.testing.assert_array_equal(grown[:], want)
+  np.testing.assert_array_equal(grown.take([4, 0, 2])[:], want[[4, 0, 2]])
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(grown))[[-1, 1]], want[[-1, 1]])
+  with pytest.raises(ValueError, match="uint8"):
+    lazy.append(more.astype(np.int32))
+
+
 def test_bad_indices_are_index_errors(split):
   lazy, _, _ = split
   for key in (20, -21, [0, 20], np.zeros(3, bool), np.array([[0]]), np.array([0.5]), (0, 1)):

@@ -293,6 +293,34 @@ def test_cifar10_config_trains_on_a_small_file_in_the_original_format(tmp_path):
     loop.train_and_evaluate(c, str(tmp_path / "work2"), show_progress=False)
 
 
+def test_an_image_folder_archive_trains_with_canaries_reading_only_the_batches(tmp_path,
+                                                                              monkeypatch):
+  """data.name = image_folder: a .tar.gz of class folders, classes in a given order, canaries;
+  the private part stays lazy, so each private step decodes only its own rows."""
+  from dpjax.data import records, testing
+  classes = tuple(f"c{i}" for i in range(10))
+  testing.write_image_folder(tmp_path / "src", classes, {"train": 12, "test": 2},
+                             shape=(28, 28, 1), suffixes=(".png",))
+  archive = testing.pack(tmp_path / "src", tmp_path / "pets.tar.gz", top="pets")
+  c = small_config(data=dict(name="image_folder", dir=str(archive), classes=classes[::-1],
+                             cache_dir=str(tmp_path / "cache"), public_fraction=0.25),
+                   audit=dict(canaries=4),
+                   dp=dict(expected_batch_size=16, insecure_reproducible_seed=0),
+                   schedule=dict(total_steps=4, public_batch_size=8), mixing=dict(switch_step=2))
+  c.perf.microbatch_size = 8
+  private = state_lib.load_training_data(c).parts.private
+  assert private.image_shape == (28, 28, 1) and private.num_classes == 10
+  assert isinstance(private.images, records.RecordImages)  # canaries appended, still lazy
+  decoded = []
+  decode = records.decode
+  monkeypatch.setattr(records, "decode", lambda record, where: decoded.append(where) or
+                      decode(record, where))
+  r = loop.train_and_evaluate(c, str(tmp_path / "work"), show_progress=False)
+  assert r["steps"] == 4 and r["privacy"]["private_steps"] == 2
+  train_reads = [w for w in decoded if "train.array_record" in w]
+  assert 0 < len(train_reads) < len(private)  # its batches, never the whole private part
+
+
 def test_batchnorm_model_is_refused(tmp_path, monkeypatch):
   class WithBatchNorm(nn.Module):
     @nn.compact

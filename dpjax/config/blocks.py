@@ -21,18 +21,25 @@ from dpjax.privacy import accounting
 @dataclasses.dataclass(frozen=True)
 class DataSpec(Spec):
   BLOCK: ClassVar[str] = "data"
-  name: str = field("fashion_mnist", "the dataset trained on", data_specs.KNOWN_DATASETS)
-  dir: str = field("", "folder of the original files ('': $DPJAX_DATA_DIR, system folders)")
-  cache_dir: str = field("", "TFDS ArrayRecord cache root ('': $DPJAX_CACHE_DIR or "
-                             "~/.cache/dpjax)")
+  name: str = field("fashion_mnist", "the dataset trained on (image_folder: the folder or archive "
+                                     "data.dir names)", data_specs.KNOWN_DATASETS)
+  dir: str = field("", "folder of the original files ('': $DPJAX_DATA_DIR, system folders); for "
+                       "image_folder the folder or .tar/.tar.gz/.tgz/.zip archive of "
+                       "train/<class>/*.jpg (.jpeg, .png) and test/<class>/*.jpg")
+  cache_dir: str = field("", "dataset cache root ('': $DPJAX_CACHE_DIR or ~/.cache/dpjax)")
+  classes: tuple = field((), "image_folder: class folder names in label order (empty: the sorted "
+                             "folder names)")
+  image_shape: tuple = field((), "image_folder: the (H, W, C) every image must have (empty: the "
+                                 "first image's)")
   public_fraction: float = field(0.1, "part of the training split that is public (the rest is "
                                       "private)")
   public_name: str = field("", "a separate public dataset ('': public_fraction of data.name's "
                                "training split)")
   standardize: bool = field(False, "standardise images with the dataset's mean and std (else "
-                                   "scale to [0, 1])")
+                                   "scale to [0, 1]); not for image_folder, whose statistics are "
+                                   "private")
   verify: bool = field(True, "require the official files' checksums (False: any well-formed "
-                             "files)")
+                             "files; image_folder has none)")
   train_examples: int = field(0, "train on the first N examples of the training split only "
                                  "(0: all)")
   workers: int = field(0, "grain worker processes that read, decode and preprocess batches "
@@ -43,9 +50,9 @@ class DataSpec(Spec):
   def check(self):
     check(0 <= self.public_fraction <= 1,
           f"data.public_fraction must be in [0, 1], got {self.public_fraction}.")
-    check(self.public_name in ("",) + data_specs.KNOWN_DATASETS,
-          f"data.public_name must be '' or one of {data_specs.KNOWN_DATASETS}, got "
-          f"{self.public_name!r}.")
+    named = tuple(n for n in data_specs.KNOWN_DATASETS if n != "image_folder")
+    check(self.public_name in ("",) + named,
+          f"data.public_name must be '' or one of {named}, got {self.public_name!r}.")
     check(self.train_examples >= 0,
           f"data.train_examples must be >= 0 (0: all), got {self.train_examples}.")
     check(self.workers >= 0, f"data.workers must be >= 0 (0: no worker processes), got "
@@ -53,6 +60,24 @@ class DataSpec(Spec):
     check(self.threads >= 1, f"data.threads must be >= 1, got {self.threads}.")
     check(self.prefetch >= 1, f"data.prefetch must be >= 1 (steps read ahead), got "
                               f"{self.prefetch}.")
+    if self.name != "image_folder":
+      check(not self.classes and not self.image_shape,
+            f"data.classes and data.image_shape are read only when data.name is 'image_folder'; "
+            f"{self.name} has its own. Leave them empty.")
+      return
+    check(bool(self.dir), "data.name = 'image_folder' needs data.dir: the folder or archive "
+                          "(.tar, .tar.gz, .tgz, .zip) holding train/<class>/ images.")
+    check(all(isinstance(c, str) and c for c in self.classes)
+          and len(set(self.classes)) == len(self.classes),
+          f"data.classes must be distinct class folder names, got {self.classes!r}.")
+    check(self.image_shape == () or (len(self.image_shape) == 3 and all(
+        isinstance(d, int) and d > 0 for d in self.image_shape)),
+          f"data.image_shape must be empty or (H, W, C) of positive integers, got "
+          f"{self.image_shape!r}.")
+    check(not self.standardize,
+          "data.standardize=True would standardise with the image folder's mean and std, which "
+          "are computed from its (private) training images: a release the DP guarantee does not "
+          "cover. Leave data.standardize False (images scaled to [0, 1]).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,23 +155,28 @@ class RecordImages:
   Indexing follows NumPy: an int gives [H, W, C]; a slice, an int array [n] (in that order,
   repeats allowed, negative indices from the end) or a bool mask [N] gives [n, H, W, C]. Each read
   decodes only the records asked for. `take(indices, axis=0)` is a view (no read), as `Dataset
-  .subset` needs; `np.asarray(images)` reads every image of the view (fine for a test split, not
-  for a large training split).
+  .subset` needs; `append(images)` adds a few in-memory images after the view's (canaries);
+  `np.asarray(images)` reads every image of the view (fine for a test split, not for a large
+  training split).
 
-  Pickling keeps the path, shape and view, never an open file: the unpickled copy opens the file
-  on its first read (one reader per process, shared by its threads).
+  Pickling keeps the path, shape, view and appended images, never an open file: the unpickled
+  copy opens the file on its first read (one reader per process, shared by its threads).
   """
 
   dtype = np.dtype(np.uint8)
   ndim = 4
 
   def __init__(self, folder: Path | str, split: str, image_shape: tuple[int, int, int],
-               num_records: int, positions: np.ndarray | None = None):
+               num_records: int, positions: np.ndarray | None = None,
+               extra: np.ndarray | None = None):
     """`folder`/`split`: the files `write_split` wrote (`num_records` records of images of shape
-    `image_shape`); `positions` int64 [n]: the records this view shows (None: all, in order)."""
+    `image_shape`); `extra`: uint8 [m, H, W, C] images in memory, at positions num_records, ...,
+    num_records + m - 1 after the records; `positions` int64 [n]: the positions this view shows
+    (None: all records, then all of `extra`, in order)."""
     self.path = Path(folder) / f"{split}{RECORDS_SUFFIX}"
     self.image_shape = tuple(int(d) for d in image_shape)
     self.num_records = int(num_records)
+    self.extra = np.zeros((0,) + self.image_shape, np.uint8) if extra is None else extra
     self.positions = None if positions is None else np.asarray(positions, np.int64)
     self._reader = None
     self._lock = threading.Lock()
@@ -181,7 +186,9 @@ class RecordImages:
     return (len(self),) + self.image_shape
 
   def __len__(self) -> int:
-    return self.num_records if self.positions is None else len(self.positions)
+    if self.positions is None:
+      return self.num_records + len(self.extra)
+    return len(self.positions)
 
   def __repr__(self) -> str:
     return f"RecordImages({self.path}, shape={self.shape})"
@@ -200,8 +207,21 @@ class RecordImages:
     if axis != 0:
       raise ValueError(f"RecordImages.take works along the example axis only (axis=0), got "
                        f"axis={axis}.")
+    return self._view(self._positions(indices), self.extra)
+
+  def append(self, images: np.ndarray) -> RecordImages:
+    """This view followed by `images` uint8 [m, H, W, C], kept in memory (a few: canaries)."""
+    if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
+      raise ValueError(f"can only append uint8 [m, {', '.join(map(str, self.image_shape))}] "
+                       f"images, got {images.dtype} {images.shape}.")
+    start = self.num_records + len(self.extra)
+    return self._view(np.concatenate([self._positions(slice(None)),
+                                      start + np.arange(len(images))]),
+                      np.concatenate([self.extra, images]))
+
+  def _view(self, positions: np.ndarray, extra: np.ndarray) -> RecordImages:
     return RecordImages(self.path.parent, self.path.name.removesuffix(RECORDS_SUFFIX),
-                        self.image_shape, self.num_records, self._positions(indices))
+                        self.image_shape, self.num_records, positions, extra)
 
   def __getitem__(self, key) -> np.ndarray:
     if isinstance(key, (int, np.integer)):
@@ -217,7 +237,7 @@ class RecordImages:
     return images if dtype is None else images.astype(dtype)
 
   def _positions(self, key) -> np.ndarray:
-    """Record positions int64 [n] of the examples `key` (slice, int or bool array) selects."""
+    """Positions int64 [n] of the examples `key` (slice, int or bool array) selects."""
     order = np.arange(len(self)) if self.positions is None else self.positions
     if isinstance(key, slice):
       return order[key]
@@ -247,11 +267,15 @@ class RecordImages:
     return self._reader
 
   def _read(self, positions: np.ndarray) -> np.ndarray:
-    """Decoded images uint8 [n, H, W, C] of the records at `positions` [n]."""
+    """Images uint8 [n, H, W, C] at `positions` [n]: records decoded, appended ones copied."""
     out = np.empty((len(positions),) + self.image_shape, np.uint8)
-    if not len(positions):
+    appended = positions >= self.num_records
+    out[appended] = self.extra[positions[appended] - self.num_records]
+    rows = np.flatnonzero(~appended)
+    if not len(rows):
       return out
-    for row, (position, data) in enumerate(zip(positions, self._open().read(positions.tolist()))):
+    read = self._open().read(positions[rows].tolist())
+    for row, position, data in zip(rows, positions[rows], read):
       where = f"{self.path} record {position}"
       record = parse_record(data, where)
       if record.index != position or record.shape != self.image_shape:

@@ -226,8 +226,7 @@ def probe_data(name: str, config: ml_collections.ConfigDict, public: data.Datase
   when there is one, else on one half of the test split, chosen at random by a fixed seed, and is
   tested on the other, disjoint half. Another dataset's training split is not private: used whole.
   """
-  load = lambda split: data.load_dataset(name, split, config.data.dir or None,
-                                         config.data.cache_dir or None, verify=config.data.verify)
+  load = lambda split: state_lib.load_split(config, name, split)
   test = load("test")
   if name != config.data.name:
     return load("train"), test, dict(train="train split ({n} examples)",

@@ -29,12 +29,24 @@ class TrainingData:
   canaries: canaries_lib.Canaries | None
 
 
+def load_split(config: ml_collections.ConfigDict, name: str, split: str) -> data.Dataset:
+  """Split `split` of dataset `name` where and as the config's data block says: data.dir (for an
+  image folder its folder or archive, then no other dataset's), data.cache_dir, data.verify, and
+  an image folder's data.classes and data.image_shape."""
+  c = config.data
+  if name == "image_folder":
+    return data.load_dataset(name, split, c.dir, c.cache_dir or None, verify=c.verify,
+                             classes=tuple(c.classes) or None,
+                             image_shape=tuple(c.image_shape) or None)
+  directory = None if c.name == "image_folder" else c.dir or None
+  return data.load_dataset(name, split, directory, c.cache_dir or None, verify=c.verify)
+
+
 def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
   """Loads the config's datasets, keeps the first data.train_examples training examples (all if
   0), takes out canaries (config.audit) and splits the rest."""
   c = config.data
-  load = lambda name, split: data.load_dataset(name, split, c.dir or None, c.cache_dir or None,
-                                               verify=c.verify)
+  load = lambda name, split: load_split(config, name, split)
   train = load(c.name, "train")
   if c.train_examples:
     if c.train_examples > len(train):
