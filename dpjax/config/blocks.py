@@ -60,11 +60,14 @@ class DataSpec(Spec):
     check(self.threads >= 1, f"data.threads must be >= 1, got {self.threads}.")
     check(self.prefetch >= 1, f"data.prefetch must be >= 1 (steps read ahead), got "
                               f"{self.prefetch}.")
-    if self.name != "image_folder":
+    if self.name == "image_folder":
+      self._check_image_folder()
+    else:
       check(not self.classes and not self.image_shape,
             f"data.classes and data.image_shape are read only when data.name is 'image_folder'; "
             f"{self.name} has its own. Leave them empty.")
-      return
+
+  def _check_image_folder(self):
     check(bool(self.dir), "data.name = 'image_folder' needs data.dir: the folder or archive "
                           "(.tar, .tar.gz, .tgz, .zip) holding train/<class>/ images.")
     check(all(isinstance(c, str) and c for c in self.classes)
