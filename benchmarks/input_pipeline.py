@@ -114,14 +114,15 @@ def time_pipeline(dataset, expected_batch: int, microbatch: int, workers: int, t
 
 
 def markdown(rows: list[InputRow], consumers: dict[str, float]) -> str:
-  lines = ["| dataset | image | workers | threads | pipeline ex/s (spread) | CPUs | "
-           + " | ".join(f"÷ {name} DP step" for name in consumers) + " |",
+  """One line per row; a column per consumer: pipeline ex/s ÷ that model's DP step ex/s."""
+  lines = ["| dataset | image | workers | threads | pipeline ex/s (spread) | CPUs |"
+           + "".join(f" ÷ {name} DP ({rate:,.0f} ex/s) |" for name, rate in consumers.items()),
            "|---|---|---|---|---|---|" + "---|" * len(consumers)]
   for r in rows:
-    ratios = " | ".join(f"{r['examples_per_s'] / rate:.1f}" for rate in consumers.values())
+    ratios = "".join(f" {r['examples_per_s'] / rate:.1f} |" for rate in consumers.values())
     lines.append(f"| {r['dataset']} | {'×'.join(map(str, r['image_shape']))} | {r['workers']} | "
                  f"{r['threads']} | {r['examples_per_s']:,.0f} ({r['spread'][0]:,.0f}–"
-                 f"{r['spread'][1]:,.0f}) | {r['cpus']} | {ratios} |")
+                 f"{r['spread'][1]:,.0f}) | {r['cpus']} |{ratios}")
   return "\n".join(lines)
 
 
