@@ -120,6 +120,9 @@ def test_an_int_is_a_float_where_a_float_is_expected():
     ({"data.name": "image_folder", "data.dir": "/d.tar", "data.standardize": True},
      config_lib.ConfigError, "computed from its \\(private\\) training images"),
     ({"data.public_name": "image_folder"}, config_lib.ConfigError, "public_name"),
+    ({"data.augment": "blur"}, config_lib.ConfigError, "data.augment must be 'none' or"),
+    ({"dp.augmult": 0}, config_lib.ConfigError, "dp.augmult must be an integer > 0"),
+    ({"dp.augmult": 2}, config_lib.ConfigError, "need an augmentation: set data.augment"),
     ({"model.name": "resnet9000"}, config_lib.ConfigError, "resnet9000.*cnn_tanh"),
     ({"dp.noise_multiplier": None}, config_lib.ConfigError, "Set dp.noise_multiplier"),
     ({"dp.clip_norm": 0.0}, config_lib.ConfigError, "clip_norm"),
@@ -295,6 +298,19 @@ def test_contrastive_configs_are_checked_against_the_other_blocks():
     assert spec.contrastive.method == method and not spec.contrastive.private
   with pytest.raises(config_lib.ConfigError, match="microbatch_size must be > 0"):
     config_lib.parse(_with({"contrastive.method": "nonprivate", "perf.microbatch_size": 0}, c))
+  for changes in ({"data.augment": "crop_flip"}, {"dp.augmult": 2}):
+    with pytest.raises(config_lib.ConfigError, match="contrastive.augment"):
+      config_lib.parse(_with(changes, c))
+
+
+def test_augmentation_joins_the_trajectory_view_only_when_set():
+  """Checkpoints from before data.augment and dp.augmult resume under their defaults; a run
+  with views does not resume another's checkpoint."""
+  plain = config_lib.trajectory_view(ml_collections.ConfigDict(_base()))
+  assert "augment" not in plain["data"] and "augmult" not in plain["dp"]
+  views = config_lib.trajectory_view(ml_collections.ConfigDict(
+      _with({"data.augment": "crop_flip", "dp.augmult": 4})))
+  assert views["data"]["augment"] == "crop_flip" and views["dp"]["augmult"] == 4
 
 
 def test_every_key_has_a_type_a_default_and_a_meaning():

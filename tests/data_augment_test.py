@@ -1,8 +1,10 @@
-"""Tests for dpjax.data.augment: shapes, the identity setting, each op, per-example isolation."""
+"""Tests for dpjax.data.augment: shapes, the identity setting, each op, per-example isolation
+(SimCLR views and the CIFAR crop and flip)."""
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -158,3 +160,97 @@ def test_bad_shapes_raise():
     aug.augment(jax.random.key(0), _images(2), _ids(3))
   with pytest.raises(ValueError, match="floating"):
     aug.augment(jax.random.key(0), (_images(2) * 255).astype(np.uint8), _ids(2))
+
+
+# --- crop_flip: the standard CIFAR augmentation (random crop of the padded image, flip) --------
+
+NUMPY_PAD = {"symmetric": "symmetric", "reflect": "reflect", "zeros": "constant"}
+
+
+def _placements(view, image, padding, pad_mode):
+  """Every (top, left, mirrored) whose window of np.pad(image) equals `view` exactly."""
+  h, w, _ = image.shape
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)),
+                  mode=NUMPY_PAD[pad_mode])
+  return [(top, left, mirrored) for top in range(2 * padding + 1)
+          for left in range(2 * padding + 1) for mirrored in (False, True)
+          if np.array_equal(view, (lambda x: x[:, ::-1] if mirrored else x)(
+              padded[top:top + h, left:left + w]))]
+
+
+@pytest.mark.parametrize("pad_mode", ["symmetric", "reflect", "zeros"])
+def test_each_crop_flip_view_is_one_window_of_the_padded_image(pad_mode):
+  """Against numpy's pad (the reference of each mode): every view is exactly an H x W window of
+  the padded image, mirrored or not, and windows at every top and left offset occur (400 views,
+  9 offsets each way: one is missed with probability < 9·(8/9)^400 < 1e-19). A mirrored window
+  can equal another unmirrored one (mirror padding is symmetric), so a view may have several
+  placements."""
+  n, padding = 400, 4
+  x = _images(n, (9, 7, 2))
+  y = np.asarray(aug.crop_flip(jax.random.key(0), x, _ids(n), padding=padding, pad_mode=pad_mode))
+  assert y.shape == x.shape and y.dtype == x.dtype
+  found = [_placements(y[i], x[i], padding, pad_mode) for i in range(n)]
+  assert all(found)
+  for axis in (0, 1):
+    assert {place[axis] for f in found for place in f} == set(range(2 * padding + 1))
+
+
+def test_crop_flip_mirrors_about_half_the_views():
+  """1000 views: the mirrored count is Binomial(1000, 1/2); outside [430, 570] with probability
+  < 1e-5. Padding 0 leaves one window: the image or its mirror."""
+  n = 1000
+  x = _images(n, (6, 5, 1))
+  y = np.asarray(aug.crop_flip(jax.random.key(1), x, _ids(n), padding=0))
+  same = np.all(y == x, axis=(1, 2, 3))
+  mirrored = np.all(y == x[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same != mirrored)
+  assert 430 <= mirrored.sum() <= 570
+
+
+def test_crop_flip_is_the_identity_without_padding_and_flip():
+  x = _images(8, (5, 6, 3))
+  np.testing.assert_array_equal(
+      aug.crop_flip(jax.random.key(0), x, _ids(8), padding=0, flip=False), x)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, jnp.bfloat16])
+def test_crop_flip_keeps_the_dtype_and_moves_values_only(dtype):
+  """Data movement only: the view's values are the image's (standardised or uint8 alike)."""
+  x = (_images(16, (8, 8, 3)) * 200).astype(dtype)
+  y = np.asarray(jax.jit(aug.crop_flip)(jax.random.key(0), x, _ids(16)))
+  assert y.dtype == x.dtype
+  for i in range(16):
+    assert set(np.unique(y[i]).tolist()) <= set(np.unique(x[i]).tolist())
+
+
+def test_crop_flip_view_depends_only_on_key_id_and_image():
+  """The privacy property, as for `augment`: a view is the same alone, in another position or
+  beside other examples."""
+  key, n = jax.random.key(7), 16
+  x, ids = _images(n, (8, 8, 3)), _ids(n)
+  batched = np.asarray(aug.crop_flip(key, x, ids))
+  for i in range(n):
+    np.testing.assert_array_equal(batched[i], aug.crop_flip(key, x[i:i + 1], ids[i:i + 1])[0])
+  perm = np.random.default_rng(1).permutation(n)
+  np.testing.assert_array_equal(aug.crop_flip(key, x[perm], ids[perm]), batched[perm])
+  others = x.copy()
+  others[1:] = _images(n - 1, (8, 8, 3), seed=5)
+  np.testing.assert_array_equal(aug.crop_flip(key, others, ids)[0], batched[0])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"padding": -1}, "padding"),
+    ({"padding": 1.5}, "padding"),
+    ({"pad_mode": "edge"}, "pad_mode"),
+    ({"padding": 8, "pad_mode": "reflect"}, "reflect"),
+])
+def test_crop_flip_bad_arguments_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    aug.crop_flip(jax.random.key(0), _images(2, (8, 8, 1)), _ids(2), **kwargs)
+
+
+def test_crop_flip_bad_shapes_raise():
+  with pytest.raises(ValueError, match="images"):
+    aug.crop_flip(jax.random.key(0), _images(2)[..., 0], _ids(2))
+  with pytest.raises(ValueError, match="example_ids"):
+    aug.crop_flip(jax.random.key(0), _images(2), _ids(3))

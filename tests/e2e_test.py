@@ -183,6 +183,31 @@ def test_the_switch_resets_the_first_moment(tmp_path, monkeypatch):
   assert calls == ["first"]
 
 
+def test_augmentation_multiplicity_trains_and_keeps_the_privacy_statement(tmp_path):
+  """crop_flip with K = 2 views per example on both per-example paths (ghost with the microbatch
+  size chosen from memory, views included) trains like vmap; K = 1 gives another model but the
+  same privacy statement: K changes neither the sensitivity nor the noise."""
+  blocks = dict(data=dict(augment="crop_flip"), schedule=dict(total_steps=4),
+                mixing=dict(switch_step=2))
+  configs = {"k1": small_config(dp=dict(augmult=1, insecure_reproducible_seed=0), **blocks),
+             "k2": small_config(dp=dict(augmult=2, insecure_reproducible_seed=0), **blocks),
+             "k2_ghost": small_config(dp=dict(augmult=2, insecure_reproducible_seed=0),
+                                      perf=dict(per_example_method="ghost", microbatch_size=0),
+                                      **blocks)}
+  results = {name: loop.train_and_evaluate(c, str(tmp_path / name), show_progress=False)
+             for name, c in configs.items()}
+  assert results["k1"]["privacy"]["private_steps"] == 2
+  assert results["k2"]["privacy"] == results["k2_ghost"]["privacy"] == results["k1"]["privacy"]
+  assert (statement_lib.format_statement(results["k2"]["privacy"])
+          == statement_lib.format_statement(results["k1"]["privacy"]))
+  params = {name: jax.tree_util.tree_leaves(loop.load_trained_state(c, str(tmp_path / name))[0])
+            for name, c in configs.items()}
+  for x, y in zip(params["k2"], params["k2_ghost"]):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+  assert any(not np.allclose(x, y) for x, y in zip(params["k1"], params["k2"]))
+  assert all(np.isfinite(r["test_loss"]) for r in results.values())
+
+
 def test_perf_flags_do_not_change_the_privacy_event(tmp_path):
   base = loop.train_and_evaluate(small_config(), str(tmp_path / "a"), show_progress=False)
   other = small_config(perf=dict(microbatch_size=32, dtype="bfloat16", remat=True))

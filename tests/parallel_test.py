@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dpjax import parallel
+from dpjax.data import views as views_lib
 from dpjax.privacy import clipping, noise
 from dpjax.train import step as step_lib
 from tests import toy_models
@@ -24,9 +25,10 @@ class _make_dp_step:
   """Builds the step functions once; `run` does two microbatches of private clipped sums, a
   public gradient, noise, mix and an Adam update, and returns (params, stats, device params)."""
 
-  def __init__(self, model, layout_sizes, rule, ghost=False):
+  def __init__(self, model, layout_sizes, rule, ghost=False, views=None):
     params = toy_models.init(model)
-    loss = toy_models.per_example_loss(model)
+    loss = (toy_models.per_example_loss(model) if views is None
+            else step_lib.make_example_loss(model, views=views))
     tx, opt = noise.add_gaussian_noise(1.0, rule.sensitivity, 16.0, seed=3), optax.adam(0.1)
     opt_state = step_lib.OptState(tx.init(params), opt.init(params))
     layout = None
@@ -40,9 +42,11 @@ class _make_dp_step:
     self.zero_sum = step_lib.make_zero_sum(rule, layout)
     batch_losses = None
     if ghost:
-      batch_losses = toy_models.batch_losses(model)
+      batch_losses = (toy_models.batch_losses(model) if views is None
+                      else step_lib.make_batch_losses(model, views=views))
     self.accumulate = step_lib.make_accumulate(loss, rule, layout=layout,
-                                               batch_losses=batch_losses)
+                                               batch_losses=batch_losses,
+                                               views=1 if views is None else views.count)
     self.total = step_lib.make_total(layout)
     self.public_grad = step_lib.make_public_grad(loss, layout)
     self.apply = step_lib.make_apply(tx, opt, layout)
@@ -256,14 +260,22 @@ def test_distributed_start_up_refuses_an_incomplete_explicit_setting(fake_distri
   assert fake_distributed == []
 
 
-@pytest.mark.parametrize("model_name", ["conv", "attention"])
-def test_sharded_ghost_dp_step_equals_single_device_vmap_step(model_name):
+@pytest.mark.parametrize("model_name,k", [("conv", 0), ("attention", 0), ("conv", 2)])
+def test_sharded_ghost_dp_step_equals_single_device_vmap_step(model_name, k):
+  """k > 0: augmentation multiplicity, k views per example (private and public rows), each
+  device drawing its rows' views."""
   model = toy_models.MODELS[model_name]
   batch = jax.tree_util.tree_map(np.asarray, toy_models.batch(32, seed=4, scale=3.0))
   public = jax.tree_util.tree_map(np.asarray, toy_models.batch(16, seed=5))
+  views = None
+  if k:
+    views = views_lib.Views("crop_flip", k, seed=0)
+    batch = dict(batch, **step_lib.view_fields(32, step=7))
+    public = dict(public, **step_lib.view_fields(16, step=7))
   mask = np.arange(32) < 27
   rule = clipping.FlatClip(0.5)
-  vmap, ghost = _make_dp_step(model, None, rule), _make_dp_step(model, (4, 2), rule, ghost=True)
+  vmap = _make_dp_step(model, None, rule, views=views)
+  ghost = _make_dp_step(model, (4, 2), rule, ghost=True, views=views)
   _, single_stats, _ = vmap.run(batch, mask, public)
   _, sharded_stats, _ = ghost.run(batch, mask, public)
   # The clipped sums, not the Adam-updated params: Adam maps a gradient near 0 to ±lr, so float

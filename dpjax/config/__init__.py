@@ -71,14 +71,17 @@ def agreement_view(config: ml_collections.ConfigDict) -> dict:
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:
   """The part of the config that must match for a checkpoint to be resumed (the `audit` block
   only when it inserts canaries, finetune.init_from_public only when True, dp.clip_fraction_noise
-  only when it is set, data.classes and data.image_shape only when given, so runs without them
-  match checkpoints from before them)."""
+  only when it is set, data.classes and data.image_shape only when given, data.augment and
+  dp.augmult only when not 'none' and 1, so runs without them match checkpoints from before
+  them)."""
   full = config.to_dict()
   view = {k: full[k] for k in TRAJECTORY_BLOCKS}
   view["data"] = {k: v for k, v in view["data"].items()
                   if v or k not in ("classes", "image_shape")}
-  if view["dp"].get("clip_fraction_noise") == 0:
-    view["dp"] = {k: v for k, v in view["dp"].items() if k != "clip_fraction_noise"}
+  for block, key, unset in (("dp", "clip_fraction_noise", 0), ("dp", "augmult", 1),
+                            ("data", "augment", "none")):
+    if view[block].get(key) == unset:
+      view[block] = {k: v for k, v in view[block].items() if k != key}
   if full.get("audit", {}).get("canaries"):
     view["audit"] = full["audit"]
   if not view["finetune"].get("init_from_public", True):  # matches checkpoints from before it

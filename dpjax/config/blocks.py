@@ -15,6 +15,7 @@ from dpjax.config import registries
 from dpjax.config.fields import (INTERVAL, Spec, check, check_at_least, check_positive_int,
                                  field, refuse_unread)
 from dpjax.data import specs as data_specs
+from dpjax.data import views
 from dpjax.privacy import accounting
 
 
@@ -46,6 +47,10 @@ class DataSpec(Spec):
                           "(0: threads of the training process only)")
   threads: int = field(4, "reading threads per process of the data pipeline")
   prefetch: int = field(2, "steps the data pipeline reads ahead")
+  augment: str = field("none", "augmentation of training examples (public and private; never "
+                               "at evaluation), on the device: crop_flip = random crop of the "
+                               "image mirror-padded by 4 pixels + horizontal flip "
+                               "(dpjax.data.views)", ("none",) + tuple(views.AUGMENTATIONS))
 
   def check(self):
     check(0 <= self.public_fraction <= 1,
@@ -132,6 +137,10 @@ class DPSpec(Spec):
   clip_fraction_noise: float = field(
       0.0, "σ_c > 0: each private step also releases its clipped count + N(0, σ_c²), accounted "
            "(σ raised to keep ε); 0: not released")
+  augmult: int = field(1, "augmentation multiplicity K (De et al. 2022): each example's loss "
+                          "is the mean over K views (data.augment), so its gradient, averaged "
+                          "over them, is clipped once: sensitivity, noise and ε unchanged; costs "
+                          "K forward/backward passes per example (public steps too)")
 
   def check(self):
     check(math.isfinite(self.clip_norm) and self.clip_norm > 0,
@@ -151,6 +160,7 @@ class DPSpec(Spec):
           f"dp.clip_fraction_noise (the noise std σ_c on a private step's count of clipped "
           f"examples; 0: not released) must be a finite number >= 0, got "
           f"{self.clip_fraction_noise!r}.")
+    check_positive_int("dp.augmult", self.augmult, "views per example")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,9 @@ class RunSpec(Spec):
           "Set dp.noise_multiplier or dp.target_epsilon (or both: then training stops before the "
           "budget would be exceeded).")
     check(steps > 0, f"schedule.total_steps must be > 0, got {steps}.")
+    check(dp.augmult == 1 or self.data.augment != "none",
+          f"dp.augmult = {dp.augmult} views per example need an augmentation: set data.augment "
+          "(e.g. 'crop_flip'); without one the views are copies of the image.")
     if sparse.method != "none":
       check(self.mixing.schedule == SwitchSchedule(switch_step=0),
             "Sparse fine-tuning runs private steps only: set mixing.schedule='switch' and "
@@ -72,6 +75,10 @@ class RunSpec(Spec):
     check(not self.audit.canaries,
           "audit.canaries are labelled examples for supervised training; the contrastive trainer "
           "does not insert them. Set audit.canaries=0.")
+    check(self.data.augment == "none" and self.dp.augmult == 1,
+          "data.augment and dp.augmult are for supervised training; the contrastive trainer "
+          "takes two views of each image as contrastive.augment says. Leave them at 'none' "
+          "and 1.")
     check(self.dp.clip == "flat",
           f"Contrastive methods clip pair (Logit-DP) or row (naive) gradients to dp.clip_norm: set "
           f"dp.clip='flat', not {self.dp.clip!r}.")

@@ -1,9 +1,12 @@
-"""On-device SimCLR-style augmentations: random resized crop, flip, brightness, contrast, noise.
+"""On-device augmentations: SimCLR-style views (`augment`: random resized crop, flip, brightness,
+contrast, noise) and the standard CIFAR ones (`crop_flip`: random crop of the padded image,
+horizontal flip).
 
 Everything here is pure JAX and jit-able, e.g. `jax.jit(functools.partial(augment, ...))`: the
 keyword arguments are Python numbers, checked eagerly; only `flip` and whether `noise_std > 0`
 change the compiled program. Each example is augmented on its own under `vmap`, with randomness
-drawn only from `jax.random.fold_in(key, example_id)`.
+drawn only from `jax.random.fold_in(key, example_id)`. (`dpjax.data.views` draws K views of each
+example from the config seed, the step and the example's id, for augmentation multiplicity.)
 
 Privacy: the view of example i is a function of (key, example_ids[i], images[i]) alone; it does
 not depend on the other examples in the batch, on the batch size or on i's position in it. So a
@@ -23,19 +26,23 @@ import jax
 import jax.numpy as jnp
 
 
-def _check(images: jax.Array, example_ids: jax.Array, crop_scale: tuple[float, float],
-           crop_ratio: tuple[float, float], brightness: float, contrast: float,
-           noise_std: float) -> None:
+def _check_batch(images: jax.Array, example_ids: jax.Array) -> None:
   if jnp.ndim(images) != 4:
-    raise ValueError(f"images must be float [n, H, W, C], got shape {jnp.shape(images)}.")
-  if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
-    raise ValueError(f"images must be floating point in [0, 1], got {jnp.result_type(images)}; "
-                     "convert uint8 images with dpjax.data.to_float first.")
+    raise ValueError(f"images must be [n, H, W, C], got shape {jnp.shape(images)}.")
   if jnp.shape(example_ids) != jnp.shape(images)[:1]:
     raise ValueError(f"example_ids must have shape [{jnp.shape(images)[0]}] (one id per image), "
                      f"got {jnp.shape(example_ids)}.")
   if not jnp.issubdtype(jnp.result_type(example_ids), jnp.integer):
     raise ValueError(f"example_ids must be integers, got {jnp.result_type(example_ids)}.")
+
+
+def _check(images: jax.Array, example_ids: jax.Array, crop_scale: tuple[float, float],
+           crop_ratio: tuple[float, float], brightness: float, contrast: float,
+           noise_std: float) -> None:
+  _check_batch(images, example_ids)
+  if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+    raise ValueError(f"images must be floating point in [0, 1], got {jnp.result_type(images)}; "
+                     "convert uint8 images with dpjax.data.to_float first.")
   lo, hi = crop_scale
   if not 0 < lo <= hi <= 1:
     raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1 (fractions of the "
@@ -152,3 +159,58 @@ def two_views(key: jax.Array, images: jax.Array, example_ids: jax.Array,
   key_a, key_b = jax.random.split(key)
   return (augment(key_a, images, example_ids, **kwargs),
           augment(key_b, images, example_ids, **kwargs))
+
+
+# How `crop_flip` fills the border it crops from: jnp.pad's mode for each name.
+PAD_MODES = {"symmetric": "symmetric", "reflect": "reflect", "zeros": "constant"}
+
+
+def crop_flip_one(key: jax.Array, image: jax.Array, padding: int = 4, pad_mode: str = "symmetric",
+                  flip: bool = True) -> jax.Array:
+  """One view of one image [H, W, C], from `key` only: the image padded by `padding` pixels on
+  each side, an H x W window of it at a uniform position ((2·padding + 1)² of them), mirrored
+  left-right with probability 1/2 (if `flip`). Data movement only: the view's values are the
+  image's (or the zeros' of pad_mode "zeros"), in its dtype. Arguments as in `crop_flip`."""
+  h, w, c = image.shape
+  if not isinstance(padding, int) or padding < 0:
+    raise ValueError(f"padding must be an integer >= 0 (pixels on each side), got {padding!r}.")
+  if pad_mode not in PAD_MODES:
+    raise ValueError(f"pad_mode must be one of {sorted(PAD_MODES)}, got {pad_mode!r}.")
+  if pad_mode == "reflect" and padding >= min(h, w):
+    raise ValueError(f"pad_mode 'reflect' needs padding < the image's sides {h} x {w}, got "
+                     f"{padding}; use 'symmetric' or 'zeros'.")
+  # One draw: the window's top and left offsets, then the flip bit.
+  top, left, mirror = jax.random.randint(key, (3,), 0, jnp.array([2 * padding + 1] * 2 + [2]))
+  padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)),
+                   mode=PAD_MODES[pad_mode])
+  view = jax.lax.dynamic_slice(padded, (top, left, 0), (h, w, c))
+  return jnp.where(mirror == 1, view[:, ::-1], view) if flip else view
+
+
+def crop_flip(key: jax.Array, images: jax.Array, example_ids: jax.Array, *, padding: int = 4,
+              pad_mode: str = "symmetric", flip: bool = True) -> jax.Array:
+  """One random view of each image, the standard CIFAR augmentation: random crop of the image
+  padded by `padding` pixels on each side (4 for 32 x 32 CIFAR) and a horizontal flip with
+  probability 1/2.
+
+  pad_mode: "symmetric" (the default) mirrors the border pixels including the edge row (numpy's
+    "symmetric": a b c | c b a), as De et al. 2022's jax_privacy pipeline pads (`padding_input`);
+    "reflect" mirrors without repeating the edge (a b c | b a); "zeros" pads with 0, as
+    torchvision's RandomCrop(32, padding=4) does on [0, 1] images (on standardised images 0 is
+    the dataset's mean colour, not black).
+
+  Args:
+    key: PRNG key (typed or raw).
+    images: [n, H, W, C], any dtype (preprocessed floats, standardised or not, or uint8).
+    example_ids: int [n], ids that identify the examples (e.g. dataset indices).
+
+  Returns:
+    [n, H, W, C] in the dtype of `images`.
+
+  Privacy: example i's view is drawn from `jax.random.fold_in(key, example_ids[i])` and
+  `images[i]` only (see the module docstring).
+  """
+  _check_batch(images, example_ids)
+  one = functools.partial(crop_flip_one, padding=padding, pad_mode=pad_mode, flip=flip)
+  return jax.vmap(lambda example_id, image: one(jax.random.fold_in(key, example_id), image))(
+      jnp.asarray(example_ids), jnp.asarray(images))

@@ -19,7 +19,8 @@ their mask False. Which rows are padding depends on the Poisson draw: only the m
 the step must never release it (`sampling.PaddedBatch.size`).
 
 Privacy: a grain worker process holds the sampler (its seed is the run's secret) in memory; it
-never writes it anywhere. Augmentation randomness is not drawn here (see `dpjax.data.augment`).
+never writes it anywhere. Augmentation randomness is not drawn here: the losses draw views on the
+device from the config seed and the rows' step and id (`dpjax.data.views`).
 """
 
 from __future__ import annotations

@@ -228,6 +228,13 @@ class StandardizedConvTerm:
     from dpjax.privacy import ghost
     return self._pullback(ghost.outer_sum(self.patches, self.output_grads, weights, real))
 
+  def merge_views(self, views: int) -> "StandardizedConvTerm":
+    """Augmentation multiplicity (`ghost.terms.merge_views`): each example's views' positions
+    as its own, [m·views, T, ·] -> [m, views·T, ·]; the pullback is the same for every row."""
+    from dpjax.privacy import ghost
+    return dataclasses.replace(self, patches=ghost.merge_positions(self.patches, views),
+                               output_grads=ghost.merge_positions(self.output_grads, views))
+
 
 class PreActivationConv(nn.Module):
   """ReLU -> GroupNorm -> WSConv: [batch, H, W, C_in] -> [batch, H/strides, W/strides, features]."""

@@ -22,13 +22,16 @@ import optax
 
 from dpjax import data, finetune, parallel
 from dpjax.data import pipeline
+from dpjax.data import views as views_lib
 from dpjax.privacy import clipping, noise
 from dpjax.train import microbatch_size, plan as plan_lib, state as state_lib, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The run's jitted step functions (see `dpjax.train.step`) and its layout."""
+  """The run's jitted step functions (see `dpjax.train.step`) and its layout. example_loss: one
+  example's loss on its image as it is (no augmentation views: the curvature statistics');
+  public_grad and accumulate average each example's loss over its views (`make_steps`)."""
   layout: parallel.Layout
   example_loss: Callable
   public_grad: Callable
@@ -38,16 +41,21 @@ class Steps:
 
 
 def make_steps(perf, model, rule: clipping.ClipRule, tuning: state_lib.FineTuning,
-               layout: parallel.Layout) -> Steps:
+               layout: parallel.Layout, views: views_lib.Views | None = None) -> Steps:
   """Builds (and so compiles once) the run's step functions from the perf block (its spec,
-  `dpjax.config.blocks.PerfSpec`) and the model."""
+  `dpjax.config.blocks.PerfSpec`) and the model. views: the augmentation views of every
+  training example, public and private (`dpjax.data.views.make_views`; None: the images as they
+  are); evaluation never sees them."""
   example_loss = step_lib.make_example_loss(model, perf.dtype, perf.remat)
-  batch_losses = (step_lib.make_batch_losses(model, perf.dtype, perf.remat)
+  training_loss = (example_loss if views is None
+                   else step_lib.make_example_loss(model, perf.dtype, perf.remat, views))
+  batch_losses = (step_lib.make_batch_losses(model, perf.dtype, perf.remat, views)
                   if perf.per_example_method == "ghost" else None)  # ghost: no per-example grads
-  accumulate = step_lib.make_accumulate(example_loss, rule, trainable=tuning.trainable,
+  accumulate = step_lib.make_accumulate(training_loss, rule, trainable=tuning.trainable,
                                         layout=layout, grad_dtype=step_lib.grad_dtype(perf.dtype),
-                                        batch_losses=batch_losses, masked=tuning.masked)
-  return Steps(layout, example_loss, step_lib.make_public_grad(example_loss, layout), accumulate,
+                                        batch_losses=batch_losses, masked=tuning.masked,
+                                        views=1 if views is None else views.count)
+  return Steps(layout, example_loss, step_lib.make_public_grad(training_loss, layout), accumulate,
                step_lib.make_zero_sum(rule, layout), step_lib.make_evaluate(model, layout))
 
 

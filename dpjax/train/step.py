@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from dpjax import finetune, mixing, parallel
+from dpjax.data import views as views_lib
 from dpjax.privacy import clip_stats, clipping, ghost, noise
 
 PyTree = Any
@@ -46,48 +47,76 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_example_loss(model: nn.Module, dtype: str = "float32", remat: bool = False
-                      ) -> Callable[[PyTree, dict], jax.Array]:
-  """loss(params, example) for ONE example {image [H, W, C], label []}, computed in `dtype`."""
+def make_example_loss(model: nn.Module, dtype: str = "float32", remat: bool = False,
+                      views: views_lib.Views | None = None) -> Callable[[PyTree, dict], jax.Array]:
+  """loss(params, example) for ONE example {image [H, W, C], label []}, computed in `dtype`.
+
+  With `views` (augmentation multiplicity, `dpjax.data.views`) the example also holds its id []
+  and the step [] (int32), and its loss is the mean of its views.count views' losses (so its
+  gradient is the mean of theirs, clipped as one example's gradient); without, the image as it
+  is."""
   compute_dtype = jnp.dtype(dtype)
 
   def loss(params, example):
     cast = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
-    logits = model.apply({"params": cast}, example["image"][None].astype(compute_dtype))
-    return cross_entropy(logits, example["label"][None])[0]
+    if views is None:
+      logits = model.apply({"params": cast}, example["image"][None].astype(compute_dtype))
+      return cross_entropy(logits, example["label"][None])[0]
+    images = views.of_example(example["image"], example["id"], example["step"])
+    logits = model.apply({"params": cast}, images.astype(compute_dtype))
+    return jnp.mean(cross_entropy(logits, jnp.broadcast_to(example["label"], (views.count,))))
 
   return jax.checkpoint(loss) if remat else loss
 
 
-def make_batch_losses(model: nn.Module, dtype: str = "float32", remat: bool = False
-                      ) -> Callable[..., Any]:
+def make_batch_losses(model: nn.Module, dtype: str = "float32", remat: bool = False,
+                      views: views_lib.Views | None = None) -> Callable[..., Any]:
   """losses(params, batch) -> [m] per-example losses of a batch {image [m, H, W, C], label [m]},
   computed in `dtype` (the batched form that ghost clipping needs); losses(params, batch,
-  ghost_variables) -> (losses, mutated variables), the form `dpjax.privacy.ghost` calls."""
+  ghost_variables) -> (losses, mutated variables), the form `dpjax.privacy.ghost` calls.
+
+  With `views` the batch also holds id [m] and step [m], the model runs on the m·K views
+  (`Views.of_batch`: example-major, the order ghost clipping's views=K argument assumes) and each
+  example's loss is the mean of its K views' losses, as `make_example_loss`'s."""
   compute_dtype = jnp.dtype(dtype)
 
   def losses(params, batch, ghost_variables=None):
     cast = jax.tree_util.tree_map(lambda p: p.astype(compute_dtype), params)
-    images = batch["image"].astype(compute_dtype)
+    images, labels = batch["image"], batch["label"]
+    if views is not None:
+      images = views.of_batch(images, batch["id"], batch["step"])
+      labels = jnp.repeat(labels, views.count)
+    per_example = (lambda found: found if views is None
+                   else jnp.mean(found.reshape(-1, views.count), axis=1))
+    images = images.astype(compute_dtype)
     if ghost_variables is None:
-      return cross_entropy(ghost.apply_model(model, cast, images), batch["label"])
+      return per_example(cross_entropy(ghost.apply_model(model, cast, images), labels))
     logits, mutated = ghost.apply_model(model, cast, images, ghost_variables)
-    return cross_entropy(logits, batch["label"]), mutated
+    return per_example(cross_entropy(logits, labels)), mutated
 
   return jax.checkpoint(losses) if remat else losses
+
+
+def view_fields(rows: int, step: int = 0) -> dict[str, np.ndarray]:
+  """{id: 0, 1, ... [rows], step: `step` [rows]} (int32), the per-row fields a loss with views
+  reads, for batches made up for a check or a memory estimate (no data: public values)."""
+  return dict(id=np.arange(rows, dtype=np.int32), step=np.full(rows, step, np.int32))
 
 
 def check_ghost_batch_losses(batch_losses: Callable, params: PyTree, image_shape: tuple,
                              num_classes: int, preprocess: Callable,
                              trainable: PyTree | None = None,
-                             rows: int = 4) -> None:
+                             rows: int = 4, views: int = 1) -> None:
   """`ghost.check_examples_independent` on a synthetic batch: `rows` random uint8 images of
-  image_shape (seed 0) through `preprocess`, as the private data goes, and labels 0, 1, ...
-  (mod num_classes). No private data steers the check. Raises ghost.ExamplesMixedError for a
-  model whose batched forward pass mixes examples."""
+  image_shape (seed 0) through `preprocess`, as the private data goes, labels 0, 1, ...
+  (mod num_classes), ids 0, 1, ... and step 0 (`view_fields`). No private data steers the check.
+  views: the K of batch_losses' augmentation multiplicity (1: none). Raises
+  ghost.ExamplesMixedError for a model whose batched forward pass mixes examples (or views of
+  different examples)."""
   images = np.random.default_rng(0).integers(0, 256, (rows, *image_shape), dtype=np.uint8)
-  batch = dict(image=preprocess(images), label=np.arange(rows, dtype=np.int32) % num_classes)
-  ghost.check_examples_independent(batch_losses, params, batch, trainable=trainable)
+  batch = dict(image=preprocess(images), label=np.arange(rows, dtype=np.int32) % num_classes,
+               **view_fields(rows))
+  ghost.check_examples_independent(batch_losses, params, batch, trainable=trainable, views=views)
 
 
 def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = None) -> Callable:
@@ -129,7 +158,7 @@ def grad_dtype(compute_dtype: str) -> Any:
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     trainable: PyTree | None = None, layout: parallel.Layout | None = None,
                     grad_dtype: Any = None, batch_losses: Callable | None = None,
-                    masked: bool = False) -> Callable:
+                    masked: bool = False, views: int = 1) -> Callable:
   """jit (acc, params, element_mask, microbatch, mask, first) -> acc + the microbatch's
   `ClippedSum`.
 
@@ -149,6 +178,10 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   masked: if True, element_mask is a 0/1 pytree like params and each per-example gradient is
     element_mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; ghost: `element_mask`);
     if False, element_mask must be None (an empty pytree: nothing to dispatch).
+  views: K, the views per example of the losses' augmentation multiplicity (`make_batch_losses`
+    with a `Views`; 1: none): ghost clipping folds each example's K views into one per-example
+    gradient (their mean, as example_loss's gradient is). The vmap path needs nothing: the
+    example loss averages its views itself.
   """
   def local_sum(inputs, microbatch, mask):
     (params, element_mask), loss = inputs, example_loss
@@ -156,7 +189,7 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
       loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
-                                    trainable=trainable, element_mask=element_mask)
+                                    trainable=trainable, element_mask=element_mask, views=views)
     else:
       part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
                                        trainable=trainable, grad_dtype=grad_dtype)

@@ -25,6 +25,14 @@ training does (book-keeping, Bu et al. 2023):
 The loss must be written so that ghost can pass its variables in: see `BatchLosses` and
 `apply_model`.
 
+Augmentation multiplicity (`views=K`, De et al. 2022): the loss runs the model on K views of each
+example (rows example-major) and returns each example's mean loss over them. Every layer's terms
+then have m·K rows, and each example's K rows are merged into one term (`terms.merge_views`): a
+kernel's views' positions become the example's positions (Σₖ Σₜ aₖₜgₖₜᵀ over K·T positions), so
+the ghost norm is exactly that of the example's mean gradient and its rounding bounds are those
+of K·T positions; biases and norm scales add their views' rows. The clip then bounds the mean
+gradient, as the vmap path's clip of the mean loss's gradient does.
+
 Precision and the clip bound: matmuls accumulate in float32 (float32 operands at full precision,
 no TF32). The norm that picks an example's factor wᵢ and the sum that wᵢ scales are computed
 differently (Gram products; one matmul), and both round relative to the example's per-position
@@ -81,11 +89,13 @@ from dpjax.privacy.ghost.patches import conv_patches
 from dpjax.privacy.ghost.rounding import (EPS32, NormBound, gamma, gram_norm_bound, inflation,
                                           instantiated_bound, magnitude, rounding_slack,
                                           summed_bound)
-from dpjax.privacy.ghost.terms import Term, ghost_norm_is_cheaper, outer_sum, per_example_outer
+from dpjax.privacy.ghost.terms import (Term, ghost_norm_is_cheaper, merge_positions, merge_views,
+                                       outer_sum, per_example_outer)
 
 __all__ = ["COLLECTIONS", "EPS32", "INPUTS", "MAX_GRAMS_PER_STACK", "PROBES", "SUPPORTED",
            "BatchLosses", "ExamplesMixedError", "GhostUnsupportedError", "NormBound", "Term",
            "apply_model", "check_examples_independent", "clipped_grad_sum", "conv_patches",
            "gamma", "ghost_norm_is_cheaper", "ghost_sq_norms", "gram_norm_bound", "inflation",
-           "instantiated_bound", "magnitude", "outer_sum", "per_example_outer",
+           "instantiated_bound", "magnitude", "merge_positions", "merge_views", "outer_sum",
+           "per_example_outer",
            "per_example_terms", "rounding_slack", "summed_bound"]

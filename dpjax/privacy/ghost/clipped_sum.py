@@ -94,8 +94,8 @@ def _summed_param(found: LeafTerm, name: str, weights: jax.Array, real: jax.Arra
 def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree,
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
-                     fallback: str = "vmap", element_mask: PyTree | None = None
-                     ) -> clipping.ClippedSum:
+                     fallback: str = "vmap", element_mask: PyTree | None = None,
+                     views: int = 1) -> clipping.ClippedSum:
   """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the result of
   `clipping.clipped_grad_sum` (float32) up to the rounding bounds below, without per-example
   gradients or a second backward pass.
@@ -108,6 +108,12 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
     clipping, as `clipping.clipped_grad_sum` of a loss of `finetune.masked_params` (sparse
     fine-tuning). The masked leaves' per-example gradients are instantiated
     (`layer_terms.masked`).
+  views: K ≥ 1, augmentation multiplicity: batch_losses runs the model on K views of each
+    example, example-major, and returns each example's mean loss over them (`dpjax.train.step.
+    make_batch_losses` with a `dpjax.data.views.Views`). Each example's per-example gradient is
+    then the mean of its views' gradients, its terms merged over the views (`terms.merge_views`),
+    so its norm, and the clip, are those of the mean gradient, computed exactly (not bounded
+    from the views' norms): the contribution stays ≤ rule.sensitivity whatever K is.
 
   Privacy: the batched forward pass must not mix examples (`check_examples_independent`). Then
   each example's contribution has norm ≤ rule.sensitivity for every rule, in any precision: its
@@ -129,7 +135,7 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
 
   def clip_chunk(chunk):
     batch, chunk_mask = chunk
-    terms = leaf_terms(batch_losses, params, batch, trainable, fallback)
+    terms = leaf_terms(batch_losses, params, batch, trainable, fallback, views)
     for path, (module, term, stacked) in terms.items():
       if path in masks:
         mask_term = functools.partial(masked, module, path[-1])

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from dpjax import pytrees
 from dpjax.privacy.ghost.layer_terms import layer_terms
 from dpjax.privacy.ghost.layers import (INPUTS, SUPPORTED, BatchLosses, GhostUnsupportedError,
-                                        coverage, intercepting, layer_calls)
-from dpjax.privacy.ghost.terms import Summed, Term
+                                        Layer, coverage, intercepting, layer_calls)
+from dpjax.privacy.ghost.terms import Summed, Term, merge_views
 
 PyTree = Any
 
@@ -36,12 +36,23 @@ class LeafTerm(NamedTuple):
 
 
 def leaf_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
-               trainable: PyTree | None, fallback: str) -> dict[tuple[str, ...], LeafTerm]:
+               trainable: PyTree | None, fallback: str, views: int = 1
+               ) -> dict[tuple[str, ...], LeafTerm]:
   """{leaf path: `LeafTerm`} for every trainable leaf: factored terms for the leaves of
   supported layers (one forward and one backward pass, to the layers' outputs only; under nn.scan
   each term array carries the scanned axis in front and `stacked` is True), and per-example
-  gradients (`Summed` [m, size], by vmap(grad)) for the leaves left to the fallback."""
+  gradients (`Summed` [m, size], by vmap(grad)) for the leaves left to the fallback.
+
+  views: K ≥ 1, for a batch_losses that runs the model on K views of each of the batch's m
+  examples (augmentation multiplicity, `dpjax.data.views`): every supported layer then sees
+  m·K rows, example i's views at rows i·K ... i·K + K − 1, and its terms are merged into the m
+  examples' terms (`terms.merge_views`: each example's gradient is the sum over its views of the
+  gradient of its loss, the mean of theirs). A layer whose output has another number of rows
+  than m·K raises GhostUnsupportedError."""
+  if not isinstance(views, int) or views < 1:
+    raise ValueError(f"views must be an integer >= 1 (views per example), got {views!r}.")
   layers, probe_shapes, calls = layer_calls(batch_losses, params, batch)
+  rows = int(jax.tree_util.tree_leaves(batch)[0].shape[0]) * views
   used, left = coverage(layers, calls, params, trainable)
   if fallback == "error" and any(jax.tree_util.tree_leaves(left)):
     names = ["/".join(p) for p, keep in zip(pytrees.leaf_paths(params),
@@ -70,7 +81,10 @@ def leaf_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
     layer = layers[path]
     flags = pytrees.subtree(trainable_flags, path)
     flags = {name: bool(flags[name]) for name in layer.param_names}
-    terms_of = lambda x, g, own: layer_terms(layer, x, g, flags, own)
+    terms_of = lambda x, g, own: {
+        name: merge_views(term, views)
+        for name, term in layer_terms(layer, x, check_rows(layer, g, rows, views), flags,
+                                      own).items()}
     found = (jax.vmap(terms_of) if depth else terms_of)(
         pytrees.subtree(inputs, path)["inputs"][0], pytrees.subtree(output_grads, path)["probe"],
         {name: pytrees.subtree(params, path)[name] for name in layer.shapes})
@@ -85,16 +99,30 @@ def leaf_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
   return terms
 
 
+def check_rows(layer: Layer, output_grads: jax.Array, rows: int, views: int) -> jax.Array:
+  """output_grads, after checking that the layer's output has `rows` (m·views) rows: ghost reads
+  its leading axis as the batch's examples (or their views, example-major)."""
+  if output_grads.shape[0] != rows:
+    raise GhostUnsupportedError(
+        f"{'/'.join(layer.path) or type(layer.module).__name__}: its output has "
+        f"{output_grads.shape[0]} rows for a microbatch that should give {rows} ({views} "
+        "view(s) per example). Ghost clipping reads a layer's leading axis as the examples, so "
+        "the model must keep the batch axis first in every supported layer and run on "
+        "batch_losses' views, example-major (`ghost.clipped_grad_sum`'s views argument).")
+  return output_grads
+
+
 def per_example_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
-                      trainable: PyTree | None = None, fallback: str = "vmap"
+                      trainable: PyTree | None = None, fallback: str = "vmap", views: int = 1
                       ) -> dict[tuple[str, ...], Term]:
   """{leaf path: `Term`} for every trainable leaf: what ghost clipping computes norms and the
   clipped sum from, after its one forward and one backward pass (to the layers' outputs only).
   Leaves of supported layers get factored terms (layer inputs and output gradients, or a module's
   `ghost_grads` term); leaves left to the fallback get per-example gradients. Under nn.scan a
-  term's arrays carry the scanned axis in front. Data-dependent: not to be released."""
+  term's arrays carry the scanned axis in front. views: as for `leaf_terms`. Data-dependent: not
+  to be released."""
   return {path: found.term for path, found in
-          leaf_terms(batch_losses, params, batch, trainable, fallback).items()}
+          leaf_terms(batch_losses, params, batch, trainable, fallback, views).items()}
 
 
 def _fallback_grads(batch_losses, params, batch, left) -> PyTree:

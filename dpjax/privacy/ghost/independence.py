@@ -20,7 +20,7 @@ class ExamplesMixedError(GhostUnsupportedError):
 
 def check_examples_independent(batch_losses: BatchLosses, params: PyTree, batch: PyTree, *,
                                trainable: PyTree | None = None, fallback: str = "vmap",
-                               rtol: float = 1e-3) -> None:
+                               rtol: float = 1e-3, views: int = 1) -> None:
   """Raises `ExamplesMixedError` if changing one example of `batch` changes another's loss or
   ghost norm.
 
@@ -41,13 +41,16 @@ def check_examples_independent(batch_losses: BatchLosses, params: PyTree, batch:
     params: the params (a fresh init is fine: the check reads the model's structure).
     batch: leaves [n ≥ 2, ...] of distinct, non-degenerate examples; synthetic data serves (the
       trainer passes random images, so that no private data steers the check).
-    trainable, fallback: as for `clipped_grad_sum`.
+    trainable, fallback, views: as for `clipped_grad_sum`. With views > 1 the check also
+      refuses a batch_losses whose views are not example-major (as `clipped_grad_sum` reads
+      them): one example's change then moves rows that ghost assigns to other examples.
   """
   n = int(jax.tree_util.tree_leaves(batch)[0].shape[0])
   if n < 2:
     raise ValueError(f"check_examples_independent needs a batch of at least 2 examples, got {n}.")
   evaluate = jax.jit(lambda p, b: (batch_losses(p, b),
-                                   ghost_sq_norms(batch_losses, p, b, trainable, fallback)))
+                                   ghost_sq_norms(batch_losses, p, b, trainable, fallback,
+                                                  views)))
   as_numpy = lambda values: [np.asarray(x, np.float64) for x in values]
   base, again = as_numpy(evaluate(params, batch)), as_numpy(evaluate(params, batch))
   if not all(np.all(np.isfinite(x)) for x in base):

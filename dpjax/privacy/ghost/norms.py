@@ -92,12 +92,13 @@ def within_gram_cap(members: list) -> list[list]:
 
 
 def ghost_sq_norms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
-                   trainable: PyTree | None = None, fallback: str = "vmap") -> jax.Array:
+                   trainable: PyTree | None = None, fallback: str = "vmap",
+                   views: int = 1) -> jax.Array:
   """Per-example squared L2 norms [m] of ∇ℓᵢ w.r.t. the trainable params, without per-example
   gradients of the supported layers.
 
   batch_losses(params, batch) -> [m] per-example losses of a batch; examples must not interact
-  (`check_examples_independent`).
+  (`check_examples_independent`). views: K views per example in the model's batch (`leaf_terms`).
   """
-  terms = leaf_terms(batch_losses, params, batch, trainable, fallback)
+  terms = leaf_terms(batch_losses, params, batch, trainable, fallback, views)
   return sum(bound.sq for bound in sq_norms_of_terms(terms).values())

@@ -8,6 +8,13 @@ the examples, its instantiated per-example gradients):
 A module's own `ghost_grads` may return any pytree with these methods (the WRN's
 `StandardizedConvTerm`). Matmuls accumulate in float32 (`einsum`); the rounding bounds are in
 `rounding`.
+
+Augmentation multiplicity (K views per example, `merge_views`): a model run on the m·K views
+gives terms of m·K rows, example-major; example i's gradient is the sum of its K rows' (the
+losses average the views, so the output gradients carry the 1/K). A factored term merges them
+exactly, by taking the K views' positions as one example's positions: Σₖ Σₜ aₖₜgₖₜᵀ is the
+kernel term over K·T positions, so its Gram (ghost) norm is the norm of the mean gradient, not a
+bound from the views' norms, and its rounding bounds are those of K·T positions.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ class Term(Protocol):
   def instantiate(self) -> jax.Array:
     """The per-example gradients [m, size], float32, flattened in the param's order."""
 
+  # Optional: merge_views(self, views: int) -> Term, the term of [m·views] example-major rows
+  # as m examples, each the sum of its views' rows (`merge_views`; without the method, the term
+  # is instantiated and its views' rows added).
+
 
 def is_term(value) -> bool:
   """Whether `value` has the methods of `Term` (else it is an array of per-example gradients)."""
@@ -48,6 +59,25 @@ def is_term(value) -> bool:
 def as_rows(x: jax.Array, features: int) -> jax.Array:
   """[m, ..., features] -> [m, T, features], dtype kept (matmuls accumulate in float32)."""
   return x.reshape(x.shape[0], -1, features)
+
+
+def merge_positions(x: jax.Array, views: int) -> jax.Array:
+  """[m·views, T, ...] -> [m, views·T, ...]: each example's views' positions as its own
+  (rows example-major: view j of example i at row i·views + j)."""
+  return x.reshape((x.shape[0] // views, views * x.shape[1]) + x.shape[2:])
+
+
+def merge_views(term: Term, views: int) -> Term:
+  """The term of m examples from `term`'s m·views rows, example-major (views of one example
+  adjacent): example i's per-example gradient is the sum of its rows' gradients. Exact: a
+  factored term merges its views' positions (`merge_positions`; the norm is that of the summed
+  gradient), `Summed` adds its rows in float32; a module's term without a `merge_views` method
+  is instantiated ([m·views, size], float32) and its rows added. views=1 returns `term`."""
+  if views == 1:
+    return term
+  if hasattr(term, "merge_views"):
+    return term.merge_views(views)
+  return Summed(term.instantiate()).merge_views(views)
 
 
 def einsum(spec: str, *operands: jax.Array) -> jax.Array:
@@ -123,6 +153,10 @@ class Outer:
     h = per_example_outer(self.a, self.g)
     return h.reshape(h.shape[0], -1)
 
+  def merge_views(self, views: int) -> Outer:
+    return Outer(merge_positions(self.a, views), merge_positions(self.g, views),
+                 self.scale_inputs)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +174,9 @@ class Summed:
 
   def instantiate(self) -> jax.Array:
     return self.h
+
+  def merge_views(self, views: int) -> Summed:
+    return Summed(jnp.sum(self.h.reshape(-1, views, self.h.shape[-1]), axis=1))
 
 
 @jax.tree_util.register_dataclass
@@ -167,3 +204,6 @@ class Lookup:
     h = jax.vmap(lambda idx, g: jnp.zeros((self.rows, g.shape[-1]), jnp.float32).at[idx].add(
         g.astype(jnp.float32)))(self.idx, self.g)
     return h.reshape(h.shape[0], -1)
+
+  def merge_views(self, views: int) -> Lookup:
+    return Lookup(merge_positions(self.idx, views), merge_positions(self.g, views), self.rows)
