@@ -337,3 +337,14 @@ def test_help_exits_0_and_lists_the_config_keys_with_their_meanings():
   assert "C, the bound on one example's contribution" in out
   assert "switch: the first private step" in out
   assert config_lib.help_text() in out  # `python -m dpjax.config` prints the same
+
+
+def test_the_data_pipelines_settings_are_not_part_of_the_trajectory():
+  """A run may resume with more or fewer reading workers: they change how batches are read,
+  never which (dpjax.data.pipeline)."""
+  plain = config_lib.trajectory_view(ml_collections.ConfigDict(_base()))
+  faster = config_lib.trajectory_view(ml_collections.ConfigDict(
+      _with({"data.workers": 8, "data.threads": 16, "data.prefetch": 4})))
+  assert plain == faster
+  assert config_lib.trajectory_view(ml_collections.ConfigDict(
+      _with({"data.public_fraction": 0.2}))) != plain
