@@ -16,7 +16,11 @@ Consumers: --consumers names rows of a throughput JSON (benchmarks/throughput.py
 examples/s the table sets beside the pipeline's; "pipeline ÷ step" > 1 means the input keeps up.
 
   python -m benchmarks.input_pipeline --dataset cifar10_jpeg --workers 0,2,4,8 --out x.json
-  python -m benchmarks.input_pipeline --dataset jpeg224 --images 5000 --workers 0,4,8,16
+  python -m benchmarks.input_pipeline --dataset jpeg224 --images 5000 --workers 0,4,8,14
+
+Each setting is timed in windows of --window steps after a first window that drains the buffers
+the workers filled; the rate is the median of the later windows (steady state: the consumer waits
+on the producers).
 
 Output JSON: {"format": FORMAT, "rows": [InputRow...]} and a markdown table on stdout.
 """
@@ -48,9 +52,10 @@ class InputRow(TypedDict):
   microbatch: int        # rows per microbatch (the padding unit)
   workers: int           # grain worker processes (0: threads of the main process)
   threads: int           # reading threads per process
-  steps: int             # steps timed (after `warmup` steps)
+  steps: int             # steps timed (after a first window that drains the buffers)
   examples_per_s: float  # real examples delivered per second (median over windows)
-  spread: list           # [min, max] over windows
+  spread: list           # [min, max] over the timed windows
+  first_window: float    # the untimed first window's rate (drained from full buffers)
   cpus: int              # CPUs the process could use
   peak_rss_bytes: int    # max RSS of the main process (workers not included)
   device: str            # host description
@@ -85,32 +90,40 @@ def make_jpeg224(scratch: pathlib.Path, count: int, data_dir: str | None) -> pat
 
 
 def time_pipeline(dataset, expected_batch: int, microbatch: int, workers: int, threads: int,
-                  steps: int, warmup: int, windows: int) -> dict[str, Any]:
-  """Delivered examples/s of a private stream over `dataset` (the main process's view)."""
+                  window: int, windows: int) -> dict[str, Any]:
+  """Steady-state examples/s of a private stream over `dataset` (the main process's view).
+
+  The stream reads at most `buffered` steps ahead (its threads' buffer, and 2 steps per worker).
+  The first window starts once the workers are up and the buffers full, so it is drained from
+  them and is not counted: each later window of `window` (>= buffered) steps waits on the
+  producers, and the rate is their median.
+  """
   from dpjax.data import dataset as dataset_lib
   from dpjax.data import pipeline
   from dpjax.privacy import sampling
   sampler = sampling.PoissonSampler(len(dataset), expected_batch / len(dataset), microbatch)
   read = pipeline.ReadStep(dataset.images, dataset.labels, pipeline.PrivateDraw(sampler),
                            slice(None), dataset_lib.to_float)
-  total = warmup + steps
-  stream = pipeline.StepStream(read, lambda t: True, total,
-                               pipeline.Options(workers=workers, threads=threads,
-                                                prefetch=max(2, 2 * workers)))
+  options = pipeline.Options(workers=workers, threads=threads, prefetch=2)
+  buffered = max(options.prefetch, threads) + options.prefetch * workers
+  if window < buffered:
+    raise ValueError(f"--window {window} must be at least the {buffered} steps the pipeline "
+                     "buffers, or the windows would be drained from its buffers.")
+  stream = pipeline.StepStream(read, lambda t: True, (windows + 1) * window + 1, options)
   try:
-    for t in range(warmup):  # worker start-up and first reads
-      stream.get(t)
-    per_window = max(1, steps // windows)
+    stream.get(0)  # starts the workers
+    time.sleep(1.0 + 0.5 * workers)  # ... and lets them fill the buffers
     rates = []
-    for w in range(windows):
+    for w in range(windows + 1):
       began, examples = time.perf_counter(), 0
-      for t in range(warmup + w * per_window, warmup + (w + 1) * per_window):
+      for t in range(1 + w * window, 1 + (w + 1) * window):
         examples += int(stream.get(t)["mask"].sum())
       rates.append(examples / (time.perf_counter() - began))
   finally:
     stream.close()
-  return dict(examples_per_s=float(np.median(rates)), spread=[min(rates), max(rates)],
-              steps=per_window * windows)
+  steady = rates[1:]
+  return dict(examples_per_s=float(np.median(steady)), spread=[min(steady), max(steady)],
+              steps=window * windows, first_window=rates[0])
 
 
 def markdown(rows: list[InputRow], consumers: dict[str, float]) -> str:
@@ -148,9 +161,9 @@ def main() -> None:
   parser.add_argument("--threads", type=int, default=4)
   parser.add_argument("--batch", type=int, default=1024, help="expected batch size q·N")
   parser.add_argument("--microbatch", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--windows", type=int, default=4)
+  parser.add_argument("--window", type=int, default=40, help="steps per timing window")
+  parser.add_argument("--windows", type=int, default=4, help="windows timed (after a first one "
+                      "that drains the buffers)")
   parser.add_argument("--consumers", default=None, help="throughput JSON with DP rows")
   parser.add_argument("--models", default="vit_cifar,wrn_16_4,vit_b16_224")
   parser.add_argument("--commit", default="")
@@ -169,11 +182,12 @@ def main() -> None:
   rows: list[InputRow] = []
   for workers in map(int, args.workers.split(",")):
     timed = time_pipeline(dataset, args.batch, args.microbatch, workers, args.threads,
-                          args.steps, args.warmup, args.windows)
+                          args.window, args.windows)
     rows.append(InputRow(
         dataset=args.dataset, image_shape=list(dataset.image_shape), num_examples=len(dataset),
         expected_batch=args.batch, microbatch=args.microbatch, workers=workers,
         threads=args.threads, steps=timed["steps"], examples_per_s=timed["examples_per_s"],
+        first_window=timed["first_window"],
         spread=timed["spread"], cpus=len(os.sched_getaffinity(0)),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         device=args.device or "host CPU", command=" ".join(sys.argv), **provenance))
