@@ -55,6 +55,7 @@ class InputRow(TypedDict):
   steps: int             # steps timed (after a first window that drains the buffers)
   examples_per_s: float  # real examples delivered per second (median over windows)
   spread: list           # [min, max] over the timed windows
+  window: int            # steps per window (at least what the buffers hold)
   first_window: float    # the untimed first window's rate (drained from full buffers)
   cpus: int              # CPUs the process could use
   peak_rss_bytes: int    # max RSS of the main process (workers not included)
@@ -93,10 +94,11 @@ def time_pipeline(dataset, expected_batch: int, microbatch: int, workers: int, t
                   window: int, windows: int) -> dict[str, Any]:
   """Steady-state examples/s of a private stream over `dataset` (the main process's view).
 
-  The stream reads at most `buffered` steps ahead (its threads' buffer, and 2 steps per worker).
-  The first window starts once the workers are up and the buffers full, so it is drained from
-  them and is not counted: each later window of `window` (>= buffered) steps waits on the
-  producers, and the rate is their median.
+  The stream reads steps ahead into buffers: its threads' (max(prefetch, threads) steps) in the
+  main process and in each worker, and each worker's output buffer (prefetch steps). A window is
+  at least all of them (`window` is raised to that). The first window starts once the workers are
+  up and the buffers full, so it is drained from them and is not counted: each later window waits
+  on the producers, and the rate is their median.
   """
   from dpjax.data import dataset as dataset_lib
   from dpjax.data import pipeline
@@ -105,10 +107,9 @@ def time_pipeline(dataset, expected_batch: int, microbatch: int, workers: int, t
   read = pipeline.ReadStep(dataset.images, dataset.labels, pipeline.PrivateDraw(sampler),
                            slice(None), dataset_lib.to_float)
   options = pipeline.Options(workers=workers, threads=threads, prefetch=2)
-  buffered = max(options.prefetch, threads) + options.prefetch * workers
-  if window < buffered:
-    raise ValueError(f"--window {window} must be at least the {buffered} steps the pipeline "
-                     "buffers, or the windows would be drained from its buffers.")
+  # Each process's thread buffer, and each worker's output buffer.
+  threads_buffer = max(options.prefetch, threads)
+  window = max(window, threads_buffer + workers * (threads_buffer + options.prefetch))
   stream = pipeline.StepStream(read, lambda t: True, (windows + 1) * window + 1, options)
   try:
     stream.get(0)  # starts the workers
@@ -123,7 +124,7 @@ def time_pipeline(dataset, expected_batch: int, microbatch: int, workers: int, t
     stream.close()
   steady = rates[1:]
   return dict(examples_per_s=float(np.median(steady)), spread=[min(steady), max(steady)],
-              steps=window * windows, first_window=rates[0])
+              steps=window * windows, window=window, first_window=rates[0])
 
 
 def markdown(rows: list[InputRow], consumers: dict[str, float]) -> str:
@@ -187,7 +188,7 @@ def main() -> None:
         dataset=args.dataset, image_shape=list(dataset.image_shape), num_examples=len(dataset),
         expected_batch=args.batch, microbatch=args.microbatch, workers=workers,
         threads=args.threads, steps=timed["steps"], examples_per_s=timed["examples_per_s"],
-        first_window=timed["first_window"],
+        first_window=timed["first_window"], window=timed["window"],
         spread=timed["spread"], cpus=len(os.sched_getaffinity(0)),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         device=args.device or "host CPU", command=" ".join(sys.argv), **provenance))
