@@ -191,7 +191,8 @@ def main() -> None:
         first_window=timed["first_window"], window=timed["window"],
         spread=timed["spread"], cpus=len(os.sched_getaffinity(0)),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        device=args.device or "host CPU", command=" ".join(sys.argv), **provenance))
+        device=args.device or "host CPU",
+        command="python -m benchmarks.input_pipeline " + " ".join(sys.argv[1:]), **provenance))
     print(f"workers={workers}: {timed['examples_per_s']:,.0f} examples/s", flush=True)
   consumers = consumer_rates(args.consumers, args.models.split(","))
   print(markdown(rows, consumers))
