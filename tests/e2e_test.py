@@ -346,6 +346,29 @@ def test_an_image_folder_archive_trains_with_canaries_reading_only_the_batches(t
   assert 0 < len(train_reads) < len(private)  # its batches, never the whole private part
 
 
+def test_grain_worker_processes_train_exactly_what_threads_train(tmp_path):
+  """data.workers = 2 (grain worker processes decode, each unpickling the reader and the secret
+  sampler) gives the params of data.workers = 0, on a lazily read image folder."""
+  from dpjax.data import testing
+  testing.write_image_folder(tmp_path / "src", tuple(f"c{i}" for i in range(10)),
+                             {"train": 8, "test": 2}, shape=(28, 28, 1), suffixes=(".png",))
+  runs = {}
+  for workers in (0, 2):
+    c = small_config(data=dict(name="image_folder", dir=str(tmp_path / "src"), workers=workers,
+                               cache_dir=str(tmp_path / "cache"), public_fraction=0.25),
+                     dp=dict(expected_batch_size=16, insecure_reproducible_seed=0),
+                     schedule=dict(total_steps=4, public_batch_size=8),
+                     mixing=dict(switch_step=2))
+    c.perf.microbatch_size = 8
+    runs[workers] = loop.train_and_evaluate(c, str(tmp_path / f"w{workers}"),
+                                            show_progress=False)
+  assert runs[0]["privacy"] == runs[2]["privacy"]
+  assert runs[0]["test_accuracy"] == runs[2]["test_accuracy"]
+  for x, y in zip(jax.tree_util.tree_leaves(_final_params(tmp_path / "w0")),
+                  jax.tree_util.tree_leaves(_final_params(tmp_path / "w2"))):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_batchnorm_model_is_refused(tmp_path, monkeypatch):
   class WithBatchNorm(nn.Module):
     @nn.compact
