@@ -120,6 +120,12 @@ def test_an_int_is_a_float_where_a_float_is_expected():
     ({"data.name": "image_folder", "data.dir": "/d.tar", "data.standardize": True},
      config_lib.ConfigError, "computed from its \\(private\\) training images"),
     ({"data.public_name": "image_folder"}, config_lib.ConfigError, "public_name"),
+    ({"data.name": "tfds:"}, config_lib.ConfigError, "data.name: Unknown dataset 'tfds:'"),
+    ({"data.name": "tfds:cifar 100"}, config_lib.ConfigError, "or 'tfds:<name>'"),
+    ({"data.public_name": "tfds:"}, config_lib.ConfigError, "data.public_name: Unknown"),
+    ({"data.name": "tfds:cifar100", "data.standardize": True}, config_lib.ConfigError,
+     "no normalisation constants for tfds:cifar100"),
+    ({"data.manual_dir": "/m"}, config_lib.ConfigError, "manual_dir is read only for tfds:"),
     ({"data.augment": "blur"}, config_lib.ConfigError, "data.augment must be 'none' or"),
     ({"dp.augmult": 0}, config_lib.ConfigError, "dp.augmult must be an integer > 0"),
     ({"dp.augmult": 2}, config_lib.ConfigError, "need an augmentation: set data.augment"),
@@ -194,6 +200,18 @@ def test_each_value_check(changes, error, match):
   config_lib.parse(_base())
   with pytest.raises(error, match=match):
     config_lib.parse(_with(changes))
+
+
+def test_tfds_names_parse_and_manual_dir_stays_out_of_the_trajectory_when_empty():
+  for name in ("tfds:cifar100", "tfds:imagenet2012", "tfds:cifar10/plain:3.0.2"):
+    assert config_lib.parse(_with({"data.name": name})).data.name == name
+  spec = config_lib.parse(_with({"data.public_name": "tfds:cifar100",
+                                 "data.manual_dir": "/m"}))
+  assert (spec.data.public_name, spec.data.manual_dir) == ("tfds:cifar100", "/m")
+  default = config_lib.default_config()
+  assert "manual_dir" not in config_lib.trajectory_view(default)["data"]
+  default.data.update(name="tfds:imagenet2012", manual_dir="/m")
+  assert config_lib.trajectory_view(default)["data"]["manual_dir"] == "/m"
 
 
 def test_image_folder_keys_parse_and_stay_out_of_the_trajectory_when_empty():

@@ -102,7 +102,7 @@ def test_normalization_is_public_constants_only():
 
 
 def test_unknown_name_lists_known_ones(tmp_path):
-  with pytest.raises(ValueError, match="known local datasets: mnist, fashion_mnist, cifar10"):
+  with pytest.raises(ValueError, match="known: mnist, fashion_mnist, cifar10, .* or 'tfds:<name>'"):
     dataset_lib.load_dataset("svhn", "train", cache_dir=tmp_path)
 
 

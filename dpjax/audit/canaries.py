@@ -19,7 +19,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from dpjax.data import records
+from dpjax.data import lazy_images
 from dpjax.data.dataset import Dataset
 
 KINDS = ("mislabel", "noise")
@@ -101,7 +101,7 @@ def insert(part: Dataset, canaries: Canaries | None) -> Dataset:
   if canaries is None:
     return part
   added = canaries.inserted(part)
-  images = (part.images.append(added.images) if isinstance(part.images, records.RecordImages)
+  images = (part.images.append(added.images) if isinstance(part.images, lazy_images.LazyImages)
             else np.concatenate([part.images, added.images]))  # lazy images stay lazy
   return dataclasses.replace(part, images=images,
                              labels=np.concatenate([part.labels, added.labels]))

@@ -74,14 +74,14 @@ PIPELINE_KEYS = ("workers", "threads", "prefetch")  # data block: the pipeline's
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:
   """The part of the config that must match for a checkpoint to be resumed (the `audit` block
   only when it inserts canaries, never data.workers/threads/prefetch (how batches are read, not
-  which), finetune.init_from_public only when True, dp.clip_fraction_noise
-  only when it is set, data.classes and data.image_shape only when given, data.augment and
-  dp.augmult only when not 'none' and 1, so runs without them match checkpoints from before
-  them)."""
+  which), finetune.init_from_public only when True, dp.clip_fraction_noise only when it is set,
+  data.classes, data.image_shape and data.manual_dir only when given, data.augment and dp.augmult
+  only when not 'none' and 1, so runs without them match checkpoints from before them)."""
   full = config.to_dict()
   view = {k: full[k] for k in TRAJECTORY_BLOCKS}
   view["data"] = {k: v for k, v in view["data"].items()  # how batches are read: not what
-                  if (v or k not in ("classes", "image_shape")) and k not in PIPELINE_KEYS}
+                  if (v or k not in ("classes", "image_shape", "manual_dir"))
+                  and k not in PIPELINE_KEYS}
   for block, key, unset in (("dp", "clip_fraction_noise", 0), ("dp", "augmult", 1),
                             ("data", "augment", "none")):
     if view[block].get(key) == unset:

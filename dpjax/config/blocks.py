@@ -22,11 +22,17 @@ from dpjax.privacy import accounting
 @dataclasses.dataclass(frozen=True)
 class DataSpec(Spec):
   BLOCK: ClassVar[str] = "data"
-  name: str = field("fashion_mnist", "the dataset trained on (image_folder: the folder or archive "
-                                     "data.dir names)", data_specs.KNOWN_DATASETS)
+  name: str = field("fashion_mnist", "the dataset trained on: "
+                                     f"{', '.join(data_specs.KNOWN_DATASETS)} (image_folder: the "
+                                     "folder or archive data.dir names), or tfds:<name> for a TFDS "
+                                     "image-classification dataset (tfds:cifar100, "
+                                     "tfds:<name>/<config>:<version>) read from the TFDS data_dir")
   dir: str = field("", "folder of the original files ('': $DPJAX_DATA_DIR, system folders); for "
                        "image_folder the folder or .tar/.tar.gz/.tgz/.zip archive of "
-                       "train/<class>/*.jpg (.jpeg, .png) and test/<class>/*.jpg")
+                       "train/<class>/*.jpg (.jpeg, .png) and test/<class>/*.jpg; for tfds: names "
+                       "the TFDS data_dir ('': TFDS's default)")
+  manual_dir: str = field("", "tfds: names: folder of the files TFDS cannot download "
+                              "(imagenet2012's tars; '': <data_dir>/downloads/manual)")
   cache_dir: str = field("", "dataset cache root ('': $DPJAX_CACHE_DIR or ~/.cache/dpjax)")
   classes: tuple = field((), "image_folder: class folder names in label order (empty: the sorted "
                              "folder names)")
@@ -55,9 +61,17 @@ class DataSpec(Spec):
   def check(self):
     check(0 <= self.public_fraction <= 1,
           f"data.public_fraction must be in [0, 1], got {self.public_fraction}.")
-    named = tuple(n for n in data_specs.KNOWN_DATASETS if n != "image_folder")
-    check(self.public_name in ("",) + named,
-          f"data.public_name must be '' or one of {named}, got {self.public_name!r}.")
+    _check_dataset_name("data.name", self.name)
+    if self.public_name:
+      check(self.public_name != "image_folder", "data.public_name cannot be 'image_folder' "
+                                                "(data.dir names the image folder of data.name).")
+      _check_dataset_name("data.public_name", self.public_name)
+    check(not self.manual_dir or bool(data_specs.tfds_name(self.name)
+                                      or data_specs.tfds_name(self.public_name)),
+          "data.manual_dir is read only for tfds: datasets; leave it empty.")
+    check(not (self.standardize and data_specs.tfds_name(self.name)),
+          f"data.standardize=True: dpjax has no normalisation constants for {self.name}. "
+          "Leave data.standardize False (images scaled to [0, 1]).")
     check(self.train_examples >= 0,
           f"data.train_examples must be >= 0 (0: all), got {self.train_examples}.")
     check(self.workers >= 0, f"data.workers must be >= 0 (0: no worker processes), got "
@@ -86,6 +100,14 @@ class DataSpec(Spec):
           "data.standardize=True would standardise with the image folder's mean and std, which "
           "are computed from its (private) training images: a release the DP guarantee does not "
           "cover. Leave data.standardize False (images scaled to [0, 1]).")
+
+
+def _check_dataset_name(path: str, name: str) -> None:
+  """ConfigError unless `name` is a dataset dpjax can load (`data_specs.check_name`)."""
+  try:
+    data_specs.check_name(name)
+  except ValueError as e:
+    check(False, f"{path}: {e}")
 
 
 @dataclasses.dataclass(frozen=True)

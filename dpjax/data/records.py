@@ -9,9 +9,10 @@ A split is two files in a folder:
   <split>.labels.npy     int32 [N], the labels again, so that loading a split's labels reads
                          4 bytes per example rather than every record.
 
-`RecordImages` is a uint8 [N, H, W, C] array-like over a split's records: indexing reads and
-decodes only the records asked for (Pillow for encoded images). It holds no open file in a pickle:
-a process that unpickles it (a data-loading worker) opens the file on its first read.
+`RecordImages` is a uint8 [N, H, W, C] array-like over a split's records (`lazy_images`):
+indexing reads and decodes only the records asked for (Pillow for encoded images). It holds no
+open file in a pickle: a process that unpickles it (a data-loading worker) opens the file on its
+first read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import numpy as np
 import PIL.Image
 from array_record.python import array_record_module
 
+from dpjax.data import lazy_images
 from dpjax.data import local_files
 
 HEADER = struct.Struct("<qiHHHB")  # index int64, label int32, H, W, C uint16, raw uint8
@@ -149,138 +150,38 @@ def read_labels(folder: Path, split: str) -> np.ndarray:
   return labels
 
 
-class RecordImages:
-  """uint8 [N, H, W, C] images of one split's records (or a view of some of them), read lazily.
-
-  Indexing follows NumPy: an int gives [H, W, C]; a slice, an int array [n] (in that order,
-  repeats allowed, negative indices from the end) or a bool mask [N] gives [n, H, W, C]. Each read
-  decodes only the records asked for. `take(indices, axis=0)` is a view (no read), as `Dataset
-  .subset` needs; `append(images)` adds a few in-memory images after the view's (canaries);
-  `np.asarray(images)` reads every image of the view (fine for a test split, not for a large
-  training split).
-
-  Pickling keeps the path, shape, view and appended images, never an open file: the unpickled
-  copy opens the file on its first read (one reader per process, shared by its threads).
-  """
-
-  dtype = np.dtype(np.uint8)
-  ndim = 4
+class RecordImages(lazy_images.LazyImages):
+  """uint8 [N, H, W, C] images of one split's records (or a view of some of them), read lazily:
+  a `lazy_images.LazyImages` (NumPy indexing, `take`, `append`, picklable) over the file
+  `write_split` wrote."""
 
   def __init__(self, folder: Path | str, split: str, image_shape: tuple[int, int, int],
                num_records: int, positions: np.ndarray | None = None,
                extra: np.ndarray | None = None):
     """`folder`/`split`: the files `write_split` wrote (`num_records` records of images of shape
-    `image_shape`); `extra`: uint8 [m, H, W, C] images in memory, at positions num_records, ...,
-    num_records + m - 1 after the records; `positions` int64 [n]: the positions this view shows
-    (None: all records, then all of `extra`, in order)."""
+    `image_shape`); `positions`, `extra`: as `LazyImages`'s."""
     self.path = Path(folder) / f"{split}{RECORDS_SUFFIX}"
-    self.image_shape = tuple(int(d) for d in image_shape)
-    self.num_records = int(num_records)
-    self.extra = np.zeros((0,) + self.image_shape, np.uint8) if extra is None else extra
-    self.positions = None if positions is None else np.asarray(positions, np.int64)
-    self._reader = None
-    self._lock = threading.Lock()
-
-  @property
-  def shape(self) -> tuple[int, int, int, int]:
-    return (len(self),) + self.image_shape
-
-  def __len__(self) -> int:
-    if self.positions is None:
-      return self.num_records + len(self.extra)
-    return len(self.positions)
+    super().__init__(image_shape, num_records, positions, extra)
 
   def __repr__(self) -> str:
     return f"RecordImages({self.path}, shape={self.shape})"
 
-  def __getstate__(self) -> dict:
-    state = dict(self.__dict__)
-    del state["_reader"], state["_lock"]
-    return state
+  def _open_reader(self):
+    reader = array_record_module.ArrayRecordReader(str(self.path), _READER_OPTIONS)
+    if reader.num_records() != self.num_records:
+      raise RecordError(f"{self.path} holds {reader.num_records()} records, expected "
+                        f"{self.num_records}: the cache entry is damaged; delete it to "
+                        "rebuild it.")
+    return reader
 
-  def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state, _reader=None, _lock=threading.Lock())
-
-  def take(self, indices: np.ndarray, axis: int = 0) -> RecordImages:
-    """The view of examples `indices` [n] of this one (NumPy's `take` along axis 0); reads
-    nothing."""
-    if axis != 0:
-      raise ValueError(f"RecordImages.take works along the example axis only (axis=0), got "
-                       f"axis={axis}.")
-    return self._view(self._positions(indices), self.extra)
-
-  def append(self, images: np.ndarray) -> RecordImages:
-    """This view followed by `images` uint8 [m, H, W, C], kept in memory (a few: canaries)."""
-    if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
-      raise ValueError(f"can only append uint8 [m, {', '.join(map(str, self.image_shape))}] "
-                       f"images, got {images.dtype} {images.shape}.")
-    start = self.num_records + len(self.extra)
-    return self._view(np.concatenate([self._positions(slice(None)),
-                                      start + np.arange(len(images))]),
-                      np.concatenate([self.extra, images]))
-
-  def _view(self, positions: np.ndarray, extra: np.ndarray) -> RecordImages:
-    return RecordImages(self.path.parent, self.path.name.removesuffix(RECORDS_SUFFIX),
-                        self.image_shape, self.num_records, positions, extra)
-
-  def __getitem__(self, key) -> np.ndarray:
-    if isinstance(key, (int, np.integer)):
-      return self._read(self._positions(np.array([key])))[0]
-    if isinstance(key, tuple):
-      raise IndexError("RecordImages takes one index (an int, a slice or a 1-D index array); "
-                       "index the result for the other axes.")
-    return self._read(self._positions(key))
-
-  def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    del copy  # the result is always a new array
-    images = self[:]
-    return images if dtype is None else images.astype(dtype)
-
-  def _positions(self, key) -> np.ndarray:
-    """Positions int64 [n] of the examples `key` (slice, int or bool array) selects."""
-    order = np.arange(len(self)) if self.positions is None else self.positions
-    if isinstance(key, slice):
-      return order[key]
-    key = np.asarray(key)
-    if key.size == 0 and key.ndim == 1:
-      return order[:0]
-    if key.dtype == bool:
-      if key.shape != (len(self),):
-        raise IndexError(f"a boolean index must have shape ({len(self)},), got {key.shape}.")
-      return order[key]
-    if key.ndim != 1 or not np.issubdtype(key.dtype, np.integer):
-      raise IndexError(f"RecordImages takes an int, a slice or a 1-D int or bool array, got "
-                       f"{key.dtype} {key.shape}.")
-    if key.size and not -len(self) <= key.min() <= key.max() < len(self):
-      raise IndexError(f"index out of range for {len(self)} images: {key.min()}..{key.max()}.")
-    return order[key]
-
-  def _open(self):
-    with self._lock:
-      if self._reader is None:
-        reader = array_record_module.ArrayRecordReader(str(self.path), _READER_OPTIONS)
-        if reader.num_records() != self.num_records:
-          raise RecordError(f"{self.path} holds {reader.num_records()} records, expected "
-                            f"{self.num_records}: the cache entry is damaged; delete it to "
-                            "rebuild it.")
-        self._reader = reader
-    return self._reader
-
-  def _read(self, positions: np.ndarray) -> np.ndarray:
-    """Images uint8 [n, H, W, C] at `positions` [n]: records decoded, appended ones copied."""
-    out = np.empty((len(positions),) + self.image_shape, np.uint8)
-    appended = positions >= self.num_records
-    out[appended] = self.extra[positions[appended] - self.num_records]
-    rows = np.flatnonzero(~appended)
-    if not len(rows):
-      return out
-    read = self._open().read(positions[rows].tolist())
-    for row, position, data in zip(rows, positions[rows], read):
+  def _decode_records(self, reader, positions: np.ndarray) -> list[np.ndarray]:
+    images = []
+    for position, data in zip(positions, reader.read(positions.tolist())):
       where = f"{self.path} record {position}"
       record = parse_record(data, where)
       if record.index != position or record.shape != self.image_shape:
         raise RecordError(f"{where} holds example {record.index} of shape {record.shape}, "
                           f"expected example {position} of shape {self.image_shape}: the cache "
                           "entry is damaged; delete it to rebuild it.")
-      out[row] = decode(record, where)
-    return out
+      images.append(decode(record, where))
+    return images

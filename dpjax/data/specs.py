@@ -168,6 +168,23 @@ _IMAGE_FOLDER_SPECS = {
 LOCAL_DATASETS = tuple(_SPECS)
 IMAGE_FOLDER_DATASETS = tuple(_IMAGE_FOLDER_SPECS)
 KNOWN_DATASETS = LOCAL_DATASETS + IMAGE_FOLDER_DATASETS
+TFDS_PREFIX = "tfds:"  # "tfds:<name>": any TFDS image-classification dataset (`tfds_images`)
+
+
+def tfds_name(name: str) -> str | None:
+  """The TFDS name of a "tfds:<name>" dataset name ("tfds:cifar100" -> "cifar100"), else None."""
+  return name.removeprefix(TFDS_PREFIX) if name.startswith(TFDS_PREFIX) else None
+
+
+def check_name(name: str) -> None:
+  """Raises ValueError unless `name` is one of KNOWN_DATASETS or "tfds:<name>" (a TFDS name,
+  without spaces; whether TFDS has it is checked when it is loaded)."""
+  tfds = tfds_name(name)
+  if name in KNOWN_DATASETS or (tfds and tfds == tfds.strip() and " " not in tfds):
+    return
+  raise ValueError(f"Unknown dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}, or "
+                   f"'{TFDS_PREFIX}<name>' for a TFDS image-classification dataset (e.g. "
+                   f"'{TFDS_PREFIX}cifar100', '{TFDS_PREFIX}<name>/<config>:<version>').")
 
 
 def get_spec(name: str) -> DatasetSpec | ImageFolderSpec:
@@ -175,9 +192,9 @@ def get_spec(name: str) -> DatasetSpec | ImageFolderSpec:
   if name in _IMAGE_FOLDER_SPECS:
     return _IMAGE_FOLDER_SPECS[name]
   if name not in _SPECS:
-    raise ValueError(f"Unknown dataset {name!r}; known local datasets: "
-                     f"{', '.join(KNOWN_DATASETS)}. For any other TFDS dataset use "
-                     "dpjax.data.load_tfds_by_name.")
+    check_name(name)
+    raise ValueError(f"{name} is a TFDS dataset: dpjax has no spec (shapes, normalisation "
+                     "constants) for it; load it with dpjax.data.load_dataset.")
   return _SPECS[name]
 
 

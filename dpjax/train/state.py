@@ -32,14 +32,16 @@ class TrainingData:
 def load_split(config: ml_collections.ConfigDict, name: str, split: str) -> data.Dataset:
   """Split `split` of dataset `name` where and as the config's data block says: data.dir (for an
   image folder its folder or archive, then no other dataset's), data.cache_dir, data.verify, and
-  an image folder's data.classes and data.image_shape."""
+  an image folder's data.classes and data.image_shape, a TFDS dataset's data.manual_dir."""
   c = config.data
   if name == "image_folder":
     return data.load_dataset(name, split, c.dir, c.cache_dir or None, verify=c.verify,
                              classes=tuple(c.classes) or None,
                              image_shape=tuple(c.image_shape) or None)
   directory = None if c.name == "image_folder" else c.dir or None
-  return data.load_dataset(name, split, directory, c.cache_dir or None, verify=c.verify)
+  manual_dir = (c.manual_dir or None) if data.specs.tfds_name(name) else None
+  return data.load_dataset(name, split, directory, c.cache_dir or None, verify=c.verify,
+                           manual_dir=manual_dir)
 
 
 def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
