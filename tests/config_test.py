@@ -366,3 +366,12 @@ def test_the_data_pipelines_settings_are_not_part_of_the_trajectory():
   assert plain == faster
   assert config_lib.trajectory_view(ml_collections.ConfigDict(
       _with({"data.public_fraction": 0.2}))) != plain
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("data.workers", -1, r"data.workers must be >= 0"),
+    ("data.threads", 0, r"data.threads must be an integer > 0"),
+    ("data.prefetch", 0, r"data.prefetch must be an integer > 0, got 0 \(steps read ahead\)")])
+def test_bad_data_pipeline_settings_are_refused(key, value, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.parse(_with({key: value}))

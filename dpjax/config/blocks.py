@@ -74,11 +74,9 @@ class DataSpec(Spec):
           "Leave data.standardize False (images scaled to [0, 1]).")
     check(self.train_examples >= 0,
           f"data.train_examples must be >= 0 (0: all), got {self.train_examples}.")
-    check(self.workers >= 0, f"data.workers must be >= 0 (0: no worker processes), got "
-                             f"{self.workers}.")
-    check(self.threads >= 1, f"data.threads must be >= 1, got {self.threads}.")
-    check(self.prefetch >= 1, f"data.prefetch must be >= 1 (steps read ahead), got "
-                              f"{self.prefetch}.")
+    check_at_least("data.workers", self.workers, 0, " (0: no worker processes)")
+    check_positive_int("data.threads", self.threads)
+    check_positive_int("data.prefetch", self.prefetch, "steps read ahead")
     if self.name == "image_folder":
       self._check_image_folder()
     else:

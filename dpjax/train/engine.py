@@ -108,6 +108,7 @@ class Batches:
                reads_private: Callable[[int], bool]):
     self.mesh, self.preprocess, self.parts, self.options = mesh, preprocess, parts, options
     self.total_steps, self.reads_private = total_steps, reads_private
+    self._public_rows = None if public_order is None else public_order.batch_size
     self._public = None if public_order is None else pipeline.StepStream(
         self._reader(parts.public, pipeline.PublicDraw(public_order), public_order.batch_size),
         reads_public, total_steps, options)
@@ -120,7 +121,7 @@ class Batches:
   def public(self, step: int) -> dict:
     """Step `step`'s public batch (its order a function of the config seed and the step)."""
     batch, _ = next(pipeline.microbatches(self._public.get(step)))  # one microbatch, all real
-    return self._global(batch, self._public.read.draw.order.batch_size)
+    return self._global(batch, self._public_rows)
 
   def private(self, step: int, sampler: Any) -> Iterator[tuple[dict, Any]]:
     """Step `step`'s private microbatches (batch, mask) of the sampler's draw, on the mesh."""
