@@ -42,6 +42,12 @@ class DataSpec(Spec):
                                       "private)")
   public_name: str = field("", "a separate public dataset ('': public_fraction of data.name's "
                                "training split)")
+  public_classes: tuple = field((), "labels the public part is drawn from (empty: all); the "
+                                    "split then reads the labels, so it simulates a public "
+                                    "dataset given beforehand (dpjax.data.splits)")
+  in_memory: bool = field(False, "decode the training split into host memory once at the start "
+                                 "(N·H·W·C bytes: 150 MB for CIFAR-10), so the pipeline only "
+                                 "indexes arrays")
   standardize: bool = field(False, "standardise images with the dataset's mean and std (else "
                                    "scale to [0, 1]); not for image_folder, whose statistics are "
                                    "private")
@@ -62,6 +68,13 @@ class DataSpec(Spec):
     check(0 <= self.public_fraction <= 1,
           f"data.public_fraction must be in [0, 1], got {self.public_fraction}.")
     _check_dataset_name("data.name", self.name)
+    check(all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+              for c in self.public_classes)
+          and len(set(self.public_classes)) == len(self.public_classes),
+          f"data.public_classes must be distinct labels (ints >= 0), got {self.public_classes!r}.")
+    check(not (self.public_classes and self.public_name),
+          "data.public_classes selects the public part of data.name's training split; with a "
+          "separate data.public_name there is nothing to select. Set one of the two.")
     if self.public_name:
       check(self.public_name != "image_folder", "data.public_name cannot be 'image_folder' "
                                                 "(data.dir names the image folder of data.name).")

@@ -14,6 +14,7 @@ from dpjax.data.batches import ShuffledBatches
 from dpjax.data.batches import ShuffledOrder
 from dpjax.data.batches import gather
 from dpjax.data.dataset import Dataset
+from dpjax.data.dataset import in_memory
 from dpjax.data.dataset import load_dataset
 from dpjax.data.dataset import normalization
 from dpjax.data.dataset import standardize
@@ -45,7 +46,8 @@ __all__ = [
     "CACHE_DIR_ENV", "ChecksumError", "DATA_DIR_ENV", "DataFormatError", "DataNotFoundError",
     "Dataset", "ImageFolderError", "KNOWN_DATASETS", "LazyImages", "OverlapError", "PublicPrivate",
     "RecordImages", "ShuffledBatches", "ShuffledOrder", "TfdsImages",
-    "check_disjoint", "default_cache_dir", "ensure_cache", "gather", "get_spec", "load_dataset",
+    "check_disjoint", "default_cache_dir", "ensure_cache", "gather", "get_spec", "in_memory",
+    "load_dataset",
     "load_tfds_by_name", "normalization", "pair_datasets", "public_private_split", "read_split",
     "resolve_data_dir", "split_dataset", "standardize", "to_float",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -55,6 +56,19 @@ class Dataset:
     images stay lazy (a view: nothing is read)."""
     return dataclasses.replace(self, images=self.images.take(indices, axis=0),
                                labels=self.labels[indices], split=f"{self.split}[{part}]")
+
+
+def in_memory(dataset: Dataset, threads: int = 8, chunk: int = 2048) -> Dataset:
+  """`dataset` with its images decoded into a uint8 [N, H, W, C] NumPy array (`threads` decoding
+  chunks of `chunk` at once); a dataset already in memory is returned as it is."""
+  if isinstance(dataset.images, np.ndarray):
+    return dataset
+  images = np.empty(dataset.images.shape, np.uint8)
+  def decode(start):
+    images[start:start + chunk] = dataset.images[start:start + chunk]
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    list(pool.map(decode, range(0, len(dataset), chunk)))
+  return dataclasses.replace(dataset, images=images)
 
 
 def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None,

@@ -55,11 +55,13 @@ def load_training_data(config: ml_collections.ConfigDict) -> TrainingData:
       raise ValueError(f"data.train_examples = {c.train_examples} exceeds the {len(train)} "
                        f"examples of {c.name}'s training split.")
     train = train.subset(np.arange(c.train_examples), f"first {c.train_examples}")
+  if c.in_memory:
+    train = data.in_memory(train)
   train, canaries = canaries_lib.take_canaries(train, config.audit)
   if c.public_name:
     parts = data.pair_datasets(load(c.public_name, "train"), train)
   else:
-    parts = data.split_dataset(train, c.public_fraction, config.seed)
+    parts = data.split_dataset(train, c.public_fraction, config.seed, tuple(c.public_classes))
   if canaries is not None:
     parts = dataclasses.replace(parts, **{canaries.part: canaries_lib.insert(
         getattr(parts, canaries.part), canaries)})
