@@ -17,7 +17,7 @@ and σ²R² tr(H)/(B c²) (the per-sample form of the last term) is the decelera
 Use: `terms = curvature_terms(example_loss, params, public_batch(ds.public, idx), rule, key)`
 (`dpjax.data.public_batch`),
 then the pure float functions `decelerator`, `loss_improvement_sgd`, `loss_improvement_dp`,
-`optimal_batch_size` and `optimal_alpha` of `terms`.
+`dp_efficiency`, `optimal_batch_size` and `optimal_alpha` of `terms`.
 
 Privacy: these statistics steer training (switch point, α, batch size) with no noise added, so
 they may only read public data. Every function here that reads examples accepts only a
@@ -313,6 +313,23 @@ def loss_improvement_dp(terms: CurvatureTerms, batch_size: float, noise_multipli
   """
   noise = _noise_term(terms, batch_size, noise_multiplier) / batch_size
   return _improvement(terms, terms.gHg + terms.trace_h_sigma / batch_size + noise)
+
+
+def dp_efficiency(terms: CurvatureTerms, batch_size: float, noise_multiplier: float) -> float:
+  """r = loss_improvement_dp / loss_improvement_sgd at the same batch size B, in [0, 1]:
+
+      r = [GᵀHG + tr(HΣ)/B] / [GᵀHG + tr(HΣ)/B + σ²R² tr(H)/(B² c²)]
+
+  the share of a non-private step's progress a DP step keeps (‖G‖⁴ cancels). 1 at σ = 0, 0 at
+  c ≤ 0 < σ; NaN (no evidence) when the bracket or the tr(H) estimate is ≤ 0.
+  """
+  bracket = terms.gHg + terms.trace_h_sigma / batch_size
+  if noise_multiplier == 0:
+    return 1.0
+  if bracket <= 0 or terms.trace_h <= 0:
+    return math.nan
+  noise = _noise_term(terms, batch_size, noise_multiplier) / batch_size
+  return 0.0 if math.isinf(noise) else bracket / (bracket + noise)
 
 
 def optimal_batch_size(terms: CurvatureTerms, noise_multiplier: float) -> float:

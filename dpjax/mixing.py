@@ -136,7 +136,13 @@ class AutoSwitch:
 
   criterion: "improvement" switches once the predicted DP improvement per step reaches the public
     one (Bu et al.: the decelerator has shrunk enough); "plateau" once the held-out public loss has
-    not improved by more than `min_delta` for `patience` checks; "either" on the first of the two.
+    not improved by more than `min_delta` for `patience` checks; "either" on the first of the two;
+    "efficiency" once a DP step's efficiency r (its predicted improvement over a non-private
+    step's of the same batch, `curvature`'s model with the σ the remaining budget implies) reaches
+    the public steps' generalisation g (the held-out public loss's fall over the public training
+    loss's fall since the last check, in [0, 1]; 0 when the training loss no longer falls). Both
+    say what share of an ideal step on fresh data a step would deliver: a DP step on private data
+    r, a public step on the public data it has seen g.
   max_switch_step: the switch happens at this step at the latest.
   """
   criterion: str = "either"
@@ -147,22 +153,33 @@ class AutoSwitch:
   best_loss: float = math.inf
   checks_without_improvement: int = 0
   reason: str = ""
+  last_losses: tuple[float, float] | None = None  # (held-out, public training) at the last check
+
+  CRITERIA = ("improvement", "plateau", "either", "efficiency")
 
   def __post_init__(self):
-    if self.criterion not in ("improvement", "plateau", "either"):
-      raise ValueError(f"AutoSwitch criterion must be improvement, plateau or either, got "
+    if self.criterion not in self.CRITERIA:
+      raise ValueError(f"AutoSwitch criterion must be one of {', '.join(self.CRITERIA)}, got "
                        f"{self.criterion!r}.")
+    if self.last_losses is not None:
+      self.last_losses = tuple(self.last_losses)
 
   def __call__(self, step: int) -> float:
     """α at `step`: 1 until the switch, 0 from it on."""
     return 1.0 if self.switch_step is None or step < self.switch_step else 0.0
 
   def observe(self, step: int, public_improvement: float | None = None,
-              private_improvement: float | None = None, heldout_loss: float | None = None) -> bool:
+              private_improvement: float | None = None, heldout_loss: float | None = None,
+              dp_efficiency: float | None = None, public_train_loss: float | None = None) -> bool:
     """Feeds one check's public statistics; returns True if training switches at `step`."""
     if self.switch_step is not None:
       return False
     reasons = []
+    if self.criterion == "efficiency":
+      generalisation = self.public_generalisation(heldout_loss, public_train_loss)
+      if _finite(generalisation) and _finite(dp_efficiency) and dp_efficiency >= generalisation:
+        reasons.append(f"DP step efficiency {dp_efficiency:.3g} >= public generalisation "
+                       f"{generalisation:.3g}")
     # A degenerate estimate (non-finite, or no predicted public progress at all, as when the
     # estimated ‖G‖² is <= 0 on a small batch) is no evidence either way.
     if (self.criterion in ("improvement", "either") and _finite(public_improvement)
@@ -182,6 +199,21 @@ class AutoSwitch:
     if reasons:
       self.switch_step, self.reason = step, "; ".join(reasons)
     return bool(reasons)
+
+  def public_generalisation(self, heldout_loss: float | None,
+                            public_train_loss: float | None) -> float | None:
+    """g in [0, 1]: the held-out public loss's fall since the last check over the public training
+    loss's (0 if the training loss did not fall); None at the first check or without losses.
+    Remembers the losses for the next check."""
+    if not (_finite(heldout_loss) and _finite(public_train_loss)):
+      return None
+    last, self.last_losses = self.last_losses, (float(heldout_loss), float(public_train_loss))
+    if last is None:
+      return None
+    heldout_fall, train_fall = last[0] - heldout_loss, last[1] - public_train_loss
+    if train_fall <= 0:
+      return 0.0
+    return min(max(heldout_fall / train_fall, 0.0), 1.0)
 
   def state_dict(self) -> dict:
     return dataclasses.asdict(self)

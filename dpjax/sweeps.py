@@ -49,9 +49,12 @@ def variant_name(variant: dict[str, str]) -> str:
 
 
 def commands(config: str, workdir: str, variants: list[dict[str, str]],
-             extra_flags: Iterable[str] = ()) -> list[list[str]]:
-  """One `python -m dpjax.main` argv per variant, in `workdir/<variant name>`."""
+             extra_flags: Iterable[str] = (), prefix: str = "") -> list[list[str]]:
+  """One `python -m dpjax.main` argv per variant, in `workdir/<prefix,variant name>`."""
   names = [variant_name(v) for v in variants]
+  if prefix:
+    names = [re.sub(r"[^\w.,=+-]", "_", prefix) + ("," + n if v else "")
+             for n, v in zip(names, variants)]
   if len(set(names)) < len(names):
     raise ValueError(f"Two variants share a folder name: {names}; use values that differ in "
                      "letters, digits or . , = + -.")
@@ -79,25 +82,63 @@ def write_variants(config: str, cmds: list[list[str]], variants: list[dict[str, 
       json.dump(dict(config=config, overrides=variant, command=shlex.join(cmd)), f, indent=2)
 
 
-def run_local(cmds: list[list[str]], capture: bool = False) -> None:
-  """Runs the commands one after another with this interpreter (cmd[0] is replaced).
+def run_local(cmds: list[list[str]], capture: bool = False, parallel: int = 1) -> None:
+  """Runs the commands with this interpreter (cmd[0] is replaced), `parallel` at a time.
 
   A variant whose workdir has results.json is skipped, and one with checkpoints resumes, so
-  rerunning a sweep finishes it. Raises SweepError naming the first variant that fails.
+  rerunning a sweep finishes it. With parallel > 1 each run's output goes to WORKDIR.log beside
+  its workdir and each run may take 1/parallel of the accelerator's memory
+  (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Raises SweepError naming the first variant that
+  fails (after the runs already started have ended).
   """
+  if parallel < 1:
+    raise ValueError(f"parallel must be >= 1, got {parallel}.")
+  env = dict(os.environ)
+  if parallel > 1:
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
+  running, failed = [], []
+  def wait_one():
+    proc, name, cmd, log = running.pop(0)
+    proc.wait()
+    output = ""
+    if log is not None:
+      log.close()
+      output = open(log.name).read()[-3000:]
+    elif capture:
+      output = (proc.stdout.read() + proc.stderr.read())[-3000:]
+    if proc.returncode:
+      failed.append((name, cmd, proc.returncode, output or "(output above)"))
+    elif parallel > 1:
+      print(f"{name}: finished", flush=True)
   for i, cmd in enumerate(cmds, 1):
     workdir = _workdir(cmd)
     name = os.path.basename(workdir)
     if _done(workdir):
       print(f"[{i}/{len(cmds)}] {name}: done already (results.json), skipped", flush=True)
       continue
+    if failed:
+      break
+    while len(running) >= parallel:
+      wait_one()
     print(f"[{i}/{len(cmds)}] {name}: {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run([sys.executable, *cmd[1:]], capture_output=capture, text=True)
-    if proc.returncode:
-      output = (proc.stdout + proc.stderr)[-3000:] if capture else "(output above)"
-      raise SweepError(f"Variant {name} failed with exit code {proc.returncode}:\n{output}\n"
-                       f"Command: {shlex.join(cmd)}\nFix it and rerun the sweep: finished "
-                       "variants are skipped, this one resumes from its checkpoints.")
+    log = None
+    if parallel > 1:
+      os.makedirs(os.path.dirname(workdir) or ".", exist_ok=True)
+      log = open(workdir + ".log", "a")
+      streams = dict(stdout=log, stderr=subprocess.STDOUT)
+    else:
+      streams = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE) if capture else {}
+    proc = subprocess.Popen([sys.executable, *cmd[1:]], text=True, env=env, **streams)
+    running.append((proc, name, cmd, log))
+    if parallel == 1:
+      wait_one()
+  while running:
+    wait_one()
+  if failed:
+    name, cmd, code, output = failed[0]
+    raise SweepError(f"Variant {name} failed with exit code {code}:\n{output}\n"
+                     f"Command: {shlex.join(cmd)}\nFix it and rerun the sweep: finished "
+                     "variants are skipped, this one resumes from its checkpoints.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

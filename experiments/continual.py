@@ -15,8 +15,10 @@ VARIANT (all with the same total number of steps):
   public_only    non-private training on the public data only
   nonprivate     non-private training on everything (no DP guarantee)
   clip_only      like dp, but σ = 0: clipping without noise (no DP guarantee; isolates clipping)
-DATA: fashion_mnist (default), mnist, or mnist_to_fashion_mnist (public MNIST, private
-  Fashion-MNIST: public and private data from different distributions).
+DATA: fashion_mnist (default), mnist, mnist_to_fashion_mnist (public MNIST, private
+  Fashion-MNIST: public and private data from different distributions), or fashion_mnist_5classes
+  (Bu et al.'s regime: the public 10% is drawn from classes 0-4 only, so public data alone cannot
+  solve the 10-class task).
 MODEL: cnn (Tramèr & Boneh's tanh CNN, default) or vit (a small ViT: patch 4, width 192, depth 4).
 """
 
@@ -27,7 +29,7 @@ from dpjax import config as config_lib
 PUBLIC_STEPS = 300
 PRIVATE_STEPS = 120
 VARIANTS = ("dp", "auto", "private_only", "public_only", "nonprivate", "clip_only")
-DATASETS = ("fashion_mnist", "mnist", "mnist_to_fashion_mnist")
+DATASETS = ("fashion_mnist", "mnist", "mnist_to_fashion_mnist", "fashion_mnist_5classes")
 MODELS = {
     "cnn": dict(name="cnn_tanh"),
     "vit": dict(name="vit", variant="Ti", patch_size=4, depth=4),
@@ -41,7 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if value not in known:
       raise ValueError(f"Unknown {what} {value!r}; choose one of {sorted(known)}.")
   config = config_lib.default_config()
-  config.data.update(name=dataset.split("_to_")[-1], public_fraction=0.1)
+  config.data.update(name=dataset.split("_to_")[-1].removesuffix("_5classes"), public_fraction=0.1)
+  if dataset.endswith("_5classes"):
+    config.data.public_classes = (0, 1, 2, 3, 4)
   if "_to_" in dataset:  # all of the public dataset is public, all of the private one private
     config.data.update(public_name=dataset.split("_to_")[0], public_fraction=0.0)
   config.model = MODELS[model]
@@ -71,7 +75,7 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
   elif variant == "public_only":
     config.mixing.update(schedule="constant", alpha=1.0)
   elif variant == "nonprivate":
-    config.data.update(public_fraction=1.0, public_name="")  # everything public: no DP
+    config.data.update(public_fraction=1.0, public_name="", public_classes=())  # all public: no DP
     config.mixing.update(schedule="constant", alpha=1.0)
   elif variant == "clip_only":
     config.dp.update(noise_multiplier=0.0, target_epsilon=None)

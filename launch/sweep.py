@@ -3,12 +3,16 @@
   python launch/sweep.py --config=experiments/fmnist_continual.py:dp --workdir=sweeps/switch \\
       --sweep=mixing.switch_step=0,100,200 --sweep=dp.target_epsilon=1,3,8 \\
       [--set=schedule.total_steps=600 ...] [--baseline=private_only=DIR ...] \\
-      [--x=mixing.switch_step --group=dp.target_epsilon] [--capture] \\
+      [--x=mixing.switch_step --group=dp.target_epsilon] [--capture] [--parallel=N] \\
       [--print_commands | --collect_only]
 
+Several --config flags run each config's variants (folders prefixed by its arg, e.g.
+WORKDIR/public_only,B,seed=1): one command for a figure's baselines.
+
 Each variant (the product of the --sweep axes; --set applies to all) trains in WORKDIR/<name>,
-e.g. WORKDIR/switch_step=100,target_epsilon=3, one after another (--capture: show a run's output
-only if it fails); rerunning skips finished variants and resumes unfinished ones. Then
+e.g. WORKDIR/switch_step=100,target_epsilon=3, one after another or --parallel at a time
+(--capture: show a run's output only if it fails); rerunning skips finished variants and
+resumes unfinished ones. Then
 WORKDIR/results.csv, WORKDIR/accuracy.png (test accuracy vs --x, one line per --group value,
 baselines as horizontal lines) and, if the runs logged curvature records, WORKDIR/curvature.png
 are written and a markdown table is printed.
@@ -23,7 +27,9 @@ from absl import app, flags
 
 from dpjax import report, sweeps
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment config, as for dpjax.main (path[:arg]).")
+_CONFIG = flags.DEFINE_multi_string("config", [], "Experiment config, as for dpjax.main "
+                                    "(path[:arg]); several: each one's variants, in folders "
+                                    "named after its arg first.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per variant.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "An axis KEY=V1,V2,... of config overrides.")
 _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant.")
@@ -35,6 +41,8 @@ _GROUP = flags.DEFINE_string("group", None, "Swept key with one line per value (
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print the commands and run nothing.")
 _COLLECT = flags.DEFINE_bool("collect_only", False, "Only re-collect the results and re-plot.")
 _CAPTURE = flags.DEFINE_bool("capture", False, "Capture each run's output (shown if it fails).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (> 1: each run's output goes to "
+                                 "WORKDIR/<name>.log, each takes 1/N of the GPU's memory).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -50,13 +58,17 @@ def main(argv):
     if any("=" not in kv for kv in _SET.value):
       raise app.UsageError(f"--set takes KEY=VALUE, got {_SET.value}.")
     extra = [f"--config.{kv}" for kv in _SET.value] + ["--progress=false"]
-    cmds = sweeps.commands(_CONFIG.value, _WORKDIR.value, variants, extra)
-    sweeps.write_variants(_CONFIG.value, cmds, variants)
+    cmds = []
+    for config in _CONFIG.value:
+      prefix = config.partition(":")[2] if len(_CONFIG.value) > 1 else ""
+      config_cmds = sweeps.commands(config, _WORKDIR.value, variants, extra, prefix)
+      sweeps.write_variants(config, config_cmds, variants)
+      cmds += config_cmds
     if _PRINT.value:
       print("\n".join(shlex.join(cmd) for cmd in cmds))
       return
     try:
-      sweeps.run_local(cmds, capture=_CAPTURE.value)
+      sweeps.run_local(cmds, capture=_CAPTURE.value, parallel=_PARALLEL.value)
     except sweeps.SweepError as e:
       raise SystemExit(f"SweepError: {e}") from None
   swept = list(variants[0])

@@ -16,9 +16,9 @@ def _data(dataset_cache):
   require_data()
 
 
-def auto_config(**blocks):
+def auto_config(criterion="either", **blocks):
   c = small_config(mixing=dict(schedule="auto"), schedule=dict(total_steps=30), **blocks)
-  c.mixing.auto.update(check_every=4, patience=2, criterion="either", max_switch_step=20)
+  c.mixing.auto.update(check_every=4, patience=2, criterion=criterion, max_switch_step=20)
   c.curvature.update(batch_size=32, num_probes=2)
   return c
 
@@ -42,15 +42,19 @@ def _curvature_records(workdir):
   return [m for m in metrics.read_metrics(workdir) if m["kind"] in ("curvature", "switch")]
 
 
-def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_path, monkeypatch):
-  first = loop.train_and_evaluate(auto_config(), str(tmp_path / "a"), show_progress=False)
+@pytest.mark.parametrize("criterion", ["either", "efficiency"])
+def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_path, monkeypatch,
+                                                                          criterion):
+  first = loop.train_and_evaluate(auto_config(criterion), str(tmp_path / "a"),
+                                  show_progress=False)
   s = first["switch_step"]
   assert s is not None and 0 < s <= 20
   p = first["privacy"]
   assert p["private_steps"] == 30 - s and p["public_steps"] == s
   assert 0.99 * 2.0 <= p["epsilon"] <= 2.0  # σ calibrated at the switch for the steps left
   _with_scrambled_private_data(monkeypatch)
-  second = loop.train_and_evaluate(auto_config(), str(tmp_path / "b"), show_progress=False)
+  second = loop.train_and_evaluate(auto_config(criterion), str(tmp_path / "b"),
+                                   show_progress=False)
   assert second["switch_step"] == s
   assert _curvature_records(str(tmp_path / "a")) == _curvature_records(str(tmp_path / "b"))
   assert second["test_accuracy"] != first["test_accuracy"]  # the private data did change

@@ -223,3 +223,17 @@ def test_anything_but_a_public_batch_is_refused(setup):
   with pytest.raises(TypeError, match="PublicBatch"):
     curvature.curvature_terms(s["loss"], s["params"], raw, clipping.FlatClip(1.0),
                               jax.random.key(0))
+
+
+def test_dp_efficiency_is_the_dp_share_of_a_non_private_step():
+  # B = 100, σ = 1.5: bracket 3 + 10/100 = 3.1, noise term per iteration 0.72 (as above).
+  assert curvature.dp_efficiency(TERMS, 100, 1.5) == pytest.approx(3.1 / 3.82)
+  assert curvature.dp_efficiency(TERMS, 100, 1.5) == pytest.approx(
+      curvature.loss_improvement_dp(TERMS, 100, 1.5) / curvature.loss_improvement_sgd(TERMS, 100))
+  assert curvature.dp_efficiency(TERMS, 100, 0.0) == 1.0
+  assert curvature.dp_efficiency(TERMS._replace(clip_factor=0.0), 100, 1.0) == 0.0
+  assert math.isnan(curvature.dp_efficiency(TERMS._replace(trace_h=-5.0), 100, 1.0))
+  assert math.isnan(curvature.dp_efficiency(TERMS._replace(gHg=-1.0), 100, 1.0))
+  # More noise, or a smaller batch, keeps less of the step.
+  assert (curvature.dp_efficiency(TERMS, 100, 3.0) < curvature.dp_efficiency(TERMS, 100, 1.5)
+          < curvature.dp_efficiency(TERMS, 1000, 1.5))

@@ -63,3 +63,21 @@ def test_pair_datasets():
     splits.pair_datasets(_toy(name="mnist"), private)
   with pytest.raises(ValueError, match="does not match"):
     splits.pair_datasets(_toy(name="cifar", shape=(3, 3, 3)), private)
+
+
+def test_split_by_class_draws_public_examples_from_those_classes_only():
+  ds = _toy(n=200)
+  parts = splits.split_dataset(ds, 0.1, seed=3, public_classes=(0, 1, 2, 3, 4))
+  assert len(parts.public) == 20 and len(parts.private) == 180
+  assert set(parts.public.labels.tolist()) <= {0, 1, 2, 3, 4}
+  assert set(parts.private.labels.tolist()) == set(range(10))  # every class stays private too
+  pub, priv = splits.public_private_split_by_class(ds.labels, 0.1, 3, (0, 1, 2, 3, 4))
+  splits.check_disjoint(pub, priv)
+  assert np.array_equal(np.sort(np.concatenate([pub, priv])), np.arange(200))
+  again, _ = splits.public_private_split_by_class(ds.labels, 0.1, 3, (0, 1, 2, 3, 4))
+  other, _ = splits.public_private_split_by_class(ds.labels, 0.1, 4, (0, 1, 2, 3, 4))
+  assert np.array_equal(pub, again) and not np.array_equal(pub, other)
+  with pytest.raises(ValueError, match="cannot come from classes"):
+    splits.split_dataset(ds, 0.2, seed=0, public_classes=(0,))  # class 0 holds 20 < 40
+  with pytest.raises(ValueError, match="not all labels"):
+    splits.split_dataset(ds, 0.01, seed=0, public_classes=(10,))

@@ -93,3 +93,30 @@ def test_auto_switch_state_round_trip_and_bad_criterion():
   assert again == auto
   with pytest.raises(ValueError, match="criterion"):
     mixing.AutoSwitch(criterion="vibes")
+
+
+def test_auto_switch_on_efficiency_compares_dp_efficiency_with_public_generalisation():
+  auto = mixing.AutoSwitch(criterion="efficiency")
+  # (held-out loss, public training loss, DP efficiency) at checks 0, 10, 20, 30.
+  checks = [(2.0, 2.0, 0.9),   # first check: no generalisation yet, whatever r is
+            (1.5, 1.5, 0.5),   # g = 0.5/0.5 = 1 > 0.5: public steps still generalise fully
+            (1.4, 1.1, 0.4),   # g = 0.1/0.4 = 0.25 < 0.4: switch
+            (1.3, 0.9, 0.1)]
+  decisions = [auto.observe(10 * i, heldout_loss=h, public_train_loss=t, dp_efficiency=r)
+               for i, (h, t, r) in enumerate(checks)]
+  assert decisions == [False, False, True, False] and auto.switch_step == 20
+  assert "efficiency 0.4 >= public generalisation 0.25" in auto.reason
+  stalled = mixing.AutoSwitch(criterion="efficiency")  # training loss no longer falls: g = 0
+  assert not stalled.observe(0, heldout_loss=1.0, public_train_loss=0.5, dp_efficiency=0.01)
+  assert stalled.observe(10, heldout_loss=1.1, public_train_loss=0.6, dp_efficiency=0.01)
+  no_evidence = mixing.AutoSwitch(criterion="efficiency")
+  for step in (0, 10, 20):
+    assert not no_evidence.observe(step, heldout_loss=1.0 - step / 100,
+                                   public_train_loss=1.0 - step / 100,
+                                   dp_efficiency=float("nan"))
+  # Restored from a checkpoint, it remembers the last check's losses.
+  auto = mixing.AutoSwitch(criterion="efficiency")
+  auto.observe(0, heldout_loss=2.0, public_train_loss=2.0, dp_efficiency=0.3)
+  again = mixing.AutoSwitch.from_state_dict(auto.state_dict())
+  assert again == auto and again.observe(10, heldout_loss=1.9, public_train_loss=1.0,
+                                         dp_efficiency=0.3)

@@ -99,7 +99,9 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   NAME: ClassVar[str] = "auto"
   criterion: str = field("either", "switch when the predicted DP improvement per step reaches "
                                    "the public one (improvement), when the held-out public loss "
-                                   "stops improving (plateau), or on the first (either)")
+                                   "stops improving (plateau), on the first (either), or when a "
+                                   "DP step's predicted efficiency reaches the public steps' "
+                                   "generalisation (efficiency; needs holdout_fraction > 0)")
   check_every: int = field(25, "steps between the controller's checks")
   patience: int = field(3, "plateau: checks without improvement before switching")
   min_delta: float = field(0.0, "plateau: the smallest decrease of the held-out loss that counts")
@@ -119,6 +121,9 @@ class AutoSwitchSpec(AlphaScheduleSpec):
     check_positive_int("mixing.auto.patience", self.patience)
     check(0 <= self.holdout_fraction < 1,
           f"mixing.auto.holdout_fraction must be in [0, 1), got {self.holdout_fraction}.")
+    check(self.criterion != "efficiency" or self.holdout_fraction > 0,
+          "mixing.auto.criterion = 'efficiency' compares held-out and training public losses: "
+          "set mixing.auto.holdout_fraction > 0.")
     check(self.max_switch_step >= -1,
           f"mixing.auto.max_switch_step must be >= 0, or -1 for no limit; got "
           f"{self.max_switch_step}.")

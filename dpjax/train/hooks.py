@@ -175,7 +175,8 @@ class PublicStatistics(BaseHook):
     run.writer.write(step, "curvature", stats)
     if auto_check and self.auto.observe(step, stats["loss_improvement_public"],
                                         stats.get("loss_improvement_dp"),
-                                        stats.get("heldout_loss")):
+                                        stats.get("heldout_loss"), stats.get("dp_efficiency"),
+                                        stats.get("public_train_loss")):
       run.replan(plan_lib.switched(run.plan, run.config, self.auto), self.auto)
       run.writer.write(step, "switch", dict(noise_multiplier=run.plan.noise_multiplier,
                                             reason=self.auto.reason))

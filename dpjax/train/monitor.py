@@ -35,16 +35,22 @@ class PublicMonitor:
   """Computes public-data statistics at a step for the current params.
 
   public_train / heldout: the public training part and the held-out public part (None without);
-  heldout_loss: params -> the held-out part's mean loss; num_private: N, for the predicted σ.
+  dataset_loss: (params, dataset) -> its mean loss; num_private: N, for the predicted σ. With a
+  held-out part, the statistics hold its loss and the loss of as many public training examples
+  (a fixed subset), which the automatic switch's generalisation g compares.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, public_train: data.Dataset,
                heldout: data.Dataset | None, loss: CurvatureLoss,
-               heldout_loss: Callable | None, num_private: int):
+               dataset_loss: Callable | None, num_private: int):
     self.config, self.public, self.heldout = config, public_train, heldout
     self.example_loss, self.rule, self.preprocess = loss
-    self.heldout_loss_fn = heldout_loss
+    self.dataset_loss = dataset_loss
     self.num_private = num_private
+    self.train_probe = None
+    if heldout is not None:
+      rows = np.random.default_rng([config.seed, _MONITOR_STREAM]).permutation(len(public_train))
+      self.train_probe = public_train.subset(np.sort(rows[:len(heldout)]), "train probe")
 
   def statistics(self, step: int, params: Any, noise_multiplier: float | None) -> dict[str, float]:
     """Curvature terms on a public batch drawn from (seed, step), and what they predict.
@@ -68,9 +74,11 @@ class PublicMonitor:
           noise_multiplier=noise_multiplier,
           decelerator=curvature.decelerator(terms, b_priv, noise_multiplier),
           loss_improvement_dp=curvature.loss_improvement_dp(terms, b_priv, noise_multiplier),
+          dp_efficiency=curvature.dp_efficiency(terms, b_priv, noise_multiplier),
           alpha_star=curvature.optimal_alpha(terms, b_pub, b_priv, noise_multiplier))
     if self.heldout is not None:
-      stats["heldout_loss"] = self.heldout_loss_fn(params)
+      stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
+      stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
     return stats
 
   def predicted_noise_multiplier(self, step: int) -> float | None:
