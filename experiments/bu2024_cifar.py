@@ -41,7 +41,8 @@ MODELS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, regime, model = (list((arg or "dp").split(",")) + ["B", "wrn"])[:3]
+  given = (arg or "dp").split(",")
+  variant, regime, model = given + ["dp", "B", "wrn"][len(given):]
   for value, known, what in [(variant, VARIANTS, "variant"), (regime, REGIMES, "regime"),
                              (model, MODELS, "model")]:
     if value not in known:

@@ -37,7 +37,8 @@ MODELS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, dataset, model = (list((arg or "dp").split(",")) + ["fashion_mnist", "cnn"])[:3]
+  given = (arg or "dp").split(",")
+  variant, dataset, model = given + ["dp", "fashion_mnist", "cnn"][len(given):]
   for value, known, what in [(variant, VARIANTS, "variant"), (dataset, DATASETS, "dataset"),
                              (model, MODELS, "model")]:
     if value not in known:
