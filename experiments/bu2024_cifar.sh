@@ -4,10 +4,10 @@
 #
 # Usage: bash experiments/bu2024_cifar.sh OUTDIR PART...   with PART = REGIME_FIGURE:
 #   R_baselines   public-only, non-private (all data), clipping-only DP-from-scratch (σ = 0)
-#   R_switch      public steps then DP, switch step 0 (= private-only DP) / 50 / 100 / 200,
-#                 ε = 1, 3, 8
-#   R_auto        the automatic switch (efficiency criterion), ε = 1, 3, 8
-#   R_plateau     the automatic switch on the held-out public loss alone, ε = 1, 3, 8
+#   R_switch      public steps then DP, switch step 0 (= private-only DP) / 50 / 100 / 200
+#   R_auto        the automatic switch (efficiency criterion)
+#   R_plateau     the automatic switch on the held-out public loss alone
+# at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS).
 # with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
 set -euo pipefail
@@ -16,6 +16,7 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}"
 py=${PYTHON:-python3}
 model=${MODEL:-wrn}
 seeds=${SEEDS:-0,1,2}
+eps=${EPSILONS:-1,3,8}
 sweep() {  # sweep NAME SWEEP.py-FLAGS...
   local name=$1; shift
   $py launch/sweep.py --workdir="$out/$name" --parallel="${PARALLEL:-4}" --sweep="seed=$seeds" \
@@ -31,11 +32,11 @@ for part in "$@"; do
           "$(config nonprivate "$regime")" "$(config clip_only "$regime")" ;;
     switch)
       sweep "${regime}_switch" "$(config dp "$regime")" --sweep=mixing.switch_step=0,50,100,200 \
-          --sweep=dp.target_epsilon=1,3,8 --x=mixing.switch_step --group=dp.target_epsilon ;;
+          --sweep=dp.target_epsilon=$eps --x=mixing.switch_step --group=dp.target_epsilon ;;
     auto)
-      sweep "${regime}_auto" "$(config auto "$regime")" --sweep=dp.target_epsilon=1,3,8 ;;
+      sweep "${regime}_auto" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps ;;
     plateau)
-      sweep "${regime}_plateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=1,3,8 \
+      sweep "${regime}_plateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
           --set=mixing.auto.criterion=plateau ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

@@ -64,6 +64,14 @@ def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
   assert os.listdir(tmp_path / "tensorboard")
 
 
+def test_clipping_without_noise_runs_to_the_end_and_says_it_is_not_private(tmp_path):
+  """σ = 0 (the clipping-only baseline): no noise, so ε = ∞ and no noise-sampler tail in δ."""
+  c = small_config(dp=dict(noise_multiplier=0.0, target_epsilon=None))
+  p = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)["privacy"]
+  assert p["epsilon"] == float("inf") and p["private_steps"] == 10
+  assert "noise_tail_delta" not in p
+
+
 def test_public_steps_read_no_private_data_and_private_steps_no_public_data(tmp_path,
                                                                               monkeypatch):
   """What the data pipelines read (ahead of the steps, `dpjax.data.pipeline`), by part and step:

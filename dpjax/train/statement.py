@@ -65,7 +65,7 @@ def privacy_statement(plan: plan_lib.PrivacyPlan, ledger: accounting.PrivacyLedg
       non_private=plan.num_private_examples == 0,
       randomness=None if config is None else randomness_statement(config),
       epsilon_by_accountant={a: ledger.epsilon(plan.delta, a) for a in accounting.ACCOUNTANTS})
-  if noise_values_per_step and ledger.private_steps:
+  if noise_values_per_step and ledger.private_steps and plan.noise_multiplier > 0:
     drawn = noise_values_per_step + (1 if plan.clip_fraction_noise else 0)  # + the count's
     statement["noise_tail_delta"] = noise.tail_delta(drawn, ledger.private_steps,
                                                      statement["epsilon"])
