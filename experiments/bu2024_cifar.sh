@@ -7,7 +7,7 @@
 #   R_switch      public steps then DP, switch step 0 (= private-only DP) / 50 / 100 / 200
 #   R_auto        the automatic switch (efficiency criterion)
 #   R_plateau     the automatic switch on the held-out public loss alone
-# at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS).
+# at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
 # with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
 set -euo pipefail
@@ -31,7 +31,7 @@ for part in "$@"; do
       sweep "${regime}_baselines" "$(config public_only "$regime")" \
           "$(config nonprivate "$regime")" "$(config clip_only "$regime")" ;;
     switch)
-      sweep "${regime}_switch" "$(config dp "$regime")" --sweep=mixing.switch_step=0,50,100,200 \
+      sweep "${regime}_switch" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,50,100,200} \
           --sweep=dp.target_epsilon=$eps --x=mixing.switch_step --group=dp.target_epsilon ;;
     auto)
       sweep "${regime}_auto" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps ;;
