@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.update(name="adam", learning_rate=5e-3 if model == "cnn" else 1e-3)
   config.schedule.update(total_steps=PUBLIC_STEPS + PRIVATE_STEPS, public_batch_size=256,
                          lr_schedule="cosine")
-  config.mixing.reset_moments = "first"
+  config.mixing.reset_moments = "all"
   config.perf.microbatch_size = 256
   config.eval.every_steps = 60
   config.checkpoint.every_steps = 200

@@ -362,7 +362,7 @@ def test_the_data_pipelines_settings_are_not_part_of_the_trajectory():
   never which (dpjax.data.pipeline)."""
   plain = config_lib.trajectory_view(ml_collections.ConfigDict(_base()))
   faster = config_lib.trajectory_view(ml_collections.ConfigDict(
-      _with({"data.workers": 8, "data.threads": 16, "data.prefetch": 4})))
+      _with({"data.workers": 8, "data.threads": 16, "data.prefetch": 4, "data.in_memory": True})))
   assert plain == faster
   assert config_lib.trajectory_view(ml_collections.ConfigDict(
       _with({"data.public_fraction": 0.2}))) != plain
@@ -371,7 +371,14 @@ def test_the_data_pipelines_settings_are_not_part_of_the_trajectory():
 @pytest.mark.parametrize("key, value, match", [
     ("data.workers", -1, r"data.workers must be >= 0"),
     ("data.threads", 0, r"data.threads must be an integer > 0"),
-    ("data.prefetch", 0, r"data.prefetch must be an integer > 0, got 0 \(steps read ahead\)")])
+    ("data.prefetch", 0, r"data.prefetch must be an integer > 0, got 0 \(steps read ahead\)"),
+    ("data.public_classes", (0, 0), r"data.public_classes must be distinct labels"),
+    ("data.public_classes", (-1,), r"data.public_classes must be distinct labels")])
 def test_bad_data_pipeline_settings_are_refused(key, value, match):
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.parse(_with({key: value}))
+
+
+def test_public_classes_select_from_the_training_split_not_a_separate_public_dataset():
+  with pytest.raises(config_lib.ConfigError, match="Set one of the two"):
+    config_lib.parse(_with({"data.public_classes": (0, 1), "data.public_name": "mnist"}))

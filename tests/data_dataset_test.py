@@ -93,6 +93,17 @@ def test_an_image_folder_stays_lazy_through_subsets_splits_and_batches(tmp_path)
     dataset_lib.load_dataset("mnist", "train", cache_dir=tmp_path, classes=("a",))
 
 
+def test_in_memory_decodes_lazy_images_once_into_an_array(tmp_path):
+  testing.write_image_folder(tmp_path / "f", counts={"train": 10, "test": 2})
+  train = dataset_lib.load_dataset("image_folder", "train", tmp_path / "f", tmp_path / "cache")
+  dense = dataset_lib.in_memory(train, threads=3, chunk=7)  # chunks that do not divide 30
+  assert isinstance(dense.images, np.ndarray) and dense.images.dtype == np.uint8
+  np.testing.assert_array_equal(dense.images, np.asarray(train.images))
+  np.testing.assert_array_equal(dense.labels, train.labels)
+  assert (dense.name, dense.split, dense.num_classes) == (train.name, train.split, 3)
+  assert dataset_lib.in_memory(dense) is dense
+
+
 def test_normalization_is_public_constants_only():
   mean, std = dataset_lib.normalization("cifar10_jpeg")
   np.testing.assert_allclose(mean, [0.4913, 0.4821, 0.4465])

@@ -76,6 +76,38 @@ def test_run_local_skips_finished_variants_and_names_the_one_that_fails(tmp_path
   assert not (tmp_path / "never").exists()
 
 
+def test_run_local_in_parallel_runs_them_together_with_a_share_of_the_gpu_and_a_log_each(
+    tmp_path, monkeypatch):
+  """Each script waits for the other to have started (so one at a time would fail), writes the
+  memory share it was given, and prints a line that must land in its own log."""
+  meet = ("import os, sys, time, pathlib; me = sys.argv[1].split('=', 1)[1]; "
+          "pathlib.Path(me).mkdir(); pathlib.Path(me, 'share').write_text("
+          "os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']); other = me[:-1] + {'a': 'b', 'b': 'a'}"
+          "[me[-1]]; t = time.time()\n"
+          "while not os.path.exists(other):\n  time.sleep(0.05)\n"
+          "  if time.time() - t > 20: raise SystemExit('alone')\n"
+          "print('hello from', me)")
+  cmds = [_script(tmp_path, meet, "a"), _script(tmp_path, meet, "b")]
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  sweeps.run_local(cmds, parallel=2)
+  assert (tmp_path / "a" / "share").read_text() == "0.450"
+  assert "hello from" in (tmp_path / "b.log").read_text()
+  failing = [_script(tmp_path, "raise SystemExit('boom')", "c"),
+             _script(tmp_path, "import time; time.sleep(0.5)", "d")]
+  with pytest.raises(sweeps.SweepError, match=r"(?s)Variant c failed.*boom"):
+    sweeps.run_local(failing, parallel=2)
+  with pytest.raises(ValueError, match="parallel"):
+    sweeps.run_local(cmds, parallel=0)
+
+
+def test_commands_of_several_configs_are_named_after_their_args():
+  cmds = sweeps.commands("e.py:public_only,B", "sw", sweeps.expand(["seed=0,1"]), (),
+                         prefix="public_only,B")
+  assert [c[4] for c in cmds] == ["--workdir=sw/public_only,B,seed=0",
+                                  "--workdir=sw/public_only,B,seed=1"]
+  assert sweeps.commands("e.py:x", "sw", [{}], (), prefix="x")[0][4] == "--workdir=sw/x"
+
+
 def _fake_run(workdir, overrides, accuracy, curvature=()):
   """A finished variant: variant.json, results.json and metrics.jsonl with curvature records."""
   os.makedirs(workdir)

@@ -68,7 +68,7 @@ def agreement_view(config: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in config.to_dict().items() if k != "distributed"}
 
 
-PIPELINE_KEYS = ("workers", "threads", "prefetch")  # data block: the pipeline's settings
+PIPELINE_KEYS = ("workers", "threads", "prefetch", "in_memory")  # data: how batches are read
 
 
 def trajectory_view(config: ml_collections.ConfigDict) -> dict:
