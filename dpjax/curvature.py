@@ -269,6 +269,73 @@ def curvature_terms(example_loss: ExampleLoss, params: PyTree, batch: PublicBatc
 
 
 # ------------------------------------------------------------------------------------------------
+# A first-order model of Adam's step (ours): the share of a non-private step's progress a DP
+# step keeps when each coordinate is divided by the root of its mean square.
+
+
+def _adam_progress(loss, rule, params, batch, batch_size, noise_std):
+  """Device part of `adam_dp_efficiency`: (P_dp, P_sgd), the progress sums."""
+  grads = jax.vmap(jax.grad(loss.obj), in_axes=(None, 0))(params, batch)  # leaves [n, ...]
+  clipped = jax.vmap(lambda g: rule.obj.clip(g)[0])(grads)
+  n = batch["label"].shape[0]
+  half = n // 2
+
+  def moments(g):  # two half means (for unbiased products), the mean, the per-example variance
+    return (jnp.mean(g[:half], 0), jnp.mean(g[half:2 * half], 0), jnp.mean(g, 0),
+            jnp.var(g, 0, ddof=1))
+
+  def progress(numerator, mean, variance, extra):
+    signal = jnp.maximum(mean ** 2 - variance / n, 0.0)  # unbiased μ², floored at 0
+    second_moment = signal + variance / batch_size + extra
+    return jnp.sum(jnp.where(second_moment > 0, numerator / jnp.sqrt(
+        jnp.where(second_moment > 0, second_moment, 1.0)), 0.0))
+
+  p_dp = p_sgd = 0.0
+  for g, c in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(clipped)):
+    a, b, m, v = moments(g.astype(jnp.float32))
+    ac, bc, mc, vc = moments(c.astype(jnp.float32))
+    p_sgd += progress(a * b, m, v, 0.0)
+    p_dp += progress((a * bc + b * ac) / 2, mc, vc, noise_std ** 2)
+  return p_dp, p_sgd
+
+
+_adam_progress_jit = jax.jit(_adam_progress, static_argnums=(0, 1))
+
+
+def adam_dp_efficiency(example_loss: ExampleLoss, params: PyTree, batch: PublicBatch,
+                       clip_rule: ClipRule, batch_size: float, noise_multiplier: float) -> float:
+  """r_Adam in [0, 1]: the share of a non-private Adam step's progress a DP Adam step keeps.
+
+  [INFERRED, ours.] Adam moves coordinate j by about lr·E[g_j]/sqrt(E[g_j²]) (its first moment
+  averages g_j, its second moment tracks E[g_j²]), so a step's first-order progress on the loss is
+  P = Σ_j G_j·E[g_j]/sqrt(E[g_j²]). With G the mean gradient, Gc the mean clipped gradient,
+  V and Vc the per-example variances and the DP noise's std σR/B per coordinate:
+
+      P_sgd = Σ_j G_j² / sqrt(G_j² + V_j/B)
+      P_dp  = Σ_j G_j·Gc_j / sqrt(Gc_j² + Vc_j/B + (σR/B)²),   r_Adam = P_dp / P_sgd.
+
+  Unlike the second-order SGD model (`dp_efficiency`), the noise counts in every coordinate,
+  whatever the curvature there: Adam scales a coordinate whose signal is small next to the noise
+  up to a full-size step of noise. G_j·Gc_j and G_j² are estimated without bias from the two
+  halves of the batch, Gc_j² and G_j² under the roots as the square of the mean less V/n.
+
+  Args: as `curvature_terms` (a PublicBatch of n >= 4 examples; anything else: TypeError), and
+    batch_size B and noise_multiplier σ of the private steps. NaN when P_sgd <= 0 (the public
+    batch shows no progress to share).
+  Privacy: reads only the public batch.
+  """
+  data = require_public(batch, "adam_dp_efficiency")
+  if len(batch) < 4:
+    raise ValueError(f"adam_dp_efficiency needs a batch of at least 4 examples, got {len(batch)}.")
+  noise_std = noise_multiplier * float(clip_rule.sensitivity) / batch_size
+  p_dp, p_sgd = (float(x) for x in jax.device_get(_adam_progress_jit(
+      _Static(example_loss), _Static(clip_rule), params, data, float(batch_size), noise_std)))
+  if not p_sgd > 0:
+    return math.nan
+  return min(max(p_dp / p_sgd, 0.0), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
 # The second-order model (papers.md §2.2, §2.4), from the terms. Pure float functions.
 
 

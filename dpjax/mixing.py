@@ -137,8 +137,9 @@ class AutoSwitch:
   criterion: "improvement" switches once the predicted DP improvement per step reaches the public
     one (Bu et al.: the decelerator has shrunk enough); "plateau" once the held-out public loss has
     not improved by more than `min_delta` for `patience` checks; "either" on the first of the two;
-    "efficiency" once a DP step's efficiency r (its predicted improvement over a non-private
-    step's of the same batch, `curvature`'s model with the σ the remaining budget implies) reaches
+    "efficiency" once a DP step's efficiency r (its predicted progress over a non-private step's
+    of the same batch, with the σ the remaining budget implies: `curvature.adam_dp_efficiency`
+    for Adam, `curvature.dp_efficiency` for SGD) reaches
     the public steps' generalisation g (the held-out public loss's fall over the public training
     loss's fall since the last check, in [0, 1]; 0 when the training loss no longer falls). Both
     say what share of an ideal step on fresh data a step would deliver: a DP step on private data

@@ -237,3 +237,65 @@ def test_dp_efficiency_is_the_dp_share_of_a_non_private_step():
   # More noise, or a smaller batch, keeps less of the step.
   assert (curvature.dp_efficiency(TERMS, 100, 3.0) < curvature.dp_efficiency(TERMS, 100, 1.5)
           < curvature.dp_efficiency(TERMS, 1000, 1.5))
+
+
+def _adam_reference(grads, clipped, batch_size, noise_std):
+  """r_Adam from per-example gradients [n, d] (float64), written out coordinate by coordinate."""
+  n, half = len(grads), len(grads) // 2
+  def terms(g):
+    return (g[:half].mean(0), g[half:2 * half].mean(0), g.mean(0), g.var(0, ddof=1))
+  a, b, m, v = terms(grads)
+  ac, bc, mc, vc = terms(clipped)
+  p_sgd = np.sum(a * b / np.sqrt(np.maximum(m ** 2 - v / n, 0) + v / batch_size))
+  p_dp = np.sum((a * bc + b * ac) / 2 / np.sqrt(
+      np.maximum(mc ** 2 - vc / n, 0) + vc / batch_size + noise_std ** 2))
+  return min(max(p_dp / p_sgd, 0.0), 1.0) if p_sgd > 0 else math.nan
+
+
+@pytest.fixture(scope="module")
+def repeated(setup):
+  """A public batch of N made of 4 examples repeated (so the mean gradient stands out of the
+  per-example spread) and its per-example gradients [N, d] by a Python loop."""
+  s = setup
+  base = _toy_dataset(n=8, seed=3)
+  rows = np.tile(np.arange(4), N // 4)
+  images, labels = base.images[rows], base.labels[rows]
+  parts = split_dataset(Dataset(np.concatenate([images, images]),
+                                np.concatenate([labels, labels]), 3, "toy", "train"), 0.5, 0)
+  batch = public_batch_lib.public_batch(parts.public, np.arange(N), preprocess=_centered)
+  grad_one = jax.jit(jax.grad(lambda p, ex: s["loss"](s["unravel"](p), ex)))
+  data = batch.as_dict()
+  grads = np.stack([np.asarray(grad_one(s["flat"], {k: v[i] for k, v in data.items()}),
+                               np.float64) for i in range(N)])
+  return dict(s, batch=batch, grads=grads)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 2.0])
+def test_adam_dp_efficiency_matches_a_per_coordinate_reference(repeated, sigma):
+  s = repeated
+  rule = clipping.FlatClip(0.05)  # clips most of the toy's per-example gradients
+  clipped = np.stack([np.asarray(ravel_pytree(rule.clip(s["unravel"](g))[0])[0], np.float64)
+                      for g in s["grads"]])
+  assert np.mean(np.linalg.norm(s["grads"], axis=1) > 0.05) > 0.5
+  got = curvature.adam_dp_efficiency(s["loss"], s["params"], s["batch"], rule, 256, sigma)
+  want = _adam_reference(s["grads"], clipped, 256, sigma * 0.05 / 256)
+  assert 0 < want < 1 or sigma == 0
+  _close(got, want, 1e-3)
+
+
+def test_adam_dp_efficiency_has_no_evidence_when_the_batch_shows_no_progress(setup):
+  """Random labels at a random init: the halves' mean gradients disagree (P_sgd <= 0): NaN."""
+  assert math.isnan(curvature.adam_dp_efficiency(setup["loss"], setup["params"], setup["batch"],
+                                                 clipping.FlatClip(1.0), 256, 1.0))
+
+
+def test_adam_dp_efficiency_is_one_without_clipping_or_noise_and_falls_with_noise(repeated):
+  s = repeated
+  no_clip = clipping.FlatClip(1e9)
+  efficiency = lambda sigma, b=256: curvature.adam_dp_efficiency(
+      s["loss"], s["params"], s["batch"], no_clip, b, sigma)
+  assert efficiency(0.0) == pytest.approx(1.0, abs=1e-5)
+  assert efficiency(1e-3) > efficiency(1e5) >= 0.0  # with R = 1e9, σR/B is huge at σ = 1e5
+  assert efficiency(1e3, 256) < efficiency(1e3, 4096)
+  with pytest.raises(TypeError):
+    curvature.adam_dp_efficiency(s["loss"], s["params"], s["batch"].as_dict(), no_clip, 256, 1.0)

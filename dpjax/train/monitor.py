@@ -21,6 +21,7 @@ from dpjax.data import public_batch as public_batch_lib
 from dpjax.privacy import calibration, clipping, randomness
 
 _MONITOR_STREAM = 0xC0A7
+ADAM_LIKE = ("adam", "adamw")  # optimizers whose DP efficiency is `curvature.adam_dp_efficiency`
 
 
 class CurvatureLoss(NamedTuple):
@@ -74,8 +75,12 @@ class PublicMonitor:
           noise_multiplier=noise_multiplier,
           decelerator=curvature.decelerator(terms, b_priv, noise_multiplier),
           loss_improvement_dp=curvature.loss_improvement_dp(terms, b_priv, noise_multiplier),
-          dp_efficiency=curvature.dp_efficiency(terms, b_priv, noise_multiplier),
+          dp_efficiency_sgd=curvature.dp_efficiency(terms, b_priv, noise_multiplier),
+          dp_efficiency_adam=curvature.adam_dp_efficiency(
+              self.example_loss, params, batch, self.rule, b_priv, noise_multiplier),
           alpha_star=curvature.optimal_alpha(terms, b_pub, b_priv, noise_multiplier))
+      stats["dp_efficiency"] = stats["dp_efficiency_adam" if c.optimizer.name in ADAM_LIKE
+                                     else "dp_efficiency_sgd"]
     if self.heldout is not None:
       stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
       stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
