@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -48,7 +49,14 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 
 def _check_positive(name: str, value: float) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} is a traced value ({value!r}): the clip rule was built inside a jitted (or "
+        f"vmapped, scanned) function from one of its arguments. A clip rule is static: its "
+        f"sensitivity is a Python float that the noise (dp_optimizer) and the accountant read on "
+        f"the host, so its norms cannot be traced. Build the rule once, outside the jitted step, "
+        f"and close over it (or mark the norm static: jax.jit(..., static_argnames=...)).")
+  if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
