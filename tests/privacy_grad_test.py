@@ -94,7 +94,8 @@ def test_argnums_tuple_clips_all_differentiated_arguments_together():
   _assert_close(only_w.grad, ref_w)  # an int argnums: the pytree itself, as jax.grad
 
 
-def test_has_aux_returns_each_examples_aux():
+@pytest.mark.parametrize("microbatch_size", [3, None])
+def test_has_aux_returns_each_examples_aux(microbatch_size):
   params, x, y, batch_loss, _ = _setup("conv")
   model = MODELS["conv"]
 
@@ -104,7 +105,7 @@ def test_has_aux_returns_each_examples_aux():
 
   rule = clipping.AutomaticClip(0.5)
   mask = np.array([1, 1, 1, 0, 1, 1], np.float32)
-  f = grad.clipped_grad(loss_aux, rule, batch_argnums=(1, 2), has_aux=True, microbatch_size=3,
+  f = grad.clipped_grad(loss_aux, rule, batch_argnums=(1, 2), has_aux=True, microbatch_size=microbatch_size,
                         example_axis="keep")
   out = jax.jit(lambda p, x, y, m: f(p, x, y, mask=m))(params, x, y, mask)
   logits = model.apply({"params": params}, x)
@@ -161,6 +162,10 @@ def test_check_independent_accepts_per_example_loss_and_refuses_batchnorm():
                         example_axis="keep")
   with pytest.raises(grad.ExamplesMixError, match="mixes examples"):
     f.check_independent(variables["params"], x, y)
+  stats_loss = lambda params, x, y, stats: mixing_loss(params, x, y)
+  with pytest.raises(clipping.BatchNormInDPModelError, match="batch_stats"):  # in any argument
+    grad.clipped_grad(stats_loss, clipping.FlatClip(1.0), batch_argnums=(1, 2))(
+        variables["params"], x, y, {"batch_stats": variables["batch_stats"]})
   with pytest.raises(ValueError, match="example_axis='keep'"):
     grad.clipped_grad(batch_loss, clipping.FlatClip(1.0)).check_independent(params, x, y)
 

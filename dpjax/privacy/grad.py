@@ -112,6 +112,7 @@ class ClippedGradFn:
   def __call__(self, *args, mask: jax.Array | None = None, **kwargs) -> ClippedGrad:
     diff = _as_tuple(self.argnums, "argnums")
     _check_indices(args, diff + self.batch_argnums + self.key_argnums)
+    clipping.reject_batch_stats((args, kwargs))  # Linen BatchNorm state in any argument
     batch = tuple(args[i] for i in self.batch_argnums)
     n = _batch_size(batch, self.batch_argnums)
     mask = jnp.ones((n,), jnp.float32) if mask is None else mask
@@ -128,9 +129,9 @@ class ClippedGradFn:
     params = tuple(args[i] for i in diff)
     rows = (batch, jnp.arange(n))
     summed = clipping.clipped_grad_sum(self._loss_of_one(args, kwargs), params, rows, mask,
-                                       self.rule, microbatch_size=m)
+                                       self.rule, microbatch_size=m, has_aux=self.has_aux)
+    summed, aux = summed if self.has_aux else (summed, None)
     grad = summed.grad_sum[0] if isinstance(self.argnums, int) else summed.grad_sum
-    aux = self._aux(params, rows, m, args, kwargs) if self.has_aux else None
     return ClippedGrad(grad, self.sensitivity, summed.stats, aux)
 
   def _call_one(self, params, example, args, kwargs):
@@ -148,19 +149,13 @@ class ClippedGradFn:
       full[i] = jax.random.fold_in(args[i], index)
     return self.loss_fn(*full, **kwargs)
 
-  def _loss_of_one(self, args, kwargs):
+  def _loss_of_one(self, args, kwargs, with_aux=None):
+    """loss(params, example) for clipped_grad_sum: (loss, aux) when with_aux (default has_aux)."""
+    with_aux = self.has_aux if with_aux is None else with_aux
     def loss(params, example):
       out = self._call_one(params, example, args, kwargs)
-      return out[0] if self.has_aux else out
+      return out if with_aux or not self.has_aux else out[0]
     return loss
-
-  def _aux(self, params, rows, m, args, kwargs):
-    """Each example's aux, one microbatch at a time (a forward pass of its own: the gradient's
-    clipping code differentiates a scalar loss only)."""
-    chunks = jax.tree_util.tree_map(lambda x: x.reshape((-1, m) + x.shape[1:]), rows)
-    one = lambda example: self._call_one(params, example, args, kwargs)[1]
-    aux = jax.lax.map(jax.vmap(one), chunks)
-    return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), aux)
 
   def check_independent(self, *args, mask=None, rtol: float = 1e-4, **kwargs) -> None:
     """Debug check, on the host (not under jit): raises `ExamplesMixError` if loss_fn on the
@@ -184,8 +179,8 @@ class ClippedGradFn:
     batch = tuple(full[i] for i in self.batch_argnums)
     params = tuple(args[i] for i in diff)
     rows = (batch, jnp.arange(int(keep.sum())))
-    per_example = jax.vmap(jax.grad(self._loss_of_one(full, kwargs)), in_axes=(None, 0))(params,
-                                                                                        rows)
+    per_example = jax.vmap(jax.grad(self._loss_of_one(full, kwargs, with_aux=False)),
+                           in_axes=(None, 0))(params, rows)
     total = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
 
     def batch_loss(p):
@@ -257,7 +252,7 @@ def clipped_grad(loss_fn: Callable, rule: clipping.ClipRule, *,
     argnums: the positional argument(s) to differentiate: an int gives one gradient pytree, a
       tuple a tuple of them (clipped together: one example's norm is over all of them).
     has_aux: loss_fn returns (loss, aux); the result's `aux` holds each example's aux, leaves
-      [n, ...], computed by one more forward pass per example. PRIVATE (see `ClippedGrad`).
+      [n, ...], from the same forward pass as its gradient. PRIVATE (see `ClippedGrad`).
     batch_argnums: the positional argument(s) holding the batch: every leaf has the same leading
       size n (the rows; padding rows included). Other arguments (and kwargs) are shared by all
       examples and are not protected.
