@@ -64,7 +64,8 @@ def choose_microbatch_size(num_examples: int, sampling_rate: float) -> int:
 
 
 def steps_for_epochs(epochs: float, num_examples: int, expected_batch_size: float) -> int:
-  """⌈epochs · N / B⌉: an epoch is N / B expected batches (Poisson batches have B rows on average)."""
+  """⌈epochs · N / B⌉: an epoch is N / B expected batches (a Poisson batch has B rows on
+  average)."""
   return math.ceil(epochs * num_examples / expected_batch_size - 1e-9)
 
 
@@ -158,7 +159,9 @@ def make_private_with_epsilon(
     expected_batch_size: B = q·N, in (0, N].
     epochs / steps: exactly one: the planned private steps, or epochs of them, converted to
       ⌈epochs · N / B⌉ steps (`steps_for_epochs`).
-    clip: a `clipping.ClipRule`, or a number C for FlatClip(C).
+    clip: a `clipping.ClipRule`, or a number C for FlatClip(C). Adjacency is add/remove (that of
+      the Poisson accounting): for replace-one, use `grad.clipped_grad(adjacency='replace_one')`
+      with your own accounting.
     accountant: "pld" (default), "rdp" or "rdp_classic" (`accounting.ACCOUNTANTS`): calibrates σ
       and reports ε.
     microbatch_size: rows per vmap call, shared by the sampler's padding and grad_fn. None: the

@@ -105,8 +105,8 @@ def test_has_aux_returns_each_examples_aux(microbatch_size):
 
   rule = clipping.AutomaticClip(0.5)
   mask = np.array([1, 1, 1, 0, 1, 1], np.float32)
-  f = grad.clipped_grad(loss_aux, rule, batch_argnums=(1, 2), has_aux=True, microbatch_size=microbatch_size,
-                        example_axis="keep")
+  f = grad.clipped_grad(loss_aux, rule, batch_argnums=(1, 2), has_aux=True,
+                        microbatch_size=microbatch_size, example_axis="keep")
   out = jax.jit(lambda p, x, y, m: f(p, x, y, mask=m))(params, x, y, mask)
   logits = model.apply({"params": params}, x)
   np.testing.assert_allclose(out.aux, logits[:, :1], rtol=1e-5, atol=1e-6)  # [n, 1]: padding too

@@ -97,7 +97,7 @@ def test_recipe_trains_under_jit_and_reports_epsilon():
   params = model.init(k2, train_x[:1])["params"]
 
   # The README's recipe with the one-call setup (the example of the report):
-  def loss_fn(params, x, y):                      # a batch loss: it sees batches of one
+  def loss_fn(params, x, y):                      # a batch loss; it sees batches of one
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 

@@ -56,7 +56,8 @@ class ClippedGrad(NamedTuple):
 def _as_tuple(nums: int | Sequence[int], name: str) -> tuple[int, ...]:
   out = (nums,) if isinstance(nums, int) else tuple(nums)
   if not all(isinstance(i, int) and i >= 0 for i in out):
-    raise ValueError(f"{name} must be non-negative ints (positional argument indices), got {nums!r}.")
+    raise ValueError(f"{name} must be non-negative ints (positional argument indices), got "
+                     f"{nums!r}.")
   return out
 
 
