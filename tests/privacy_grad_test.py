@@ -185,5 +185,10 @@ def test_clear_errors():
     grad.clipped_grad(loss, clipping.FlatClip(1.0), argnums=1)
   with pytest.raises(ValueError, match="scalar"):
     f(w, x, 1.0)
+  with pytest.raises(ValueError, match=r"loss_fn returned shape \(3,\) for one example"):
+    grad.clipped_grad(lambda w, x: w * x, clipping.FlatClip(1.0))(w, x)
+  per_row = grad.clipped_grad(lambda w, x: x @ w, clipping.FlatClip(1.0), example_axis="keep")
+  np.testing.assert_allclose(per_row(w, x).grad, 4 * x[0] / np.sqrt(3))  # [1] losses accepted
+  per_row.check_independent(w, x)  # and summed on the whole batch
   with pytest.raises(TypeError, match="traced value.*outside the jitted step"):
     jax.jit(lambda c: clipping.FlatClip(c).factor(jnp.ones(())))(1.0)

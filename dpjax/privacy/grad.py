@@ -155,7 +155,8 @@ class ClippedGradFn:
     with_aux = self.has_aux if with_aux is None else with_aux
     def loss(params, example):
       out = self._call_one(params, example, args, kwargs)
-      return out if with_aux or not self.has_aux else out[0]
+      value = _scalar(out[0] if self.has_aux else out, self.example_axis)
+      return (value, out[1]) if with_aux else value
     return loss
 
   def check_independent(self, *args, mask=None, rtol: float = 1e-4, **kwargs) -> None:
@@ -188,7 +189,7 @@ class ClippedGradFn:
       for i, x in zip(diff, p):
         full[i] = x
       out = self.loss_fn(*full, **kwargs)
-      return out[0] if self.has_aux else out
+      return jnp.sum(out[0] if self.has_aux else out)  # a vector of per-row losses: their sum
     whole = jax.grad(batch_loss)(params)
     k = int(keep.sum())
     errors = [_relative(whole, total), _relative(whole, jax.tree_util.tree_map(lambda g: g / k,
@@ -202,6 +203,18 @@ class ClippedGradFn:
           "per-example gradient it sees one example at a time, so it does not train the model "
           "you meant. Replace BatchNorm with GroupNorm or LayerNorm; keep every other operation "
           "within an example.")
+
+
+def _scalar(value: jax.Array, example_axis: str) -> jax.Array:
+  """The loss of one example as a scalar; with example_axis='keep' a [1] loss (one value per row
+  of the batch of one, as optax's losses return) is accepted too."""
+  shape = jnp.shape(value)
+  if shape == () or (example_axis == "keep" and shape == (1,)):
+    return jnp.reshape(value, ())
+  raise ValueError(f"loss_fn returned shape {shape} for one example; it must return a scalar "
+                   + ("or one value for the batch of one, shape (1,)." if example_axis == "keep"
+                      else "(with example_axis='drop' it sees one example without a batch axis: "
+                      "reduce over any other axis, or use example_axis='keep')."))
 
 
 def _relative(a: PyTree, b: PyTree) -> float:
@@ -247,7 +260,8 @@ def clipped_grad(loss_fn: Callable, rule: clipping.ClipRule, *,
     loss_fn: loss_fn(*args, **kwargs) -> scalar loss of ONE example, or (loss, aux) with has_aux.
       With example_axis='drop' (default) its batch arguments arrive as one example, without a batch
       axis; with 'keep', as a batch of one (leading axis 1): a loss written for batches works
-      unchanged (a mean over that axis is the example's loss).
+      unchanged (a mean over that axis is the example's loss; a [1] vector of per-row losses is
+      taken as the scalar).
     rule: the `clipping.ClipRule` (FlatClip(C), AutomaticClip, NormalizedClip, per_layer_clip...).
       Build it outside jit: a rule's norms are static (a traced norm raises TypeError).
     argnums: the positional argument(s) to differentiate: an int gives one gradient pytree, a
