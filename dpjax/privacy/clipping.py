@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -48,7 +49,14 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 
 def _check_positive(name: str, value: float) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} is a traced value ({value!r}): the clip rule was built inside a jitted (or "
+        f"vmapped, scanned) function from one of its arguments. A clip rule is static: its "
+        f"sensitivity is a Python float that the noise (dp_optimizer) and the accountant read on "
+        f"the host, so its norms cannot be traced. Build the rule once, outside the jitted step, "
+        f"and close over it (or mark the norm static: jax.jit(..., static_argnames=...)).")
+  if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
@@ -272,20 +280,23 @@ def reject_batch_stats(params: PyTree) -> None:
 
 
 def per_example_grads(loss_fn: LossFn, trainable_params: PyTree, frozen_params: PyTree,
-                      examples: PyTree, *args) -> PyTree:
-  """Per-example gradients w.r.t. the trainable params: leaves [n, *param.shape].
+                      examples: PyTree, *args, has_aux: bool = False) -> PyTree:
+  """Per-example gradients w.r.t. the trainable params: leaves [n, *param.shape] (and, with
+  has_aux, the per-example aux: (grads, aux), aux leaves [n, ...]).
 
   loss_fn(params, example, *args) sees one example (no batch axis) and the merged params.
   """
   def one(example):
     merged = lambda t: pytrees.merge(t, frozen_params)
-    return jax.grad(lambda t: loss_fn(merged(t), example, *args))(trainable_params)
+    return jax.grad(lambda t: loss_fn(merged(t), example, *args), has_aux=has_aux)(
+        trainable_params)
   return jax.vmap(one)(examples)
 
 
 def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: jax.Array,
                      rule: ClipRule, *args, microbatch_size: int | None = None,
-                     trainable: PyTree | None = None, grad_dtype: Any = None) -> ClippedSum:
+                     trainable: PyTree | None = None, grad_dtype: Any = None,
+                     has_aux: bool = False) -> ClippedSum | tuple[ClippedSum, PyTree]:
   """Sum of clipped per-example gradients over a padded batch.
 
   Args:
@@ -302,9 +313,12 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
     grad_dtype: dtype of the per-example gradients (e.g. jnp.bfloat16: half the memory traffic of
       the [microbatch, *params] buffer); None keeps the params' dtype. Norms, clipping and the sum
       are computed in float32 whatever it is.
+    has_aux: loss_fn returns (loss, aux); each example's aux comes back from the same pass.
 
   Returns:
-    `ClippedSum` with grad_sum in float32 and the structure of params.
+    `ClippedSum` with grad_sum in float32 and the structure of params; with has_aux,
+    (ClippedSum, aux), aux leaves [n, ...] in the batch's order, padding rows included. aux is
+    computed from one example without noise: it must not leave the device un-noised.
 
   Privacy: ‖grad_sum(D) − grad_sum(D ± one example)‖₂ ≤ rule.sensitivity; padded rows add 0,
   and so does an example whose gradient holds an inf or NaN (an inf or NaN input, an overflow):
@@ -317,14 +331,17 @@ def clipped_grad_sum(loss_fn: LossFn, params: PyTree, examples: PyTree, mask: ja
   if grad_dtype is not None:  # differentiate w.r.t. the cast params: gradients in grad_dtype
     train_p = jax.tree_util.tree_map(lambda p: p.astype(grad_dtype), train_p)
   clip_chunk = lambda chunk: _clip_microbatch(loss_fn, train_p, frozen_p, chunk[0], chunk[1],
-                                              rule, args)
-  return sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)
+                                              rule, args, has_aux)
+  return sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule, has_aux)
 
 
 def sum_over_microbatches(clip_chunk: Callable, examples: PyTree, mask: jax.Array,
-                          microbatch_size: int, frozen_p: PyTree, rule: ClipRule) -> ClippedSum:
+                          microbatch_size: int, frozen_p: PyTree, rule: ClipRule,
+                          has_aux: bool = False) -> ClippedSum | tuple[ClippedSum, PyTree]:
   """Runs clip_chunk((examples, mask) of one microbatch) -> (clipped sum of the trainable
-  leaves, `ClipStats`) over the microbatches with lax.scan; frozen leaves get float32 zeros."""
+  leaves, `ClipStats`) over the microbatches with lax.scan; frozen leaves get float32 zeros.
+  With has_aux, clip_chunk also returns the microbatch's per-example aux (leaves [m, ...]), and
+  the result is (ClippedSum, aux of every row, leaves [n, ...])."""
   n, m = int(mask.shape[0]), microbatch_size
   if m <= 0 or n % m:
     raise ValueError(f"The batch of {n} examples does not split into microbatches of {m}: "
@@ -333,35 +350,44 @@ def sum_over_microbatches(clip_chunk: Callable, examples: PyTree, mask: jax.Arra
                                   (examples, mask))
 
   def accumulate(carry, chunk):
-    part, part_stats = clip_chunk(chunk)
+    part, part_stats, *aux = clip_chunk(chunk)
     total = jax.tree_util.tree_map(jnp.add, carry[0], part)
-    return (total, clip_stats.add_stats(carry[1], part_stats)), None
+    return (total, clip_stats.add_stats(carry[1], part_stats)), (aux[0] if has_aux else None)
 
   # The first microbatch starts the carry (rather than zeros), so that under shard_map the carry
   # has the same device-varying type as what each microbatch adds.
   first = jax.tree_util.tree_map(lambda x: x[0], chunks)
-  total, stats = clip_chunk(first)
+  total, stats, *aux = clip_chunk(first)
+  aux = jax.tree_util.tree_map(lambda x: x[None], aux[0]) if has_aux else None
   if n > m:  # one microbatch (the trainer's accumulate step) needs no scan: traced once, not twice
     rest = jax.tree_util.tree_map(lambda x: x[1:], chunks)
-    (total, stats), _ = jax.lax.scan(accumulate, (total, stats), rest)
+    (total, stats), rest_aux = jax.lax.scan(accumulate, (total, stats), rest)
+    if has_aux:
+      aux = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), aux, rest_aux)
   full = pytrees.merge(total, jax.tree_util.tree_map(
       lambda p: None if p is None else jnp.zeros(p.shape, jnp.float32), frozen_p,
       is_leaf=lambda x: x is None))
-  return ClippedSum(full, rule.sensitivity, stats)
+  summed = ClippedSum(full, rule.sensitivity, stats)
+  if not has_aux:
+    return summed
+  return summed, jax.tree_util.tree_map(lambda x: x.reshape((n,) + x.shape[2:]), aux)
 
 
-def _clip_microbatch(loss_fn, train_p, frozen_p, examples, mask, rule, args):
-  """(Σᵢ clip(gᵢ) over the real rows whose gradient is finite, `ClipStats`) of one microbatch.
+def _clip_microbatch(loss_fn, train_p, frozen_p, examples, mask, rule, args, has_aux=False):
+  """(Σᵢ clip(gᵢ) over the real rows whose gradient is finite, `ClipStats`) of one microbatch,
+  and with has_aux each row's aux.
 
   An example whose gradient holds an inf or NaN has a non-finite global norm (a square of inf is
   inf, NaN propagates): its factor is treated as 0 and its row replaced by zeros, so it adds
   exactly 0, as a padded row does. `where`, not a product with a mask: 0·inf is NaN."""
-  grads = per_example_grads(loss_fn, train_p, frozen_p, examples, *args)
+  grads = per_example_grads(loss_fn, train_p, frozen_p, examples, *args, has_aux=has_aux)
+  grads, aux = grads if has_aux else (grads, None)
   clipped, norms, was_clipped = jax.vmap(rule.clip)(grads)
   kept = (mask > 0) & jnp.isfinite(norms)
   summed = jax.tree_util.tree_map(
       lambda g: jnp.sum(jnp.where(_expand(kept, g), g.astype(jnp.float32), 0.0), axis=0), clipped)
-  return summed, clip_stats.microbatch_stats(norms, was_clipped, mask > 0)
+  stats = clip_stats.microbatch_stats(norms, was_clipped, mask > 0)
+  return (summed, stats, aux) if has_aux else (summed, stats)
 
 
 def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:
