@@ -7,12 +7,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_runs_and_trains(capsys):
-  block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+RECIPES = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+           if 'print("epsilon:"' in b]
+
+
+def test_the_readme_has_both_recipes():
+  assert len(RECIPES) == 2 and "make_private_with_epsilon" in RECIPES[0]
+
+
+@pytest.mark.parametrize("block", RECIPES, ids=["one_call", "from_parts"])
+def test_readme_example_runs_and_trains(capsys, block):
   rng = np.random.default_rng(0)
   train_x = rng.standard_normal((512, 8, 8, 1)).astype(np.float32)
   train_y = (train_x.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
