@@ -28,10 +28,11 @@ def test_apply_noises_private_steps_once_and_public_steps_never():
   assert not np.allclose(p2["w"], p3["w"])
 
 
-@pytest.mark.parametrize("which", ["first", "all", "none"])
+@pytest.mark.parametrize("which", ["first", "moments", "all", "none"])
 def test_reset_moments(which):
   params = {"w": jnp.ones(3)}
-  for opt in [optax.adam(0.1), optax.sgd(0.1, momentum=0.9)]:
+  for opt in [optax.adam(optax.cosine_decay_schedule(0.1, 10)),
+              optax.sgd(0.1, momentum=0.9)]:
     state = opt.init(params)
     _, state = opt.update({"w": jnp.ones(3)}, state, params)
     reset = step_lib.reset_moments(state, which)
@@ -41,7 +42,10 @@ def test_reset_moments(which):
     first = leaves.get("mu", leaves.get("trace"))
     assert (not np.any(first["w"])) == (which != "none")
     if "nu" in leaves:
-      assert (not np.any(leaves["nu"]["w"])) == (which == "all")
+      assert (not np.any(leaves["nu"]["w"])) == (which in ("moments", "all"))
+      adam, schedule = reset
+      assert int(adam.count) == (0 if which in ("moments", "all") else 1)
+      assert int(schedule.count) == (0 if which == "all" else 1)  # the lr schedule restarts
 
 
 @pytest.mark.parametrize("ghost", [False, True])

@@ -150,7 +150,7 @@ def _flat_keys() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
 
 
 FLAT_KEYS = _flat_keys()
-_RESET_MOMENTS = ("first", "all", "none")
+_RESET_MOMENTS = ("first", "moments", "all", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +159,10 @@ class MixingSpec(Spec):
   the public→private switch (`dpjax.train.step.reset_moments`)."""
   BLOCK: ClassVar[str] = "mixing"
   schedule: AlphaScheduleSpec = field(SwitchSchedule(), "the α schedule")
-  reset_moments: str = field("first", "optimizer moments zeroed at the public→private switch",
-                             _RESET_MOMENTS)
+  reset_moments: str = field("first", "optimizer state zeroed at the public→private switch: "
+                                      "first (first moments), moments (Adam's m, v and its "
+                                      "count), all (also the learning-rate schedule's count: "
+                                      "the schedule restarts), none", _RESET_MOMENTS)
 
   @property
   def name(self) -> str:

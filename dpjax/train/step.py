@@ -414,17 +414,25 @@ def make_evaluate(model: nn.Module, layout: parallel.Layout | None = None) -> Ca
 def reset_moments(base_state: PyTree, which: str) -> PyTree:
   """Zeroes optimizer moments at the public→private switch (Bu et al.: resetting m works best).
 
-  which: 'first' zeroes first moments (Adam's mu, momentum traces); 'all' also the second moments
-  and step counts; 'none' leaves the state alone.
+  which: 'first' zeroes first moments (Adam's mu, momentum traces); 'moments' also Adam's second
+  moment nu and its bias-correction count (Adam restarts as if new, the learning-rate schedule
+  goes on); 'all' zeroes every count too, so the learning-rate schedule restarts at the switch;
+  'none' leaves the state alone.
   """
   if which == "none":
     return base_state
   first_fields = ("mu", "trace")
-  all_fields = first_fields + ("nu", "count")
+
+  def fields_of(node):
+    if which == "first":
+      return first_fields
+    if which == "moments":
+      return first_fields + (("nu", "count") if "nu" in node._fields else ())
+    return first_fields + ("nu", "count")
 
   def reset(node):
     if hasattr(node, "_fields"):
-      fields = first_fields if which == "first" else all_fields
+      fields = fields_of(node)
       return node._replace(**{f: jax.tree_util.tree_map(jnp.zeros_like, getattr(node, f))
                               for f in node._fields if f in fields})
     return node
