@@ -52,21 +52,22 @@ class NnxGhostUnsupportedError(ValueError):
 def reject_batch_norm(model: nnx.Module) -> None:
   """Raises `BatchNormInDPModelError`, naming the layer, if `model` holds an `nnx.BatchStat`
   (nnx.BatchNorm's running mean and variance, or a custom layer's batch statistics)."""
-  owners = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module):
-      owners[tuple(path)] = node
-    elif isinstance(node, nnx.BatchStat):
-      where = tuple(str(p) for p in path[:-1])
-      owner = owners.get(tuple(path[:-1]))
-      kind = type(owner).__name__ if owner is not None else "a module"
+  nodes = {tuple(path): node for path, node in nnx.iter_graph(model)}  # children come first
+  for path, node in nodes.items():
+    if isinstance(node, nnx.BatchStat):
+      owner = nodes.get(path[:-1])
+      kind = type(owner).__name__ if isinstance(owner, nnx.Module) else "a module"
       raise BatchNormInDPModelError(
-          f"The NNX model has batch statistics: {kind} at {'/'.join(where) or '(root)'} holds "
-          f"nnx.BatchStat {'/'.join(str(p) for p in path)}. BatchNorm normalises each example "
+          f"The NNX model has batch statistics: {kind} at {_joined(path[:-1]) or '(root)'} "
+          f"holds nnx.BatchStat {_joined(path)}. BatchNorm normalises each example "
           "with statistics of the whole batch, so one example's gradient depends on the others "
           "and per-example clipping no longer bounds its influence (under vmap it would also "
           "normalise each example by itself and never update the running statistics). Use "
           "nnx.GroupNorm or nnx.LayerNorm instead.")
+
+
+def _joined(path: tuple) -> str:
+  return "/".join(map(str, path))
 
 
 def _rng_streams(model: nnx.Module) -> dict[tuple, nnx.RngStream]:
@@ -79,7 +80,7 @@ def _rng_streams(model: nnx.Module) -> dict[tuple, nnx.RngStream]:
 def _example_keys(model: nnx.Module, n: int) -> dict[str, jax.Array]:
   """{stream path: raw keys [n, 2]}: each stream of the caller's model advanced once (its count
   incremented in place) and its key split into one per example."""
-  return {"/".join(map(str, path)): jax.random.key_data(jax.random.split(stream(), n))
+  return {_joined(path): jax.random.key_data(jax.random.split(stream(), n))
           for path, stream in _rng_streams(model).items()}
 
 
@@ -87,7 +88,7 @@ def _reseeded(model: nnx.Module, keys: dict[str, jax.Array]) -> nnx.Module:
   """`model` (a copy merged inside the trace) with each stream's key set to its example's key and
   its count to 0."""
   for path, stream in _rng_streams(model).items():
-    stream.key[...] = jax.random.wrap_key_data(keys["/".join(map(str, path))])
+    stream.key[...] = jax.random.wrap_key_data(keys[_joined(path)])
     stream.count[...] = 0
   return model
 
