@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dpjax.privacy import clipping, noise
+from dpjax.privacy import clipping, ghost, noise
 from dpjax.privacy import nnx as dp_nnx
 from tests import toy_models
 
@@ -80,15 +80,28 @@ RULES = {"flat": clipping.FlatClip(0.5),
          "automatic": clipping.AutomaticClip(0.5)}
 
 
+def linen_clipped_sum(method, params, batch, mask, rule, **kwargs):
+  if method == "ghost":
+    return ghost.clipped_grad_sum(toy_models.batch_losses(LINEN), params, batch, mask, rule,
+                                  **kwargs)
+  return clipping.clipped_grad_sum(toy_models.per_example_loss(LINEN), params, batch, mask, rule,
+                                   **kwargs)
+
+
+@pytest.mark.parametrize("method", dp_nnx.METHODS)
 @pytest.mark.parametrize("rule_name", sorted(RULES))
-def test_nnx_clipped_sum_equals_linen(rule_name):
+def test_nnx_clipped_sum_equals_linen(rule_name, method):
   rule = RULES[rule_name]
   batch = toy_models.batch(8, seed=2, scale=3.0)
   mask = jnp.array([1, 1, 1, 0, 1, 1, 0, 1], jnp.float32)
-  want = clipping.clipped_grad_sum(toy_models.per_example_loss(LINEN), LINEN_PARAMS, batch, mask,
-                                   rule, microbatch_size=4)
-  got = dp_nnx.clipped_grad_sum(nnx_loss, nnx_copy_of_linen(), batch, mask, rule,
-                                microbatch_size=4)
+  want = linen_clipped_sum(method, LINEN_PARAMS, batch, mask, rule, microbatch_size=4)
+  model = nnx_copy_of_linen()
+  got = dp_nnx.clipped_grad_sum(nnx_loss, model, batch, mask, rule, microbatch_size=4,
+                                method=method)
+  if method == "ghost":  # every layer of the net is ghost's, none falls back
+    covered, left = dp_nnx.ghost_plan(nnx_loss, model, batch)
+    assert sorted(covered) == [("Conv_0",), ("Dense_0",), ("Dense_1",), ("GroupNorm_0",),
+                               ("LayerNorm_0",)] and left == []
   assert isinstance(got.grad_sum, nnx.State)
   assert got.sensitivity == want.sensitivity
   assert float(want.stats.num_clipped) > 0  # the clip acts
@@ -111,22 +124,25 @@ def test_clipped_sum_equals_a_loop_of_nnx_grad():
   assert_close_tree(pure(got.grad_sum), total)
 
 
-def test_padding_adds_nothing_and_microbatching_keeps_the_sum():
+@pytest.mark.parametrize("method", dp_nnx.METHODS)
+def test_padding_adds_nothing_and_microbatching_keeps_the_sum(method):
   model, rule = nnx_copy_of_linen(), clipping.FlatClip(0.5)
   batch = toy_models.batch(6, seed=4, scale=3.0)
   real = toy_models.batch(4, seed=4, scale=3.0)
   padded = jax.tree_util.tree_map(lambda x, r: x.at[:4].set(r), batch, real)
   padded["image"] = padded["image"].at[4:].set(1e6)  # padding rows of garbage
   mask = jnp.array([1, 1, 1, 1, 0, 0], jnp.float32)
-  want = dp_nnx.clipped_grad_sum(nnx_loss, model, real, jnp.ones(4), rule)
-  whole = dp_nnx.clipped_grad_sum(nnx_loss, model, padded, mask, rule)
-  micro = dp_nnx.clipped_grad_sum(nnx_loss, model, padded, mask, rule, microbatch_size=2)
+  want = dp_nnx.clipped_grad_sum(nnx_loss, model, real, jnp.ones(4), rule, method=method)
+  whole = dp_nnx.clipped_grad_sum(nnx_loss, model, padded, mask, rule, method=method)
+  micro = dp_nnx.clipped_grad_sum(nnx_loss, model, padded, mask, rule, microbatch_size=2,
+                                  method=method)
   assert_close_tree(pure(whole.grad_sum), pure(want.grad_sum))
   assert_close_tree(pure(micro.grad_sum), pure(want.grad_sum))
   assert float(micro.stats.num_examples) == 4
 
 
-def test_same_noisy_update_as_linen():
+@pytest.mark.parametrize("method", dp_nnx.METHODS)
+def test_same_noisy_update_as_linen(method):
   rule = RULES["flat"]
   batch = toy_models.batch(8, seed=5, scale=3.0)
   mask = jnp.ones(8).at[6:].set(0)
@@ -137,10 +153,9 @@ def test_same_noisy_update_as_linen():
   linen_tx = noise.dp_optimizer(optax.adam(0.1), **settings)
   linen_params, linen_state = LINEN_PARAMS, linen_tx.init(LINEN_PARAMS)
   for _ in range(2):  # the second step checks that the noise key moves on alike
-    got = dp_nnx.clipped_grad_sum(nnx_loss, model, batch, mask, rule)
+    got = dp_nnx.clipped_grad_sum(nnx_loss, model, batch, mask, rule, method=method)
     optimizer.update(model, got.grad_sum)
-    want = clipping.clipped_grad_sum(toy_models.per_example_loss(LINEN), linen_params, batch,
-                                     mask, rule)
+    want = linen_clipped_sum(method, linen_params, batch, mask, rule)
     updates, linen_state = linen_tx.update(want.grad_sum, linen_state, linen_params)
     linen_params = optax.apply_updates(linen_params, updates)
     assert_close_tree(pure(nnx.state(model, nnx.Param)), dict(linen_params))
@@ -184,13 +199,65 @@ def test_batch_norm_is_refused_in_both_entry_points():
     optimizer.update(model, grads.grad_sum)
 
 
-def test_ghost_is_refused_with_what_to_do():
-  with pytest.raises(dp_nnx.NnxGhostUnsupportedError, match=r"Linear.*method='vmap'"):
-    dp_nnx.clipped_grad_sum(nnx_loss, NnxNet(nnx.Rngs(0)), toy_models.batch(2), jnp.ones(2),
-                            clipping.FlatClip(1.0), method="ghost")
+class Tokens(nnx.Module):
+  """Embed + Linear + LayerNorm on tokens [T] (one example, no batch axis), with a Linear called
+  twice and an output tied to the embedding (`attend`): those two fall back to vmap."""
+  def __init__(self, rngs: nnx.Rngs, dropout: float = 0.0):
+    self.embed = nnx.Embed(11, 6, rngs=rngs)
+    self.mix = nnx.Linear(6, 6, rngs=rngs)
+    self.twice = nnx.Linear(6, 6, rngs=rngs)
+    self.norm = nnx.LayerNorm(6, rngs=rngs)
+    self.drop = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, tokens):
+    h = self.drop(jnp.tanh(self.mix(self.embed(tokens))))
+    h = self.norm(self.twice(jnp.tanh(self.twice(h))))
+    return self.embed.attend(h.mean(axis=0))
+
+
+def token_loss(model, example):
+  return optax.softmax_cross_entropy_with_integer_labels(model(example["tokens"]),
+                                                         example["label"])
+
+
+def token_batch(n, seed=0):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return dict(tokens=jax.random.randint(k1, (n, 5), 0, 11),
+              label=jax.random.randint(k2, (n,), 0, 11))
+
+
+def test_ghost_equals_vmap_with_embeddings_fallbacks_and_dropout():
+  batch, mask = token_batch(6, seed=8), jnp.array([1, 1, 0, 1, 1, 1], jnp.float32)
+  covered, left = dp_nnx.ghost_plan(token_loss, Tokens(nnx.Rngs(0)), batch)
+  assert sorted(covered) == [("mix",), ("norm",)]
+  assert left == [("embed", "embedding"), ("twice", "bias"), ("twice", "kernel")]
+  rule = clipping.per_layer_clip(pure(nnx.state(Tokens(nnx.Rngs(0)), nnx.Param)), 0.3)
+  # Two models with the same streams: the same per-example dropout masks on both paths.
+  sums = {method: dp_nnx.clipped_grad_sum(token_loss, Tokens(nnx.Rngs(0, dropout=3), 0.3),
+                                          batch, mask, rule, method=method, microbatch_size=3)
+          for method in dp_nnx.METHODS}
+  assert float(sums["vmap"].stats.num_clipped) > 0
+  assert_close_tree(pure(sums["ghost"].grad_sum), pure(sums["vmap"].grad_sum), rtol=1e-5)
+
+
+def test_ghost_covers_only_layers_whose_params_nothing_else_reads():
+  """Weight decay written in the loss reads Dense_1's kernel outside its call: Dense_1 falls
+  back (its per-example gradient holds the decay's term), and the sums still agree."""
+  decayed = lambda model, example: (nnx_loss(model, example)
+                                    + 0.1 * jnp.sum(jnp.square(model.Dense_1.kernel[...])))
+  model, batch = nnx_copy_of_linen(), toy_models.batch(4, seed=9, scale=3.0)
+  covered, left = dp_nnx.ghost_plan(decayed, model, batch)
+  assert ("Dense_1",) not in covered and ("Dense_0",) in covered
+  assert left == [("Dense_1", "bias"), ("Dense_1", "kernel")]
+  rule = clipping.FlatClip(0.5)
+  sums = [dp_nnx.clipped_grad_sum(decayed, model, batch, jnp.ones(4), rule, method=method)
+          for method in dp_nnx.METHODS]
+  assert_close_tree(pure(sums[0].grad_sum), pure(sums[1].grad_sum), rtol=1e-5)
+  with pytest.raises(dp_nnx.NnxGhostUnsupportedError, match=r"Dense_1/bias.*fallback='vmap'"):
+    dp_nnx.clipped_grad_sum(decayed, model, batch, jnp.ones(4), rule, method="ghost",
+                            fallback="error")
   with pytest.raises(ValueError, match="method must be one of"):
-    dp_nnx.clipped_grad_sum(nnx_loss, NnxNet(nnx.Rngs(0)), toy_models.batch(2), jnp.ones(2),
-                            clipping.FlatClip(1.0), method="loop")
+    dp_nnx.clipped_grad_sum(nnx_loss, model, batch, jnp.ones(4), rule, method="loop")
 
 
 class Mlp(nnx.Module):
@@ -212,8 +279,8 @@ def mean_loss(model, data):
   return float(jnp.mean(jax.vmap(lambda ex: mlp_loss(model, ex))(data)))
 
 
-@pytest.mark.parametrize("jit", ["nnx.jit", "jax.jit"])
-def test_dp_training_lowers_the_loss(jit):
+@pytest.mark.parametrize("jit,method", [("nnx.jit", "vmap"), ("jax.jit", "ghost")])
+def test_dp_training_lowers_the_loss(jit, method):
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
   data = dict(x=x, y=(x[:, 0] + x[:, 1] > 0).astype(jnp.int32))
   model = Mlp(nnx.Rngs(0, dropout=1))
@@ -222,7 +289,8 @@ def test_dp_training_lowers_the_loss(jit):
                                  sensitivity=rule.sensitivity, expected_batch_size=32.0, seed=0)
 
   def step(model, optimizer, batch, mask):
-    grads = dp_nnx.clipped_grad_sum(mlp_loss, model, batch, mask, rule, microbatch_size=16)
+    grads = dp_nnx.clipped_grad_sum(mlp_loss, model, batch, mask, rule, microbatch_size=16,
+                                    method=method)
     optimizer.update(model, grads.grad_sum)
 
   if jit == "nnx.jit":
