@@ -260,6 +260,33 @@ def test_ghost_covers_only_layers_whose_params_nothing_else_reads():
     dp_nnx.clipped_grad_sum(nnx_loss, model, batch, jnp.ones(4), rule, method="loop")
 
 
+class Rows(nnx.Module):
+  """Layers called with several rows per example (a conv and a GroupNorm on [2, 4, 8, 1]) and a
+  conv called on an unbatched input [8, 8, 1]."""
+  def __init__(self, rngs: nnx.Rngs):
+    self.halves = nnx.Conv(1, 4, (2, 2), rngs=rngs)
+    self.norm = nnx.GroupNorm(4, num_groups=2, rngs=rngs)
+    self.whole = nnx.Conv(1, 4, (3, 3), strides=2, padding="VALID", rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, image):
+    halves = jnp.tanh(self.norm(self.halves(image.reshape(2, 4, 8, 1)))).mean(axis=(0, 1, 2))
+    whole = jnp.tanh(self.whole(image)).mean(axis=(0, 1))
+    return self.out(jnp.concatenate([halves, whole]))
+
+
+def test_ghost_reads_rows_within_an_example_as_the_layers_do():
+  rows_loss = lambda model, example: optax.softmax_cross_entropy_with_integer_labels(
+      model(example["image"]), example["label"])
+  model, batch = Rows(nnx.Rngs(0)), toy_models.batch(4, seed=10, scale=3.0)
+  assert dp_nnx.ghost_plan(rows_loss, model, batch)[1] == []
+  rule = clipping.FlatClip(0.2)
+  sums = [dp_nnx.clipped_grad_sum(rows_loss, model, batch, jnp.ones(4), rule, method=method)
+          for method in dp_nnx.METHODS]
+  assert float(sums[0].stats.num_clipped) > 0
+  assert_close_tree(pure(sums[1].grad_sum), pure(sums[0].grad_sum), rtol=1e-5)
+
+
 class Mlp(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(2, 16, rngs=rngs)

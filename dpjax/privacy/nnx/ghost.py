@@ -71,25 +71,27 @@ def linen_twin(layer: nnx.Module) -> nn.Module | None:
   """The Linen layer computing the same function of the same params as `layer` (exact type in
   SUPPORTED, default function settings), or None."""
   kind = type(layer)
+  if getattr(layer, "axis_name", None) is not None:  # statistics across devices: not per example
+    return None
   if kind is nnx.Linear and _plain(layer, ("dot_general", "promote_dtype")):
-    return nn.Dense(layer.out_features, use_bias=layer.use_bias)
+    return nn.Dense(layer.out_features, use_bias=layer.use_bias, dtype=layer.dtype)
   if kind is nnx.Conv and _plain(layer, ("conv_general_dilated", "promote_dtype")):
     return nn.Conv(layer.out_features, tuple(layer.kernel_size), strides=layer.strides,
                    padding=layer.padding, input_dilation=layer.input_dilation,
                    kernel_dilation=layer.kernel_dilation,
                    feature_group_count=layer.feature_group_count, use_bias=layer.use_bias,
-                   mask=layer.mask)
+                   mask=layer.mask, dtype=layer.dtype)
   if kind is nnx.Embed and layer.num_embeddings > 1 and _plain(layer, ("promote_dtype",)):
-    return nn.Embed(layer.num_embeddings, layer.features)  # Linen broadcasts a one-row table
+    return nn.Embed(layer.num_embeddings, layer.features, dtype=layer.dtype)  # Linen broadcasts a one-row table
   if kind is nnx.LayerNorm and _plain(layer, ("promote_dtype",)):
     return nn.LayerNorm(epsilon=layer.epsilon, use_bias=layer.use_bias, use_scale=layer.use_scale,
                         reduction_axes=layer.reduction_axes, feature_axes=layer.feature_axes,
-                        use_fast_variance=layer.use_fast_variance)
+                        use_fast_variance=layer.use_fast_variance, dtype=layer.dtype)
   if kind is nnx.GroupNorm and _plain(layer, ("promote_dtype",)):
     return nn.GroupNorm(num_groups=layer.num_groups, epsilon=layer.epsilon,
                         use_bias=layer.use_bias, use_scale=layer.use_scale,
                         reduction_axes=layer.reduction_axes,
-                        use_fast_variance=layer.use_fast_variance)
+                        use_fast_variance=layer.use_fast_variance, dtype=layer.dtype)
   return None
 
 
@@ -133,10 +135,10 @@ class Recorder:
     self.calls[path] += 1
     if args or kwargs:
       self.other_args.add(path)
-    variables = {name: getattr(module, name) for name in self.layers[path].names}
     if self.inside is None:
       out = original(module, x, *args, **kwargs)
     else:
+      variables = {name: getattr(module, name) for name in self.layers[path].names}
       outside = {name: var[...] for name, var in variables.items()}
       for name, var in variables.items():
         var[...] = self.inside[path + (name,)]
@@ -157,6 +159,8 @@ def _probed_class(cls: type) -> type:
   """A subclass of `cls` whose __call__ goes through its copy's Recorder."""
   if cls not in _PROBED:
     def __call__(self, x, *args, **kwargs):
+      if id(self) not in _ACTIVE:  # a copy made inside the loss (an nnx transform's): its call
+        return cls.__call__(self, x, *args, **kwargs)  # is not recorded, its params fall back
       recorder, path = _ACTIVE[id(self)]
       return recorder.call(path, self, cls.__call__, x, args, kwargs)
     _PROBED[cls] = type(f"Probed{cls.__name__}", (cls,), {"__call__": __call__})
@@ -195,7 +199,7 @@ def plan(loss_fn: Callable, split: Split, example: PyTree, keys: dict
   paths = pytrees.leaf_paths(split.pure_params)
   layers = candidates(nnx.merge(split.graphdef, split.pure_params, split.pure_rest), paths)
   owned = sorted(path + (n,) for path, layer in layers.items() for n in layer.names)
-  leaf_of = dict(zip(paths, jax.tree_util.tree_leaves(split.pure_params)))
+  leaf_of = split.leaf_arrays()
   recorders = []
 
   def probe(inside, outside):
@@ -273,8 +277,7 @@ def leaf_terms(loss_fn: Callable, split: Split, batch: PyTree, keys: dict, cover
   m = jax.tree_util.tree_leaves(batch)[0].shape[0]
   probes = {path: jnp.zeros((m,) + s.shape, s.dtype) for path, s in shapes.items()}
   grads, inputs = jax.vmap(jax.grad(example, has_aux=True))(probes, (batch, keys))
-  leaf_of = dict(zip(pytrees.leaf_paths(split.pure_params),
-                     jax.tree_util.tree_leaves(split.pure_params)))
+  leaf_of = split.leaf_arrays()
   terms = {}
   for path, layer in covered.items():
     x, g, rows = as_example_rows(layer.twin, inputs[path], grads[path])
@@ -298,8 +301,7 @@ def _outputs(loss_fn, split, example, keys, covered) -> dict:
 def _fallback_terms(loss_fn, split, batch, keys, left) -> dict:
   """{leaf path: LeafTerm(None, Summed [m, size])}: per-example gradients of the `left` leaves
   by vmap(grad), the other params held fixed."""
-  leaf_of = dict(zip(pytrees.leaf_paths(split.pure_params),
-                     jax.tree_util.tree_leaves(split.pure_params)))
+  leaf_of = split.leaf_arrays()
   mine = {p: leaf_of[p] for p in left}
 
   def one(example, example_keys):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpjax import pytrees
 from dpjax.privacy.clipping import BatchNormInDPModelError
 
 PyTree = Any
@@ -77,6 +78,11 @@ class Split:
 
   def copy(self, params: PyTree, keys: dict[str, jax.Array]) -> nnx.Module:
     return reseeded(nnx.merge(self.graphdef, params, self.pure_rest), keys)
+
+  def leaf_arrays(self) -> dict[tuple[str, ...], jax.Array]:
+    """{leaf path (`pytrees.leaf_paths`): array} of the `wrt` variables."""
+    return dict(zip(pytrees.leaf_paths(self.pure_params),
+                    jax.tree_util.tree_leaves(self.pure_params)))
 
   def as_variables(self, arrays: PyTree) -> nnx.State:
     """An nnx.State of the `wrt` variables (their types and metadata) holding `arrays` (a pure
