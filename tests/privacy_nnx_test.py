@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from dpjax.models import dp_checks
 from dpjax.privacy import clipping, ghost, noise
 from dpjax.privacy import nnx as dp_nnx
 from tests import toy_models
@@ -197,6 +198,18 @@ def test_batch_norm_is_refused_in_both_entry_points():
   grads = dp_nnx.clipped_grad_sum(nnx_loss, clean, batch, jnp.ones(2), clipping.FlatClip(1.0))
   with pytest.raises(clipping.BatchNormInDPModelError, match=r"BatchNorm at bn"):
     optimizer.update(model, grads.grad_sum)
+  with pytest.raises(clipping.BatchNormInDPModelError, match=r"BatchNorm at bn"):
+    dp_checks.assert_dp_compatible(model)  # the models' check knows NNX too
+  dp_checks.assert_dp_compatible(clean)
+
+
+def test_batch_and_mask_must_have_the_same_rows():
+  model, batch, rule = NnxNet(nnx.Rngs(0)), toy_models.batch(4), clipping.FlatClip(1.0)
+  with pytest.raises(ValueError,
+                     match=r"examples/image has shape \(4, 8, 8, 1\), but the mask has 3"):
+    dp_nnx.clipped_grad_sum(nnx_loss, model, batch, jnp.ones(3), rule)
+  with pytest.raises(ValueError, match="mask must be a vector"):
+    dp_nnx.clipped_grad_sum(nnx_loss, model, batch, jnp.ones((4, 1)), rule)
 
 
 class Tokens(nnx.Module):

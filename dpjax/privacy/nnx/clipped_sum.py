@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from dpjax import pytrees
 from dpjax.privacy import clipping
 from dpjax.privacy.nnx import ghost
 from dpjax.privacy.nnx.model import Split, example_keys, reject_batch_norm
@@ -15,6 +17,20 @@ from dpjax.privacy.nnx.model import Split, example_keys, reject_batch_norm
 PyTree = Any
 NnxLossFn = Callable[[nnx.Module, PyTree], jax.Array]  # loss_fn(model, one example) -> scalar
 METHODS = ("vmap", "ghost")
+
+
+def check_batch(examples: PyTree, mask: jax.Array) -> None:
+  """ValueError unless mask is [n] and every leaf of `examples` has n rows."""
+  if jnp.ndim(mask) != 1:
+    raise ValueError(f"mask must be a vector [n] (1 for real rows, 0 for padding), got shape "
+                     f"{jnp.shape(mask)}.")
+  n = jnp.shape(mask)[0]
+  for path, leaf in zip(pytrees.leaf_paths(examples), jax.tree_util.tree_leaves(examples)):
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != n:
+      raise ValueError(
+          f"examples/{'/'.join(path)} has shape {jnp.shape(leaf)}, but the mask has {n} rows: "
+          "every leaf of the batch needs a leading example axis of the mask's length (pad the "
+          "batch and the mask together).")
 
 
 def clipped_grad_sum(loss_fn: NnxLossFn, model: nnx.Module, examples: PyTree, mask: jax.Array,
@@ -53,6 +69,7 @@ def clipped_grad_sum(loss_fn: NnxLossFn, model: nnx.Module, examples: PyTree, ma
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   reject_batch_norm(model)
+  check_batch(examples, mask)
   keys = example_keys(model, int(mask.shape[0]))
   split = Split(model, wrt)
   if method == "ghost":

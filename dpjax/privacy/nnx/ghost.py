@@ -81,8 +81,9 @@ def linen_twin(layer: nnx.Module) -> nn.Module | None:
                    kernel_dilation=layer.kernel_dilation,
                    feature_group_count=layer.feature_group_count, use_bias=layer.use_bias,
                    mask=layer.mask, dtype=layer.dtype)
+  # Linen broadcasts a one-row table whatever the index; NNX's jnp.take does not.
   if kind is nnx.Embed and layer.num_embeddings > 1 and _plain(layer, ("promote_dtype",)):
-    return nn.Embed(layer.num_embeddings, layer.features, dtype=layer.dtype)  # Linen broadcasts a one-row table
+    return nn.Embed(layer.num_embeddings, layer.features, dtype=layer.dtype)
   if kind is nnx.LayerNorm and _plain(layer, ("promote_dtype",)):
     return nn.LayerNorm(epsilon=layer.epsilon, use_bias=layer.use_bias, use_scale=layer.use_scale,
                         reduction_axes=layer.reduction_axes, feature_axes=layer.feature_axes,
