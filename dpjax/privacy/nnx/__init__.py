@@ -17,6 +17,11 @@ caller's model (so each step draws new masks; under `nnx.jit` the advanced count
 back), and each example's copy is reseeded with its own key split from it: every example gets
 its own dropout mask. Dropout keys are not the mechanism's secret.
 
+method="ghost" runs ghost clipping on nnx.Linear, nnx.Conv, nnx.Embed, nnx.LayerNorm and
+nnx.GroupNorm (through the Linen layers' factored terms, `ghost`); any other param, or a layer
+called twice per example or whose params the loss reads elsewhere, gets per-example gradients by
+vmap (`ghost_plan(loss_fn, model, batch)` lists which), or an error with fallback="error".
+
 Layers that mix the examples of a batch are refused (`reject_batch_norm`): `nnx.BatchNorm`, or any
 module holding an `nnx.BatchStat`, in both `clipped_grad_sum` and `DPOptimizer`.
 
