@@ -11,10 +11,12 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
 from dpjax.privacy.clipping import BatchNormInDPModelError
+from dpjax.privacy.nnx import model as nnx_model
 
 _USE_INSTEAD = (
     "Use GroupNorm or LayerNorm instead (they normalise each example on its own), as dpjax's "
@@ -59,7 +61,7 @@ def _modules_called_in_init(module: nn.Module, example_input: Any) -> tuple[list
 
 
 def assert_dp_compatible(
-    module: nn.Module,
+    module: nn.Module | nnx.Module,
     variables: Mapping[str, Any] | None = None,
     example_input: jax.Array | jax.ShapeDtypeStruct | None = None,
 ) -> None:
@@ -74,8 +76,13 @@ def assert_dp_compatible(
        "batch_stats".
   Without example_input, BatchNorm created inline in a compact method is found only through the
   "batch_stats" of `variables`. Other ways of mixing examples are found by
-  `assert_no_cross_example_dependence`.
+  `assert_no_cross_example_dependence`. An NNX module (built, so its variables exist) is refused
+  if it holds any nnx.BatchStat (`dpjax.privacy.nnx.reject_batch_norm`); the other arguments are
+  then not needed.
   """
+  if isinstance(module, nnx.Module):
+    nnx_model.reject_batch_norm(module)
+    return
   if variables is not None and "batch_stats" in variables:
     raise _batch_norm_error("its variables have a 'batch_stats' collection")
   for submodule in _submodules(module):

@@ -141,16 +141,26 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
         mask_term = functools.partial(masked, module, path[-1])
         terms[path] = LeafTerm(
             module, (jax.vmap(mask_term) if stacked else mask_term)(term, masks[path]), stacked)
-    weights, kept, norms, clipped = example_weights(rule, groups, sq_norms_of_terms(terms),
-                                                    chunk_mask > 0)
-    rows = _row_sums(terms, weights, kept)
-
-    def summed_param(key_path, x):
-      path = pytrees.path_to_names(key_path)
-      if path in rows:
-        return as_param(terms[path].module, path[-1], rows[path], x.shape)
-      return _summed_param(terms[path], path[-1], weights[path], kept, x.shape)
-    summed = jax.tree_util.tree_map_with_path(summed_param, train_p)
-    return summed, clip_stats.microbatch_stats(norms, clipped, chunk_mask > 0)
+    return clipped_terms_sum(terms, rule, groups, train_p, chunk_mask)
 
   return clipping.sum_over_microbatches(clip_chunk, examples, mask, m, frozen_p, rule)
+
+
+def clipped_terms_sum(terms: dict[tuple[str, ...], LeafTerm], rule: clipping.ClipRule,
+                      groups: dict[tuple[str, ...], str], train_p: PyTree, chunk_mask: jax.Array
+                      ) -> tuple[PyTree, clip_stats.ClipStats]:
+  """(Σᵢ wᵢ∇ᵢ like train_p, float32; `ClipStats`) of one microbatch from every trainable leaf's
+  term (`collect.leaf_terms`, or any collector of `LeafTerm`s for those leaves): the weights from
+  the rule and the terms' norm bounds (`example_weights`), then each leaf's weighted sum.
+  groups: {leaf path: clip group} (`ClipRule.groups`); chunk_mask [m]: 1 for real rows."""
+  weights, kept, norms, clipped = example_weights(rule, groups, sq_norms_of_terms(terms),
+                                                  chunk_mask > 0)
+  rows = _row_sums(terms, weights, kept)
+
+  def summed_param(key_path, x):
+    path = pytrees.path_to_names(key_path)
+    if path in rows:
+      return as_param(terms[path].module, path[-1], rows[path], x.shape)
+    return _summed_param(terms[path], path[-1], weights[path], kept, x.shape)
+  summed = jax.tree_util.tree_map_with_path(summed_param, train_p)
+  return summed, clip_stats.microbatch_stats(norms, clipped, chunk_mask > 0)
