@@ -18,8 +18,9 @@ MODEL: wrn (WRN-16-4, GroupNorm, default) or vit (the CIFAR ViT: patch 4, width 
 
 What makes DP from scratch strong here (De et al. 2022, scaled to the budget): batches of 1024,
 crop-and-flip augmentation with multiplicity dp.augmult, no BatchNorm, automatic clipping R = 1,
-Adam with a cosine decay; both of Adam's moments reset at the switch (resetting the first alone,
-Bu et al.'s R1, left the DP phase far behind private-only DP here: see the README). σ is
+Adam with a cosine decay; the whole optimizer state reset at the switch (Adam's moments and the
+step counts: the cosine restarts, as in the main job, where resetting the first moment alone or
+Adam's moments alone lost to private-only DP). σ is
 calibrated with PLD so that each run ends at dp.target_epsilon (default 8), δ = 1e-5.
 """
 

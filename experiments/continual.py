@@ -1,9 +1,11 @@
 """DP continual pre-training with limited public data (Bu et al. 2024), at small scale.
 
 Public-only steps first (α = 1, no privacy cost), then DP steps on the private data (α = 0) to the
-target ε (default 3 at δ = 1e-5), both of Adam's moments reset at the switch (the second moment,
-estimated on noiseless public gradients, would scale the first noisy steps far too large). Adam
-with a cosine learning-rate decay over the whole run; automatic clipping (R = 1); 420 steps in all.
+target ε (default 3 at δ = 1e-5). Adam with a cosine learning-rate decay over 420 steps; at the
+switch the whole optimizer state is reset (reset_moments="all": Adam's moments and the step counts,
+so the cosine restarts and the DP phase begins at the peak learning rate: without that restart the
+switch lost to private-only DP, see experiments/results/bu2024/fmnist_5classes/); automatic
+clipping (R = 1); 420 steps in all.
 
 The main job (`launch/run.sh`) is the default: Fashion-MNIST with 10% of the training set public
 but drawn from classes 0-4 only, the other 90% private, CNN. There public data alone cannot solve
