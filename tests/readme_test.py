@@ -32,3 +32,27 @@ def test_readme_example_runs_and_trains(capsys, block):
   eps = float(capsys.readouterr().out.split("epsilon:")[1])
   assert 2.9 < eps <= 3.0
   assert scope["params"] is not params
+
+
+def test_readme_nnx_example_runs():
+  from flax import nnx
+  block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+               if "dp_nnx" in b)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.norm = nnx.GroupNorm(4, num_groups=2, rngs=rngs)
+      self.out = nnx.Linear(4 * 8 * 8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      x = nnx.relu(self.norm(self.conv(x)))
+      return self.out(x.reshape(x.shape[0], -1))
+
+  model = Net(nnx.Rngs(0))
+  scope = dict(model=model)
+  exec(compile(block, str(README), "exec"), scope)
+  before = jnp.array(model.out.kernel[...])
+  batch = {"image": jnp.ones((64, 8, 8, 1)), "label": jnp.zeros((64,), jnp.int32)}
+  scope["train_step"](model, scope["optimizer"], batch, jnp.ones(64).at[60:].set(0))
+  assert not np.allclose(before, model.out.kernel[...])
