@@ -80,18 +80,12 @@ def get_datasets():
   return datasets
 
 
-def create_train_state(rng, config, num_examples, steps):
-  """Creates the initial `TrainState` and the private setup of `steps` DP-SGD steps: Poisson
-  batches, clipped per-example gradients, noise calibrated to (config.epsilon, config.delta)."""
+def create_train_state(rng, config, private):
+  """Creates the initial `TrainState`."""
   cnn = CNN()
   params = cnn.init(rng, jnp.ones([1, 28, 28, 1]))['params']
-  private = dpjax.make_private_with_epsilon(
-      loss_fn, optax.sgd(config.learning_rate, config.momentum), num_examples=num_examples,
-      target_epsilon=config.epsilon, delta=config.delta, expected_batch_size=config.batch_size,
-      steps=steps, clip=config.clip_norm, microbatch_size=config.microbatch_size or None,
-      has_aux=True, batch_argnums=(1, 2), example_axis='keep')
   tx = private.optimizer
-  return train_state.TrainState.create(apply_fn=cnn.apply, params=params, tx=tx), private
+  return train_state.TrainState.create(apply_fn=cnn.apply, params=params, tx=tx)
 
 
 def train_and_evaluate(
@@ -111,8 +105,13 @@ def train_and_evaluate(
   summary_writer = SummaryWriter(workdir)
   rng, init_rng = jax.random.split(rng)
   steps = config.steps_per_epoch or len(train_ds['image']) // config.batch_size
-  state, private = create_train_state(
-      init_rng, config, len(train_ds['image']), config.num_epochs * steps)
+  private = dpjax.make_private_with_epsilon(  # Poisson batches, clipping, noise for (ε, δ)
+      loss_fn, optax.sgd(config.learning_rate, config.momentum),
+      num_examples=len(train_ds['image']), target_epsilon=config.epsilon, delta=config.delta,
+      expected_batch_size=config.batch_size, steps=config.num_epochs * steps,
+      clip=config.clip_norm, microbatch_size=config.microbatch_size or None, has_aux=True,
+      batch_argnums=(1, 2), example_axis='keep')
+  state = create_train_state(init_rng, config, private)
 
   for epoch in range(1, config.num_epochs + 1):
     state = train_epoch(state, train_ds, private, steps)
