@@ -34,7 +34,9 @@ def test_linen_mnist_trains_and_reports_the_accountants_epsilon(dataset_cache, t
   config.batch_size, config.microbatch_size = 32, 64  # one microbatch: one compile
   config.learning_rate = 0.5  # a few steps: larger than the full run's 0.1
   config.num_epochs, config.steps_per_epoch = 1, LINEN_STEPS
-  with caplog.at_level(logging.INFO):
+  # absl's logger has its own level (its verbosity flag, which other tests in this worker may have
+  # set): capture at INFO on it, not only on the root logger.
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     _, private = train.train_and_evaluate(config, str(tmp_path))
   logged = "\n".join(r.getMessage() for r in caplog.records
                      if pathlib.Path(r.pathname) == EXAMPLES / "linen_mnist" / "train.py")
