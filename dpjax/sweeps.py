@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from typing import Iterable
 
 from dpjax import report
@@ -97,15 +98,21 @@ def run_local(cmds: list[list[str]], capture: bool = False, parallel: int = 1) -
   if parallel > 1:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
   running, failed = [], []
-  def wait_one():
-    proc, name, cmd, log = running.pop(0)
-    proc.wait()
+  def wait_one():  # for whichever run ends first (runs of one sweep differ in length)
+    # Runs in parallel write to log files, so polling them cannot block on a full pipe; a single
+    # run is waited for with communicate, which drains its pipes (capture).
+    while len(running) > 1 and not any(r[0].poll() is not None for r in running):
+      time.sleep(0.2)
+    proc, name, cmd, log = running.pop(next(
+        (i for i, r in enumerate(running) if r[0].poll() is not None), 0))
+    stdout, stderr = proc.communicate()
     output = ""
     if log is not None:
       log.close()
-      output = open(log.name).read()[-3000:]
+      with open(log.name) as f:
+        output = f.read()[-3000:]
     elif capture:
-      output = (proc.stdout.read() + proc.stderr.read())[-3000:]
+      output = (stdout + stderr)[-3000:]
     if proc.returncode:
       failed.append((name, cmd, proc.returncode, output or "(output above)"))
     elif parallel > 1:

@@ -100,6 +100,17 @@ def test_run_local_in_parallel_runs_them_together_with_a_share_of_the_gpu_and_a_
     sweeps.run_local(cmds, parallel=0)
 
 
+def test_run_local_in_parallel_starts_the_next_run_when_any_ends(tmp_path):
+  """a waits for c to start; b ends at once: c must take b's slot while a still runs."""
+  wait_for_c = ("import os, sys, time; t = time.time()\n"
+                f"while not os.path.exists({str(tmp_path / 'c')!r}):\n  time.sleep(0.05)\n"
+                "  if time.time() - t > 20: raise SystemExit('c never started')")
+  make_c = "import sys, pathlib; pathlib.Path(sys.argv[1].split('=', 1)[1]).mkdir()"
+  sweeps.run_local([_script(tmp_path, wait_for_c, "a"), _script(tmp_path, "pass", "b"),
+                    _script(tmp_path, make_c, "c")], parallel=2)
+  assert (tmp_path / "c").is_dir()
+
+
 def test_commands_of_several_configs_are_named_after_their_args():
   cmds = sweeps.commands("e.py:public_only,B", "sw", sweeps.expand(["seed=0,1"]), (),
                          prefix="public_only,B")

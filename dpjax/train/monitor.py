@@ -76,11 +76,11 @@ class PublicMonitor:
           decelerator=curvature.decelerator(terms, b_priv, noise_multiplier),
           loss_improvement_dp=curvature.loss_improvement_dp(terms, b_priv, noise_multiplier),
           dp_efficiency_sgd=curvature.dp_efficiency(terms, b_priv, noise_multiplier),
-          dp_efficiency_adam=curvature.adam_dp_efficiency(
-              self.example_loss, params, batch, self.rule, b_priv, noise_multiplier),
           alpha_star=curvature.optimal_alpha(terms, b_pub, b_priv, noise_multiplier))
-      stats["dp_efficiency"] = stats["dp_efficiency_adam" if c.optimizer.name in ADAM_LIKE
-                                     else "dp_efficiency_sgd"]
+      stats["dp_efficiency"] = stats["dp_efficiency_sgd"]
+      if c.optimizer.name in ADAM_LIKE:  # a second per-example pass: only where it is the model
+        stats["dp_efficiency"] = stats["dp_efficiency_adam"] = curvature.adam_dp_efficiency(
+            self.example_loss, params, batch, self.rule, b_priv, noise_multiplier)
     if self.heldout is not None:
       stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
       stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
