@@ -16,7 +16,30 @@ import csv
 import glob
 import json
 import os
+import re
 import statistics
+
+DEFAULT_TARGET_EPSILON = 8.0  # experiments/bu2024_cifar.py's dp.target_epsilon
+DP_VARIANTS = ("dp", "auto", "auto_plateau")
+
+
+def _warmup_steps(results: dict, variant: dict) -> int:
+  """The run's lr warm-up: from the config results.json records, else from the command line
+  (runs that ran before results.json recorded the config had an experiment default of 0)."""
+  if "config" in results:
+    return int(results["config"]["schedule"]["warmup_steps"])
+  given = re.search(r"--config\.schedule\.warmup_steps=(\d+)", variant.get("command", ""))
+  return int(given.group(1)) if given else 0
+
+
+def _target_epsilon(results: dict, overrides: dict, kind: str) -> float | None:
+  if "dp.target_epsilon" in overrides:
+    return float(overrides["dp.target_epsilon"])
+  if kind not in DP_VARIANTS:
+    return None
+  if "config" in results:
+    return results["config"]["dp"]["target_epsilon"]
+  return DEFAULT_TARGET_EPSILON
 
 
 def run_rows(runs_dir: str) -> list[dict]:
@@ -37,8 +60,8 @@ def run_rows(runs_dir: str) -> list[dict]:
         regime=config_arg[1], model=config_arg[2], variant=kind,
         switch_step=r.get("switch_step") if kind.startswith("auto") else
         (int(overrides["mixing.switch_step"]) if "mixing.switch_step" in overrides else None),
-        target_epsilon=float(overrides["dp.target_epsilon"]) if "dp.target_epsilon" in overrides
-        else None,
+        target_epsilon=_target_epsilon(r, overrides, kind),
+        warmup_steps=_warmup_steps(r, variant) if kind in DP_VARIANTS else None,
         seed=int(overrides["seed"]), test_accuracy=r["test_accuracy"],
         epsilon=privacy.get("epsilon"), private_steps=privacy.get("private_steps"),
         noise_multiplier=privacy.get("noise_multiplier"), train_seconds=r["train_seconds"],
@@ -47,9 +70,13 @@ def run_rows(runs_dir: str) -> list[dict]:
 
 
 def cell_name(row: dict) -> str:
-  if row["variant"] == "dp":
-    return "private_only (switch 0)" if row["switch_step"] == 0 else f"switch {row['switch_step']}"
-  return row["variant"]
+  """The variant, with the switch step for fixed switches and the warm-up when there is none."""
+  name = row["variant"]
+  if name == "dp":
+    name = "private_only (switch 0)" if row["switch_step"] == 0 else f"switch {row['switch_step']}"
+  if row["warmup_steps"] == 0 and row["variant"] in DP_VARIANTS:
+    name += ", no warm-up"
+  return name
 
 
 def cells(rows: list[dict]) -> list[dict]:
@@ -66,6 +93,8 @@ def cells(rows: list[dict]) -> list[dict]:
         mean=statistics.fmean(accuracy),
         std=statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan"),
         accuracies=" ".join(f"{a:.4f}" for a in accuracy),
+        fixed_switch=members[0]["switch_step"] if members[0]["variant"] == "dp" else None,
+        warmup_steps=members[0]["warmup_steps"],
         switch_steps=" ".join(str(m["switch_step"]) for m in members)
         if name.startswith("auto") else "",
         epsilon_spent=" ".join(f"{m['epsilon']:.3f}" for m in members
@@ -90,14 +119,14 @@ def plot(table: list[dict], regime: str, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  switches = [c for c in table if c["regime"] == regime and (
-      c["cell"].startswith("switch") or c["cell"].startswith("private_only"))]
-  for eps in sorted({c["target_epsilon"] for c in switches}):
-    points = sorted((0 if c["cell"].startswith("private") else int(c["cell"].split()[1]),
-                     c["mean"], c["std"]) for c in switches if c["target_epsilon"] == eps)
+  switches = [c for c in table if c["regime"] == regime and c["fixed_switch"] is not None]
+  for eps, warmup in sorted({(c["target_epsilon"], c["warmup_steps"]) for c in switches}):
+    points = sorted((c["fixed_switch"], c["mean"], c["std"]) for c in switches
+                    if (c["target_epsilon"], c["warmup_steps"]) == (eps, warmup))
     xs, ys, es = zip(*points)
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
-                label=f"public then DP, ε = {eps:g}")
+                ls="-" if warmup else ":",
+                label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
   for c in table:
     if c["regime"] == regime and c["cell"] in ("public_only", "nonprivate", "clip_only"):
       ax.axhline(c["mean"], ls="--", lw=1, color={"public_only": "gray", "nonprivate": "black",

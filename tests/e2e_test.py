@@ -1,5 +1,6 @@
 """End-to-end tests of the trainer on real Fashion-MNIST: accuracy, accounting, resume, budget."""
 
+import json
 import os
 import pathlib
 
@@ -62,6 +63,9 @@ def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
   records = metrics.read_metrics(str(tmp_path))
   assert records[-1]["kind"] == "final"
   assert os.listdir(tmp_path / "tensorboard")
+  written = json.loads((tmp_path / "results.json").read_text())  # with the config that ran
+  assert written["config"] == json.loads(c.to_json_best_effort())
+  assert written["config"]["schedule"]["total_steps"] == 20
 
 
 def test_clipping_without_noise_runs_to_the_end_and_says_it_is_not_private(tmp_path):

@@ -95,7 +95,8 @@ ALLOWED_RECORD_KEYS = {
         "dp_efficiency_adam"},  # public batches only (monitor.PublicMonitor)
 }
 ALLOWED_RESULTS_KEYS = {"test_accuracy", "test_loss", "steps", "stopped", "train_seconds",
-                        "privacy", "switch_step", "finetune", "perf"}
+                        "privacy", "switch_step", "finetune", "perf",
+                        "config"}  # the run's config as given: public input
 ALLOWED_PROGRESS_KEYS = {"loss", "acc", "eps", "alpha"}
 
 

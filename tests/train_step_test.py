@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
+from dpjax import config as config_lib
 from dpjax.privacy import clipping, noise
-from dpjax.train import step as step_lib
+from dpjax.train import state as state_lib, step as step_lib
 from tests import toy_models
 
 
@@ -46,6 +47,28 @@ def test_reset_moments(which):
       adam, schedule = reset
       assert int(adam.count) == (0 if which in ("moments", "all") else 1)
       assert int(schedule.count) == (0 if which == "all" else 1)  # the lr schedule restarts
+
+
+def test_reset_all_restarts_the_configured_warm_up():
+  """With the config's optimizer (Adam, cosine with a warm-up), the update after a reset "all" is
+  a fresh optimizer's first update: the warm-up starts again; after "moments" it does not."""
+  config = config_lib.default_config()
+  config.optimizer.update(name="adam", learning_rate=0.1)
+  config.schedule.update(lr_schedule="cosine", warmup_steps=4, total_steps=20)
+  opt = state_lib.create_optimizer(config)
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.array([1.0, -2.0, 0.5])}
+
+  def two_updates(state):  # the warm-up's first learning rate is 0: compare the second too
+    first, state = opt.update(grads, state, params)
+    return [first["w"], opt.update(grads, state, params)[0]["w"]]
+  fresh = two_updates(opt.init(params))
+  assert np.all(np.abs(fresh[1]) > 0)
+  state = opt.init(params)
+  for _ in range(6):
+    _, state = opt.update(grads, state, params)
+  np.testing.assert_array_equal(two_updates(step_lib.reset_moments(state, "all")), fresh)
+  continued = two_updates(step_lib.reset_moments(state, "moments"))
+  assert np.all(np.abs(continued[0]) > np.abs(fresh[1]) + 1e-3)  # the lr is past the warm-up
 
 
 @pytest.mark.parametrize("ghost", [False, True])

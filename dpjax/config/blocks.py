@@ -334,7 +334,8 @@ class ScheduleSpec(Spec):
   BLOCK: ClassVar[str] = "schedule"
   total_steps: int = field(100, "training steps (public and private)")
   lr_schedule: str = field("constant", "learning-rate schedule", registries.LR_SCHEDULES)
-  warmup_steps: int = field(0, "cosine: linear warm-up steps")
+  warmup_steps: int = field(0, "cosine: linear warm-up steps (again after a switch with "
+                                   "mixing.reset_moments=all)")
   public_batch_size: int = field(256, "public examples per step")
 
   def check(self):

@@ -162,7 +162,7 @@ class MixingSpec(Spec):
   reset_moments: str = field("first", "optimizer state zeroed at the public→private switch: "
                                       "first (first moments), moments (Adam's m, v and its "
                                       "count), all (also the learning-rate schedule's count: "
-                                      "the schedule restarts), none", _RESET_MOMENTS)
+                                      "the schedule and its warm-up restart), none", _RESET_MOMENTS)
 
   @property
   def name(self) -> str:

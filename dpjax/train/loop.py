@@ -305,7 +305,8 @@ class Trainer(host_loop.HostLoop):
     results = dict(evaluation, steps=step, stopped=stopped or "completed", train_seconds=seconds,
                    privacy=statement,
                    switch_step=auto.switch_step if auto else self.first_private_step,
-                   finetune=self._finetune_summary(), perf=self.microbatch)
+                   finetune=self._finetune_summary(), perf=self.microbatch,
+                   config=json.loads(self.config.to_json_best_effort()))
     if self.main:
       with open(os.path.join(self.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
