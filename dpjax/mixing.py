@@ -144,6 +144,11 @@ class AutoSwitch:
     loss's fall since the last check, in [0, 1]; 0 when the training loss no longer falls). Both
     say what share of an ideal step on fresh data a step would deliver: a DP step on private data
     r, a public step on the public data it has seen g.
+    "lookahead" once K = `lookahead_steps` simulated DP steps from the current params, on public
+    examples the model has not seen (`dpjax.lookahead`), lower the loss of other unseen public
+    examples at least as much as K more public steps are doing: the held-out loss's fall since
+    the last check, scaled to K steps. Both falls are measured on the same held-out examples;
+    a fall ≤ 0 of the simulated DP steps never switches.
   max_switch_step: the switch happens at this step at the latest.
   """
   criterion: str = "either"
@@ -155,8 +160,10 @@ class AutoSwitch:
   checks_without_improvement: int = 0
   reason: str = ""
   last_losses: tuple[float, float] | None = None  # (held-out, public training) at the last check
+  lookahead_steps: int = 10
+  last_heldout: tuple[int, float] | None = None  # (step, held-out loss) at the last check
 
-  CRITERIA = ("improvement", "plateau", "either", "efficiency")
+  CRITERIA = ("improvement", "plateau", "either", "efficiency", "lookahead")
 
   def __post_init__(self):
     if self.criterion not in self.CRITERIA:
@@ -164,6 +171,8 @@ class AutoSwitch:
                        f"{self.criterion!r}.")
     if self.last_losses is not None:
       self.last_losses = tuple(self.last_losses)
+    if self.last_heldout is not None:
+      self.last_heldout = tuple(self.last_heldout)
 
   def __call__(self, step: int) -> float:
     """α at `step`: 1 until the switch, 0 from it on."""
@@ -171,11 +180,19 @@ class AutoSwitch:
 
   def observe(self, step: int, public_improvement: float | None = None,
               private_improvement: float | None = None, heldout_loss: float | None = None,
-              dp_efficiency: float | None = None, public_train_loss: float | None = None) -> bool:
+              dp_efficiency: float | None = None, public_train_loss: float | None = None,
+              lookahead_fall: float | None = None) -> bool:
     """Feeds one check's public statistics; returns True if training switches at `step`."""
     if self.switch_step is not None:
       return False
     reasons = []
+    if self.criterion == "lookahead":
+      public_fall = self.public_fall(step, heldout_loss)
+      if (_finite(public_fall) and _finite(lookahead_fall) and lookahead_fall > 0
+          and lookahead_fall >= public_fall):
+        reasons.append(f"{self.lookahead_steps} simulated DP steps lower the held-out public "
+                       f"loss by {lookahead_fall:.3g} >= {public_fall:.3g} for as many public "
+                       "steps")
     if self.criterion == "efficiency":
       generalisation = self.public_generalisation(heldout_loss, public_train_loss)
       if _finite(generalisation) and _finite(dp_efficiency) and dp_efficiency >= generalisation:
@@ -215,6 +232,16 @@ class AutoSwitch:
     if train_fall <= 0:
       return 0.0
     return min(max(heldout_fall / train_fall, 0.0), 1.0)
+
+  def public_fall(self, step: int, heldout_loss: float | None) -> float | None:
+    """The held-out loss's fall per `lookahead_steps` steps since the last check (None at the
+    first check or without a loss). Remembers this check's loss."""
+    if not _finite(heldout_loss):
+      return None
+    last, self.last_heldout = self.last_heldout, (int(step), float(heldout_loss))
+    if last is None or step <= last[0]:
+      return None
+    return (last[1] - heldout_loss) * self.lookahead_steps / (step - last[0])
 
   def state_dict(self) -> dict:
     return dataclasses.asdict(self)

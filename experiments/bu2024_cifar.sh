@@ -7,6 +7,7 @@
 #   R_switch      public steps then DP, switch step 0 (= private-only DP) / 50 / 100 / 200
 #   R_auto        the automatic switch (efficiency criterion)
 #   R_plateau     the automatic switch on the held-out public loss alone
+#   R_lookahead   the automatic switch on simulated DP steps on public data (dpjax/lookahead.py)
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
 # with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
@@ -38,6 +39,9 @@ for part in "$@"; do
     plateau)
       sweep "${regime}_plateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
           --set=mixing.auto.criterion=plateau ;;
+    lookahead)
+      sweep "${regime}_lookahead" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
+          --set=mixing.auto.criterion=lookahead ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

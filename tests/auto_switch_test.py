@@ -42,7 +42,7 @@ def _curvature_records(workdir):
   return [m for m in metrics.read_metrics(workdir) if m["kind"] in ("curvature", "switch")]
 
 
-@pytest.mark.parametrize("criterion", ["either", "efficiency"])
+@pytest.mark.parametrize("criterion", ["either", "efficiency", "lookahead"])
 def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_path, monkeypatch,
                                                                           criterion):
   first = loop.train_and_evaluate(auto_config(criterion), str(tmp_path / "a"),

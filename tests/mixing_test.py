@@ -120,3 +120,25 @@ def test_auto_switch_on_efficiency_compares_dp_efficiency_with_public_generalisa
   again = mixing.AutoSwitch.from_state_dict(auto.state_dict())
   assert again == auto and again.observe(10, heldout_loss=1.9, public_train_loss=1.0,
                                          dp_efficiency=0.3)
+
+
+def test_auto_switch_on_lookahead_compares_simulated_dp_steps_with_the_public_steps_fall():
+  auto = mixing.AutoSwitch(criterion="lookahead", lookahead_steps=5)
+  # (step, held-out loss, its fall after 5 simulated DP steps)
+  checks = [(0, 2.0, 0.5),     # first check: no public fall yet, whatever the lookahead
+            (10, 1.0, 0.3),    # public: 1.0 per 10 steps = 0.5 per 5 > 0.3
+            (20, 0.8, 0.1),    # 0.1 per 5 steps >= 0.1: switch
+            (30, 0.7, 0.9)]
+  decisions = [auto.observe(s, heldout_loss=h, lookahead_fall=f) for s, h, f in checks]
+  assert decisions == [False, False, True, False] and auto.switch_step == 20
+  assert "5 simulated DP steps lower the held-out public loss by 0.1 >= 0.1" in auto.reason
+  # A simulated fall <= 0 never switches, even when the public steps make the loss rise.
+  rising = mixing.AutoSwitch(criterion="lookahead")
+  for step, loss in ((0, 1.0), (10, 1.2), (20, 1.4)):
+    assert not rising.observe(step, heldout_loss=loss, lookahead_fall=0.0)
+  assert rising.observe(30, heldout_loss=1.5, lookahead_fall=1e-3)
+  # Restored from a checkpoint, it remembers the last check's step and loss.
+  auto = mixing.AutoSwitch(criterion="lookahead", lookahead_steps=5)
+  auto.observe(0, heldout_loss=2.0, lookahead_fall=0.1)
+  again = mixing.AutoSwitch.from_state_dict(auto.state_dict())
+  assert again == auto and again.observe(20, heldout_loss=1.9, lookahead_fall=0.03)

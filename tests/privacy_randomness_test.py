@@ -92,7 +92,7 @@ ALLOWED_RECORD_KEYS = {
     "curvature": set(curvature.CurvatureTerms._fields) | {
         "loss_improvement_public", "noise_multiplier", "decelerator", "loss_improvement_dp",
         "alpha_star", "heldout_loss", "public_train_loss", "dp_efficiency", "dp_efficiency_sgd",
-        "dp_efficiency_adam"},  # public batches only (monitor.PublicMonitor)
+        "dp_efficiency_adam", "lookahead_heldout_fall"},  # public batches only (PublicMonitor)
 }
 ALLOWED_RESULTS_KEYS = {"test_accuracy", "test_loss", "steps", "stopped", "train_seconds",
                         "privacy", "switch_step", "finetune", "perf",

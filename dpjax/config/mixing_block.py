@@ -101,20 +101,25 @@ class AutoSwitchSpec(AlphaScheduleSpec):
                                    "the public one (improvement), when the held-out public loss "
                                    "stops improving (plateau), on the first (either), or when a "
                                    "DP step's predicted efficiency reaches the public steps' "
-                                   "generalisation (efficiency; needs holdout_fraction > 0)")
+                                   "generalisation (efficiency; needs holdout_fraction > 0), or "
+                                   "when lookahead_steps simulated DP steps on unseen public "
+                                   "data lower the held-out loss at least as much as public steps "
+                                   "do (lookahead; needs holdout_fraction > 0)")
   check_every: int = field(25, "steps between the controller's checks")
   patience: int = field(3, "plateau: checks without improvement before switching")
   min_delta: float = field(0.0, "plateau: the smallest decrease of the held-out loss that counts")
   holdout_fraction: float = field(0.1, "part of the public data held out for the plateau loss")
   min_switch_step: int = field(0, "no check before this step")
   max_switch_step: int = field(-1, "switch at this step at the latest (-1: no limit)")
+  lookahead_steps: int = field(10, "lookahead: simulated DP steps per check (batches of "
+                                   "curvature.batch_size)")
 
   def build(self, public_batch_size: int, private_batch_size: float) -> mixing.AutoSwitch:
     del public_batch_size, private_batch_size
     return mixing.AutoSwitch(criterion=self.criterion, patience=self.patience,
                              min_delta=self.min_delta,
                              max_switch_step=self.max_switch_step if self.max_switch_step >= 0
-                             else None)
+                             else None, lookahead_steps=self.lookahead_steps)
 
   def check(self):
     check(self.check_every > 0, "mixing.auto.check_every must be > 0.")
@@ -124,6 +129,10 @@ class AutoSwitchSpec(AlphaScheduleSpec):
     check(self.criterion != "efficiency" or self.holdout_fraction > 0,
           "mixing.auto.criterion = 'efficiency' compares held-out and training public losses: "
           "set mixing.auto.holdout_fraction > 0.")
+    check(self.criterion != "lookahead" or self.holdout_fraction > 0,
+          "mixing.auto.criterion = 'lookahead' trains and measures on held-out public data: "
+          "set mixing.auto.holdout_fraction > 0.")
+    check_positive_int("mixing.auto.lookahead_steps", self.lookahead_steps)
     check(self.max_switch_step >= -1,
           f"mixing.auto.max_switch_step must be >= 0, or -1 for no limit; got "
           f"{self.max_switch_step}.")

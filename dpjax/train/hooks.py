@@ -176,7 +176,8 @@ class PublicStatistics(BaseHook):
     if auto_check and self.auto.observe(step, stats["loss_improvement_public"],
                                         stats.get("loss_improvement_dp"),
                                         stats.get("heldout_loss"), stats.get("dp_efficiency"),
-                                        stats.get("public_train_loss")):
+                                        stats.get("public_train_loss"),
+                                        stats.get("lookahead_heldout_fall")):
       run.replan(plan_lib.switched(run.plan, run.config, self.auto), self.auto)
       run.writer.write(step, "switch", dict(noise_multiplier=run.plan.noise_multiplier,
                                             reason=self.auto.reason))

@@ -189,7 +189,8 @@ class Trainer(host_loop.HostLoop):
       monitor = monitor_lib.PublicMonitor(
           self.config, public_train, heldout,
           monitor_lib.CurvatureLoss(self.steps.example_loss, self.inputs.rule, self.preprocess),
-          self._dataset_loss, state_lib.accounting_size(self.inputs.loaded))
+          self._dataset_loss, state_lib.accounting_size(self.inputs.loaded),
+          lookahead_steps=auto.lookahead_steps if auto and auto.criterion == "lookahead" else 0)
       switch = c.mixing.schedule if auto else None  # its spec: `config.AutoSwitchSpec`
       made.append(hooks_lib.PublicStatistics(monitor, auto, c.curvature.every_steps,
                                              switch.check_every if switch else 1,

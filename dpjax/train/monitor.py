@@ -16,9 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpjax import curvature, data
+from dpjax import curvature, data, lookahead
 from dpjax.data import public_batch as public_batch_lib
 from dpjax.privacy import calibration, clipping, randomness
+from dpjax.train import state as state_lib
 
 _MONITOR_STREAM = 0xC0A7
 ADAM_LIKE = ("adam", "adamw")  # optimizers whose DP efficiency is `curvature.adam_dp_efficiency`
@@ -39,19 +40,33 @@ class PublicMonitor:
   dataset_loss: (params, dataset) -> its mean loss; num_private: N, for the predicted σ. With a
   held-out part, the statistics hold its loss and the loss of as many public training examples
   (a fixed subset), which the automatic switch's generalisation g compares.
+  lookahead_steps: K > 0 (needs a held-out part of >= 2 examples): the held-out part is halved,
+  and each check also takes K simulated DP steps on the first half (`dpjax.lookahead`) and
+  reports the fall of the second half's loss they bring (`lookahead_heldout_fall`);
+  `heldout_loss` is then the second half's.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, public_train: data.Dataset,
                heldout: data.Dataset | None, loss: CurvatureLoss,
-               dataset_loss: Callable | None, num_private: int):
+               dataset_loss: Callable | None, num_private: int, lookahead_steps: int = 0):
     self.config, self.public, self.heldout = config, public_train, heldout
     self.example_loss, self.rule, self.preprocess = loss
     self.dataset_loss = dataset_loss
     self.num_private = num_private
+    self.lookahead_steps, self.lookahead_train = lookahead_steps, None
+    if lookahead_steps:
+      if heldout is None or len(heldout) < 2:
+        raise ValueError("The lookahead needs a held-out public part of at least 2 examples: set "
+                         "mixing.auto.holdout_fraction > 0.")
+      half = len(heldout) // 2
+      self.lookahead_train = heldout.subset(np.arange(half), "lookahead train")
+      self.heldout = heldout.subset(np.arange(half, len(heldout)), "lookahead eval")
+      self.optimizer = state_lib.create_optimizer(config)
+      self.shadow_step = lookahead.make_shadow_step(self.example_loss, self.rule, self.optimizer)
     self.train_probe = None
-    if heldout is not None:
+    if self.heldout is not None:
       rows = np.random.default_rng([config.seed, _MONITOR_STREAM]).permutation(len(public_train))
-      self.train_probe = public_train.subset(np.sort(rows[:len(heldout)]), "train probe")
+      self.train_probe = public_train.subset(np.sort(rows[:len(self.heldout)]), "train probe")
 
   def statistics(self, step: int, params: Any, noise_multiplier: float | None) -> dict[str, float]:
     """Curvature terms on a public batch drawn from (seed, step), and what they predict.
@@ -84,7 +99,23 @@ class PublicMonitor:
     if self.heldout is not None:
       stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
       stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
+    if self.lookahead_steps and noise_multiplier is not None:
+      stats["lookahead_heldout_fall"] = stats["heldout_loss"] - self.dataset_loss(
+          self._lookahead(step, params, size, noise_multiplier), self.heldout)
     return stats
+
+  def _lookahead(self, step: int, params: Any, size: int, noise_multiplier: float) -> Any:
+    """The params after K simulated DP steps on batches of the lookahead's training half."""
+    c = self.config
+    rng = np.random.default_rng([c.seed, step, _MONITOR_STREAM, 1])
+    size = min(size, len(self.lookahead_train))
+    batches = (public_batch_lib.public_batch(
+        self.lookahead_train, rng.choice(len(self.lookahead_train), size, replace=False),
+        self.preprocess) for _ in range(self.lookahead_steps))
+    noise_std = noise_multiplier * float(self.rule.sensitivity) / c.dp.expected_batch_size
+    return lookahead.shadow_dp_params(
+        self.shadow_step, self.optimizer, params, batches,
+        jax.random.fold_in(randomness.stream_key(c.seed, "lookahead noise"), step), noise_std)
 
   def predicted_noise_multiplier(self, step: int) -> float | None:
     """σ a private phase starting at `step` would use: the configured one, or calibrated to the
