@@ -1,9 +1,9 @@
 """MNIST tutorial: Flax's NNX MNIST tutorial (google/flax docs_nnx/mnist_tutorial.md at 83e3c21b),
-written anew, trained without privacy (nonprivate_train.py) or with DP-SGD by dpjax (train.py;
+written anew, trained with DP-SGD by dpjax (train.py) or without privacy (nonprivate_train.py;
 `diff nonprivate_train.py train.py` is what privacy changes). The data comes from dpjax's MNIST
 reader (the files in $DPJAX_DATA_DIR, no download), the summaries go to tensorboardX.
 
-    python nonprivate_train.py /tmp/nnx_mnist
+    python train.py /tmp/nnx_mnist  # or nonprivate_train.py
 """
 
 import functools
