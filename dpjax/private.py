@@ -8,6 +8,8 @@ delta=1e-5, expected_batch_size=256, epochs=2)` returns a `PrivateSetup` holding
 - `grad_fn`: the clipped per-example gradient sum of loss_fn (`dpjax.privacy.grad`), with the
   SAME microbatch size as the sampler (given once: `sampler.microbatch_size is
   grad_fn.microbatch_size`), so a padded batch always splits into whole microbatches;
+  `per_example_method='ghost'` makes it ghost-clip the Linen layers loss_fn calls (faster; the
+  same sum up to float32 rounding, the same plan and guarantee);
 - `noise_multiplier`: σ calibrated (`calibration.calibrate_noise`) so that the planned steps spend
   at most the target ε at δ under the chosen accountant;
 - `optimizer`: `noise.dp_optimizer(base, σ, grad_fn.sensitivity, B)`, its noise key fresh OS

@@ -77,12 +77,14 @@ def test_ghost_sum_equals_vmap_sum(example_axis, loss_fn):
 
 
 class Custom(nn.Module):
-  """Layers ghost cannot read: a bare param, a layer in nn.remat, a layer called twice."""
+  """Layers ghost cannot read: a bare param, a layer in nn.remat, a layer called twice; and
+  dropout (each example its own mask, the same in every pass)."""
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[:-3] + (-1,))
     x = jnp.tanh(nn.Dense(8, name="read")(x)) * self.param("scale", nn.initializers.ones, (8,))
+    x = nn.Dropout(0.5, deterministic=False)(x)
     x = nn.remat(nn.Dense)(8, name="remat")(x)
     twice = nn.Dense(8, name="twice")
     return nn.Dense(3, name="decayed")(twice(jnp.tanh(twice(x))))
@@ -92,18 +94,22 @@ def test_ghost_falls_back_to_vmap_for_what_it_cannot_read():
   model = Custom()
   params = model.init(jax.random.PRNGKey(0), X[:1])["params"]
 
-  def loss_fn(params, x, y):  # weight decay on one kernel: that layer's params read elsewhere
-    logits = model.apply({"params": params}, x)
+  def loss_fn(params, x, y, key):  # weight decay on one kernel: its layer's params read elsewhere
+    logits = model.apply({"params": params}, x, rngs={"dropout": key})
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return ce + 1e-2 * jnp.sum(params["decayed"]["kernel"] ** 2)
 
-  vmap_fn, ghost_fn = _both(loss_fn, clipping.FlatClip(0.5), example_axis="keep")
-  covered, left = ghost_fn.ghost_plan(params, X, Y)
+  vmap_fn, ghost_fn = _both(loss_fn, clipping.FlatClip(0.5), example_axis="keep",
+                            key_argnums=(3,))
+  key = jax.random.PRNGKey(3)
+  covered, left = ghost_fn.ghost_plan(params, X, Y, key)
   assert covered == ["0/read/bias, 0/read/kernel"]
   assert sorted(left) == ["0/decayed/bias", "0/decayed/kernel", "0/remat/bias", "0/remat/kernel",
                           "0/scale", "0/twice/bias", "0/twice/kernel"]
-  want, got = vmap_fn(params, X, Y, mask=MASK), ghost_fn(params, X, Y, mask=MASK)
+  want, got = vmap_fn(params, X, Y, key, mask=MASK), ghost_fn(params, X, Y, key, mask=MASK)
   assert _relative(got.grad, want.grad) <= 1e-5
+  other = vmap_fn(params, X, Y, jax.random.PRNGKey(4), mask=MASK)
+  assert _relative(other.grad, want.grad) > 1e-2  # the dropout masks matter
 
 
 def _setup(method, **kwargs):

@@ -5,7 +5,10 @@ with loss_fn's call signature (plus a `mask` keyword) that computes, for a batch
 its real rows of each example's gradient clipped by `rule`, w.r.t. the arguments `argnums` names,
 and the sensitivity of that sum. It is `clipping.clipped_grad_sum` (vmap per microbatch, a
 `lax.scan` over microbatches) with the argument plumbing of `jax.grad`; use it inside your own
-jitted step and feed `.grad` to `noise.dp_optimizer` with `.sensitivity`.
+jitted step and feed `.grad` to `noise.dp_optimizer` with `.sensitivity`. With
+per_example_method='ghost' the Linen layers the loss calls are ghost-clipped instead
+(`ghost.example_calls`: the same sum up to float32 rounding, without their per-example
+gradients); the other params keep the vmap path.
 
 Privacy: the unit of privacy is one row of the batch arguments (the same row of each). Each
 example's gradient is computed from its own rows only (`jax.vmap` evaluates the loss on one
