@@ -21,6 +21,7 @@ over all of `argnums` together; replacing one example, by at most 2·`rule.sensi
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -148,16 +149,19 @@ class ClippedGradFn:
     return ClippedGrad(grad, self.sensitivity, summed.stats, aux)
 
   def ghost_plan(self, *args, **kwargs) -> tuple[list[str], list[str]]:
-    """(layer calls ghost clipping covers, as their params' paths joined by '/'; the
-    differentiated leaves left to per-example gradients) for these arguments (a batch of any
-    size; only shapes are read): what per_example_method='ghost' does with them
-    (`ghost.example_calls.plan`)."""
+    """([the layer calls ghost clipping covers, each named by its params' common path], [the
+    differentiated leaves left to per-example gradients by vmap]) for these arguments (a batch
+    of any size; only shapes are read): what per_example_method='ghost' does with them
+    (`ghost.example_calls.plan`). Paths are joined by '/' and, for a tuple argnums, start with
+    the argument's position in it."""
     params = tuple(args[i] for i in _as_tuple(self.argnums, "argnums"))
     batch = tuple(args[i] for i in self.batch_argnums)
     one = (jax.tree_util.tree_map(lambda x: x[0], batch), jnp.zeros((), jnp.int32))
     covered, left = example_calls.plan(self._loss_of_one(args, kwargs), params, one)
-    return (sorted(", ".join("/".join(leaf) for leaf in key) for key in covered),
-            ["/".join(path) for path in left])
+    drop = 1 if isinstance(self.argnums, int) else 0  # the position in the params tuple
+    name = lambda path: "/".join(path[drop:])
+    return (sorted(name(os.path.commonprefix([leaf[:-1] for leaf in key])) for key in covered),
+            [name(path) for path in left])
 
   def _call_one(self, params, example, args, kwargs):
     """loss_fn's output on one example: its rows (a batch of one with example_axis='keep') and,
