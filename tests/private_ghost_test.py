@@ -55,21 +55,28 @@ def _relative(a, b):
   return float(clipping.global_norm(diff) / clipping.global_norm(b))
 
 
-@pytest.mark.parametrize("example_axis,loss_fn", [("drop", _loss), ("keep", _with_aux)])
-def test_ghost_sum_equals_vmap_sum(example_axis, loss_fn):
-  """Dense + conv + norms, 2 padded rows, 2 microbatches of 4, some examples clipped and some not;
-  under jit, as a user's step calls it."""
+RULES = {"flat": clipping.FlatClip(12.0), "per_layer": clipping.per_layer_clip(PARAMS, 12.0),
+         "automatic": clipping.AutomaticClip(12.0)}  # C near the median norm (9 to 25)
+
+
+@pytest.mark.parametrize("example_axis,loss_fn,rule", [
+    ("drop", _loss, "flat"), ("keep", _with_aux, "flat"), ("keep", _loss, "per_layer"),
+    ("keep", _loss, "automatic")])
+def test_ghost_sum_equals_vmap_sum(example_axis, loss_fn, rule):
+  """Dense + conv + norms, 2 padded rows, 2 microbatches of 4, some examples clipped and some not
+  (per layer: the groups of `per_layer_clip(params)`, as the user's params name them; automatic:
+  factors above 1 too); under jit, as a user's step calls it."""
   has_aux = loss_fn is _with_aux
-  vmap_fn, ghost_fn = _both(loss_fn, clipping.FlatClip(12.0), example_axis=example_axis,
-                            has_aux=has_aux)
+  vmap_fn, ghost_fn = _both(loss_fn, RULES[rule], example_axis=example_axis, has_aux=has_aux)
   call = lambda f: jax.jit(lambda p, x, y, m: f(p, x, y, mask=m))(PARAMS, X, Y, MASK)
   want, got = call(vmap_fn), call(ghost_fn)
-  assert 0 < int(want.stats.num_clipped) < 6  # the factors are not all 1, nor all C/‖g‖
+  if rule != "per_layer":  # (per layer, C/√5 per group: every example has a group clipped)
+    assert 0 < int(want.stats.num_clipped) < 6  # the factors are not all 1, nor all C/‖g‖
   assert _relative(got.grad, want.grad) <= 1e-5
   assert got.stats.num_examples == want.stats.num_examples == 6
   assert got.stats.num_clipped == want.stats.num_clipped
   np.testing.assert_allclose(got.stats.norm_sum, want.stats.norm_sum, rtol=1e-5)
-  assert got.sensitivity == want.sensitivity == 12.0
+  assert got.sensitivity == want.sensitivity == RULES[rule].sensitivity
   if has_aux:
     np.testing.assert_array_equal(got.aux, want.aux)
   covered, left = ghost_fn.ghost_plan(PARAMS, X, Y)

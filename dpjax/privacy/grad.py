@@ -138,15 +138,20 @@ class ClippedGradFn:
           f"masked rows to a whole number of microbatches (sampling.pad_to_microbatches(indices, "
           f"{m}, 1), or PoissonSampler.batch with the same microbatch_size), or change "
           "microbatch_size.")
-    params = tuple(args[i] for i in diff)
     rows = (batch, jnp.arange(n))
     by = (example_calls.clipped_grad_sum if self.per_example_method == "ghost"
           else clipping.clipped_grad_sum)
-    summed = by(self._loss_of_one(args, kwargs), params, rows, mask, self.rule,
+    summed = by(self._loss_of_one(args, kwargs), self._params(args), rows, mask, self.rule,
                 microbatch_size=m, has_aux=self.has_aux)
     summed, aux = summed if self.has_aux else (summed, None)
-    grad = summed.grad_sum[0] if isinstance(self.argnums, int) else summed.grad_sum
-    return ClippedGrad(grad, self.sensitivity, summed.stats, aux)
+    return ClippedGrad(summed.grad_sum, self.sensitivity, summed.stats, aux)
+
+  def _params(self, args: tuple) -> PyTree:
+    """The differentiated argument (an int argnums) or the tuple of them: the tree the clip
+    rule's groups see, so `clipping.per_layer_clip(params, C)` names the same paths."""
+    if isinstance(self.argnums, int):
+      return args[self.argnums]
+    return tuple(args[i] for i in self.argnums)
 
   def ghost_plan(self, *args, **kwargs) -> tuple[list[str], list[str]]:
     """([the layer calls ghost clipping covers, each named by its params' common path], [the
@@ -154,19 +159,17 @@ class ClippedGradFn:
     of any size; only shapes are read): what per_example_method='ghost' does with them
     (`ghost.example_calls.plan`). Paths are joined by '/' and, for a tuple argnums, start with
     the argument's position in it."""
-    params = tuple(args[i] for i in _as_tuple(self.argnums, "argnums"))
     batch = tuple(args[i] for i in self.batch_argnums)
     one = (jax.tree_util.tree_map(lambda x: x[0], batch), jnp.zeros((), jnp.int32))
-    covered, left = example_calls.plan(self._loss_of_one(args, kwargs), params, one)
-    drop = 1 if isinstance(self.argnums, int) else 0  # the position in the params tuple
-    name = lambda path: "/".join(path[drop:])
-    return (sorted(name(os.path.commonprefix([leaf[:-1] for leaf in key])) for key in covered),
-            [name(path) for path in left])
+    covered, left = example_calls.plan(self._loss_of_one(args, kwargs), self._params(args), one)
+    return (sorted("/".join(os.path.commonprefix([leaf[:-1] for leaf in key]))
+                   for key in covered), ["/".join(path) for path in left])
 
   def _call_one(self, params, example, args, kwargs):
     """loss_fn's output on one example: its rows (a batch of one with example_axis='keep') and,
     for each key argument, the key folded with the example's row index."""
     rows, index = example
+    params = (params,) if isinstance(self.argnums, int) else params
     if self.example_axis == "keep":
       rows = jax.tree_util.tree_map(lambda x: x[None], rows)
     full = list(args)
@@ -207,14 +210,14 @@ class ClippedGradFn:
     for i in self.batch_argnums:
       full[i] = jax.tree_util.tree_map(lambda x: np.asarray(x)[keep], args[i])
     batch = tuple(full[i] for i in self.batch_argnums)
-    params = tuple(args[i] for i in diff)
+    params = self._params(args)
     rows = (batch, jnp.arange(int(keep.sum())))
     per_example = jax.vmap(jax.grad(self._loss_of_one(full, kwargs, with_aux=False)),
                            in_axes=(None, 0))(params, rows)
     total = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
 
     def batch_loss(p):
-      for i, x in zip(diff, p):
+      for i, x in zip(diff, (p,) if isinstance(self.argnums, int) else p):
         full[i] = x
       out = self.loss_fn(*full, **kwargs)
       return jnp.sum(out[0] if self.has_aux else out)  # a vector of per-row losses: their sum
