@@ -8,6 +8,8 @@ delta=1e-5, expected_batch_size=256, epochs=2)` returns a `PrivateSetup` holding
 - `grad_fn`: the clipped per-example gradient sum of loss_fn (`dpjax.privacy.grad`), with the
   SAME microbatch size as the sampler (given once: `sampler.microbatch_size is
   grad_fn.microbatch_size`), so a padded batch always splits into whole microbatches;
+  `per_example_method='ghost'` makes it ghost-clip the Linen layers loss_fn calls (faster; the
+  same sum up to float32 rounding, the same plan and guarantee);
 - `noise_multiplier`: σ calibrated (`calibration.calibrate_noise`) so that the planned steps spend
   at most the target ε at δ under the chosen accountant;
 - `optimizer`: `noise.dp_optimizer(base, σ, grad_fn.sensitivity, B)`, its noise key fresh OS
@@ -146,12 +148,13 @@ def make_private_with_epsilon(
     clip: clipping.ClipRule | float = 1.0, accountant: str = "pld",
     microbatch_size: int | None = None, argnums: int | Sequence[int] = 0,
     has_aux: bool = False, batch_argnums: int | Sequence[int] = (1,),
-    key_argnums: int | Sequence[int] = (), example_axis: str = "drop") -> PrivateSetup:
+    key_argnums: int | Sequence[int] = (), example_axis: str = "drop",
+    per_example_method: str = "vmap") -> PrivateSetup:
   """The sampler, calibrated noise, DP optimizer, clipped gradient and ledger of a private run.
 
   Args:
     loss_fn: the per-example loss, as `grad.clipped_grad` takes it (argnums, has_aux,
-      batch_argnums, key_argnums and example_axis are passed on to it).
+      batch_argnums, key_argnums, example_axis and per_example_method are passed on to it).
     optimizer: the base optax optimizer; the DP one noises the clipped sum, divides it by B and
       then applies this one.
     num_examples: N, the number of private examples (the sampler draws from range(N)).
@@ -167,6 +170,9 @@ def make_private_with_epsilon(
     microbatch_size: rows per vmap call, shared by the sampler's padding and grad_fn. None: the
       largest power of two ≤ 128 whose expected padding is ≤ 10% of B (`choose_microbatch_size`;
       `PrivateSetup.expected_padding` states the result).
+    per_example_method: 'vmap' (default) or 'ghost': ghost clipping of the Linen layers loss_fn
+      calls through `model.apply({'params': params}, ...)` (`grad.clipped_grad`): the same clipped
+      sum up to float32 rounding, usually much faster; the privacy plan does not change.
 
   Raises ValueError for ε ≤ 0 or not finite, δ outside (0, 1/N), B outside (0, N], both or
   neither of epochs and steps, a non-positive count.
@@ -196,7 +202,8 @@ def make_private_with_epsilon(
   rule = clip if isinstance(clip, clipping.ClipRule) else clipping.FlatClip(clip)
   grad_fn = grad.clipped_grad(loss_fn, rule, argnums=argnums, has_aux=has_aux,
                               batch_argnums=batch_argnums, key_argnums=key_argnums,
-                              microbatch_size=m, example_axis=example_axis)
+                              microbatch_size=m, example_axis=example_axis,
+                              per_example_method=per_example_method)
   sampler = sampling.PoissonSampler(num_examples, q, grad_fn.microbatch_size)
   sigma = calibration.calibrate_noise(target_epsilon, delta, q, int(steps), accountant)
   dp_opt = noise.dp_optimizer(optimizer, noise_multiplier=sigma, sensitivity=grad_fn.sensitivity,

@@ -18,6 +18,7 @@ import abc
 import dataclasses
 import math
 import numbers
+import sys
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -265,7 +266,12 @@ class BatchNormInDPModelError(ValueError):
 
 
 def reject_batch_stats(params: PyTree) -> None:
-  """Raises `BatchNormInDPModelError` if the pytree holds BatchNorm statistics ('batch_stats')."""
+  """Raises `BatchNormInDPModelError` if the pytree holds BatchNorm statistics: Linen's
+  'batch_stats' collection, or an NNX BatchNorm / nnx.BatchStat (`nnx.model.reject_batch_stats_in`;
+  looked for only once flax.nnx is imported, since no NNX object exists before)."""
+  if "flax.nnx" in sys.modules:
+    from dpjax.privacy.nnx.model import reject_batch_stats_in  # pylint: disable=g-import-not-at-top
+    reject_batch_stats_in(params)
   for names in pytrees.leaf_paths(params):
     if "batch_stats" in names:
       raise BatchNormInDPModelError(

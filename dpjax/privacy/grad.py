@@ -5,7 +5,10 @@ with loss_fn's call signature (plus a `mask` keyword) that computes, for a batch
 its real rows of each example's gradient clipped by `rule`, w.r.t. the arguments `argnums` names,
 and the sensitivity of that sum. It is `clipping.clipped_grad_sum` (vmap per microbatch, a
 `lax.scan` over microbatches) with the argument plumbing of `jax.grad`; use it inside your own
-jitted step and feed `.grad` to `noise.dp_optimizer` with `.sensitivity`.
+jitted step and feed `.grad` to `noise.dp_optimizer` with `.sensitivity`. With
+per_example_method='ghost' the Linen layers the loss calls are ghost-clipped instead
+(`ghost.example_calls`: the same sum up to float32 rounding, without their per-example
+gradients); the other params keep the vmap path.
 
 Privacy: the unit of privacy is one row of the batch arguments (the same row of each). Each
 example's gradient is computed from its own rows only (`jax.vmap` evaluates the loss on one
@@ -18,6 +21,7 @@ over all of `argnums` together; replacing one example, by at most 2·`rule.sensi
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -25,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax.privacy import clip_stats, clipping
+from dpjax.privacy.ghost import example_calls
 
 PyTree = Any
 ADJACENCIES = ("add_remove", "replace_one")
 EXAMPLE_AXES = ("drop", "keep")
+PER_EXAMPLE_METHODS = ("vmap", "ghost")
 
 
 class ExamplesMixError(clipping.BatchNormInDPModelError):
@@ -74,6 +80,7 @@ class ClippedGradFn:
   microbatch_size: int | None = None
   adjacency: str = "add_remove"
   example_axis: str = "drop"
+  per_example_method: str = "vmap"
 
   def __post_init__(self):
     diff = _as_tuple(self.argnums, "argnums")
@@ -94,6 +101,10 @@ class ClippedGradFn:
       raise ValueError(f"example_axis must be one of {EXAMPLE_AXES} ('drop': the loss sees one "
                        f"example without a batch axis; 'keep': a batch of one), got "
                        f"{self.example_axis!r}.")
+    if self.per_example_method not in PER_EXAMPLE_METHODS:
+      raise ValueError(f"per_example_method must be one of {PER_EXAMPLE_METHODS} ('vmap': "
+                       "per-example gradients; 'ghost': ghost clipping of the Linen layers the "
+                       f"loss calls), got {self.per_example_method!r}.")
     if self.microbatch_size is not None and not (
         isinstance(self.microbatch_size, int) and self.microbatch_size > 0):
       raise ValueError(f"microbatch_size must be a positive int or None, got "
@@ -113,7 +124,7 @@ class ClippedGradFn:
   def __call__(self, *args, mask: jax.Array | None = None, **kwargs) -> ClippedGrad:
     diff = _as_tuple(self.argnums, "argnums")
     _check_indices(args, diff + self.batch_argnums + self.key_argnums)
-    clipping.reject_batch_stats((args, kwargs))  # Linen BatchNorm state in any argument
+    clipping.reject_batch_stats((args, kwargs))  # Linen or NNX BatchNorm state in any argument
     batch = tuple(args[i] for i in self.batch_argnums)
     n = _batch_size(batch, self.batch_argnums)
     mask = jnp.ones((n,), jnp.float32) if mask is None else mask
@@ -127,18 +138,38 @@ class ClippedGradFn:
           f"masked rows to a whole number of microbatches (sampling.pad_to_microbatches(indices, "
           f"{m}, 1), or PoissonSampler.batch with the same microbatch_size), or change "
           "microbatch_size.")
-    params = tuple(args[i] for i in diff)
     rows = (batch, jnp.arange(n))
-    summed = clipping.clipped_grad_sum(self._loss_of_one(args, kwargs), params, rows, mask,
-                                       self.rule, microbatch_size=m, has_aux=self.has_aux)
+    by = (example_calls.clipped_grad_sum if self.per_example_method == "ghost"
+          else clipping.clipped_grad_sum)
+    summed = by(self._loss_of_one(args, kwargs), self._params(args), rows, mask, self.rule,
+                microbatch_size=m, has_aux=self.has_aux)
     summed, aux = summed if self.has_aux else (summed, None)
-    grad = summed.grad_sum[0] if isinstance(self.argnums, int) else summed.grad_sum
-    return ClippedGrad(grad, self.sensitivity, summed.stats, aux)
+    return ClippedGrad(summed.grad_sum, self.sensitivity, summed.stats, aux)
+
+  def _params(self, args: tuple) -> PyTree:
+    """The differentiated argument (an int argnums) or the tuple of them: the tree the clip
+    rule's groups see, so `clipping.per_layer_clip(params, C)` names the same paths."""
+    if isinstance(self.argnums, int):
+      return args[self.argnums]
+    return tuple(args[i] for i in self.argnums)
+
+  def ghost_plan(self, *args, **kwargs) -> tuple[list[str], list[str]]:
+    """([the layer calls ghost clipping covers, each named by its params' common path], [the
+    differentiated leaves left to per-example gradients by vmap]) for these arguments (a batch
+    of any size; only shapes are read): what per_example_method='ghost' does with them
+    (`ghost.example_calls.plan`). Paths are joined by '/' and, for a tuple argnums, start with
+    the argument's position in it."""
+    batch = tuple(args[i] for i in self.batch_argnums)
+    one = (jax.tree_util.tree_map(lambda x: x[0], batch), jnp.zeros((), jnp.int32))
+    covered, left = example_calls.plan(self._loss_of_one(args, kwargs), self._params(args), one)
+    return (sorted("/".join(os.path.commonprefix([leaf[:-1] for leaf in key]))
+                   for key in covered), ["/".join(path) for path in left])
 
   def _call_one(self, params, example, args, kwargs):
     """loss_fn's output on one example: its rows (a batch of one with example_axis='keep') and,
     for each key argument, the key folded with the example's row index."""
     rows, index = example
+    params = (params,) if isinstance(self.argnums, int) else params
     if self.example_axis == "keep":
       rows = jax.tree_util.tree_map(lambda x: x[None], rows)
     full = list(args)
@@ -179,14 +210,14 @@ class ClippedGradFn:
     for i in self.batch_argnums:
       full[i] = jax.tree_util.tree_map(lambda x: np.asarray(x)[keep], args[i])
     batch = tuple(full[i] for i in self.batch_argnums)
-    params = tuple(args[i] for i in diff)
+    params = self._params(args)
     rows = (batch, jnp.arange(int(keep.sum())))
     per_example = jax.vmap(jax.grad(self._loss_of_one(full, kwargs, with_aux=False)),
                            in_axes=(None, 0))(params, rows)
     total = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), per_example)
 
     def batch_loss(p):
-      for i, x in zip(diff, p):
+      for i, x in zip(diff, (p,) if isinstance(self.argnums, int) else p):
         full[i] = x
       out = self.loss_fn(*full, **kwargs)
       return jnp.sum(out[0] if self.has_aux else out)  # a vector of per-row losses: their sum
@@ -253,7 +284,7 @@ def clipped_grad(loss_fn: Callable, rule: clipping.ClipRule, *,
                  argnums: int | Sequence[int] = 0, has_aux: bool = False,
                  batch_argnums: int | Sequence[int] = (1,), key_argnums: int | Sequence[int] = (),
                  microbatch_size: int | None = None, adjacency: str = "add_remove",
-                 example_axis: str = "drop") -> ClippedGradFn:
+                 example_axis: str = "drop", per_example_method: str = "vmap") -> ClippedGradFn:
   """The clipped per-example gradient sum of `loss_fn`, shaped like `jax.grad(loss_fn, argnums)`.
 
   Args:
@@ -280,6 +311,14 @@ def clipped_grad(loss_fn: Callable, rule: clipping.ClipRule, *,
     adjacency: 'add_remove' (sensitivity S = rule.sensitivity, what Poisson sampling's accounting
       uses) or 'replace_one' (2·S, see `ClippedGradFn.sensitivity`).
     example_axis: 'drop' or 'keep', see loss_fn.
+    per_example_method: 'vmap' (default: per-example gradients, any JAX loss) or 'ghost': ghost
+      clipping of the Linen layers (nn.Dense, nn.Conv, nn.Embed, nn.LayerNorm, nn.GroupNorm,
+      nn.DenseGeneral) that loss_fn calls through `model.apply({'params': params}, ...)`, with
+      the differentiated params passed unchanged: the same sum up to float32 rounding, without
+      materialising their per-example gradients (`dpjax.privacy.ghost.example_calls`). Other
+      params get per-example gradients by vmap (`f.ghost_plan(*args)` lists them); a loss with
+      no such layer call raises `ghost.GhostUnsupportedError` (NNX models:
+      `dpjax.privacy.nnx.clipped_grad_sum(..., method='ghost')`).
 
   Returns:
     f(*args, mask=None, **kwargs) -> `ClippedGrad` (grad, sensitivity, stats, aux). mask: [n],
@@ -298,4 +337,4 @@ def clipped_grad(loss_fn: Callable, rule: clipping.ClipRule, *,
   return ClippedGradFn(loss_fn, rule, argnums if isinstance(argnums, int) else tuple(argnums),
                        has_aux, _as_tuple(batch_argnums, "batch_argnums"),
                        _as_tuple(key_argnums, "key_argnums"), microbatch_size, adjacency,
-                       example_axis)
+                       example_axis, per_example_method)

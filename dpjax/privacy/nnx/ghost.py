@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -44,6 +43,7 @@ from dpjax import pytrees
 from dpjax.privacy import clipping
 from dpjax.privacy.ghost.clipped_sum import clipped_terms_sum
 from dpjax.privacy.ghost.collect import LeafTerm
+from dpjax.privacy.ghost.example_calls import as_example_rows, readable
 from dpjax.privacy.ghost.layer_terms import layer_terms
 from dpjax.privacy.ghost.layers import Layer, layer_param_names
 from dpjax.privacy.ghost.terms import Summed, merge_views
@@ -230,37 +230,6 @@ def _with_leaves(tree: PyTree, values: dict) -> PyTree:
   """`tree` with each leaf replaced by values[its path]."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: values[pytrees.path_to_names(path)], tree)
-
-
-def as_example_rows(twin: nn.Module, x: jax.Array, g: jax.Array
-                    ) -> tuple[jax.Array, jax.Array, int]:
-  """(x, g, rows): a layer's inputs x [m, ...] and output gradients g [m, ...] as the twin reads
-  them, with `rows` rows per example (example-major, merged by `terms.merge_views`). A conv's
-  leading axes within one example (a batch axis, or none: one row) and a GroupNorm's first axis
-  are rows, as those layers treat them as examples; a dense, embedding or LayerNorm term reads
-  all leading axes as positions, so an example is one row."""
-  m = x.shape[0]
-  if isinstance(twin, nn.Conv):
-    spatial = len(twin.kernel_size) + 1  # H, W, C
-    if x.ndim == spatial + 1:  # an unbatched call
-      x, g = x[:, None], g[:, None]
-    rows = math.prod(x.shape[1:x.ndim - spatial])
-    return (x.reshape((m * rows,) + x.shape[x.ndim - spatial:]),
-            g.reshape((m * rows,) + g.shape[g.ndim - spatial:]), rows)
-  if isinstance(twin, nn.GroupNorm):
-    rows = x.shape[1]
-    return x.reshape((m * rows,) + x.shape[2:]), g.reshape((m * rows,) + g.shape[2:]), rows
-  return x, g, 1
-
-
-def readable(twin: nn.Module, x: jax.Array) -> bool:
-  """Whether `as_example_rows` reads this per-example input (no example axis) as the layer does:
-  a conv's input has its spatial and feature axes, a GroupNorm's a batch axis too."""
-  if isinstance(twin, nn.Conv):
-    return x.ndim >= len(twin.kernel_size) + 1
-  if isinstance(twin, nn.GroupNorm):
-    return x.ndim >= 2
-  return True
 
 
 def leaf_terms(loss_fn: Callable, split: Split, batch: PyTree, keys: dict, covered: dict,

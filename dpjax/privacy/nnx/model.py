@@ -20,6 +20,13 @@ def joined(path: tuple) -> str:
   return "/".join(map(str, path))
 
 
+WHY_NOT_BATCH_NORM = (
+    "BatchNorm normalises each example with statistics of the whole batch, so one example's "
+    "gradient depends on the others and per-example clipping no longer bounds its influence "
+    "(under vmap it would also normalise each example by itself and never update the running "
+    "statistics). Use nnx.GroupNorm or nnx.LayerNorm instead.")
+
+
 def reject_batch_norm(model: nnx.Module) -> None:
   """Raises `BatchNormInDPModelError`, naming the layer, if `model` holds an `nnx.BatchStat`
   (nnx.BatchNorm's running mean and variance, or a custom layer's batch statistics)."""
@@ -30,11 +37,23 @@ def reject_batch_norm(model: nnx.Module) -> None:
       kind = type(owner).__name__ if isinstance(owner, nnx.Module) else "a module"
       raise BatchNormInDPModelError(
           f"The NNX model has batch statistics: {kind} at {joined(path[:-1]) or '(root)'} "
-          f"holds nnx.BatchStat {joined(path)}. BatchNorm normalises each example "
-          "with statistics of the whole batch, so one example's gradient depends on the others "
-          "and per-example clipping no longer bounds its influence (under vmap it would also "
-          "normalise each example by itself and never update the running statistics). Use "
-          "nnx.GroupNorm or nnx.LayerNorm instead.")
+          f"holds nnx.BatchStat {joined(path)}. {WHY_NOT_BATCH_NORM}")
+
+
+def reject_batch_stats_in(tree: PyTree) -> None:
+  """Raises `BatchNormInDPModelError` if an `nnx.Module` reachable in the pytree `tree` (an
+  argument of a per-example loss) holds an nnx.BatchStat (`reject_batch_norm`), or a leaf of it is
+  an nnx.BatchStat variable (a state from `nnx.split` / `nnx.state`). A pure state
+  (`nnx.as_pure`: bare arrays) carries no variable types and is not recognised."""
+  is_node = lambda x: isinstance(x, (nnx.Module, nnx.Variable))
+  for path, node in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_node):
+    if isinstance(node, nnx.Module):
+      reject_batch_norm(node)
+    elif isinstance(node, nnx.BatchStat):
+      raise BatchNormInDPModelError(
+          f"An argument holds NNX batch statistics: nnx.BatchStat at "
+          f"{jax.tree_util.keystr(path) or '(root)'}, from an nnx.BatchNorm (or a layer "
+          f"with batch statistics). {WHY_NOT_BATCH_NORM}")
 
 
 def rng_streams(model: nnx.Module) -> dict[tuple, nnx.RngStream]:
