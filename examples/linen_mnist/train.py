@@ -110,7 +110,7 @@ def train_and_evaluate(
       num_examples=len(train_ds['image']), target_epsilon=config.epsilon, delta=config.delta,
       expected_batch_size=config.batch_size, steps=config.num_epochs * steps,
       clip=config.clip_norm, microbatch_size=config.microbatch_size or None, has_aux=True,
-      batch_argnums=(1, 2), example_axis='keep')
+      batch_argnums=(1, 2), example_axis='keep', per_example_method='ghost')
   state = create_train_state(init_rng, config, private)
 
   for epoch in range(1, config.num_epochs + 1):
