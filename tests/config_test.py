@@ -162,7 +162,7 @@ def test_an_int_is_a_float_where_a_float_is_expected():
     ({"perf.memory_fraction": 0.0}, config_lib.ConfigError, "memory_fraction"),
     ({"perf.dtype": "float64"}, config_lib.ConfigError, "dtype"),
     ({"perf.per_example_method": "gost"}, config_lib.ConfigError,
-     "per_example_method must be 'vmap' or 'ghost'"),
+     "per_example_method must be 'vmap', 'ghost' or 'auto'"),
     ({"perf.row_chunk": 0}, config_lib.ConfigError, "row_chunk"),
     ({"perf.jacobian_chunk": -1}, config_lib.ConfigError, "jacobian_chunk"),
     ({"mesh.data": 0}, config_lib.ConfigError, "mesh.data"),

@@ -233,7 +233,7 @@ def test_ghost_clipping_trains_like_vmap_with_the_same_privacy_event(tmp_path, c
   """perf.per_example_method is a perf flag: same privacy event, same model up to rounding."""
   blocks = dict(schedule=dict(total_steps=4), mixing=dict(switch_step=1),
                 dp=dict(clip=clip, insecure_reproducible_seed=0))
-  base = small_config(**blocks)
+  base = small_config(perf=dict(per_example_method="vmap"), **blocks)
   ghost_config = small_config(perf=dict(per_example_method="ghost"), **blocks)
   assert config_lib.trajectory_view(ghost_config) == config_lib.trajectory_view(base)
   a = loop.train_and_evaluate(base, str(tmp_path / "vmap"), show_progress=False)
@@ -271,6 +271,37 @@ def test_the_trainer_refuses_ghost_clipping_of_a_model_that_mixes_examples(tmp_p
                             show_progress=False)
 
 
+def test_auto_takes_ghost_where_examples_stay_apart_and_vmap_where_they_mix(tmp_path, monkeypatch,
+                                                                          capsys):
+  """perf.per_example_method='auto': the CNN trains on the ghost path (the same model as 'ghost',
+  the same privacy event as 'vmap'); a model that mixes examples trains on vmap, and the run says
+  which and why."""
+  blocks = dict(schedule=dict(total_steps=3), mixing=dict(switch_step=1),
+                dp=dict(insecure_reproducible_seed=0))
+  auto = loop.train_and_evaluate(small_config(perf=dict(per_example_method="auto"), **blocks),
+                                 str(tmp_path / "auto"), show_progress=False)
+  assert "'auto': ghost clipping; every trainable parameter on the ghost path" in (
+      capsys.readouterr().out)
+  ghost_config = small_config(perf=dict(per_example_method="ghost"), **blocks)
+  assert loop.train_and_evaluate(ghost_config, str(tmp_path / "ghost"),
+                                 show_progress=False)["privacy"] == auto["privacy"]
+  pa, _ = loop.load_trained_state(ghost_config, str(tmp_path / "auto"))
+  pb, _ = loop.load_trained_state(ghost_config, str(tmp_path / "ghost"))
+  for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_array_equal(x, y)
+
+  def create_model(config, dataset):
+    model = BatchCentredClassifier(dataset.num_classes)
+    images = jax.numpy.zeros((1,) + dataset.image_shape)
+    return model, model.init(jax.random.PRNGKey(config.seed), images)["params"]
+  monkeypatch.setattr(state_lib, "create_model", create_model)
+  mixed = loop.train_and_evaluate(small_config(perf=dict(per_example_method="auto"), **blocks),
+                                  str(tmp_path / "mixed"), show_progress=False)
+  assert mixed["privacy"]["private_steps"] == 2
+  assert "'auto': per-example gradients by vmap: ghost clipping cannot take this model" in (
+      capsys.readouterr().out)
+
+
 def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
   c = small_config(schedule=dict(total_steps=12))
   loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
@@ -297,7 +328,7 @@ def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
      "perf.microbatch_size = 30 does not split evenly over the 4 devices"),
     (dict(mesh=dict(data=64)), parallel.MeshError, "only 8 are present"),
     (dict(perf=dict(per_example_method="gost")), ValueError,
-     "per_example_method must be 'vmap' or 'ghost'"),
+     "per_example_method must be 'vmap', 'ghost' or 'auto'"),
     (dict(dp=dict(delta=1e-3)), ValueError, "1/N"),
 ])
 def test_clear_errors(tmp_path, blocks, error, match):

@@ -223,8 +223,10 @@ class PerfSpec(Spec):
   dtype: str = field("float32", "compute dtype of the forward and backward passes",
                      ("float32", "bfloat16", "float16"))
   remat: bool = field(False, "rematerialise activations in the backward pass")
-  per_example_method: str = field("vmap", "per-example gradients (vmap) or ghost clipping "
-                                          "(dpjax.privacy.ghost)", ("vmap", "ghost"))
+  per_example_method: str = field("auto", "per-example gradients (vmap), ghost clipping "
+                                          "(dpjax.privacy.ghost), or auto: ghost where the model "
+                                          "keeps examples apart, else vmap "
+                                          "(dpjax.train.per_example)", ("vmap", "ghost", "auto"))
   row_chunk: int = field(8, "contrastive: pair-gradient norms are formed this many rows at a "
                             "time")
   jacobian_chunk: int = field(0, "contrastive: embedding Jacobians this many views at a time "

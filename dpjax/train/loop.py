@@ -29,7 +29,7 @@ from dpjax import config as config_lib
 from dpjax import data, finetune, mixing, parallel
 from dpjax.data import views as views_lib
 from dpjax.privacy import clipping, noise, randomness
-from dpjax.train import checkpoint, engine, hooks as hooks_lib, host_loop
+from dpjax.train import checkpoint, engine, hooks as hooks_lib, host_loop, per_example
 from dpjax.train import monitor as monitor_lib, plan as plan_lib, state as state_lib
 from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
 
@@ -135,14 +135,17 @@ class Trainer(host_loop.HostLoop):
     self.inputs, self.schedule = inputs, inputs.schedule
     self.preprocess = state_lib.preprocessor(config)
     views = views_lib.make_views(spec.data.augment, spec.dp.augmult, spec.seed)
-    self.steps = engine.make_steps(spec.perf, inputs.model, inputs.rule, inputs.tuning,
+    method, why = per_example.choose(  # ghost's bound needs examples kept apart: checked here
+        spec.perf.per_example_method,
+        step_lib.make_batch_losses(inputs.model, spec.perf.dtype, spec.perf.remat, views),
+        inputs.params, parts.private.image_shape, parts.private.num_classes, self.preprocess,
+        inputs.tuning.trainable, views=spec.dp.augmult)
+    if spec.perf.per_example_method == "auto":
+      self.say(f"perf.per_example_method='auto': {why}.")
+    self.steps = engine.make_steps(dataclasses.replace(spec.perf, per_example_method=method),
+                                   inputs.model, inputs.rule, inputs.tuning,
                                    parallel.make_layout(self.mesh, self.state.params,
                                                         self.state.opt_state), views)
-    if spec.perf.per_example_method == "ghost":  # ghost's bound: examples kept apart
-      step_lib.check_ghost_batch_losses(
-          step_lib.make_batch_losses(inputs.model, spec.perf.dtype, spec.perf.remat, views),
-          inputs.params, parts.private.image_shape, parts.private.num_classes, self.preprocess,
-          inputs.tuning.trainable, views=spec.dp.augmult)
     auto = self.schedule if isinstance(self.schedule, mixing.AutoSwitch) else None
     public_train, heldout = monitor_lib.split_heldout(
         parts.public, spec.mixing.schedule.holdout_fraction if auto else 0.0, spec.seed)

@@ -113,10 +113,19 @@ def check_ghost_batch_losses(batch_losses: Callable, params: PyTree, image_shape
   views: the K of batch_losses' augmentation multiplicity (1: none). Raises
   ghost.ExamplesMixedError for a model whose batched forward pass mixes examples (or views of
   different examples)."""
+  ghost.check_examples_independent(
+      batch_losses, params, synthetic_batch(image_shape, num_classes, preprocess, rows),
+      trainable=trainable, views=views)
+
+
+def synthetic_batch(image_shape: tuple, num_classes: int, preprocess: Callable,
+                    rows: int = 4) -> dict:
+  """`rows` random uint8 images of image_shape (seed 0) through `preprocess`, labels 0, 1, ...
+  (mod num_classes), ids 0, 1, ... and step 0: a batch shaped like the private data's, made from
+  none of it."""
   images = np.random.default_rng(0).integers(0, 256, (rows, *image_shape), dtype=np.uint8)
-  batch = dict(image=preprocess(images), label=np.arange(rows, dtype=np.int32) % num_classes,
-               **view_fields(rows))
-  ghost.check_examples_independent(batch_losses, params, batch, trainable=trainable, views=views)
+  return dict(image=preprocess(images), label=np.arange(rows, dtype=np.int32) % num_classes,
+              **view_fields(rows))
 
 
 def make_public_grad(example_loss: Callable, layout: parallel.Layout | None = None) -> Callable:
