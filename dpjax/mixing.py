@@ -136,7 +136,8 @@ class AutoSwitch:
 
   criterion: "improvement" switches once the predicted DP improvement per step reaches the public
     one (Bu et al.: the decelerator has shrunk enough); "plateau" once the held-out public loss has
-    not improved by more than `min_delta` for `patience` checks; "either" on the first of the two;
+    not improved by more than `min_delta` (and, with `min_rel_delta` > 0, by more than that share
+    of the best loss so far) for `patience` checks; "either" on the first of the two;
     "efficiency" once a DP step's efficiency r (its predicted progress over a non-private step's
     of the same batch, with the σ the remaining budget implies: `curvature.adam_dp_efficiency`
     for Adam, `curvature.dp_efficiency` for SGD) reaches
@@ -154,6 +155,7 @@ class AutoSwitch:
   criterion: str = "either"
   patience: int = 3
   min_delta: float = 0.0
+  min_rel_delta: float = 0.0
   max_switch_step: int | None = None
   switch_step: int | None = None
   best_loss: float = math.inf
@@ -206,7 +208,9 @@ class AutoSwitch:
         reasons.append(f"predicted DP improvement {private_improvement:.3g} >= public "
                        f"{public_improvement:.3g}")
     if self.criterion in ("plateau", "either") and _finite(heldout_loss):
-      if heldout_loss < self.best_loss - self.min_delta:
+      needed = max(self.min_delta, self.min_rel_delta * abs(self.best_loss)
+                   if math.isfinite(self.best_loss) else 0.0)
+      if heldout_loss < self.best_loss - needed:
         self.best_loss, self.checks_without_improvement = heldout_loss, 0
       else:
         self.checks_without_improvement += 1

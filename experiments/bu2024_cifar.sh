@@ -8,6 +8,7 @@
 #   R_auto        the automatic switch (efficiency criterion)
 #   R_plateau     the automatic switch on the held-out public loss alone
 #   R_lookahead   the automatic switch on simulated DP steps on public data (dpjax/lookahead.py)
+#   R_relplateau  the plateau with a relative threshold (5% of the best held-out loss, 2 checks)
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
 # with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
@@ -39,9 +40,14 @@ for part in "$@"; do
     plateau)
       sweep "${regime}_plateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
           --set=mixing.auto.criterion=plateau ;;
+    relplateau)
+      sweep "${regime}_relplateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
+          --set=mixing.auto.criterion=plateau --set=mixing.auto.patience=2 \
+          --set=mixing.auto.min_rel_delta=0.05 ;;
     lookahead)
       sweep "${regime}_lookahead" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
-          --set=mixing.auto.criterion=lookahead ;;
+          --set=mixing.auto.criterion=lookahead \
+          --set=mixing.auto.lookahead_steps=20 ;;  # past the 20-step warm-up
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done

@@ -20,7 +20,7 @@ import re
 import statistics
 
 DEFAULT_TARGET_EPSILON = 8.0  # experiments/bu2024_cifar.py's dp.target_epsilon
-DP_VARIANTS = ("dp", "auto", "auto_plateau", "auto_lookahead")
+DP_VARIANTS = ("dp", "auto", "auto_plateau", "auto_relplateau", "auto_lookahead")
 
 
 def _warmup_steps(results: dict, variant: dict) -> int:
@@ -53,7 +53,7 @@ def run_rows(runs_dir: str) -> list[dict]:
     overrides = variant["overrides"]
     part = os.path.basename(os.path.dirname(folder))
     kind = config_arg[0]
-    for criterion in ("plateau", "lookahead"):
+    for criterion in ("plateau", "relplateau", "lookahead"):
       if part.endswith(f"_{criterion}"):
         kind = f"auto_{criterion}"
     privacy = r["privacy"]

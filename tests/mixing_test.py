@@ -142,3 +142,13 @@ def test_auto_switch_on_lookahead_compares_simulated_dp_steps_with_the_public_st
   auto.observe(0, heldout_loss=2.0, lookahead_fall=0.1)
   again = mixing.AutoSwitch.from_state_dict(auto.state_dict())
   assert again == auto and again.observe(20, heldout_loss=1.9, lookahead_fall=0.03)
+
+
+def test_plateau_with_a_relative_threshold_needs_falls_of_that_share_of_the_best_loss():
+  # Held-out losses falling by 10%, 5.6%, 1.2%, 1.2% of the best so far; patience 2.
+  losses = [1.0, 0.9, 0.85, 0.84, 0.83, 0.5]
+  relative = mixing.AutoSwitch(criterion="plateau", patience=2, min_rel_delta=0.05)
+  decisions = [relative.observe(20 * i, heldout_loss=h) for i, h in enumerate(losses)]
+  assert decisions == [False, False, False, False, True, False] and relative.switch_step == 80
+  absolute = mixing.AutoSwitch(criterion="plateau", patience=2)  # any fall counts: no switch
+  assert not any(absolute.observe(20 * i, heldout_loss=h) for i, h in enumerate(losses))

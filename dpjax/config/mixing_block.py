@@ -108,6 +108,8 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   check_every: int = field(25, "steps between the controller's checks")
   patience: int = field(3, "plateau: checks without improvement before switching")
   min_delta: float = field(0.0, "plateau: the smallest decrease of the held-out loss that counts")
+  min_rel_delta: float = field(0.0, "plateau: the smallest decrease that counts, as a share of "
+                                    "the best held-out loss so far (the larger of the two counts)")
   holdout_fraction: float = field(0.1, "part of the public data held out for the plateau loss")
   min_switch_step: int = field(0, "no check before this step")
   max_switch_step: int = field(-1, "switch at this step at the latest (-1: no limit)")
@@ -117,7 +119,7 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   def build(self, public_batch_size: int, private_batch_size: float) -> mixing.AutoSwitch:
     del public_batch_size, private_batch_size
     return mixing.AutoSwitch(criterion=self.criterion, patience=self.patience,
-                             min_delta=self.min_delta,
+                             min_delta=self.min_delta, min_rel_delta=self.min_rel_delta,
                              max_switch_step=self.max_switch_step if self.max_switch_step >= 0
                              else None, lookahead_steps=self.lookahead_steps)
 
@@ -133,6 +135,8 @@ class AutoSwitchSpec(AlphaScheduleSpec):
           "mixing.auto.criterion = 'lookahead' trains and measures on held-out public data: "
           "set mixing.auto.holdout_fraction > 0.")
     check_positive_int("mixing.auto.lookahead_steps", self.lookahead_steps)
+    check(0 <= self.min_rel_delta < 1,
+          f"mixing.auto.min_rel_delta must be in [0, 1), got {self.min_rel_delta}.")
     check(self.max_switch_step >= -1,
           f"mixing.auto.max_switch_step must be >= 0, or -1 for no limit; got "
           f"{self.max_switch_step}.")
