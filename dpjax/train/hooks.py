@@ -171,7 +171,8 @@ class PublicStatistics(BaseHook):
       return
     sigma = (run.plan.noise_multiplier if run.first_private_step is not None
              else self.monitor.predicted_noise_multiplier(step))
-    stats = self.monitor.statistics(step, parallel.local_copy(run.state.params), sigma)
+    stats = self.monitor.statistics(step, parallel.local_copy(run.state.params), sigma,
+                                    lookahead=auto_check)  # it only informs the switch
     run.writer.write(step, "curvature", stats)
     if auto_check and self.auto.observe(step, stats["loss_improvement_public"],
                                         stats.get("loss_improvement_dp"),

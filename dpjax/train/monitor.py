@@ -68,10 +68,13 @@ class PublicMonitor:
       rows = np.random.default_rng([config.seed, _MONITOR_STREAM]).permutation(len(public_train))
       self.train_probe = public_train.subset(np.sort(rows[:len(self.heldout)]), "train probe")
 
-  def statistics(self, step: int, params: Any, noise_multiplier: float | None) -> dict[str, float]:
+  def statistics(self, step: int, params: Any, noise_multiplier: float | None,
+                 lookahead: bool = True) -> dict[str, float]:
     """Curvature terms on a public batch drawn from (seed, step), and what they predict.
 
     noise_multiplier: σ of the private phase (known, or predicted for a switch at `step`).
+    lookahead: also run the lookahead's simulated DP steps (with lookahead_steps > 0); False at
+    checks that decide nothing, such as the curvature records after the switch.
     """
     c = self.config
     size = min(c.curvature.batch_size, len(self.public))
@@ -99,7 +102,7 @@ class PublicMonitor:
     if self.heldout is not None:
       stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
       stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
-    if self.lookahead_steps and noise_multiplier is not None:
+    if lookahead and self.lookahead_steps and noise_multiplier is not None:
       stats["lookahead_heldout_fall"] = stats["heldout_loss"] - self.dataset_loss(
           self._lookahead(step, params, size, noise_multiplier), self.heldout)
     return stats

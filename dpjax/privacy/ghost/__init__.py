@@ -75,7 +75,8 @@ Modules, one job each: `layers` (which layer calls are read: probes, sown inputs
 (each layer's terms; element masks), `collect` (the one forward and backward pass, and the vmap
 fallback), `rounding` (rounding bounds, `NormBound`), `norms` (norms in stacks, Gram caps),
 `clipped_sum` (weights from the clip rule, the clipped sum), `independence` (the check that the
-model keeps examples apart).
+model keeps examples apart), `example_calls` (ghost clipping of an unchanged per-example loss's
+Linen layer calls, for `dpjax.privacy.grad.clipped_grad(per_example_method='ghost')`).
 """
 
 from dpjax.privacy.ghost.clipped_sum import clipped_grad_sum
