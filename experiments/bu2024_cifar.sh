@@ -11,6 +11,8 @@
 #   R_relplateau  the plateau with a relative threshold (5% of the best held-out loss, 2 checks)
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
 # with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
+# CONCURRENT=1 runs the PARTs at once (PARALLEL runs each; each run gets 0.9/(PARALLEL x parts) of
+# the GPU memory) instead of one after another.
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
 set -euo pipefail
 out=$1; shift
@@ -25,8 +27,8 @@ sweep() {  # sweep NAME SWEEP.py-FLAGS...
       "$@" | tail -30 || echo "(sweep $name failed, or its report did: see $out/$name/*.log)"
 }
 config() { echo "--config=experiments/bu2024_cifar.py:$1,$2,$model"; }
-mkdir -p "$out"
-for part in "$@"; do
+run_part() {  # run_part PART
+  local part=$1
   regime=${part%%_*}
   case ${part#*_} in
     baselines)
@@ -48,6 +50,18 @@ for part in "$@"; do
       sweep "${regime}_lookahead" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
           --set=mixing.auto.criterion=lookahead \
           --set=mixing.auto.lookahead_steps=20 ;;  # past the 20-step warm-up
-    *) echo "unknown part $part" >&2; exit 2 ;;
+    *) echo "unknown part $part" >&2; return 2 ;;
   esac
-done
+}
+mkdir -p "$out"
+if [[ "${CONCURRENT:-0}" == 1 ]]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(
+      $py -c "print(f'{0.9 / (${PARALLEL:-4} * $#):.3f}')")}"
+  pids=()
+  for part in "$@"; do run_part "$part" > "$out/$part.sweep.log" 2>&1 & pids+=($!); done
+  status=0
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  for part in "$@"; do cat "$out/$part.sweep.log"; done
+  exit $status
+fi
+for part in "$@"; do run_part "$part"; done
