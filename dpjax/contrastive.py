@@ -368,20 +368,62 @@ def ghost_pairs(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: 
 
 def naive_grad_sum(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
                    mask: jax.Array, *, temperature: float, row_clip_norm: float,
-                   row_chunk: int = 8, jacobian_chunk: int | None = None) -> ContrastiveSum:
+                   row_chunk: int = 8, jacobian_chunk: int | None = None,
+                   pair_method: str = "jacobian") -> ContrastiveSum:
   """DP-SGD on the rows of the contrastive loss: Σ_i min(1, C/‖∇ℓ_i‖) · ∇ℓ_i.
+
+  pair_method: "jacobian" (the embedding Jacobians, as `logit_dp_grad_sum`), or "ghost": no
+  Jacobians; each row's gradient is one backward pass of the batch's 2n views with the row's
+  cotangents (`_rows_by_backward`, row_chunk rows at a time: memory row_chunk·p). A row's gradient
+  reads all 2n views, so a ghost norm over its 2n·T positions would never be the cheaper one.
 
   The baseline Logit-DP improves on. Privacy: adding or removing one example changes grad_sum by
   at most `naive_sensitivity(C, n)` = (2n − 1)C for batches of at most n real examples; the trainer
   must bound n (it releases a batch larger than its capacity as noise only).
   """
   _check_positive("row_clip_norm", row_clip_norm)
+  _check_pair_method(pair_method)
+  if pair_method == "ghost":
+    return _rows_by_backward(embed_fn, params, views_a, views_b, mask, temperature,
+                             row_clip_norm, row_chunk)
   terms = pair_terms(embed_fn, params, views_a, views_b, mask, temperature, jacobian_chunk)
   factors = _clip_factors(row_sq_norms(terms, row_chunk), row_clip_norm) * mask
   alpha = factors[:, None] * jnp.einsum("ij,ijd->id", terms.coef, terms.a)
   beta = jnp.einsum("i,ij,ijd->jd", factors, terms.coef, terms.b)
   clipped = jnp.sum(mask & (factors < 1)) / jnp.maximum(jnp.sum(mask), 1)
   return ContrastiveSum(_from_views(terms, alpha, beta), terms.loss, clipped)
+
+
+def _rows_by_backward(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
+                      mask: jax.Array, temperature: float, row_clip_norm: float, row_chunk: int
+                      ) -> ContrastiveSum:
+  """`naive_grad_sum` without Jacobians: ∇ℓ_i = J_iᵀ u_i + Σ_j J'_jᵀ c_ij b_ij is the pullback of
+  the 2n embeddings at the cotangent holding u_i = Σ_j c_ij a_ij on view a_i and c_ij b_ij on view
+  b_j; a block of rows' gradients [block, *params] is formed at once, clipped (norms and sum from
+  the same float32 arrays) and added."""
+  n = views_a.shape[0]
+  emb, pullback = jax.vjp(lambda p: embed_fn(p, jnp.concatenate([views_a, views_b])), params)
+  geometry = pair_geometry(emb[:n], emb[n:], mask, temperature)
+  own = jnp.einsum("ij,ijd->id", geometry.coef, geometry.a)
+  others = geometry.coef[..., None] * geometry.b
+
+  def row(i):
+    cot = jnp.concatenate([jnp.zeros_like(own).at[i].set(own[i]), others[i]])
+    return jax.tree_util.tree_map(lambda g: g.astype(jnp.float32),
+                                  pullback(cot.astype(emb.dtype))[0])
+
+  def block(total, rows):
+    grads = jax.vmap(row)(rows)
+    factors = _clip_factors(_sq_norm_sum(grads, 1), row_clip_norm) * mask[rows]
+    total = jax.tree_util.tree_map(lambda t, g: t + jnp.einsum("i,i...->...", factors, g),
+                                   total, grads)
+    return total, factors
+
+  start = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, factors = jax.lax.scan(block, start,
+                                jnp.arange(n).reshape(-1, _row_blocks(n, row_chunk)))
+  clipped = jnp.sum(mask & (factors.reshape(n) < 1)) / jnp.maximum(jnp.sum(mask), 1)
+  return ContrastiveSum(total, geometry.loss, clipped)
 
 
 def nonprivate_grad_sum(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array,
