@@ -54,6 +54,7 @@ PyTree = Any
 EmbedFn = Callable[[PyTree, jax.Array], jax.Array]
 
 ADJACENCIES = ("add_remove", "replace_one")
+PAIR_METHODS = ("jacobian", "ghost")  # how pair gradients are formed (`logit_dp_grad_sum`)
 _MASKED_LOGIT = -1e9  # exp underflows to exactly 0 next to any real logit in [−1/τ, 1/τ]
 
 
@@ -342,9 +343,6 @@ def logit_dp_grad_sum(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array,
   beta = jnp.einsum("ij,ijd->jd", weights, terms.b)
   clipped = jnp.sum(jnp.where(real, factors < 1, False)) / jnp.maximum(jnp.sum(real), 1)
   return ContrastiveSum(_from_views(terms, alpha, beta), terms.loss, clipped)
-
-
-PAIR_METHODS = ("jacobian", "ghost")
 
 
 def _check_pair_method(pair_method: str) -> None:

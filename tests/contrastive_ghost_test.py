@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax import contrastive, contrastive_ghost
+from dpjax import config as config_lib, contrastive, contrastive_ghost
 from dpjax.privacy import clipping, ghost
 from tests import contrastive_test
 
@@ -189,3 +189,8 @@ def test_padding_rows_contribute_nothing_whatever_they_hold():
   contrastive_test.assert_trees_close(junk.grad_sum, clean.grad_sum)
   contrastive_test.assert_trees_close(run(xa[:4], xb[:4], mask[:4]).grad_sum, clean.grad_sum)
   assert contrastive_test.tree_norm(run(xa, xb, jnp.zeros(6, bool)).grad_sum) == 0.0
+
+
+def test_the_config_offers_the_pair_methods_there_are():
+  assert config_lib.contrastive_block.PAIR_METHODS == contrastive.PAIR_METHODS
+  assert config_lib.default_contrastive_block().pair_method == "jacobian"
