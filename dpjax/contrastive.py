@@ -34,6 +34,10 @@ e^{2/τ}/(e^{2/τ} + n − 1) because logits lie in [−1/τ, 1/τ], so
     ‖ḡ(D) − ḡ(D⁻)‖ ≤ (2B/τ) · (1 + (n − 1) π_n) ≤ (2B/τ) · (1 + e^{2/τ}),
 
 bounded in n. Replacing one example (row k and column k both change) gives (2B/τ)(2 + (n−1)π_n).
+
+pair_method="ghost" forms the pair norms and the clipped sum without Jacobians, layer by layer
+(`dpjax.contrastive_ghost`), and naive's rows by one backward pass each. This module is ~430
+lines: the loss, the sensitivities and both methods' sums share the pair geometry.
 """
 
 from __future__ import annotations

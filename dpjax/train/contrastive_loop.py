@@ -275,7 +275,10 @@ def run_probes(model, params, config: ml_collections.ConfigDict,
 
 
 def _expected_config(config: ml_collections.ConfigDict) -> dict:
-  return dict(config_lib.trajectory_view(config), contrastive=config.contrastive.to_dict())
+  """What a resumed run must share with its checkpoint: not contrastive.pair_method (how the same
+  sum is computed), so checkpoints from before that key, or of the other method, resume."""
+  block = {k: v for k, v in config.contrastive.to_dict().items() if k != "pair_method"}
+  return dict(config_lib.trajectory_view(config), contrastive=block)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
