@@ -34,6 +34,10 @@ e^{2/τ}/(e^{2/τ} + n − 1) because logits lie in [−1/τ, 1/τ], so
     ‖ḡ(D) − ḡ(D⁻)‖ ≤ (2B/τ) · (1 + (n − 1) π_n) ≤ (2B/τ) · (1 + e^{2/τ}),
 
 bounded in n. Replacing one example (row k and column k both change) gives (2B/τ)(2 + (n−1)π_n).
+
+pair_method="ghost" forms the pair norms and the clipped sum without Jacobians, layer by layer
+(`dpjax.contrastive_ghost`), and naive's rows by one backward pass each. This module is ~430
+lines: the loss, the sensitivities and both methods' sums share the pair geometry.
 """
 
 from __future__ import annotations
@@ -46,12 +50,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dpjax import contrastive_ghost
+
 PyTree = Any
 # embed_fn(params, views [b, ...]) -> embeddings [b, d]; each row must depend on its own view only
 # (no BatchNorm: dpjax.models refuses it).
 EmbedFn = Callable[[PyTree, jax.Array], jax.Array]
 
 ADJACENCIES = ("add_remove", "replace_one")
+PAIR_METHODS = ("jacobian", "ghost")  # how pair gradients are formed (`logit_dp_grad_sum`)
 _MASKED_LOGIT = -1e9  # exp underflows to exactly 0 next to any real logit in [−1/τ, 1/τ]
 
 
@@ -192,12 +199,11 @@ def embedding_jacobians(embed_fn: EmbedFn, params: PyTree, views: jax.Array,
   return jax.lax.map(one, views, batch_size=chunk)
 
 
-def pair_terms(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
-               mask: jax.Array, temperature: float, jacobian_chunk: int | None = None
-               ) -> PairTerms:
-  """Embeddings' Jacobians, the similarity derivatives a, b and the loss derivatives c."""
-  emb_a, jac_a = embedding_jacobians(embed_fn, params, views_a, jacobian_chunk)
-  emb_b, jac_b = embedding_jacobians(embed_fn, params, views_b, jacobian_chunk)
+def pair_geometry(emb_a: jax.Array, emb_b: jax.Array, mask: jax.Array, temperature: float
+                  ) -> contrastive_ghost.PairGeometry:
+  """The similarity derivatives a, b [n, n, d] and the loss derivatives c [n, n] (with the loss)
+  of embeddings [n, d] each: what turns embedding Jacobians (or a backward pass per pair) into
+  the pair gradients g_ij = J_iᵀ a_ij + J'_jᵀ b_ij."""
   unit_a, vjp_a = jax.vjp(normalize, emb_a)
   unit_b, vjp_b = jax.vjp(normalize, emb_b)
   # normalize acts row by row, so a cotangent with every row equal to ê'_j gives all a_{·j} at once.
@@ -205,7 +211,17 @@ def pair_terms(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: j
   b = jax.vmap(lambda u: vjp_b(jnp.broadcast_to(u, unit_b.shape))[0])(unit_a)
   sims = unit_a @ unit_b.T
   loss, coef = jax.value_and_grad(info_nce_loss)(sims, mask, temperature)
-  return PairTerms(jac_a, jac_b, a, b, coef, loss)
+  return contrastive_ghost.PairGeometry(a, b, coef, loss)
+
+
+def pair_terms(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
+               mask: jax.Array, temperature: float, jacobian_chunk: int | None = None
+               ) -> PairTerms:
+  """Embeddings' Jacobians, the similarity derivatives a, b and the loss derivatives c."""
+  emb_a, jac_a = embedding_jacobians(embed_fn, params, views_a, jacobian_chunk)
+  emb_b, jac_b = embedding_jacobians(embed_fn, params, views_b, jacobian_chunk)
+  geometry = pair_geometry(emb_a, emb_b, mask, temperature)
+  return PairTerms(jac_a, jac_b, geometry.a, geometry.b, geometry.coef, geometry.loss)
 
 
 def _contract(weights: jax.Array, jac: PyTree, spec: str) -> PyTree:
@@ -292,47 +308,124 @@ jax.tree_util.register_dataclass(
 def logit_dp_grad_sum(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array,
                       views_b: jax.Array, mask: jax.Array, *, temperature: float,
                       pair_clip_norm: float, row_chunk: int = 8,
-                      jacobian_chunk: int | None = None) -> ContrastiveSum:
+                      jacobian_chunk: int | None = None,
+                      pair_method: str = "jacobian") -> ContrastiveSum:
   """Logit-DP's clipped sum ḡ = Σ_ij c_ij · min(1, B/‖g_ij‖) · g_ij.
 
   Args:
-    embed_fn: params, views [b, ...] -> embeddings [b, d], row by row.
+    embed_fn: params, views [b, ...] -> embeddings [b, d], row by row; for pair_method="ghost"
+      also (params, views, ghost_variables) -> (embeddings, mutated variables)
+      (`contrastive_ghost.GhostEmbedFn`).
     views_a, views_b: the two views of each example, [n, ...] each (row k of both: example k).
     mask: bool [n], False for padding rows.
     temperature: τ; pair_clip_norm: B.
-    row_chunk: pair gradients are formed row_chunk rows at a time (memory row_chunk·n·p).
-    jacobian_chunk: views per Jacobian block (None: all 2n at once).
+    row_chunk: "jacobian": pair gradients are formed row_chunk rows at a time (memory
+      row_chunk·n·p); "ghost": the largest divisor of n ≤ row_chunk is the number of shifts (n
+      pairs each) formed at once.
+    jacobian_chunk: views per Jacobian block (None: all 2n at once; "ghost": its fallback leaves).
+    pair_method: "jacobian" (the embedding Jacobians, 2n·d·p floats) or "ghost" (layer by
+      layer, no Jacobians: `dpjax.contrastive_ghost`; the factor is min(1, B/U_ij) with U_ij an
+      upper bound on ‖g_ij‖, rounding included; leaves of unsupported layers use their
+      Jacobians).
 
   Privacy: adding or removing one example (both its views) changes grad_sum by at most
   `logit_dp_sensitivity(B, τ, n)` ≤ (2B/τ)(1 + e^{2/τ}) in L2 norm, whatever the data.
   """
   _check_positive("pair_clip_norm", pair_clip_norm)
+  _check_pair_method(pair_method)
+  real = mask[:, None] & mask[None, :]
+  if pair_method == "ghost":
+    found = ghost_pairs(embed_fn, params, views_a, views_b, mask, temperature=temperature,
+                        pair_clip_norm=pair_clip_norm, row_chunk=row_chunk,
+                        jacobian_chunk=jacobian_chunk)
+    clipped = jnp.sum(jnp.where(real, found.clipped > 0, False)) / jnp.maximum(jnp.sum(real), 1)
+    return ContrastiveSum(found.grad_sum, found.geometry.loss, clipped)
   terms = pair_terms(embed_fn, params, views_a, views_b, mask, temperature, jacobian_chunk)
   factors = _clip_factors(pair_sq_norms(terms, row_chunk), pair_clip_norm)
   weights = terms.coef * factors
   alpha = jnp.einsum("ij,ijd->id", weights, terms.a)
   beta = jnp.einsum("ij,ijd->jd", weights, terms.b)
-  real = mask[:, None] & mask[None, :]
   clipped = jnp.sum(jnp.where(real, factors < 1, False)) / jnp.maximum(jnp.sum(real), 1)
   return ContrastiveSum(_from_views(terms, alpha, beta), terms.loss, clipped)
 
 
+def _check_pair_method(pair_method: str) -> None:
+  if pair_method not in PAIR_METHODS:
+    raise ValueError(f"pair_method must be one of {PAIR_METHODS}, got {pair_method!r}.")
+
+
+def ghost_pairs(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
+                mask: jax.Array, *, temperature: float, pair_clip_norm: float, row_chunk: int = 8,
+                jacobian_chunk: int | None = None, fallback: str = "jacobian"
+                ) -> contrastive_ghost.ClippedPairs:
+  """`contrastive_ghost.clipped_pair_sum` for this loss: the clipped sum with each pair's
+  computed squared norm, weight and clip flag [n, n] (private: for tests and statistics)."""
+  return contrastive_ghost.clipped_pair_sum(
+      embed_fn, params, views_a, views_b, mask,
+      lambda emb_a, emb_b: pair_geometry(emb_a, emb_b, mask, temperature),
+      pair_clip_norm=pair_clip_norm, shifts_per_block=_row_blocks(views_a.shape[0], row_chunk),
+      jacobians=lambda fn, p, v: embedding_jacobians(fn, p, v, jacobian_chunk),
+      fallback=fallback)
+
+
 def naive_grad_sum(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
                    mask: jax.Array, *, temperature: float, row_clip_norm: float,
-                   row_chunk: int = 8, jacobian_chunk: int | None = None) -> ContrastiveSum:
+                   row_chunk: int = 8, jacobian_chunk: int | None = None,
+                   pair_method: str = "jacobian") -> ContrastiveSum:
   """DP-SGD on the rows of the contrastive loss: Σ_i min(1, C/‖∇ℓ_i‖) · ∇ℓ_i.
+
+  pair_method: "jacobian" (the embedding Jacobians, as `logit_dp_grad_sum`), or "ghost": no
+  Jacobians; each row's gradient is one backward pass of the batch's 2n views with the row's
+  cotangents (`_rows_by_backward`, row_chunk rows at a time: memory row_chunk·p). A row's gradient
+  reads all 2n views, so a ghost norm over its 2n·T positions would never be the cheaper one.
 
   The baseline Logit-DP improves on. Privacy: adding or removing one example changes grad_sum by
   at most `naive_sensitivity(C, n)` = (2n − 1)C for batches of at most n real examples; the trainer
   must bound n (it releases a batch larger than its capacity as noise only).
   """
   _check_positive("row_clip_norm", row_clip_norm)
+  _check_pair_method(pair_method)
+  if pair_method == "ghost":
+    return _rows_by_backward(embed_fn, params, views_a, views_b, mask, temperature,
+                             row_clip_norm, row_chunk)
   terms = pair_terms(embed_fn, params, views_a, views_b, mask, temperature, jacobian_chunk)
   factors = _clip_factors(row_sq_norms(terms, row_chunk), row_clip_norm) * mask
   alpha = factors[:, None] * jnp.einsum("ij,ijd->id", terms.coef, terms.a)
   beta = jnp.einsum("i,ij,ijd->jd", factors, terms.coef, terms.b)
   clipped = jnp.sum(mask & (factors < 1)) / jnp.maximum(jnp.sum(mask), 1)
   return ContrastiveSum(_from_views(terms, alpha, beta), terms.loss, clipped)
+
+
+def _rows_by_backward(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array, views_b: jax.Array,
+                      mask: jax.Array, temperature: float, row_clip_norm: float, row_chunk: int
+                      ) -> ContrastiveSum:
+  """`naive_grad_sum` without Jacobians: ∇ℓ_i = J_iᵀ u_i + Σ_j J'_jᵀ c_ij b_ij is the pullback of
+  the 2n embeddings at the cotangent holding u_i = Σ_j c_ij a_ij on view a_i and c_ij b_ij on view
+  b_j; a block of rows' gradients [block, *params] is formed at once, clipped (norms and sum from
+  the same float32 arrays) and added."""
+  n = views_a.shape[0]
+  emb, pullback = jax.vjp(lambda p: embed_fn(p, jnp.concatenate([views_a, views_b])), params)
+  geometry = pair_geometry(emb[:n], emb[n:], mask, temperature)
+  own = jnp.einsum("ij,ijd->id", geometry.coef, geometry.a)
+  others = geometry.coef[..., None] * geometry.b
+
+  def row(i):
+    cot = jnp.concatenate([jnp.zeros_like(own).at[i].set(own[i]), others[i]])
+    return jax.tree_util.tree_map(lambda g: g.astype(jnp.float32),
+                                  pullback(cot.astype(emb.dtype))[0])
+
+  def block(total, rows):
+    grads = jax.vmap(row)(rows)
+    factors = _clip_factors(_sq_norm_sum(grads, 1), row_clip_norm) * mask[rows]
+    total = jax.tree_util.tree_map(lambda t, g: t + jnp.einsum("i,i...->...", factors, g),
+                                   total, grads)
+    return total, factors
+
+  start = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, factors = jax.lax.scan(block, start,
+                                jnp.arange(n).reshape(-1, _row_blocks(n, row_chunk)))
+  clipped = jnp.sum(mask & (factors.reshape(n) < 1)) / jnp.maximum(jnp.sum(mask), 1)
+  return ContrastiveSum(total, geometry.loss, clipped)
 
 
 def nonprivate_grad_sum(embed_fn: EmbedFn, params: PyTree, views_a: jax.Array,

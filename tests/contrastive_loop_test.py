@@ -130,6 +130,32 @@ def test_naive_batches_above_capacity_release_noise_only():
   assert contrastive_loop.sensitivity(config, 1000) == (2 * capacity - 1) * 1.0
 
 
+@pytest.mark.parametrize("method", ["logit_dp", "naive"])
+def test_the_ghost_pair_method_gives_the_jacobian_paths_sum(method):
+  """contrastive.pair_method="ghost" reaches the trainer's grad sum (the CNN of the runs: convs
+  and Dense layers) and gives the Jacobian path's sum: to float32 rounding without clipping;
+  with clipping up to the rounding bounds in the ghost factors (from upper bounds on the norms:
+  ~5e-4 relative for this CNN's 28×28 convs, `dpjax.contrastive_ghost`)."""
+  from dpjax import models
+  config = tiny_config(method)
+  config.contrastive.temperature = 0.5
+  model = models.ProjectedEncoder(
+      models.build_model("cnn_tanh", num_classes=16, input_shape=(28, 28, 1)), 16, 8)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
+  params = model.init(jax.random.PRNGKey(1), images[:1])["params"]
+  mask = np.arange(4) < 3
+  norm = lambda t: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(t))))
+  for clip_norm, tolerance in ((1e9, 1e-5), (0.3, 2e-3)):
+    config.dp.clip_norm = clip_norm
+    sums = {}
+    for pair_method in ("jacobian", "ghost"):
+      config.contrastive.pair_method = pair_method
+      sums[pair_method] = jax.jit(contrastive_loop.make_grad_sum(model, config))(
+          params, images[:4], images[4:], mask).grad_sum
+    difference = jax.tree_util.tree_map(np.subtract, sums["ghost"], sums["jacobian"])
+    assert norm(difference) <= tolerance * norm(sums["jacobian"])
+
+
 def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
   config = tiny_config("logit_dp", noise_multiplier=0.7)
   config.optimizer.update(name="sgd", learning_rate=1.0, momentum=0.0)
@@ -157,6 +183,7 @@ def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
 @pytest.mark.parametrize("change,match", [
     (lambda c: c.contrastive.update(method="simclr"), "contrastive.method"),
     (lambda c: c.contrastive.update(temperature=0.0), "temperature"),
+    (lambda c: c.contrastive.update(pair_method="vmap"), "contrastive.pair_method"),
     (lambda c: c.data.update(public_fraction=0.1), "public_fraction"),
     (lambda c: c.dp.update(clip="automatic"), "clip"),
     (lambda c: c.dp.update(target_epsilon=None), "target_epsilon"),

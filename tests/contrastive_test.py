@@ -109,13 +109,15 @@ def test_logit_dp_equals_materialised_pair_gradients(setup, row_chunk):
 
 
 @pytest.mark.parametrize("setup", [mlp_setup, conv_setup], ids=["mlp", "conv"])
-def test_naive_equals_materialised_row_gradients(setup):
+@pytest.mark.parametrize("pair_method,row_chunk", [("jacobian", 4), ("ghost", 4), ("ghost", 1)])
+def test_naive_equals_materialised_row_gradients(setup, pair_method, row_chunk):
   embed, params, xa, xb = setup(6)
   mask = jnp.array([True, False, True, True, True, True])
   terms = contrastive.pair_terms(embed, params, xa, xb, mask, 0.7)
   clip = float(jnp.median(jnp.sqrt(contrastive.row_sq_norms(terms))))
   got = contrastive.naive_grad_sum(embed, params, xa, xb, mask, temperature=0.7,
-                                   row_clip_norm=clip, row_chunk=4)
+                                   row_clip_norm=clip, row_chunk=row_chunk,
+                                   pair_method=pair_method)
   assert 0 < float(got.clipped_fraction) < 1
   assert_trees_close(got.grad_sum, reference_naive(embed, params, xa, xb, mask, 0.7, clip))
 

@@ -14,6 +14,7 @@ from dpjax.data import specs as data_specs
 # logit_dp | naive | nonprivate | random_init (no training: probes of the initial encoder)
 METHODS = ("logit_dp", "naive", "nonprivate", "random_init")
 DP_METHODS = ("logit_dp", "naive")
+PAIR_METHODS = ("jacobian", "ghost")  # dpjax.contrastive.PAIR_METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,10 @@ class ContrastiveSpec(Spec):
   embedding_dim: int = field(32, "the projection head's output width")
   max_batch_size: int = field(0, "naive only: the largest batch (a privacy parameter); 0: "
                                  "E[n] + 5·sqrt(E[n]) rounded up to whole microbatches")
+  pair_method: str = field("jacobian", "how Logit-DP's pair gradients (and naive's rows) are "
+                                      "formed: jacobian (embedding Jacobians, 2n·d·p floats) or "
+                                      "ghost (layer by layer, dpjax.contrastive_ghost); never "
+                                      "changes the privacy event", PAIR_METHODS)
   augment: AugmentSpec = field(AugmentSpec(), "augmentation")
   probe: ProbeSpec = field(ProbeSpec(), "linear probes")
   eval_batch_size: int = field(512, "test images of the contrastive-loss evaluation")

@@ -37,7 +37,7 @@ import optax
 from dpjax import config as config_lib
 from dpjax import contrastive, data, mixing, models, parallel, probe
 from dpjax.data import augment
-from dpjax.privacy import accounting, calibration, noise, randomness, sampling
+from dpjax.privacy import accounting, calibration, ghost, noise, randomness, sampling
 from dpjax.train import engine, hooks, host_loop, plan as plan_lib, state as state_lib
 from dpjax.train import statement as statement_lib, step as step_lib, train_state, workdir_lock
 
@@ -146,9 +146,15 @@ def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def make_grad_sum(model, config: ml_collections.ConfigDict):
   """(params, views_a, views_b, mask) -> ContrastiveSum for the config's method."""
   c, perf = config.contrastive, config.perf
-  embed = lambda params, images: model.apply({"params": params}, images)[0]
+
+  def embed(params, images, ghost_variables=None):
+    """Embeddings; with ghost variables, (embeddings, mutated variables) (`ghost.apply_model`)."""
+    out = ghost.apply_model(model, params, images, ghost_variables)
+    return out[0] if ghost_variables is None else (out[0][0], out[1])
+
   chunks = {"row_chunk": perf.get("row_chunk", 8),
-            "jacobian_chunk": perf.get("jacobian_chunk") or None}
+            "jacobian_chunk": perf.get("jacobian_chunk") or None,
+            "pair_method": c.get("pair_method", "jacobian")}
   if c.method == "logit_dp":
     fn = functools.partial(contrastive.logit_dp_grad_sum, pair_clip_norm=config.dp.clip_norm,
                            **chunks)
@@ -269,7 +275,10 @@ def run_probes(model, params, config: ml_collections.ConfigDict,
 
 
 def _expected_config(config: ml_collections.ConfigDict) -> dict:
-  return dict(config_lib.trajectory_view(config), contrastive=config.contrastive.to_dict())
+  """What a resumed run must share with its checkpoint: not contrastive.pair_method (how the same
+  sum is computed), so checkpoints from before that key, or of the other method, resume."""
+  block = {k: v for k, v in config.contrastive.to_dict().items() if k != "pair_method"}
+  return dict(config_lib.trajectory_view(config), contrastive=block)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -155,6 +155,15 @@ def clipped_terms_sum(terms: dict[tuple[str, ...], LeafTerm], rule: clipping.Cli
   groups: {leaf path: clip group} (`ClipRule.groups`); chunk_mask [m]: 1 for real rows."""
   weights, kept, norms, clipped = example_weights(rule, groups, sq_norms_of_terms(terms),
                                                   chunk_mask > 0)
+  summed = weighted_terms_sum(terms, weights, kept, train_p)
+  return summed, clip_stats.microbatch_stats(norms, clipped, chunk_mask > 0)
+
+
+def weighted_terms_sum(terms: dict[tuple[str, ...], LeafTerm], weights: dict, kept: jax.Array,
+                       train_p: PyTree) -> PyTree:
+  """Σᵢ wᵢ∇ᵢ like train_p (float32) over the rows where `kept`, from every leaf's term and its
+  weights {leaf path: wᵢ [m]}: one weighted sum per leaf (`Term.weighted_sum`), the `Summed`
+  terms' stacked by shape (`_row_sums`)."""
   rows = _row_sums(terms, weights, kept)
 
   def summed_param(key_path, x):
@@ -162,5 +171,4 @@ def clipped_terms_sum(terms: dict[tuple[str, ...], LeafTerm], rule: clipping.Cli
     if path in rows:
       return as_param(terms[path].module, path[-1], rows[path], x.shape)
     return _summed_param(terms[path], path[-1], weights[path], kept, x.shape)
-  summed = jax.tree_util.tree_map_with_path(summed_param, train_p)
-  return summed, clip_stats.microbatch_stats(norms, clipped, chunk_mask > 0)
+  return jax.tree_util.tree_map_with_path(summed_param, train_p)

@@ -61,19 +61,42 @@ def leaf_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
         f"Ghost clipping cannot compute per-example norms for {names}: no supported layer "
         f"({', '.join(t.__name__ for t in SUPPORTED)}) owns them alone. Use fallback='vmap' "
         "(per-example gradients for these parameters only) or perf.per_example_method='vmap'.")
-  # Zeros built from the batch, so that under shard_map they vary across devices as the batch
-  # does: the gradient w.r.t. a device-invariant probe would be summed over the devices.
-  anchor = jnp.zeros_like(jax.tree_util.tree_leaves(batch)[0], jnp.float32).ravel()[:1].sum()
-  probes = {}
-  for path, shape in probe_shapes.items():
-    pytrees.subtree(probes, path, create=True)["probe"] = (
-        jnp.zeros(shape.shape, jnp.float32) + anchor).astype(shape.dtype)
+  probes = zero_probes(probe_shapes, batch)
 
   def summed_loss(probes):
     losses, mutated = intercepting(batch_losses, {})(params, batch, probes)
     return jnp.sum(losses), mutated[INPUTS]
 
   output_grads, inputs = jax.grad(summed_loss, has_aux=True)(probes)
+  terms = layer_leaf_terms(layers, used, inputs, output_grads, params, trainable, rows, views)
+  if any(jax.tree_util.tree_leaves(left)):
+    per_example = _fallback_grads(batch_losses, params, batch, left)
+    for path, grad in zip(pytrees.leaf_paths(per_example),
+                          jax.tree_util.tree_leaves(per_example)):
+      flat = grad.reshape(grad.shape[0], -1).astype(jnp.float32)
+      terms[path] = LeafTerm(None, Summed(flat), False)
+  return terms
+
+
+def zero_probes(probe_shapes: dict, batch: PyTree) -> dict:
+  """The probes {path...: {"probe": zeros}} of `layers.layer_calls`' shapes. Zeros built from the
+  batch, so that under shard_map they vary across devices as the batch does: the gradient w.r.t.
+  a device-invariant probe would be summed over the devices."""
+  anchor = jnp.zeros_like(jax.tree_util.tree_leaves(batch)[0], jnp.float32).ravel()[:1].sum()
+  probes = {}
+  for path, shape in probe_shapes.items():
+    pytrees.subtree(probes, path, create=True)["probe"] = (
+        jnp.zeros(shape.shape, jnp.float32) + anchor).astype(shape.dtype)
+  return probes
+
+
+def layer_leaf_terms(layers: dict, used: dict, inputs: dict, output_grads: dict, params: PyTree,
+                     trainable: PyTree | None, rows: int, views: int
+                     ) -> dict[tuple[str, ...], LeafTerm]:
+  """{leaf path: `LeafTerm`} of the `used` layers ({path: stack depth}, `layers.coverage`) from
+  their sown inputs and their probes' gradients (trees as the forward pass gives them: under
+  nn.scan each array carries the scanned axis in front), `rows` = m·views rows, example-major;
+  each term merged over its example's views (`terms.merge_views`)."""
   trainable_flags = (jax.tree_util.tree_map(lambda _: True, params) if trainable is None
                      else trainable)
   terms = {}
@@ -90,12 +113,6 @@ def leaf_terms(batch_losses: BatchLosses, params: PyTree, batch: PyTree,
         {name: pytrees.subtree(params, path)[name] for name in layer.shapes})
     terms.update({path + (name,): LeafTerm(layer.module, term, bool(depth))
                   for name, term in found.items()})
-  if any(jax.tree_util.tree_leaves(left)):
-    per_example = _fallback_grads(batch_losses, params, batch, left)
-    for path, grad in zip(pytrees.leaf_paths(per_example),
-                          jax.tree_util.tree_leaves(per_example)):
-      flat = grad.reshape(grad.shape[0], -1).astype(jnp.float32)
-      terms[path] = LeafTerm(None, Summed(flat), False)
   return terms
 
 
