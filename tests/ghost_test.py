@@ -125,7 +125,11 @@ MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_model
           "shared_dense": SharedDense, "vit": _vit, "conv1d": Conv1D,
           "vit_scan": lambda: _vit(scan_blocks=True),
           "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
-                                            num_groups=4, input_shape=toy_models.IMAGE_SHAPE)}
+                                            num_groups=4, input_shape=toy_models.IMAGE_SHAPE),
+          # The ResNet-18-like net with GroupNorm: a stage with an identity skip, one projected.
+          "resnet": lambda: models.build_model("resnet", num_classes=3, stage_sizes=(1, 1),
+                                               width=4, num_groups=2,
+                                               input_shape=toy_models.IMAGE_SHAPE)}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -135,8 +139,9 @@ def test_ghost_norms_equal_vmap_norms(name):
   losses = batch_losses_of(model)
   batch = toy_models.batch(6, seed=2, scale=2.0)
   expected = jax.jit(lambda p, b: vmap_sq_norms(losses, p, b))(params, batch)
-  # The WRN's weight-standardised convs come from WSConv.ghost_grads: no fallback allowed.
-  fallback = "error" if name == "wrn" else "vmap"
+  # The WRN's weight-standardised convs come from WSConv.ghost_grads, the ResNet's layers are
+  # all supported ones: no fallback allowed.
+  fallback = "error" if name in ("wrn", "resnet") else "vmap"
   got = jax.jit(lambda p, b: ghost.ghost_sq_norms(losses, p, b, fallback=fallback))(params, batch)
   np.testing.assert_allclose(np.sqrt(got), np.sqrt(expected), rtol=1e-5)
 
@@ -724,7 +729,8 @@ def test_a_backward_pass_that_mixes_examples_is_refused():
 
 
 @pytest.mark.parametrize("name,dtype", [("cnn_tanh", "float32"), ("vit", "bfloat16"),
-                                        ("wrn", "float32"), ("conv1d", "float32")])
+                                        ("wrn", "float32"), ("resnet", "bfloat16"),
+                                        ("conv1d", "float32")])
 def test_models_that_keep_examples_apart_pass_the_independence_check(name, dtype):
   """The repo's models (built small; the ViT in bfloat16, as benchmarked) and one whose layer
   goes to the vmap fallback, through the trainer's batch losses."""

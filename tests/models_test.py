@@ -21,6 +21,8 @@ SMALL_MODELS = {
     "cnn_tanh_cifar10": ("cnn_tanh_cifar10", {}, (32, 32, 3)),
     # depth 10, width 1: stage 1 has an identity skip, stages 2 and 3 a projected one.
     "wrn_tiny": ("wrn", dict(depth=10, width=1), (8, 8, 3)),
+    # stage 1 has an identity skip, stage 2 a projected one.
+    "resnet_tiny": ("resnet", dict(stage_sizes=(1, 1), width=4, num_groups=2), (8, 8, 3)),
     "vit_mini": ("vit", dict(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64),
                  (16, 16, 3)),
 }
@@ -161,6 +163,29 @@ def test_wrn_16_4_has_2_75m_params_and_the_paper_structure():
   assert params["head"]["kernel"].shape == (256, 10)
   paths = [str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
   assert not any("BatchNorm" in path for path in paths)
+
+
+def test_resnet18_has_11_2m_params_and_resnet18s_structure_with_groupnorm():
+  model = models.build_model("resnet18", 10)
+  params = _abstract_params(model, (32, 32, 3))
+  assert 11.17e6 < _num_params(params) < 11.18e6  # ResNet-18 for CIFAR-10 (BatchNorm's count)
+  assert params["stem_conv"]["kernel"].shape == (3, 3, 3, 64)
+  blocks = sorted(key for key in params if key.startswith("stage"))
+  assert blocks == [f"stage{s}_block{b}" for s in (1, 2, 3, 4) for b in (1, 2)]
+  assert "skip_conv" not in params["stage1_block1"]
+  for stage, channels in zip((2, 3, 4), (128, 256, 512)):
+    first = params[f"stage{stage}_block1"]
+    assert first["skip_conv"]["kernel"].shape == (1, 1, channels // 2, channels)
+    assert "skip_conv" not in params[f"stage{stage}_block2"]
+  assert params["head"]["kernel"].shape == (512, 10)
+  paths = [str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+  assert not any("BatchNorm" in path for path in paths)
+  assert sum("norm" in path for path in paths) == 2 * 20  # GroupNorm scale, bias: 20 norms
+  quarter = _abstract_params(models.build_model("resnet18", 10, width=16, num_groups=8),
+                             (32, 32, 3))
+  assert 0.70e6 < _num_params(quarter) < 0.71e6
+  with pytest.raises(ValueError, match="num_groups = 16 must divide width = 8"):
+    models.build_model("resnet18", 10, width=8)
 
 
 @pytest.mark.parametrize("depth", [8, 12, 4])

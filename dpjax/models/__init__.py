@@ -1,4 +1,5 @@
-"""Image classifiers for DP training: tanh CNNs, Wide ResNets and ViTs, none with BatchNorm.
+"""Image classifiers for DP training: tanh CNNs, ResNets, Wide ResNets and ViTs, none with
+BatchNorm.
 
 `build_model(name, num_classes, **kwargs)` builds one by name (names in `registry`); every model
 maps float32 images [batch, H, W, C] to logits [batch, num_classes].
@@ -12,6 +13,7 @@ from dpjax.models.dp_checks import (
 )
 from dpjax.models.projection import ProjectedEncoder
 from dpjax.models.registry import build_model, model_names
+from dpjax.models.resnet import ResNet
 from dpjax.models.vit import EncoderBlock, ViT, vit_config
 from dpjax.models.wrn import WideResNet, WideResNetBlock, WSConv, standardize_kernel
 
@@ -21,6 +23,7 @@ __all__ = [
     "EncoderBlock",
     "MnistTanhCNN",
     "ProjectedEncoder",
+    "ResNet",
     "ViT",
     "WSConv",
     "WideResNet",

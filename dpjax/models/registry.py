@@ -10,6 +10,10 @@ image, used for the BatchNorm check and where the architecture depends on it):
   wrn               WideResNet; depth=16, width=4, num_groups=16; input_shape=(32, 32, 3).
   wrn_16_4          WideResNet with depth 16 and width 4 (2.75M parameters); num_groups=16,
                     input_shape.
+  resnet            ResNet (GroupNorm, 32×32 images); stage_sizes=(2, 2, 2, 2), width=64,
+                    num_groups=16; input_shape=(32, 32, 3).
+  resnet18          ResNet with stage_sizes (2, 2, 2, 2) (11.2M parameters at width 64, 10
+                    outputs); width=64, num_groups=16, input_shape.
   vit               ViT; variant="Ti" ("Ti", "S", "B"), patch_size=16, image_size (default
                     input_shape[0], else 224), overrides of width / depth / num_heads / mlp_dim.
                     input_shape defaults to (image_size, image_size, 3); attention="fused"
@@ -25,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpjax.models import cnn, dp_checks, vit, wrn
+from dpjax.models import cnn, dp_checks, resnet, vit, wrn
 
 InputShape = tuple[int, int, int]
 # A builder returns the model and the (H, W, C) of one example image for the BatchNorm check.
@@ -71,6 +75,21 @@ def _build_wrn_16_4(
   return _build_wrn(num_classes, 16, 4, num_groups, input_shape)
 
 
+def _build_resnet(
+    num_classes: int, stage_sizes: tuple[int, ...] = (2, 2, 2, 2), width: int = 64,
+    num_groups: int = 16, input_shape: InputShape = (32, 32, 3),
+) -> tuple[nn.Module, InputShape]:
+  resnet.check_groups(width, num_groups)
+  return (resnet.ResNet(num_classes=num_classes, stage_sizes=tuple(stage_sizes), width=width,
+                        num_groups=num_groups), tuple(input_shape))
+
+
+def _build_resnet18(
+    num_classes: int, width: int = 64, num_groups: int = 16, input_shape: InputShape = (32, 32, 3)
+) -> tuple[nn.Module, InputShape]:
+  return _build_resnet(num_classes, (2, 2, 2, 2), width, num_groups, input_shape)
+
+
 def _build_vit(
     num_classes: int, variant: str = "Ti", patch_size: int = 16, image_size: int | None = None,
     input_shape: InputShape | None = None, attention: str = "fused", scan_blocks: bool = False,
@@ -90,6 +109,8 @@ _BUILDERS: dict[str, Builder] = {
     "cnn_tanh_cifar10": _build_cnn_tanh_cifar10,
     "wrn": _build_wrn,
     "wrn_16_4": _build_wrn_16_4,
+    "resnet": _build_resnet,
+    "resnet18": _build_resnet18,
     "vit": _build_vit,
 }
 
