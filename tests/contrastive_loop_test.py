@@ -11,15 +11,24 @@ import numpy as np
 import pytest
 
 from dpjax import contrastive, data, parallel
+from dpjax.data import specs as data_specs, testing as data_testing
 from dpjax.privacy import randomness, sampling
 from dpjax.train import checkpoint, contrastive_loop
 from dpjax.train import state as state_lib, train_state
 from tests.conftest import require_data
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "contrastive.py"
-_SPEC = importlib.util.spec_from_file_location("contrastive_experiment", _PATH)
-experiment = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(experiment)
+
+
+def _experiment(name):
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"{name}_experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+experiment = _experiment("contrastive")
+cifar_experiment = _experiment("contrastive_cifar")
 
 
 def tiny_config(method="logit_dp", **dp):
@@ -156,6 +165,35 @@ def test_the_ghost_pair_method_gives_the_jacobian_paths_sum(method):
     assert norm(difference) <= tolerance * norm(sums["jacobian"])
 
 
+def test_perf_dtype_reaches_the_encoder_and_the_ghost_sum_stays_float32():
+  """perf.dtype="bfloat16": every convolution of the encoder runs in bfloat16 (params and views
+  cast inside, so the sum is w.r.t. the float32 params), the clipped sum is float32 and near the
+  float32 run's. The InfoNCE gradient of 4 examples is a sum of cancelling pair terms: here the
+  non-private gradient itself moves by 8.7% in bfloat16, this clipped sum by 12.5% (its factors
+  come from bounds with bfloat16's larger rounding slack), hence the loose 20%."""
+  from dpjax import models
+  config = tiny_config("logit_dp")
+  config.contrastive.pair_method = "ghost"
+  config.dp.clip_norm = 0.3
+  model = models.ProjectedEncoder(
+      models.build_model("cnn_tanh", num_classes=16, input_shape=(28, 28, 1)), 16, 8)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (8, 28, 28, 1))
+  params = model.init(jax.random.PRNGKey(1), images[:1])["params"]
+  args = (params, images[:4], images[4:], np.ones(4, bool))
+  sums = {}
+  for dtype in ("float32", "bfloat16"):
+    config.perf.dtype = dtype
+    grad_sum = contrastive_loop.make_grad_sum(model, config)
+    convs = [line for line in str(jax.make_jaxpr(grad_sum)(*args)).splitlines()
+             if "conv_general_dilated[" in line]
+    assert convs and all(("bf16[" in line) == (dtype == "bfloat16") for line in convs)
+    sums[dtype] = jax.jit(grad_sum)(*args).grad_sum
+  assert {x.dtype for x in jax.tree_util.tree_leaves(sums["bfloat16"])} == {np.dtype(np.float32)}
+  norm = lambda t: float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree_util.tree_leaves(t))))
+  difference = jax.tree_util.tree_map(np.subtract, sums["bfloat16"], sums["float32"])
+  assert 0 < norm(difference) <= 0.2 * norm(sums["float32"])
+
+
 def test_noise_is_drawn_once_per_step_with_std_sigma_times_sensitivity():
   config = tiny_config("logit_dp", noise_multiplier=0.7)
   config.optimizer.update(name="sgd", learning_rate=1.0, momentum=0.0)
@@ -230,3 +268,59 @@ def test_runs_on_a_2x4_mesh_as_on_one_device(tmp_path, dataset_cache):
   for a, b in zip(jax.tree_util.tree_leaves(params["one"]),
                   jax.tree_util.tree_leaves(params["mesh"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def cifar_tiny_config(tmp_path, method="logit_dp"):
+  """experiments/contrastive_cifar.py's config (ghost pair path, bfloat16) on a fake cifar10_jpeg
+  (4 training and 4 test JPEGs per class, so unverified), a ResNet of two width-4 blocks (the
+  study's layers, fewer of them: compiles in seconds), 2 steps of expected batch 4, padded to 8 (one compile unless a batch
+  exceeds 8)."""
+  classes = data_specs.get_spec("cifar10_jpeg").classes
+  data_testing.write_image_folder(tmp_path / "src", classes, {"train": 4, "test": 4},
+                                  shape=(32, 32, 3), suffixes=(".jpg",))
+  data_testing.pack(tmp_path / "src", tmp_path / "data" / "cifar10-jpeg" /
+                    data_specs.CIFAR10_JPEG_ARCHIVE)
+  c = cifar_experiment.get_config(f"{method},128")
+  c.data.update(dir=str(tmp_path / "data"), verify=False)
+  c.model = dict(name="resnet", stage_sizes=(1, 1), width=4, num_groups=2)
+  c.contrastive.update(representation_dim=8, hidden_dim=8, embedding_dim=4, eval_batch_size=8)
+  c.contrastive.probe.steps = 20
+  c.dp.expected_batch_size = 4
+  c.perf.update(microbatch_size=8, row_chunk=4)
+  c.schedule.total_steps = 2
+  c.eval.every_steps = c.checkpoint.every_steps = c.log_every_steps = 2
+  return c
+
+
+def test_the_cifar_study_spends_what_dp_accounting_says_and_probes_held_out_images(
+    tmp_path, dataset_cache, monkeypatch):
+  """A tiny run of the CIFAR study's Logit-DP config on the ghost pair path: results.json's ε is
+  dp_accounting's for the 2 steps that ran, and the probe featurises test images only, half
+  for its training and the other half for its score."""
+  config = cifar_tiny_config(tmp_path)
+  assert (config.contrastive.pair_method, config.perf.dtype) == ("ghost", "bfloat16")
+  featurised = []
+  extract = contrastive_loop.probe.extract_features
+  monkeypatch.setattr(contrastive_loop.probe, "extract_features", lambda fn, images, **k: (
+      featurised.append(np.round(images * 255).astype(np.uint8)), extract(fn, images, **k))[1])
+  contrastive_loop.train_and_evaluate(config, str(tmp_path / "run"), show_progress=False)
+  with open(tmp_path / "run" / "results.json") as f:
+    written = json.load(f)
+  p = written["privacy"]
+  assert written["steps"] == p["private_steps"] == 2 and p["public_steps"] == 0
+  assert p["sampling_rate"] == pytest.approx(4 / 40)
+  accountant = dp_accounting.pld.PLDAccountant()
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(
+      4 / 40, dp_accounting.GaussianDpEvent(p["noise_multiplier"])), 2)
+  assert p["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-6)
+  assert p["epsilon"] <= config.dp.target_epsilon
+  assert written["probe_data"]["cifar10_jpeg"] == {
+      "train": "half of the test split (20 examples; the train split is private)",
+      "test": "the other half of the test split (20 examples)"}
+  assert written["test_accuracy"] == written["probe"]["cifar10_jpeg"]["test_accuracy"]
+  parts, test = state_lib.load_data(config)
+  rows = lambda images: {image.tobytes() for image in images}
+  probe_train, probe_test = map(rows, featurised)
+  assert len(probe_train) == len(probe_test) == 20 and not probe_train & probe_test
+  assert probe_train | probe_test == rows(test.images)
+  assert not (probe_train | probe_test) & rows(parts.private.images)

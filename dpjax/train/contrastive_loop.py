@@ -143,15 +143,28 @@ def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
               contrast=a.contrast, noise_std=a.noise_std)
 
 
-def make_grad_sum(model, config: ml_collections.ConfigDict):
-  """(params, views_a, views_b, mask) -> ContrastiveSum for the config's method."""
-  c, perf = config.contrastive, config.perf
+def make_embed(model, dtype: str = "float32"):
+  """embed(params, images[, ghost_variables]) -> embeddings [b, d] float32; with ghost variables,
+  (embeddings, mutated variables) (`ghost.apply_model`). The encoder computes in `dtype`: params
+  and images are cast inside, so gradients are w.r.t. the float32 params; both pair paths take
+  norms and sums in float32 (the ghost path's factors from bounds that include the rounding of
+  the model's dtype, `dpjax.contrastive_ghost`)."""
+  compute = jnp.dtype(dtype)
 
   def embed(params, images, ghost_variables=None):
-    """Embeddings; with ghost variables, (embeddings, mutated variables) (`ghost.apply_model`)."""
-    out = ghost.apply_model(model, params, images, ghost_variables)
-    return out[0] if ghost_variables is None else (out[0][0], out[1])
+    cast = jax.tree_util.tree_map(lambda p: p.astype(compute), params)
+    out = ghost.apply_model(model, cast, images.astype(compute), ghost_variables)
+    emb = (out if ghost_variables is None else out[0])[0].astype(jnp.float32)
+    return emb if ghost_variables is None else (emb, out[1])
 
+  return embed
+
+
+def make_grad_sum(model, config: ml_collections.ConfigDict):
+  """(params, views_a, views_b, mask) -> ContrastiveSum for the config's method, the encoder
+  computing in perf.dtype (`make_embed`)."""
+  c, perf = config.contrastive, config.perf
+  embed = make_embed(model, perf.get("dtype", "float32"))
   chunks = {"row_chunk": perf.get("row_chunk", 8),
             "jacobian_chunk": perf.get("jacobian_chunk") or None,
             "pair_method": c.get("pair_method", "jacobian")}
@@ -377,10 +390,14 @@ class ContrastiveTrainer(host_loop.HostLoop):
     statement["probes"] = PROBES_STATEMENT
     probes, probe_read = run_probes(self.model, parallel.local_copy(params), config,
                                     self.parts.public)
+    # test_accuracy: the first probe's (None without probes), which launch/sweep.py's tables
+    # and plots read.
+    first = next(iter(probes.values()), None)
     results = dict(method=spec.contrastive.method, temperature=spec.contrastive.temperature,
                    steps=step, stopped=stopped or "completed", train_seconds=seconds,
                    test_contrastive_loss=self.evaluate(params), privacy=statement,
-                   probe=probes, probe_data=probe_read)
+                   probe=probes, probe_data=probe_read,
+                   test_accuracy=None if first is None else first["test_accuracy"])
     self.writer.write(step, "final", dict(test_contrastive_loss=results["test_contrastive_loss"],
                                           epsilon=statement["epsilon"],
                                           **{f"probe_{k}": v["test_accuracy"]
