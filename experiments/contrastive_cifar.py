@@ -20,7 +20,7 @@ other half (`contrastive_loop.probe_data`).
 
 Encoder: the ResNet-18-like network with GroupNorm (`models.resnet`: CIFAR stem, stages of two
 basic blocks) at WIDTH = 16 channels in its first stage (ResNet-18's layout at a quarter of its
-width: 0.72M parameters with the projection head), representation 128 (its head's output),
+width: 0.74M parameters with the projection head), representation 128 (its head's output),
 projection Dense(128)-tanh-Dense(32), cosine similarities at τ = 1. The width is set by cost:
 a Logit-DP step costs ~4·n²·F FLOPs for n examples and F the encoder's forward FLOPs per view,
 so full-width ResNet-18 (F 16× larger) or WRN-16-4 (26× more per pair) do not fit the GPU budget
