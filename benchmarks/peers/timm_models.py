@@ -58,7 +58,7 @@ def make_model(timm_name: str, kwargs: dict, classes: int, layout: str) -> nn.Mo
 def register_timm_layer_norm() -> None:
   """Registers Opacus's nn.LayerNorm grad sampler for `timm.layers.LayerNorm` (every mode that
   uses grad samplers, ghost's included). Refuses timm's fast-norm option, another function."""
-  if timm.layers.is_fast_norm():
+  if getattr(timm.layers, "is_fast_norm", lambda: False)():
     raise ValueError("timm's fast norm is on: its LayerNorm is not nn.LayerNorm's function, so "
                      "Opacus's LayerNorm grad sampler does not apply. Turn it off "
                      "(timm.layers.set_fast_norm(False)) or use --layout stock.")
@@ -68,8 +68,9 @@ def register_timm_layer_norm() -> None:
 def move_tokens(vit: nn.Module) -> None:
   """Moves `vit.cls_token` and `vit.pos_embed` into `vit.tokens` (`Tokens`) and routes timm's
   `_pos_embed` through it (then its position dropout, as timm's)."""
-  if (vit.reg_token is not None or vit.no_embed_class or vit.dynamic_img_size
-          or vit.cls_token is None or vit.pos_embed is None):
+  if (getattr(vit, "reg_token", None) is not None or getattr(vit, "no_embed_class", False)
+          or getattr(vit, "dynamic_img_size", False) or vit.cls_token is None
+          or vit.pos_embed is None):
     raise ValueError("only a timm ViT with a class token, a position embedding that covers it, "
                      "no register tokens and a fixed image size can have its tokens moved; use "
                      "--layout stock for this model.")
