@@ -115,7 +115,9 @@ def markdown(table: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(table: list[dict], regime: str, path: str) -> None:
+def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
+  """Accuracy against the fixed switch step, the baselines as lines, each automatic-switch run as
+  a point at the step where it switched."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -128,6 +130,16 @@ def plot(table: list[dict], regime: str, path: str) -> None:
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
                 ls="-" if warmup else ":",
                 label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
+  markers = dict(auto="^", auto_plateau="s", auto_relplateau="D", auto_lookahead="v")
+  autos = [r for r in rows if r["regime"] == regime and r["variant"].startswith("auto")
+           and r["switch_step"] is not None]
+  for key in sorted({(r["variant"], r["target_epsilon"], r["warmup_steps"]) for r in autos}):
+    variant, eps, warmup = key
+    points = [r for r in autos if (r["variant"], r["target_epsilon"], r["warmup_steps"]) == key]
+    ax.scatter([r["switch_step"] for r in points], [r["test_accuracy"] for r in points],
+               marker=markers.get(variant, "x"), facecolors="none" if not warmup else None,
+               edgecolors="tab:red", color="tab:red", zorder=3,
+               label=f"{variant} run, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
   for c in table:
     if c["regime"] == regime and c["cell"] in ("public_only", "nonprivate", "clip_only"):
       ax.axhline(c["mean"], ls="--", lw=1, color={"public_only": "gray", "nonprivate": "black",
@@ -156,7 +168,7 @@ def main() -> None:
       writer.writeheader()
       writer.writerows(data)
   for regime in sorted({c["regime"] for c in table}):
-    plot(table, regime, os.path.join(out, f"accuracy_{regime}.png"))
+    plot(table, rows, regime, os.path.join(out, f"accuracy_{regime}.png"))
   print(markdown(table))
 
 
