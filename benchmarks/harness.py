@@ -28,6 +28,11 @@ from dpjax.train import step as step_lib
 MODELS: dict[str, tuple[dict, tuple[int, int, int], int]] = {
     "vit_b16_224": (dict(name="vit", variant="B", patch_size=16, image_size=224),
                     (224, 224, 3), 1000),
+    # the longer sequence (T = 577) and the larger model of the performance issue
+    "vit_b16_384": (dict(name="vit", variant="B", patch_size=16, image_size=384),
+                    (384, 384, 3), 1000),
+    "vit_l16_224": (dict(name="vit", variant="L", patch_size=16, image_size=224),
+                    (224, 224, 3), 1000),
     "vit_s16_224": (dict(name="vit", variant="S", patch_size=16, image_size=224),
                     (224, 224, 3), 1000),
     # the CIFAR-sized ViT of the performance issue: patch 4, width 384, depth 6

@@ -10,7 +10,7 @@ image, used for the BatchNorm check and where the architecture depends on it):
   wrn               WideResNet; depth=16, width=4, num_groups=16; input_shape=(32, 32, 3).
   wrn_16_4          WideResNet with depth 16 and width 4 (2.75M parameters); num_groups=16,
                     input_shape.
-  vit               ViT; variant="Ti" ("Ti", "S", "B"), patch_size=16, image_size (default
+  vit               ViT; variant="Ti" ("Ti", "S", "B", "L"), patch_size=16, image_size (default
                     input_shape[0], else 224), overrides of width / depth / num_heads / mlp_dim.
                     input_shape defaults to (image_size, image_size, 3); attention="fused"
                     (jax.nn.dot_product_attention) or "einsum" (flax's written-out softmax);

@@ -14,6 +14,7 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
 }
 
 
