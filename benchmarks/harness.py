@@ -119,14 +119,17 @@ class Steps:
 
   def pieces(self) -> dict[str, Callable[[], Any]]:
     """The parts of the two steps, each alone on the first microbatch: the non-DP gradient, the
-    DP accumulate (per-example norms, clipping, clipped sum) and, for ghost, its forward + backward
-    pass to the layers' outputs (`ghost_backward`: the factored terms) and its norms (that pass +
-    the norms)."""
+    DP accumulate (per-example norms, clipping, clipped sum), the step's Gaussian noise for every
+    parameter (`noise`: the exact-tail sampler) and, for ghost, its forward + backward pass to the
+    layers' outputs (`ghost_backward`: the factored terms) and its norms (that pass + the norms)."""
     params = self.state[0]
+    draw_noise = jax.jit(lambda key, p: noise.gaussian_noise_like(key, p, 1.0))
+    key = jax.random.key_data(jax.random.key(0))  # a benchmark: any key times the same
     found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
              "accumulate": lambda: self.accumulate(self.zero_sum(params), params, None,
                                                    self.microbatches[0], self.mask,
-                                                   np.bool_(True))}
+                                                   np.bool_(True)),
+             "noise": lambda: draw_noise(key, params)}
     if self.batch_losses is not None:
       from dpjax.privacy import ghost
       backward = jax.jit(lambda p, b: list(ghost.per_example_terms(

@@ -39,7 +39,7 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
     assert (dp["microbatch"], dp["microbatches"], nondp["microbatch"]) == (8, 2, 16)
     ratio = dp["examples_per_s"] / nondp["examples_per_s"]
     assert abs(dp["dp_over_non_dp"] - ratio) < 1e-9
-    pieces = {"public_grad_ms", "accumulate_ms"} | (
+    pieces = {"public_grad_ms", "accumulate_ms", "noise_ms"} | (
         {"ghost_backward_ms", "ghost_norms_ms"} if dp["method"] == "ghost" else set())
     assert set(dp["details"]["pieces"]) == pieces and min(dp["details"]["pieces"].values()) > 0
   assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
