@@ -384,6 +384,21 @@ def test_vit_fused_and_einsum_attention_agree():
                        attention="flash")
 
 
+@pytest.mark.parametrize("tokens", [17, 64, 65])
+def test_padded_attention_equals_fused_attention_and_its_gradient(tokens):
+  """The "cudnn" attention's padding and length masking (run here with XLA's kernel): the same
+  output and gradients as attention over the unpadded tokens, whatever the padding."""
+  q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, 2, tokens, 2, 8))
+  padded = vit.padded_attention(implementation=None, multiple=64)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  np.testing.assert_allclose(padded(q, k, v), vit.fused_attention(q, k, v), atol=1e-5)
+  for g_padded, g_fused in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                               jax.grad(loss(vit.fused_attention), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_padded, g_fused, atol=1e-5)
+  with pytest.raises(ValueError, match="no bias or mask"):
+    padded(q, k, v, mask=jnp.ones((2, 1, tokens, tokens), bool))
+
+
 @pytest.mark.parametrize("unroll", [1, 3])
 def test_a_scanned_vit_computes_the_same_function(unroll):
   """scan_blocks=True stacks the blocks' params; with stack_blocks' params the logits agree
