@@ -6,6 +6,10 @@
       [--x=mixing.switch_step --group=dp.target_epsilon] [--capture] [--parallel=N] \\
       [--print_commands | --collect_only]
 
+A --set value may hold {KEY}, the value of a swept KEY in each variant (`sweeps.fill`):
+--sweep=seed=0,1,2 --set=finetune.init_from=W/pretrain/seed={seed} starts each seed's
+fine-tuning from the pre-training of the same seed.
+
 Several --config flags run each config's variants (folders prefixed by its arg, e.g.
 WORKDIR/public_only,B,seed=1): one command for a figure's baselines.
 
@@ -32,7 +36,8 @@ _CONFIG = flags.DEFINE_multi_string("config", [], "Experiment config, as for dpj
                                     "named after its arg first.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per variant.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "An axis KEY=V1,V2,... of config overrides.")
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant.")
+_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant; "
+                                 "{KEY2} in VALUE is the variant's value of a swept KEY2.")
 _BASELINE = flags.DEFINE_multi_string("baseline", [], "NAME=DIR: a finished run's accuracy, "
                                       "drawn as a horizontal line.")
 _X = flags.DEFINE_string("x", None, "Swept key on the x axis (default: the first --sweep key).")

@@ -52,6 +52,23 @@ def test_commands_give_each_variant_its_workdir_and_overrides():
                      "--config.schedule.total_steps=6", "--progress=false"]
 
 
+def test_set_values_name_each_variants_swept_values():
+  """{seed} in a --set value: each seed's fine-tuning starts from the same seed's pre-training."""
+  variants = sweeps.expand(["seed=0,1", "dp.target_epsilon=3"])
+  cmds = sweeps.commands("e.py:sparta", "sw", variants,
+                         ["--config.finetune.init_from=pre/seed={seed},eps={dp.target_epsilon}",
+                          "--config.x={target_epsilon}", "--progress=false"])
+  assert [c[-3:] for c in cmds] == [
+      ["--config.finetune.init_from=pre/seed=0,eps=3", "--config.x=3", "--progress=false"],
+      ["--config.finetune.init_from=pre/seed=1,eps=3", "--config.x=3", "--progress=false"]]
+  with pytest.raises(ValueError, match=r"\{lr\}, which is not one swept key"):
+    sweeps.commands("e.py", "sw", variants, ["--config.a={lr}"])
+  clash = sweeps.expand(["a.lr=1", "b.lr=2"])
+  with pytest.raises(ValueError, match="in full where two keys end the same"):
+    sweeps.commands("e.py", "sw", clash, ["--config.a={lr}"])
+  assert sweeps.commands("e.py", "sw", clash, ["--config.c={b.lr}"])[0][-1] == "--config.c=2"
+
+
 def test_commands_refuse_variants_that_would_share_a_folder():
   with pytest.raises(ValueError, match="share a folder"):
     sweeps.commands("c.py", "sw", [{"data.name": "a/b"}, {"data.name": "a b"}])
