@@ -55,6 +55,30 @@ def test_selections_on_a_vit():
       "embedding/class_token", "embedding/position_embedding"]
 
 
+def test_selections_on_a_wide_resnet():
+  """last_blocks follows the call order (stage3_block2 is the last residual block, then the final
+  GroupNorm and the head); BitFit takes WSConv and GroupNorm biases; attention / mlp are refused
+  (the WRN has neither: they would train the head alone)."""
+  model = models.build_model("wrn", num_classes=3, depth=10, width=1, num_groups=4,
+                             input_shape=toy_models.IMAGE_SHAPE)
+  params = toy_models.init(model)
+  order = finetune.call_order(model, params, jnp.zeros((1,) + toy_models.IMAGE_SHAPE))
+  assert order == ["first_conv", "stage1_block1", "stage2_block1", "stage3_block1",
+                   "final_norm", "head"]
+  pick = lambda name, **kw: _chosen(params, finetune.select(params, name, order=order, **kw))
+  last = pick("last_blocks", num_blocks=1)
+  assert {p.split("/")[0] for p in last} == {"stage3_block1", "final_norm", "head"}
+  assert {p.split("/")[0] for p in pick("last_blocks", num_blocks=2)} == {
+      "stage2_block1", "stage3_block1", "final_norm", "head"}
+  bias = pick("bias")
+  assert "stage1_block1/PreActivationConv_0/WSConv_0/bias" in bias
+  assert "stage1_block1/PreActivationConv_0/GroupNorm_0/bias" in bias
+  assert all(p.endswith("/bias") or p.startswith("head/") for p in bias)
+  for name in ("attention", "mlp"):
+    with pytest.raises(finetune.SelectionError, match=f"needs modules named '{name}"):
+      finetune.select(params, name, order=order)
+
+
 def test_bad_selections_are_refused_clearly():
   params, order = _vit()
   with pytest.raises(finetune.SelectionError, match="matches no parameter"):
