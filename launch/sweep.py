@@ -11,7 +11,9 @@ A --set value may hold {KEY}, the value of a swept KEY in each variant (`sweeps.
 fine-tuning from the pre-training of the same seed.
 
 Several --config flags run each config's variants (folders prefixed by its arg, e.g.
-WORKDIR/public_only,B,seed=1): one command for a figure's baselines.
+WORKDIR/public_only,B,seed=1): one command for a figure's baselines. --config_in_name prefixes
+them with one --config too, so that a command running a subset of the configs finds (and skips)
+the folders of an earlier one.
 
 Each variant (the product of the --sweep axes; --set applies to all) trains in WORKDIR/<name>,
 e.g. WORKDIR/switch_step=100,target_epsilon=3, one after another or --parallel at a time
@@ -34,6 +36,9 @@ from dpjax import report, sweeps
 _CONFIG = flags.DEFINE_multi_string("config", [], "Experiment config, as for dpjax.main "
                                     "(path[:arg]); several: each one's variants, in folders "
                                     "named after its arg first.")
+_CONFIG_IN_NAME = flags.DEFINE_bool("config_in_name", False, "Name the folders after the "
+                                    "config's arg with one --config too, so that they do not "
+                                    "depend on how many configs a command runs.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per variant.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "An axis KEY=V1,V2,... of config overrides.")
 _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant; "
@@ -65,7 +70,8 @@ def main(argv):
     extra = [f"--config.{kv}" for kv in _SET.value] + ["--progress=false"]
     cmds = []
     for config in _CONFIG.value:
-      prefix = config.partition(":")[2] if len(_CONFIG.value) > 1 else ""
+      named = len(_CONFIG.value) > 1 or _CONFIG_IN_NAME.value
+      prefix = config.partition(":")[2] if named else ""
       config_cmds = sweeps.commands(config, _WORKDIR.value, variants, extra, prefix)
       sweeps.write_variants(config, config_cmds, variants)
       cmds += config_cmds

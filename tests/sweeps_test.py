@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import pathlib
 import subprocess
 import sys
@@ -215,6 +216,23 @@ def test_plot_curves_writes_nothing_without_curvature_records(tmp_path):
   assert not sweeps.plot_curves(str(tmp_path / "sweep"), None, tmp_path / "c.png")
   assert not sweeps.plot_curves(str(tmp_path / "sweep"), ["trace_h"], tmp_path / "c.png")
   assert not (tmp_path / "c.png").exists()
+
+
+def test_launcher_names_folders_after_the_config_and_fills_set_values(tmp_path):
+  """--config_in_name: one --config's folders are named as in a sweep of several, so a later
+  call with more configs skips them; {seed} in --set is each variant's seed."""
+  launch = lambda *configs: subprocess.run(
+      [sys.executable, "launch/sweep.py", *[f"--config=experiments/finetune_cifar.py:{c}"
+                                            for c in configs],
+       f"--workdir={tmp_path}", "--sweep=seed=0,1", "--set=finetune.init_from=pre/seed={seed}",
+       "--config_in_name", "--print_commands"],
+      cwd=ROOT, capture_output=True, text=True, check=True,
+      env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout.splitlines()
+  one, two = launch("head"), launch("head", "bias")
+  assert one == two[:2]
+  assert [shlex.split(c)[4:] for c in one] == [
+      [f"--workdir={tmp_path}/head,seed={s}", f"--config.seed={s}",
+       f"--config.finetune.init_from=pre/seed={s}", "--progress=false"] for s in (0, 1)]
 
 
 def test_launcher_runs_a_tiny_sweep_end_to_end(tmp_path, dataset_cache):
