@@ -104,3 +104,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     config.finetune.selection = kind
   return config
+
+
+def describe(what: str, model: str) -> str:
+  """For experiments/finetune_cifar.sh: `what` of MODEL as a comma-separated list: selections,
+  sparse, methods, or other_learning_rates (the grid's rates but the default, run by the ε parts)."""
+  default = bu2024_cifar.MODELS[model][1]
+  lists = dict(selections=[m for m in METHODS[model] if m in SELECTIONS], sparse=SPARSE_METHODS,
+               methods=METHODS[model],
+               other_learning_rates=[f"{lr:g}" for lr in LEARNING_RATES[model] if lr != default])
+  return ",".join(lists[what])
+
+
+if __name__ == "__main__":
+  import sys
+  print(describe(*sys.argv[1:]))
