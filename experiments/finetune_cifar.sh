@@ -9,7 +9,10 @@
 #   sparse      sparta, magnitude, random at ε = 1, 3, 8        OUTDIR/R_sparse/...
 #   lr          every method at ε = 3 and the two learning rates beside the default (LRS; the
 #               default's runs are selection's and sparse's at ε = 3): the selection x lr grid
-# Fine-tuning seed S starts from OUTDIR/R_pretrain/seed=S (the same split: dpjax refuses another).
+# Fine-tuning seed S starts from PRETRAIN_DIR/seed=S (default OUTDIR/R_pretrain; the same split:
+# dpjax refuses another). On the GPU set PRETRAIN_DIR=/tmp/...: its checkpoints (~33 MB each) are
+# too large to carry, a warm machine keeps /tmp, and a cold one pre-trains again (the pretrain
+# part, first in every call, skips seeds finished there; it runs with deterministic GPU ops).
 # REGIME=B (default) or A; MODEL=wrn (default) or vit; METHODS=all,head: a subset of the part's
 # methods (a call's share of the grid; finished runs are skipped, so later calls add the rest).
 set -euo pipefail
@@ -18,6 +21,7 @@ source "$(dirname "$0")/gpu_sweeps.sh"  # sweep, run_parts, SEEDS, PARALLEL, CON
 regime=${REGIME:-B}
 model=${MODEL:-wrn}
 eps=${EPSILONS:-1,3,8}
+pretrain_dir=${PRETRAIN_DIR:-$out/${regime}_pretrain}
 study=experiments/finetune_cifar.py
 info() { $py "$study" "$1" "$model"; }  # the config's method lists and learning rates
 configs() {  # configs METHOD...: one --config per method (METHODS keeps those it names)
@@ -34,11 +38,13 @@ finetune() {  # finetune PART METHOD-LIST SWEEP.py-FLAGS...: the part's sweep fr
   mapfile -t flags < <(configs ${methods//,/ })
   if (( ${#flags[@]} == 0 )); then echo "METHODS=$METHODS names none of $methods" >&2; return 2; fi
   sweep "${regime}_$part" "${flags[@]}" --config_in_name \
-      --set="finetune.init_from=$out/${regime}_pretrain/seed={seed}" "$@"
+      --set="finetune.init_from=$pretrain_dir/seed={seed}" "$@"
 }
 run_part() {  # run_part PART
   case $1 in
-    pretrain) sweep "${regime}_pretrain" "--config=$study:pretrain,$regime,$model" ;;
+    pretrain) (out=$(dirname "$pretrain_dir")
+               export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
+               sweep "$(basename "$pretrain_dir")" "--config=$study:pretrain,$regime,$model") ;;
     selection) finetune selection "$(info selections)" --sweep=dp.target_epsilon=$eps ;;
     sparse) finetune sparse "$(info sparse)" --sweep=dp.target_epsilon=$eps ;;
     lr) finetune lr "$(info methods)" --set=dp.target_epsilon=3 \

@@ -105,20 +105,22 @@ def test_finetune_cifar_script_starts_each_seed_from_its_own_pretraining(tmp_pat
   """The script's sweeps, printed (--print_commands writes each run's variant.json): METHODS
   keeps a subset, the lr part runs the two rates beside the default at ε = 3, and fine-tuning
   seed S starts from R_pretrain/seed=S."""
+  pretrain_dir = tmp_path / "elsewhere" / "B_pre"  # PRETRAIN_DIR: the device's /tmp
   env = dict(os.environ, SWEEP_FLAGS="--print_commands", METHODS="head,sparta", SEEDS="0,2",
-             PYTHON=sys.executable, PYTHONPATH=str(EXPERIMENTS.parent))
-  subprocess.run(["bash", "experiments/finetune_cifar.sh", str(tmp_path), "pretrain", "lr"],
-                 cwd=EXPERIMENTS.parent, env=env, check=True, capture_output=True)
+             PYTHON=sys.executable, PYTHONPATH=str(EXPERIMENTS.parent),
+             PRETRAIN_DIR=str(pretrain_dir))
+  subprocess.run(["bash", "experiments/finetune_cifar.sh", str(tmp_path / "runs"), "pretrain",
+                  "lr"], cwd=EXPERIMENTS.parent, env=env, check=True, capture_output=True)
   runs = {p.parent.relative_to(tmp_path).as_posix(): json.loads(p.read_text())
-          for p in tmp_path.glob("*/*/variant.json")}
-  assert sorted(runs) == ["B_lr/" + f"{m},B,wrn,seed={s},learning_rate={lr}"
-                          for m in ("head", "sparta") for s in (0, 2)
-                          for lr in ("0.0005", "0.008")] + ["B_pretrain/seed=0", "B_pretrain/seed=2"]
+          for p in tmp_path.glob("**/variant.json")}
+  assert sorted(runs) == ["elsewhere/B_pre/seed=0", "elsewhere/B_pre/seed=2"] + [
+      f"runs/B_lr/{m},B,wrn,seed={s},learning_rate={lr}" for m in ("head", "sparta")
+      for s in (0, 2) for lr in ("0.0005", "0.008")]
   for name, run in runs.items():
     command = shlex.split(run["command"])
-    if name.startswith("B_lr/"):
+    if name.startswith("runs/B_lr/"):
       seed = run["overrides"]["seed"]
-      assert f"--config.finetune.init_from={tmp_path}/B_pretrain/seed={seed}" in command
+      assert f"--config.finetune.init_from={pretrain_dir}/seed={seed}" in command
       assert "--config.dp.target_epsilon=3" in command
 
 
