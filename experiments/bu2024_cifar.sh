@@ -16,16 +16,9 @@
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
 set -euo pipefail
 out=$1; shift
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}"
-py=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_sweeps.sh"  # sweep, run_parts, SEEDS, PARALLEL, CONCURRENT
 model=${MODEL:-wrn}
-seeds=${SEEDS:-0,1,2}
 eps=${EPSILONS:-1,3,8}
-sweep() {  # sweep NAME SWEEP.py-FLAGS...
-  local name=$1; shift
-  $py launch/sweep.py --workdir="$out/$name" --parallel="${PARALLEL:-4}" --sweep="seed=$seeds" \
-      "$@" | tail -30 || echo "(sweep $name failed, or its report did: see $out/$name/*.log)"
-}
 config() { echo "--config=experiments/bu2024_cifar.py:$1,$2,$model"; }
 run_part() {  # run_part PART
   local part=$1
@@ -53,15 +46,4 @@ run_part() {  # run_part PART
     *) echo "unknown part $part" >&2; return 2 ;;
   esac
 }
-mkdir -p "$out"
-if [[ "${CONCURRENT:-0}" == 1 ]]; then
-  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(
-      $py -c "print(f'{0.9 / (${PARALLEL:-4} * $#):.3f}')")}"
-  pids=()
-  for part in "$@"; do run_part "$part" > "$out/$part.sweep.log" 2>&1 & pids+=($!); done
-  status=0
-  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-  for part in "$@"; do cat "$out/$part.sweep.log"; done
-  exit $status
-fi
-for part in "$@"; do run_part "$part"; done
+run_parts run_part "$@"
