@@ -11,7 +11,6 @@ Random data; examples/s is measured over windows of steps dispatched without syn
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 import optax
 
+from benchmarks import timing
 from dpjax import models, parallel
 from dpjax.privacy import clipping, noise
 from dpjax.train import step as step_lib
@@ -27,6 +27,11 @@ from dpjax.train import step as step_lib
 # name -> (build_model kwargs, image shape, classes)
 MODELS: dict[str, tuple[dict, tuple[int, int, int], int]] = {
     "vit_b16_224": (dict(name="vit", variant="B", patch_size=16, image_size=224),
+                    (224, 224, 3), 1000),
+    # the longer sequence (T = 577) and the larger model of the performance issue
+    "vit_b16_384": (dict(name="vit", variant="B", patch_size=16, image_size=384),
+                    (384, 384, 3), 1000),
+    "vit_l16_224": (dict(name="vit", variant="L", patch_size=16, image_size=224),
                     (224, 224, 3), 1000),
     "vit_s16_224": (dict(name="vit", variant="S", patch_size=16, image_size=224),
                     (224, 224, 3), 1000),
@@ -43,22 +48,35 @@ CLIP_RULES = {"flat": lambda p: clipping.FlatClip(1.0),
               "per_layer": lambda p: clipping.per_layer_clip(p, 1.0)}
 
 
+def build_model(model_key: str, attention: str | None = None, scan_blocks: bool = False):
+  """(model, params, image shape, classes) of `MODELS[model_key]`: the Flax model and its float32
+  params initialised from PRNGKey(0). `attention`: another ViT attention than the default."""
+  kwargs, shape, classes = MODELS[model_key]
+  kwargs = dict(kwargs)
+  if attention:
+    kwargs["attention"] = attention
+  if scan_blocks:
+    kwargs["scan_blocks"] = True
+  model = models.build_model(kwargs.pop("name"), num_classes=classes, input_shape=shape,
+                             **kwargs)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1,) + shape, np.float32))
+  return model, params["params"], shape, classes
+
+
+def random_rows(rng: np.random.Generator, shape: tuple[int, ...], classes: int,
+                n: int) -> dict[str, np.ndarray]:
+  """n random examples: {image [n, *shape] float32 standard normal, label [n] int32}."""
+  return dict(image=rng.standard_normal((n,) + shape).astype(np.float32),
+              label=rng.integers(0, classes, n).astype(np.int32))
+
+
 class Steps:
   """The DP and non-DP steps of one model on one mesh, with their random data and state."""
 
   def __init__(self, model_key: str, mesh, microbatch: int, microbatches: int, dtype: str,
                clip: str = "flat", attention: str | None = None, method: str = "vmap",
                scan_blocks: bool = False):
-    kwargs, shape, classes = MODELS[model_key]
-    kwargs = dict(kwargs)
-    if attention:
-      kwargs["attention"] = attention
-    if scan_blocks:
-      kwargs["scan_blocks"] = True
-    model = models.build_model(kwargs.pop("name"), num_classes=classes, input_shape=shape,
-                               **kwargs)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1,) + shape, np.float32))
-    params = params["params"]
+    model, params, shape, classes = build_model(model_key, attention, scan_blocks)
     self.num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     self.batch = microbatch * microbatches
     rule = CLIP_RULES[clip](params)
@@ -81,9 +99,7 @@ class Steps:
     rng = np.random.default_rng(0)
 
     def rows(n):
-      return parallel.global_batch(mesh, dict(
-          image=rng.standard_normal((n,) + shape).astype(np.float32),
-          label=rng.integers(0, classes, n).astype(np.int32)), n)
+      return parallel.global_batch(mesh, random_rows(rng, shape, classes, n), n)
 
     self.params, self.batch_losses, self.rule = params, batch_losses, rule
     self.spent = None  # the DP step's last sum (`dp`)
@@ -103,14 +119,17 @@ class Steps:
 
   def pieces(self) -> dict[str, Callable[[], Any]]:
     """The parts of the two steps, each alone on the first microbatch: the non-DP gradient, the
-    DP accumulate (per-example norms, clipping, clipped sum) and, for ghost, its forward + backward
-    pass to the layers' outputs (`ghost_backward`: the factored terms) and its norms (that pass +
-    the norms)."""
+    DP accumulate (per-example norms, clipping, clipped sum), the step's Gaussian noise for every
+    parameter (`noise`: the exact-tail sampler) and, for ghost, its forward + backward pass to the
+    layers' outputs (`ghost_backward`: the factored terms) and its norms (that pass + the norms)."""
     params = self.state[0]
+    draw_noise = jax.jit(lambda key, p: noise.gaussian_noise_like(key, p, 1.0))
+    key = jax.random.key_data(jax.random.key(0))  # a benchmark: any key times the same
     found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
              "accumulate": lambda: self.accumulate(self.zero_sum(params), params, None,
                                                    self.microbatches[0], self.mask,
-                                                   np.bool_(True))}
+                                                   np.bool_(True)),
+             "noise": lambda: draw_noise(key, params)}
     if self.batch_losses is not None:
       from dpjax.privacy import ghost
       backward = jax.jit(lambda p, b: list(ghost.per_example_terms(
@@ -151,29 +170,16 @@ class Steps:
 
 def time_steps(advance: Callable[[], Any], windows: int, steps: int,
                host: list[float] | None = None) -> tuple[float, float]:
-  """(seconds of the first call, median seconds per call): `advance()` dispatches one step and
-  returns its output; each of `windows` windows dispatches `steps` steps and blocks once. `host`,
-  if given, receives each window's seconds per step spent dispatching (before the block)."""
-  start = time.perf_counter()
-  jax.block_until_ready(advance())
-  first = time.perf_counter() - start
-  per_step = []
-  for _ in range(windows):
-    start = time.perf_counter()
-    for _ in range(steps):
-      out = advance()
-    if host is not None:
-      host.append((time.perf_counter() - start) / steps)
-    jax.block_until_ready(out)
-    per_step.append((time.perf_counter() - start) / steps)
-  return first, statistics.median(per_step)
+  """(seconds of the first call, median seconds per call) of `advance()`, which dispatches one
+  step and returns its output: `timing.time_calls` waiting with `jax.block_until_ready`."""
+  return timing.time_calls(advance, jax.block_until_ready, windows, steps, host)
 
 
 def peak_memory_bytes(mesh) -> int:
   """The largest allocator peak over the mesh's devices; the process's max RSS on CPU."""
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
   if None in peaks:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return timing.max_rss_bytes()
   return int(max(peaks))
 
 

@@ -24,7 +24,12 @@ TITLES = {"throughput": "The trainer's DP step against its non-private step, one
                         "(`benchmarks.throughput`)",
           "scaling": "The same steps over a device mesh DATAxFSDP (`benchmarks.scaling`)",
           "dp_step": "A plain-SGD DP step (vmap) against a plain step, the first benchmark "
-                     "(`benchmarks.dp_step`)"}
+                     "(`benchmarks.dp_step`)",
+          "peers.opacus_vit": "Peer: Opacus's DP step on timm's ViT against timm's non-private "
+                              "step, one device (`benchmarks.peers.opacus_vit`)",
+          "peers.jax_privacy_vit": "Peer: jax_privacy's clipped_grad on dpjax's Flax model "
+                                   "against a plain JAX step, one device "
+                                   "(`benchmarks.peers.jax_privacy_vit`)"}
 
 
 def current(rows: Sequence[schema.Row]) -> list[tuple[schema.Row, schema.Row]]:

@@ -17,16 +17,22 @@ import subprocess
 from typing import Any, Iterable, Mapping, TypedDict
 
 FORMAT = "dpjax-benchmark-rows/1"  # the "format" key of a file of rows
-BENCHMARKS = ("throughput", "scaling", "dp_step")
+# dpjax's timing benchmarks, then the peers timed on the same model (`benchmarks/peers/`)
+BENCHMARKS = ("throughput", "scaling", "dp_step", "peers.opacus_vit", "peers.jax_privacy_vit")
 MODES = ("dp", "nondp")
-METHODS = ("vmap", "ghost")
+# vmap: per-example gradients instantiated by vectorisation (dpjax, jax_privacy's clipped_grad);
+# ghost: norms from layer inputs and output gradients (dpjax, Opacus "ghost"); hooks, functorch,
+# ew: Opacus's other grad_sample_mode names
+METHODS = ("vmap", "ghost", "hooks", "functorch", "ew")
 CLIPS = ("flat", "automatic", "per_layer")
 DTYPES = ("bfloat16", "float32")
 
 
 class Row(TypedDict):
-  benchmark: str            # the script that measured it, one of BENCHMARKS
-  model: str                # the script's model key (`harness.MODELS`, `dp_step.MODELS`)
+  benchmark: str            # the script that measured it, one of BENCHMARKS (a peer's names the
+                            # framework: details["framework"] holds its versions)
+  model: str                # the script's model key (`harness.MODELS`, `dp_step.MODELS`; the
+                            # peers: the harness key of the architecture they time)
   mode: str                 # "dp" or "nondp"
   method: str | None        # dp: the per-example method (METHODS); nondp: None
   clip: str | None          # dp: the clip rule (CLIPS); nondp: None

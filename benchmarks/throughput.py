@@ -131,7 +131,7 @@ def main() -> None:
                       help="replaces the suite: model:MICROBATCHxK,... e.g. vit_b16_224:64x2")
   parser.add_argument("--clips", default="flat", help="comma-separated: flat,automatic,per_layer")
   parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
-  parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum")
+  parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum,cudnn (GPU)")
   parser.add_argument("--methods", default="vmap",
                       help="per-example method: vmap,ghost")
   parser.add_argument("--scans", default="0",

@@ -91,7 +91,8 @@ def select(params: PyTree, selection: str = "all", num_blocks: int = 1,
                  any normalisation layer after them (ViT: blocks, final_norm, head), in the
                  forward pass's order: pass `order` (`call_order`; without it, name order);
     attention    head + attention projections (paths with an 'attention…' module, norms excluded);
-    mlp          head + MLP layers (paths with an 'mlp…' module, norms excluded);
+    mlp          head + MLP layers (paths with an 'mlp…' module, norms excluded); both refused
+                 for a model without such modules (the WRN, the CNNs);
     patterns     leaves whose 'a/b/c' path matches any of the comma-separated regexes `patterns`.
   Raises SelectionError for an unknown selection or one that matches no parameter.
   """
@@ -135,6 +136,12 @@ def select(params: PyTree, selection: str = "all", num_blocks: int = 1,
     raise SelectionError(
         f"finetune selection {selection!r}{f' (patterns {patterns!r})' if patterns else ''} "
         f"matches no parameter. Parameter paths: {['/'.join(p) for p in paths]}")
+  if selection in ("attention", "mlp") and not any(
+      component(p, selection) for p in paths if not in_head(p)):
+    raise SelectionError(  # else it would silently train the head alone
+        f"finetune selection {selection!r} needs modules named '{selection}…' (a ViT's "
+        f"attention / mlp_in, mlp_out); this model has none: {_top_modules(paths, order)}. "
+        "Use 'head' for the head alone, or 'patterns'.")
   return chosen_leaves
 
 

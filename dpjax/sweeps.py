@@ -49,10 +49,36 @@ def variant_name(variant: dict[str, str]) -> str:
   return re.sub(r"[^\w.,=+-]", "_", name)
 
 
+_PLACEHOLDER = re.compile(r"\{([\w.]+)\}")
+
+
+def fill(flag: str, variant: dict[str, str]) -> str:
+  """`flag` with each {KEY} replaced by the variant's value of the swept KEY, named in full
+  ({dp.target_epsilon}) or by its last part ({seed}, {target_epsilon}) when no other swept key
+  ends the same: e.g. --config.finetune.init_from=W/pretrain/seed={seed} starts each seed's
+  fine-tuning from the pre-training of the same seed. Raises ValueError for a KEY not swept."""
+  short: dict[str, list[str]] = {}
+  for key in variant:
+    short.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+
+  def value(match: re.Match) -> str:
+    key = match.group(1)
+    if key in variant:
+      return variant[key]
+    if len(short.get(key, ())) == 1:
+      return variant[short[key][0]]
+    raise ValueError(f"{flag!r} names {{{key}}}, which is not one swept key (swept: "
+                     f"{sorted(variant) or 'none'}); write {{KEY}} with a key of a --sweep axis, "
+                     "in full where two keys end the same.")
+  return _PLACEHOLDER.sub(value, flag)
+
+
 def commands(config: str, workdir: str, variants: list[dict[str, str]],
              extra_flags: Iterable[str] = (), prefix: str = "") -> list[list[str]]:
-  """One `python -m dpjax.main` argv per variant, in `workdir/<prefix,variant name>`."""
+  """One `python -m dpjax.main` argv per variant, in `workdir/<prefix,variant name>`; {KEY} in
+  `extra_flags` is the variant's value of the swept KEY (`fill`)."""
   names = [variant_name(v) for v in variants]
+  extra_flags = list(extra_flags)  # read once per variant
   if prefix:
     names = [re.sub(r"[^\w.,=+-]", "_", prefix) + ("," + n if v else "")
              for n, v in zip(names, variants)]
@@ -61,7 +87,8 @@ def commands(config: str, workdir: str, variants: list[dict[str, str]],
                      "letters, digits or . , = + -.")
   return [["python", "-m", "dpjax.main", f"--config={config}",
            f"--workdir={os.path.join(workdir, name)}",
-           *[f"--config.{k}={v}" for k, v in variant.items()], *extra_flags]
+           *[f"--config.{k}={v}" for k, v in variant.items()],
+           *[fill(flag, variant) for flag in extra_flags]]
           for name, variant in zip(names, variants)]
 
 

@@ -47,12 +47,32 @@ MODELS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  given = (arg or "dp").split(",")
-  variant, regime, model = given + ["dp", "B", "wrn"][len(given):]
-  for value, known, what in [(variant, VARIANTS, "variant"), (regime, REGIMES, "regime"),
-                             (model, MODELS, "model")]:
-    if value not in known:
-      raise ValueError(f"Unknown {what} {value!r}; choose one of {sorted(known)}.")
+  variant, regime, model = split_arg(arg, ("dp", "B", "wrn"),
+                                     (("variant", VARIANTS), ("regime", REGIMES),
+                                      ("model", MODELS)))
+  config = base_config(regime, model)
+  _apply_variant(config, variant)
+  return config
+
+
+def split_arg(arg: str | None, defaults: tuple[str, ...],
+              known: tuple[tuple[str, object], ...]) -> list[str]:
+  """The comma-separated parts of a config arg, missing ones from `defaults`; each part must be
+  in its (what, choices) of `known` (ValueError naming the choices otherwise)."""
+  given = (arg or defaults[0]).split(",")
+  if len(given) > len(defaults):
+    raise ValueError(f"Config arg {arg!r} has more than {len(defaults)} parts "
+                     f"({', '.join(what for what, _ in known)}).")
+  parts = given + list(defaults[len(given):])
+  for value, (what, choices) in zip(parts, known):
+    if value not in choices:
+      raise ValueError(f"Unknown {what} {value!r}; choose one of {sorted(choices)}.")
+  return parts
+
+
+def base_config(regime: str, model: str) -> ml_collections.ConfigDict:
+  """The study's shared setup (data split of REGIME, MODEL, DP, optimizer, 400 steps, perf) before
+  a variant's schedule; experiments/finetune_cifar.py starts from it too."""
   config = config_lib.default_config()
   config.data.update(name="cifar10_jpeg", standardize=True, in_memory=True, augment="crop_flip",
                      **REGIMES[regime])
@@ -67,7 +87,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.update(every_steps=200, batch_size=2000)
   config.checkpoint.every_steps = 200
   config.log_every_steps = 50
-  _apply_variant(config, variant)
   return config
 
 

@@ -16,11 +16,9 @@
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
 set -euo pipefail
 out=$1; shift
-py=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_sweeps.sh"  # sweep, run_parts, SEEDS, PARALLEL, CONCURRENT
 model=${MODEL:-wrn}
-seeds=${SEEDS:-0,1,2}
 eps=${EPSILONS:-1,3,8}
-source "$(dirname "$0")/parts.sh"  # sweep, run_parts
 config() { echo "--config=experiments/bu2024_cifar.py:$1,$2,$model"; }
 run_part() {  # run_part PART
   local part=$1
@@ -48,4 +46,4 @@ run_part() {  # run_part PART
     *) echo "unknown part $part" >&2; return 2 ;;
   esac
 }
-run_parts "$@"
+run_parts run_part "$@"

@@ -80,6 +80,23 @@ def cell_name(row: dict) -> str:
   return name
 
 
+def accuracy_summary(members: list[dict]) -> dict:
+  """runs, mean, sample std (nan for one run) and the per-seed list of members' test accuracy."""
+  accuracy = [m["test_accuracy"] for m in members]
+  return dict(runs=len(members), mean=statistics.fmean(accuracy),
+              std=statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan"),
+              accuracies=" ".join(f"{a:.4f}" for a in accuracy))
+
+
+def write_csvs(out: str, tables: dict[str, list[dict]]) -> None:
+  """Writes each {file name: rows} as out/<file name> (columns: the first row's keys)."""
+  for name, data in tables.items():
+    with open(os.path.join(out, name), "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(data[0]))
+      writer.writeheader()
+      writer.writerows(data)
+
+
 def cells(rows: list[dict]) -> list[dict]:
   """Mean and sample std of test accuracy per (regime, model, cell, ε target) over seeds."""
   groups = collections.defaultdict(list)
@@ -88,12 +105,8 @@ def cells(rows: list[dict]) -> list[dict]:
   out = []
   for (regime, model, name, eps), members in sorted(
       groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3] or 0, kv[0][2])):
-    accuracy = [m["test_accuracy"] for m in members]
     out.append(dict(
-        regime=regime, model=model, cell=name, target_epsilon=eps, runs=len(members),
-        mean=statistics.fmean(accuracy),
-        std=statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan"),
-        accuracies=" ".join(f"{a:.4f}" for a in accuracy),
+        regime=regime, model=model, cell=name, target_epsilon=eps, **accuracy_summary(members),
         fixed_switch=members[0]["switch_step"] if members[0]["variant"] == "dp" else None,
         warmup_steps=members[0]["warmup_steps"],
         switch_steps=" ".join(str(m["switch_step"]) for m in members)
@@ -115,7 +128,9 @@ def markdown(table: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(table: list[dict], regime: str, path: str) -> None:
+def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
+  """Accuracy against the fixed switch step, the baselines as lines, each automatic-switch run as
+  a point at the step where it switched."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -128,6 +143,16 @@ def plot(table: list[dict], regime: str, path: str) -> None:
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
                 ls="-" if warmup else ":",
                 label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
+  markers = dict(auto="^", auto_plateau="s", auto_relplateau="D", auto_lookahead="v")
+  autos = [r for r in rows if r["regime"] == regime and r["variant"].startswith("auto")
+           and r["switch_step"] is not None]
+  for key in sorted({(r["variant"], r["target_epsilon"], r["warmup_steps"]) for r in autos}):
+    variant, eps, warmup = key
+    points = [r for r in autos if (r["variant"], r["target_epsilon"], r["warmup_steps"]) == key]
+    ax.scatter([r["switch_step"] for r in points], [r["test_accuracy"] for r in points],
+               marker=markers.get(variant, "x"), facecolors="none" if not warmup else None,
+               edgecolors="tab:red", color="tab:red", zorder=3,
+               label=f"{variant} run, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
   for c in table:
     if c["regime"] == regime and c["cell"] in ("public_only", "nonprivate", "clip_only"):
       ax.axhline(c["mean"], ls="--", lw=1, color={"public_only": "gray", "nonprivate": "black",
@@ -142,21 +167,22 @@ def plot(table: list[dict], regime: str, path: str) -> None:
   plt.close(fig)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def runs_and_out(doc: str) -> tuple[str, str]:
+  """(RUNS_DIR, --out or RUNS_DIR) from the command line of a table script (`doc`: its __doc__)."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("runs_dir")
   parser.add_argument("--out", default=None, help="where to write (default: RUNS_DIR)")
   args = parser.parse_args()
-  out = args.out or args.runs_dir
-  rows = run_rows(args.runs_dir)
+  return args.runs_dir, args.out or args.runs_dir
+
+
+def main() -> None:
+  runs_dir, out = runs_and_out(__doc__)
+  rows = run_rows(runs_dir)
   table = cells(rows)
-  for name, data in (("runs.csv", rows), ("cells.csv", table)):
-    with open(os.path.join(out, name), "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(data[0]))
-      writer.writeheader()
-      writer.writerows(data)
+  write_csvs(out, {"runs.csv": rows, "cells.csv": table})
   for regime in sorted({c["regime"] for c in table}):
-    plot(table, regime, os.path.join(out, f"accuracy_{regime}.png"))
+    plot(table, rows, regime, os.path.join(out, f"accuracy_{regime}.png"))
   print(markdown(table))
 
 

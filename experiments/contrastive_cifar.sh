@@ -15,10 +15,8 @@
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
 set -euo pipefail
 out=$1; shift
-py=${PYTHON:-python3}
-seeds=${SEEDS:-0,1,2}
+source "$(dirname "$0")/gpu_sweeps.sh"  # sweep, run_parts, py, SEEDS, PARALLEL, CONCURRENT
 eps=${EPSILONS:-3,8}
-source "$(dirname "$0")/parts.sh"  # sweep, run_parts
 config() { echo "--config=experiments/contrastive_cifar.py:$1,$2"; }
 steps() {  # steps BATCH: --set flags for EPOCHS, if given
   [[ -z "${EPOCHS:-}" ]] && return 0
@@ -43,4 +41,4 @@ run_part() {  # run_part PART
     *) echo "unknown part $part" >&2; return 2 ;;
   esac
 }
-run_parts "$@"
+run_parts run_part "$@"

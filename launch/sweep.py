@@ -6,8 +6,14 @@
       [--x=mixing.switch_step --group=dp.target_epsilon] [--capture] [--parallel=N] \\
       [--print_commands | --collect_only]
 
+A --set value may hold {KEY}, the value of a swept KEY in each variant (`sweeps.fill`):
+--sweep=seed=0,1,2 --set=finetune.init_from=W/pretrain/seed={seed} starts each seed's
+fine-tuning from the pre-training of the same seed.
+
 Several --config flags run each config's variants (folders prefixed by its arg, e.g.
-WORKDIR/public_only,B,seed=1): one command for a figure's baselines.
+WORKDIR/public_only,B,seed=1): one command for a figure's baselines. --config_in_name prefixes
+them with one --config too, so that a command running a subset of the configs finds (and skips)
+the folders of an earlier one.
 
 Each variant (the product of the --sweep axes; --set applies to all) trains in WORKDIR/<name>,
 e.g. WORKDIR/switch_step=100,target_epsilon=3, one after another or --parallel at a time
@@ -30,9 +36,13 @@ from dpjax import report, sweeps
 _CONFIG = flags.DEFINE_multi_string("config", [], "Experiment config, as for dpjax.main "
                                     "(path[:arg]); several: each one's variants, in folders "
                                     "named after its arg first.")
+_CONFIG_IN_NAME = flags.DEFINE_bool("config_in_name", False, "Name the folders after the "
+                                    "config's arg with one --config too, so that they do not "
+                                    "depend on how many configs a command runs.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep folder: one subfolder per variant.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "An axis KEY=V1,V2,... of config overrides.")
-_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant.")
+_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every variant; "
+                                 "{KEY2} in VALUE is the variant's value of a swept KEY2.")
 _BASELINE = flags.DEFINE_multi_string("baseline", [], "NAME=DIR: a finished run's accuracy, "
                                       "drawn as a horizontal line.")
 _X = flags.DEFINE_string("x", None, "Swept key on the x axis (default: the first --sweep key).")
@@ -60,7 +70,8 @@ def main(argv):
     extra = [f"--config.{kv}" for kv in _SET.value] + ["--progress=false"]
     cmds = []
     for config in _CONFIG.value:
-      prefix = config.partition(":")[2] if len(_CONFIG.value) > 1 else ""
+      named = len(_CONFIG.value) > 1 or _CONFIG_IN_NAME.value
+      prefix = config.partition(":")[2] if named else ""
       config_cmds = sweeps.commands(config, _WORKDIR.value, variants, extra, prefix)
       sweeps.write_variants(config, config_cmds, variants)
       cmds += config_cmds

@@ -39,7 +39,7 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
     assert (dp["microbatch"], dp["microbatches"], nondp["microbatch"]) == (8, 2, 16)
     ratio = dp["examples_per_s"] / nondp["examples_per_s"]
     assert abs(dp["dp_over_non_dp"] - ratio) < 1e-9
-    pieces = {"public_grad_ms", "accumulate_ms"} | (
+    pieces = {"public_grad_ms", "accumulate_ms", "noise_ms"} | (
         {"ghost_backward_ms", "ghost_norms_ms"} if dp["method"] == "ghost" else set())
     assert set(dp["details"]["pieces"]) == pieces and min(dp["details"]["pieces"].values()) > 0
   assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
@@ -306,3 +306,94 @@ def test_readme_table_is_the_generated_one():
   assert report_table.replace_table(readme, table) == readme, (
       "the README's table is stale: run python -m benchmarks.report_table")
   assert readme.index(report_table.BEGIN) < readme.index("## ")  # the table comes first
+
+
+def test_timing_times_windows_after_a_first_call_and_warmup():
+  from benchmarks import timing
+  calls, waits = [], []
+  first, per_step = timing.time_calls(lambda: calls.append(1) or len(calls), waits.append,
+                                      windows=3, steps=4, warmup=2)
+  assert len(calls) == 1 + 2 + 3 * 4
+  assert waits == [1, 3, 7, 11, 15]  # the first call, the warm-up, then each window's last
+  assert first >= 0 and per_step >= 0
+  with pytest.raises(ValueError, match="windows >= 1"):
+    timing.time_calls(lambda: None, lambda out: None, windows=0, steps=1)
+
+
+def _peer_raw(mode: str, batch: int, dp_rate: float, benchmark_method: str | None = None):
+  """A peer subprocess's raw measurement (`benchmarks.peers.search`); non-DP rate 2 × batch."""
+  raw = dict(model="vit_test", dtype="bfloat16", batch=batch, microbatch=batch, microbatches=1,
+             method=None if mode == "nonprivate" else (benchmark_method or mode), clip="flat",
+             device="cpu", details=dict(framework="peer 1.0"),
+             non_dp_examples_per_s=2.0 * batch, non_dp_step_ms=1.0, non_dp_compile_s=0.5,
+             non_dp_peak_memory_bytes=2**20)
+  if mode != "nonprivate":
+    raw.update(dp_examples_per_s=dp_rate, dp_step_ms=2.0, dp_compile_s=1.0,
+               dp_peak_memory_bytes=2**21)
+  return raw
+
+
+def test_peer_batch_search_stops_at_out_of_memory_and_marks_the_fastest_batch(tmp_path,
+                                                                               monkeypatch):
+  """Each mode's batches run in increasing order until one runs out of memory (the larger ones
+  are listed as skipped, not run); the plain row of each search is its fastest batch (by the DP
+  rate, or the non-DP rate for runs of the non-private step alone)."""
+  import argparse
+
+  from benchmarks import rows
+  from benchmarks.peers import search
+  calls = []
+
+  def measured(flags):
+    config = dict(flag[2:].split("=", 1) for flag in flags)
+    mode, batch = config["mode"], int(config["batch"])
+    calls.append((mode, batch))
+    if batch == 256:
+      return dict(mode=mode, batch=batch, failed="torch.OutOfMemoryError: CUDA out of memory.")
+    return _peer_raw(mode, batch, {32: 100.0, 64: 150.0, 128: 120.0}[batch])
+
+  monkeypatch.setattr(rows, "run_row", _fake_run_row(measured))
+  out = tmp_path / "peer.json"
+  found, failed = search.run_search(
+      "benchmarks.peers.opacus_vit", "peers.opacus_vit",
+      search.configurations(["ghost", "nonprivate"], search.parse_batches("512,32,256,64,128")),
+      lambda config: [f"--mode={config['mode']}", f"--batch={config['batch']}"],
+      argparse.Namespace(out=str(out), commit="abc1234"))
+  assert calls == [(mode, b) for mode in ("ghost", "nonprivate") for b in (32, 64, 128, 256)]
+  assert [(f["mode"], f["batch"], f["failed"].split(":")[0]) for f in failed] == [
+      ("ghost", 256, "torch.OutOfMemoryError"), ("ghost", 512, "skipped"),
+      ("nonprivate", 256, "torch.OutOfMemoryError"), ("nonprivate", 512, "skipped")]
+  written = json.loads(out.read_text())
+  assert written["format"] == schema.FORMAT and written["rows"] == found
+  table = schema.validate_table(found)
+  assert [(r["mode"], r["method"], r["batch"], r["variant"]) for r in table
+          if r["variant"] is None or "(batch 64" not in r["variant"]] == [
+      ("nondp", None, 64, None), ("dp", "ghost", 64, None),
+      ("nondp", None, 32, search.NOT_FASTEST.format(best=128)),
+      ("nondp", None, 64, search.NOT_FASTEST.format(best=128)), ("nondp", None, 128, None)]
+  assert all(r["commit"] == "abc1234" and r["benchmark"] == "peers.opacus_vit" for r in table)
+  assert "**Peer: Opacus's DP step on timm's ViT" in report_table.markdown(table)
+  assert "| 1 | vit_test | ghost | flat | bfloat16 | 64 × 1 | cpu | 150 | 128 |" in (
+      report_table.markdown(table))
+  assert search.is_out_of_memory("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while")
+  with pytest.raises(ValueError, match="positive"):
+    search.parse_batches("0,8")
+
+
+def test_peer_table_sets_dpjax_beside_its_peers_and_states_the_ratios():
+  from benchmarks.peers import search, table
+  peers = [search.to_rows(_peer_raw(mode, 16, rate, method), benchmark=benchmark, run=0,
+                          sources=(f"{name}.json#/rows/0", f"{name}.json#/rows/1"), command="c",
+                          commit=None, date=None)
+           for name, benchmark, mode, rate, method in (
+               ("o", "peers.opacus_vit", "ghost", 20.0, None),
+               ("j", "peers.jax_privacy_vit", "dp", 40.0, "vmap"))]
+  rows = _pair(0, dp_rate=60.0) + peers[0] + peers[1]  # dpjax: DP 60, non-DP 100 ex/s
+  text = table.markdown(rows)
+  assert "| dpjax | vit_test | ghost | float32 | 8 × 2 | cpu | 60.0 | 100.0 | 0.600 | 1 | — |" in text
+  assert "| Opacus / timm | vit_test | ghost | bfloat16 | 16 × 1 | cpu | 20.0 | 32.0 | 0.625 |" in text
+  assert "| jax_privacy / plain JAX | vit_test | vmap |" in text
+  assert [line.split(";")[0] for line in table.comparisons(rows)] == [
+      "- vit_test: dpjax DP ÷ Opacus's best DP = 60.0 / 20.0 = 3.00× (target ≥ 3×)",
+      "- vit_test: dpjax DP ÷ jax_privacy clipped_grad DP = 60.0 / 40.0 = 1.50× (target ≥ 1.5×)",
+      "- vit_test: dpjax non-private ÷ timm non-private = 100.0 / 32.0 = 3.12×"]

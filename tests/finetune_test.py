@@ -55,6 +55,30 @@ def test_selections_on_a_vit():
       "embedding/class_token", "embedding/position_embedding"]
 
 
+def test_selections_on_a_wide_resnet():
+  """last_blocks follows the call order (stage3_block2 is the last residual block, then the final
+  GroupNorm and the head); BitFit takes WSConv and GroupNorm biases; attention / mlp are refused
+  (the WRN has neither: they would train the head alone)."""
+  model = models.build_model("wrn", num_classes=3, depth=10, width=1, num_groups=4,
+                             input_shape=toy_models.IMAGE_SHAPE)
+  params = toy_models.init(model)
+  order = finetune.call_order(model, params, jnp.zeros((1,) + toy_models.IMAGE_SHAPE))
+  assert order == ["first_conv", "stage1_block1", "stage2_block1", "stage3_block1",
+                   "final_norm", "head"]
+  pick = lambda name, **kw: _chosen(params, finetune.select(params, name, order=order, **kw))
+  last = pick("last_blocks", num_blocks=1)
+  assert {p.split("/")[0] for p in last} == {"stage3_block1", "final_norm", "head"}
+  assert {p.split("/")[0] for p in pick("last_blocks", num_blocks=2)} == {
+      "stage2_block1", "stage3_block1", "final_norm", "head"}
+  bias = pick("bias")
+  assert "stage1_block1/PreActivationConv_0/WSConv_0/bias" in bias
+  assert "stage1_block1/PreActivationConv_0/GroupNorm_0/bias" in bias
+  assert all(p.endswith("/bias") or p.startswith("head/") for p in bias)
+  for name in ("attention", "mlp"):
+    with pytest.raises(finetune.SelectionError, match=f"needs modules named '{name}"):
+      finetune.select(params, name, order=order)
+
+
 def test_bad_selections_are_refused_clearly():
   params, order = _vit()
   with pytest.raises(finetune.SelectionError, match="matches no parameter"):
@@ -370,4 +394,27 @@ def test_composition_errors_are_clear(private_run, pretrained, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="trained further"):
     state_lib.check_resumed_prior(accounting.PrivacyLedger(prior=moved), source)
   # A source without private steps (the public pre-training) composes to nothing.
-  assert state_lib.read_source(_private_config(2, init_from=pretrained)).ledger is None
+  # (_finetune_config splits Fashion-MNIST as `pretrained` did; _private_config's 6,000 examples
+  # are split otherwise, which the next test refuses.)
+  assert state_lib.read_source(_finetune_config(pretrained, 2)).ledger is None
+
+
+@pytest.mark.parametrize("change", [dict(seed=1), dict(data=dict(public_fraction=0.2)),
+                                    dict(data=dict(public_classes=(0, 1)))])
+def test_a_source_whose_public_part_may_be_this_runs_private_data_is_refused(pretrained, change):
+  """The public pre-training saw its public part without DP: a run that splits the same dataset
+  otherwise (another seed, fraction or classes) could hold those examples in its private part."""
+  config = _finetune_config(pretrained, 2)
+  for block, values in change.items():
+    config[block].update(values) if isinstance(values, dict) else setattr(config, block, values)
+  with pytest.raises(ValueError, match="its private part can hold examples that run saw without"):
+    state_lib.read_source(config)
+  config.finetune.init_from_public = True  # declared public: the user's statement, not checked
+  assert state_lib.read_source(config).declared_public
+  assert state_lib.read_source(_private_config(2, init_from=pretrained, init_from_public=True))
+  with pytest.raises(ValueError, match="data.train_examples=0; this run splits it with"):
+    state_lib.read_source(_private_config(2, init_from=pretrained))  # the first 6,000 only
+  other_data = _finetune_config(pretrained, 2)
+  other_data.data.name = "mnist"  # another dataset: its public part is not this run's data
+  other_data.seed = 1
+  assert state_lib.read_source(other_data).ledger is None

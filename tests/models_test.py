@@ -229,16 +229,18 @@ def test_wsconv_ignores_the_scale_and_shift_of_each_output_channel_of_its_kernel
 
 # --- ViT -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant, num_params", [("Ti", 5.7e6), ("B", 86.6e6)])
-def test_vit_16_at_224_has_the_published_size(variant, num_params):
-  model = models.build_model("vit", 1000, variant=variant, patch_size=16, image_size=224)
-  params = _abstract_params(model, (224, 224, 3))
+@pytest.mark.parametrize("variant, image_size, num_params", [
+    ("Ti", 224, 5.7e6), ("B", 224, 86.6e6), ("B", 384, 86.9e6), ("L", 224, 304.3e6)])
+def test_vit_16_has_the_published_size(variant, image_size, num_params):
+  model = models.build_model("vit", 1000, variant=variant, patch_size=16, image_size=image_size)
+  params = _abstract_params(model, (image_size, image_size, 3))
   assert abs(_num_params(params) - num_params) / num_params < 0.01
-  assert params["embedding"]["position_embedding"].shape[1] == 14 * 14 + 1
+  assert params["embedding"]["position_embedding"].shape[1] == (image_size // 16) ** 2 + 1
 
 
 @pytest.mark.parametrize("variant, sizes", [
-    ("Ti", (192, 12, 3, 768)), ("S", (384, 12, 6, 1536)), ("B", (768, 12, 12, 3072))])
+    ("Ti", (192, 12, 3, 768)), ("S", (384, 12, 6, 1536)), ("B", (768, 12, 12, 3072)),
+    ("L", (1024, 24, 16, 4096))])
 def test_vit_config_variants(variant, sizes):
   config = models.vit_config(variant)
   assert (config["width"], config["depth"], config["num_heads"], config["mlp_dim"]) == sizes
@@ -261,7 +263,7 @@ def test_vit_rejects_images_of_another_size():
 
 
 @pytest.mark.parametrize("variant, overrides, match", [
-    ("L", {}, "Unknown ViT variant"),
+    ("H", {}, "Unknown ViT variant"),
     ("Ti", dict(heads=4), "Unknown ViT overrides"),
     ("Ti", dict(num_heads=5), "divisible by num_heads"),
 ])
@@ -405,6 +407,21 @@ def test_vit_fused_and_einsum_attention_agree():
   with pytest.raises(ValueError, match="attention 'flash' is unknown"):
     models.build_model("vit", num_classes=5, variant="Ti", patch_size=8, image_size=32,
                        attention="flash")
+
+
+@pytest.mark.parametrize("tokens", [17, 64, 65])
+def test_padded_attention_equals_fused_attention_and_its_gradient(tokens):
+  """The "cudnn" attention's padding and length masking (run here with XLA's kernel): the same
+  output and gradients as attention over the unpadded tokens, whatever the padding."""
+  q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, 2, tokens, 2, 8))
+  padded = vit.padded_attention(implementation=None, multiple=64)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  np.testing.assert_allclose(padded(q, k, v), vit.fused_attention(q, k, v), atol=1e-5)
+  for g_padded, g_fused in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                               jax.grad(loss(vit.fused_attention), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_padded, g_fused, atol=1e-5)
+  with pytest.raises(ValueError, match="no bias or mask"):
+    padded(q, k, v, mask=jnp.ones((2, 1, tokens, tokens), bool))
 
 
 @pytest.mark.parametrize("unroll", [1, 3])

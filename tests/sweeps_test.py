@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import pathlib
 import subprocess
 import sys
@@ -50,6 +51,23 @@ def test_commands_give_each_variant_its_workdir_and_overrides():
   assert cmds[1] == ["python", "-m", "dpjax.main", "--config=experiments/continual.py:dp",
                      "--workdir=sw/switch_step=100", "--config.mixing.switch_step=100",
                      "--config.schedule.total_steps=6", "--progress=false"]
+
+
+def test_set_values_name_each_variants_swept_values():
+  """{seed} in a --set value: each seed's fine-tuning starts from the same seed's pre-training."""
+  variants = sweeps.expand(["seed=0,1", "dp.target_epsilon=3"])
+  cmds = sweeps.commands("e.py:sparta", "sw", variants,
+                         ["--config.finetune.init_from=pre/seed={seed},eps={dp.target_epsilon}",
+                          "--config.x={target_epsilon}", "--progress=false"])
+  assert [c[-3:] for c in cmds] == [
+      ["--config.finetune.init_from=pre/seed=0,eps=3", "--config.x=3", "--progress=false"],
+      ["--config.finetune.init_from=pre/seed=1,eps=3", "--config.x=3", "--progress=false"]]
+  with pytest.raises(ValueError, match=r"\{lr\}, which is not one swept key"):
+    sweeps.commands("e.py", "sw", variants, ["--config.a={lr}"])
+  clash = sweeps.expand(["a.lr=1", "b.lr=2"])
+  with pytest.raises(ValueError, match="in full where two keys end the same"):
+    sweeps.commands("e.py", "sw", clash, ["--config.a={lr}"])
+  assert sweeps.commands("e.py", "sw", clash, ["--config.c={b.lr}"])[0][-1] == "--config.c=2"
 
 
 def test_commands_refuse_variants_that_would_share_a_folder():
@@ -198,6 +216,23 @@ def test_plot_curves_writes_nothing_without_curvature_records(tmp_path):
   assert not sweeps.plot_curves(str(tmp_path / "sweep"), None, tmp_path / "c.png")
   assert not sweeps.plot_curves(str(tmp_path / "sweep"), ["trace_h"], tmp_path / "c.png")
   assert not (tmp_path / "c.png").exists()
+
+
+def test_launcher_names_folders_after_the_config_and_fills_set_values(tmp_path):
+  """--config_in_name: one --config's folders are named as in a sweep of several, so a later
+  call with more configs skips them; {seed} in --set is each variant's seed."""
+  launch = lambda *configs: subprocess.run(
+      [sys.executable, "launch/sweep.py", *[f"--config=experiments/finetune_cifar.py:{c}"
+                                            for c in configs],
+       f"--workdir={tmp_path}", "--sweep=seed=0,1", "--set=finetune.init_from=pre/seed={seed}",
+       "--config_in_name", "--print_commands"],
+      cwd=ROOT, capture_output=True, text=True, check=True,
+      env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout.splitlines()
+  one, two = launch("head"), launch("head", "bias")
+  assert one == two[:2]
+  assert [shlex.split(c)[4:] for c in one] == [
+      [f"--workdir={tmp_path}/head,seed={s}", f"--config.seed={s}",
+       f"--config.finetune.init_from=pre/seed={s}", "--progress=false"] for s in (0, 1)]
 
 
 def test_launcher_runs_a_tiny_sweep_end_to_end(tmp_path, dataset_cache):

@@ -14,10 +14,11 @@ image, used for the BatchNorm check and where the architecture depends on it):
                     num_groups=16; input_shape=(32, 32, 3).
   resnet18          ResNet with stage_sizes (2, 2, 2, 2) (11.2M parameters at width 64, 10
                     outputs); width=64, num_groups=16, input_shape.
-  vit               ViT; variant="Ti" ("Ti", "S", "B"), patch_size=16, image_size (default
+  vit               ViT; variant="Ti" ("Ti", "S", "B", "L"), patch_size=16, image_size (default
                     input_shape[0], else 224), overrides of width / depth / num_heads / mlp_dim.
                     input_shape defaults to (image_size, image_size, 3); attention="fused"
-                    (jax.nn.dot_product_attention) or "einsum" (flax's written-out softmax);
+                    (jax.nn.dot_product_attention), "einsum" (flax's written-out softmax) or
+                    "cudnn" (cuDNN flash attention on padded tokens; GPU, bf16);
                     scan_blocks=True runs the blocks as one nn.scan (compiles once, not depth
                     times; params["blocks"] stacked along a leading depth axis).
 """

@@ -14,6 +14,7 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
 }
 
 
@@ -67,10 +68,29 @@ def fused_attention(query, key, value, bias=None, mask=None, **unused):
   return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
 
 
-# attention="einsum": flax's softmax(QKᵀ/√d)V written out; "fused": one op (XLA's). cuDNN's
-# flash attention (jax.nn.dot_product_attention(implementation="cudnn")) refuses these models in
-# training on jax 0.11.2 (sequence lengths 197 and 65: "Unsupported sequence length").
-ATTENTION_FNS = {"einsum": nn.dot_product_attention, "fused": fused_attention}
+def padded_attention(implementation: str | None = "cudnn", multiple: int = 64):
+  """An attention_fn that pads the tokens to a multiple of `multiple` and masks the padding by
+  sequence lengths, for kernels that take only such lengths: cuDNN's flash attention refused the
+  ViTs' 197 and 65 tokens in training on jax 0.11.2 ("Unsupported sequence length"). Padding and
+  masking stay within each example. [batch, tokens, heads, head_dim] in and out."""
+  def attention(query, key, value, bias=None, mask=None, **unused):
+    del unused
+    if bias is not None or mask is not None:
+      raise ValueError("padded attention takes no bias or mask (the ViT passes none).")
+    batch, tokens = query.shape[:2]
+    pad = [(0, 0), (0, -tokens % multiple), (0, 0), (0, 0)]
+    lengths = jnp.full((batch,), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        *(jnp.pad(x, pad) for x in (query, key, value)), query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :tokens]
+  return attention
+
+
+# attention="einsum": flax's softmax(QKᵀ/√d)V written out; "fused": one op (XLA's); "cudnn":
+# cuDNN's flash attention on tokens padded to a multiple of 64 (GPU only, bf16/fp16).
+ATTENTION_FNS = {"einsum": nn.dot_product_attention, "fused": fused_attention,
+                 "cudnn": padded_attention("cudnn")}
 
 
 class EncoderBlock(nn.Module):
@@ -140,7 +160,7 @@ class ViT(nn.Module):
   depth: int = 12
   num_heads: int = 3
   mlp_dim: int = 768
-  attention: str = "fused"  # or "einsum"; see ATTENTION_FNS
+  attention: str = "fused"  # or "einsum", "cudnn"; see ATTENTION_FNS
   # scan_blocks: the blocks as one nn.scan over a stack of their params (params["blocks"], each
   # leaf [depth, ...]): the same function, compiled once for all blocks instead of depth times.
   # Every variable collection stacks along the scanned axis (ghost clipping's included).

@@ -159,6 +159,7 @@ def read_source(config: ml_collections.ConfigDict) -> Source | None:
   if f.init_from_public:
     return Source(f.init_from, None, True, None, None)
   step, record = checkpoint.source_record(f.init_from)
+  check_same_split(config, record.get("config"), f.init_from)
   if "ledger" not in record or "delta" not in (record.get("plan") or {}):
     raise checkpoint.CheckpointError(
         f"The checkpoint of {f.init_from} (step {step}) holds no privacy ledger and plan, so the "
@@ -183,6 +184,42 @@ def read_source(config: ml_collections.ConfigDict) -> Source | None:
         "guarantee, so nothing is left for this run. Raise dp.target_epsilon, or, if the source "
         "trained on other data than this run's private set, set finetune.init_from_public=True.")
   return Source(f.init_from, step, False, ledger, delta)
+
+
+SPLIT_KEYS = ("public_fraction", "public_classes", "train_examples")  # with seed: the split
+
+
+def check_same_split(config: ml_collections.ConfigDict, source_config: dict | None,
+                     workdir: str) -> None:
+  """Refuses a source that trained on the public part of this run's dataset split otherwise.
+
+  The source saw its public part without DP; this run's guarantee covers its private part only if
+  the two are disjoint, which holds when both split data.name alike (the split is a function of
+  seed, data.public_fraction, data.public_classes, data.train_examples and the labels,
+  `data.splits`). A source of another dataset (or of a separate data.public_name), or one
+  declared public (checked before this), is not compared. source_config: the source checkpoint's
+  config (`config.trajectory_view`; None for checkpoints without one: not checked).
+  """
+  if source_config is None:
+    return
+  theirs, ours = source_config.get("data", {}), config.data
+  if theirs.get("name") != ours.name or theirs.get("public_name") or not theirs.get(
+      "public_fraction"):
+    return
+  split = lambda seed, get: (seed, *(tuple(v) if isinstance(v, (list, tuple)) else v
+                                     for v in map(get, SPLIT_KEYS)))
+  defaults = config_lib.RunSpec.defaults()["data"]
+  source_split = split(source_config.get("seed"), lambda k: theirs.get(k, defaults[k]))
+  this_split = split(config.seed, lambda k: ours[k])
+  if source_split != this_split:
+    names = ("seed",) + tuple(f"data.{k}" for k in SPLIT_KEYS)
+    show = lambda values: ", ".join(f"{n}={v!r}" for n, v in zip(names, values))
+    raise ValueError(
+        f"finetune.init_from = {workdir} trained on the public part of {ours.name} split with "
+        f"{show(source_split)}; this run splits it with {show(this_split)}, so its private part "
+        "can hold examples that run saw without DP. Start from a run split the same way (the "
+        "same seed: launch/sweep.py --set=finetune.init_from=DIR/seed={seed}), or, if its data "
+        "is public for this run, set finetune.init_from_public=True.")
 
 
 def finetune_start(config: ml_collections.ConfigDict, params: Any, order: list[str]
