@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import convert_results, report_table, schema
+from benchmarks import convert_results, report_table, schema, targets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -250,6 +250,38 @@ def test_table_current_rows_are_the_last_plain_run_per_configuration():
   assert ("| 1 | vit_test | ghost | flat | float32 | 8 × 2 | cpu | 50.0 | 100 | 0.500 | 1 | — | "
           "1.0 | — |") in table
   assert "rows 1, 2 (`runs/x.json`): `python -m benchmarks.throughput`" in table
+
+
+def _h200_pair(benchmark, run, nondp_rate, dp_rate, date, device="NVIDIA H200", compile_s=20.0):
+  return schema.pair_rows(
+      dict(benchmark=benchmark, model="vit_b16_224", dtype="bfloat16", mesh="1x1", device=device,
+           commit="abcdef1", date=date, variant=None, command="run_peers.sh", run=run),
+      dict(microbatch=128, examples_per_s=nondp_rate, compile_s=None, peak_memory_bytes=None,
+           source=f"runs/{benchmark}.json#/rows/{2 * run}", details={}),
+      dict(microbatch=128, microbatches=1, method="ghost", clip="flat", examples_per_s=dp_rate,
+           compile_s=compile_s, peak_memory_bytes=None,
+           source=f"runs/{benchmark}.json#/rows/{2 * run + 1}", details={}))
+
+
+def test_targets_table_reads_the_current_rows_and_compares_peers_of_one_call_only():
+  rows = (_h200_pair("throughput", 0, 3500.0, 3200.0, "2026-12-05T10:00:00+00:00")
+          + _h200_pair("throughput", 1, 9000.0, 8000.0, "2026-12-05T10:00:00+00:00",
+                       device="NVIDIA H100 80GB HBM3")  # another device: not a target's row
+          + _h200_pair("peers.opacus_vit", 2, 3000.0, 1000.0, "2026-12-05T10:10:00+00:00")
+          + _h200_pair("peers.jax_privacy_vit", 3, 3400.0, 2000.0, "2026-12-05T12:00:00+00:00"))
+  lines = targets.markdown(report_table.current(rows))
+  found = {line.split(" | ")[0][2:]: line.split(" | ")[2:4] for line in lines[4:]}
+  assert found["ViT-B/16 224² DP examples/s"] == ["3,200", "yes"]
+  assert found["ViT-B/16 224² DP ÷ non-private (same call)"] == ["0.914", "yes"]
+  assert found["dpjax DP ÷ Opacus's best DP (ViT-B/16, same call)"] == ["3.20×", "yes"]
+  assert found["dpjax non-private ÷ timm's non-private (same call)"] == ["1.17×", "yes"]
+  # jax_privacy's row is two hours from dpjax's: not one call, so no ratio is claimed
+  assert found["dpjax DP ÷ jax_privacy clipped_grad DP (same model, same call)"] == [
+      "not measured", "—"]
+  assert found["ViT-L/16 224² DP ÷ non-private"] == ["not measured", "—"]
+  assert found["ViT-B/16 224² DP step compile s"] == ["20 s", "yes"]
+  assert len(found) == len(targets.TARGETS)
+  assert "\n".join(lines) in report_table.markdown(rows)
 
 
 def test_table_json_rows_follow_the_schema_and_every_archived_file_is_accounted_for():
