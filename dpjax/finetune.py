@@ -219,11 +219,15 @@ def replace_mask_state(opt_state: PyTree, new: MaskState) -> PyTree:
 
 
 def prunable(params: PyTree, selection: PyTree, order: Sequence[str] | None = None) -> PyTree:
-  """The leaves whose rows are selected: selected kernels (ndim > 1) outside the head."""
+  """The leaves whose rows are selected: selected kernels (leaves named `kernel`, ndim > 1)
+  outside the head. Other many-dimensional leaves train whole: a ViT's attention biases
+  [heads, head_dim], its class token and position embedding are not weight matrices."""
   head = head_module(params, order)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p, s: bool(s) and p.ndim > 1 and pytrees.path_to_names(path)[0] != head,
-      params, selection)
+
+  def is_rows(path, p, s):
+    names = pytrees.path_to_names(path)
+    return bool(s) and p.ndim > 1 and names[-1] == "kernel" and names[0] != head
+  return jax.tree_util.tree_map_with_path(is_rows, params, selection)
 
 
 def _check_fraction(fraction: float) -> None:

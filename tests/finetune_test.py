@@ -1,6 +1,8 @@
 """Tests for dpjax.finetune and fine-tuning in the trainer: layer selections, frozen leaves (no
 per-example gradients, zero update), element masks, SPARTA's private row selection."""
 
+import functools
+
 import dp_accounting
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,12 @@ def test_top_rows_keep_the_best_rows_of_each_prunable_kernel():
                                 np.sort(np.argsort(-np.abs(kernel).sum(0))[:8]))
   assert np.all(np.asarray(mask["head"]["kernel"]) == 1)  # the head trains whole
   assert np.all(np.asarray(mask["block0"]["mlp_in"]["bias"]) == 1)  # so do biases
+  rows_of = finetune.prunable(params, selection, order)
+  assert rows_of["block0"]["attention"]["query"]["kernel"]  # [width, heads, head_dim]
+  for path in (("block0", "attention", "query", "bias"), ("embedding", "position_embedding")):
+    leaf = functools.reduce(dict.__getitem__, path, params)
+    assert leaf.ndim > 1 and not functools.reduce(dict.__getitem__, path, rows_of), path
+    assert np.all(np.asarray(functools.reduce(dict.__getitem__, path, mask)) == 1), path
   fractions = finetune.kept_fraction(mask, params, selection, order)
   assert "head/kernel" not in fractions and fractions["block1/attention/query/kernel"] == 0.25
 
