@@ -246,8 +246,10 @@ def test_launcher_runs_a_tiny_sweep_end_to_end(tmp_path, dataset_cache):
       [sys.executable, "launch/sweep.py", "--config=experiments/continual.py:dp",
        f"--workdir={workdir}", "--sweep=mixing.switch_step=2,4", "--capture",
        *[f"--set={s}" for s in tiny]],
-      cwd=ROOT, capture_output=True, text=True,
-      env=dict(os.environ, DPJAX_CACHE_DIR=str(dataset_cache)))
+      cwd=ROOT, capture_output=True, text=True,  # this checkout's dpjax, not an installed one
+      env=dict(os.environ, DPJAX_CACHE_DIR=str(dataset_cache),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")]))))
   assert proc.returncode == 0, proc.stdout + proc.stderr
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
