@@ -120,9 +120,7 @@ def main() -> None:
   parser.add_argument("--microbatch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--models", default=",".join(MODELS))
-  parser.add_argument("--out", default="")
-  parser.add_argument("--commit", default="",
-                      help="the commit measured (default: git's HEAD; needed where no .git is)")
+  rows_lib.add_output_flags(parser)
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # model:mode, internal
   args = parser.parse_args()
   if args.one:

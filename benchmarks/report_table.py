@@ -23,6 +23,9 @@ END = "<!-- END current table -->"
 TITLES = {"throughput": "The trainer's DP step against its non-private step, one device "
                         "(`benchmarks.throughput`)",
           "scaling": "The same steps over a device mesh DATAxFSDP (`benchmarks.scaling`)",
+          "scaling_trainer": "The training loop on cifar10_jpeg (streaming input, Poisson "
+                             "batches) over a device mesh DATAxFSDP "
+                             "(`benchmarks.scaling_trainer`)",
           "dp_step": "A plain-SGD DP step (vmap) against a plain step, the first benchmark "
                      "(`benchmarks.dp_step`)",
           "peers.opacus_vit": "Peer: Opacus's DP step on timm's ViT against timm's non-private "

@@ -46,6 +46,13 @@ def write_rows(path: str, module: str, rows: list[dict]) -> None:
       json.dump(dict(rows=rows, command=command(module), host=platform.node()), f, indent=2)
 
 
+def add_output_flags(parser) -> None:
+  """--out (the JSON file of rows) and --commit, which every timing benchmark takes."""
+  parser.add_argument("--out", default="")
+  parser.add_argument("--commit", default="",
+                      help="the commit measured (default: git's HEAD; needed where no .git is)")
+
+
 def command(module: str) -> str:
   """This process's command line, as `python -m module ...`."""
   return f"python -m {module} " + " ".join(sys.argv[1:])

@@ -106,9 +106,7 @@ def main() -> None:
   parser.add_argument("--breakdown", action="store_true",
                       help="also time accumulate (one microbatch) and total (the partial sums' "
                            "all-reduce, inside apply in the step) alone")
-  parser.add_argument("--out", default="")
-  parser.add_argument("--commit", default="",
-                      help="the commit measured (default: git's HEAD; needed where no .git is)")
+  rows_lib.add_output_flags(parser)
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # DATAxFSDP, internal
   args = parser.parse_args()
   if args.one:

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping, TypedDict
 
 FORMAT = "dpjax-benchmark-rows/1"  # the "format" key of a file of rows
 # dpjax's timing benchmarks, then the peers timed on the same model (`benchmarks/peers/`)
-BENCHMARKS = ("throughput", "scaling", "dp_step", "peers.opacus_vit", "peers.jax_privacy_vit")
+BENCHMARKS = ("throughput", "scaling", "scaling_trainer", "dp_step", "peers.opacus_vit",
+              "peers.jax_privacy_vit")
 MODES = ("dp", "nondp")
 # vmap: per-example gradients instantiated by vectorisation (dpjax, jax_privacy's clipped_grad);
 # ghost: norms from layer inputs and output gradients (dpjax, Opacus "ghost"); hooks, functorch,

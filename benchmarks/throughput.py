@@ -146,9 +146,7 @@ def main() -> None:
                       help="kernels kept per profiled step (largest first)")
   parser.add_argument("--steps", type=int, default=10, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
-  parser.add_argument("--out", default="")
-  parser.add_argument("--commit", default="",
-                      help="the commit measured (default: git's HEAD; needed where no .git is)")
+  rows_lib.add_output_flags(parser)
   # one configuration, internal
   for name in ("model", "clip", "dtype", "attention", "per_example"):
     parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)

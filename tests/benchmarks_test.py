@@ -429,3 +429,69 @@ def test_peer_table_sets_dpjax_beside_its_peers_and_states_the_ratios():
       "- vit_test: dpjax DP ÷ Opacus's best DP = 60.0 / 20.0 = 3.00× (target ≥ 3×)",
       "- vit_test: dpjax DP ÷ jax_privacy clipped_grad DP = 60.0 / 40.0 = 1.50× (target ≥ 1.5×)",
       "- vit_test: dpjax non-private ÷ timm non-private = 100.0 / 32.0 = 3.12×"]
+
+
+def test_scaling_trainer_times_the_training_loop_on_a_layouts_devices(tmp_path, dataset_cache):
+  """One layout in its subprocess, on 2 of the virtual devices: the trainer on (fake) cifar10_jpeg
+  through the pipeline, its non-DP and DP rows with the Poisson batches' realised examples."""
+  from tests.experiment_configs_test import _fake_cifar10_jpeg
+  out = tmp_path / "st.json"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS")  # the layout's process gets its own device count
+  done = subprocess.run([sys.executable, "-m", "benchmarks.scaling_trainer", "--platform=cpu",
+                         "--model=vit_test", "--microbatch=2", "--microbatches=2", "--warmup=1",
+                         "--window=1", "--windows=2", "--workers=0", "--layouts=2x1",
+                         f"--data_dir={_fake_cifar10_jpeg(tmp_path)}", f"--out={out}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  nondp, dp = schema.validate_table(json.loads(out.read_text())["rows"])
+  assert (dp["benchmark"], dp["mesh"], dp["method"], dp["variant"]) == (
+      "scaling_trainer", "2x1", "ghost", None)
+  assert (dp["microbatch"], dp["microbatches"], nondp["batch"]) == (4, 2, 4)
+  assert dp["details"]["devices"] == 2 and dp["details"]["timed_steps"] == 2
+  assert dp["details"]["efficiency"] is None  # no 1x1 layout in the call
+  # a Poisson batch of expected size 8 in microbatches of 4: some rows are padding
+  assert 0 < dp["details"]["examples_per_step"] and 0 <= dp["details"]["padding"] < 1
+  assert nondp["details"]["examples_per_step"] == 4 and nondp["details"]["padding"] == 0
+
+
+def test_scaling_trainer_efficiency_is_against_the_calls_one_device_layout(tmp_path,
+                                                                            monkeypatch):
+  """Layouts parsed (one process per device with --processes), each measured by a stand-in;
+  efficiency = examples/s ÷ (devices × 1x1's); a layout of processes is run through
+  launch/multiprocess.py and its rows carry the variant."""
+  from benchmarks import scaling_trainer as st
+  assert st.parse_layout("2x4") == st.Layout(2, 4, 1)
+  assert st.parse_layout("8x1", processes=8) == st.Layout(8, 1, 8)
+  assert st.parse_layout("4x1", processes=8) == st.Layout(4, 1, 1)
+  with pytest.raises(SystemExit, match="processes must divide"):
+    st.parse_layout("2x1/3")
+  command, _ = st.layout_command(st.Layout(4, 1, 2), ["--model=vit_test"], "cpu")
+  assert command[1].endswith("launch/multiprocess.py") and "--devices_per_process=2" in command
+  assert command[command.index("--") + 1:][-3:] == ["--one", "4x1/2", "--model=vit_test"]
+  _, env = st.layout_command(st.Layout(4, 1), [], "cpu")
+  assert "--xla_force_host_platform_device_count=4" in env["XLA_FLAGS"]
+  _, env = st.layout_command(st.Layout(4, 1), [], "gpu")
+  assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+
+  def measured(layout, flags, platform):
+    rate = {1: 100.0, 2: 180.0, 4: 380.0}[layout.devices]
+    return dict(model="vit_test", data=layout.data, fsdp=layout.fsdp, devices=layout.devices,
+                processes=layout.processes, dtype="bfloat16", method="ghost", per_device=2,
+                microbatches=2, expected_batch=4 * layout.devices, device="cpu", jax="0",
+                platform="cpu", dp_microbatch=2 * layout.devices,
+                non_dp_microbatch=2 * layout.devices,
+                **{f"{m}_{k}": v for m, scale in (("dp", 1.0), ("non_dp", 2.0)) for k, v in dict(
+                    examples_per_s=scale * rate, spread=[rate, rate], step_ms=1.0, padding=0.1,
+                    peak_memory_bytes=2**20, overall_examples_per_s=rate, examples_per_step=4.0,
+                    build_s=1.0, warmup_s=1.0, timed_steps=4).items()})
+  monkeypatch.setattr(st, "measure_layout", measured)
+  monkeypatch.delenv("XLA_FLAGS")  # else the rows' variant names the tests' device count
+  out = tmp_path / "s.json"
+  monkeypatch.setattr(sys, "argv", ["scaling_trainer", "--layouts=1x1,2x1,4x1",
+                                    "--processes=4", "--commit=abc1234", f"--out={out}"])
+  st.main()
+  rows = schema.validate_table(json.loads(out.read_text())["rows"])
+  dp = [r for r in rows if r["mode"] == "dp"]
+  assert [r["details"]["efficiency"] for r in dp] == [1.0, 0.9, 0.95]
+  assert [r["variant"] for r in dp] == [None, None, "4 processes"]

@@ -96,10 +96,12 @@ class Conv1D(nn.Module):
     return nn.Dense(3)(jnp.tanh(x).reshape((x.shape[0], -1)))
 
 
-def _vit(scan_blocks=False):
-  return models.build_model("vit", num_classes=3, variant="Ti", patch_size=4, image_size=8,
-                            depth=2, width=16, num_heads=2, mlp_dim=32,
-                            input_shape=toy_models.IMAGE_SHAPE, scan_blocks=scan_blocks)
+def _vit(scan_blocks=False, image_size=8):
+  """image_size 12: the 8×8 images resized on the device (input_resize) before the patches."""
+  return models.build_model("vit", num_classes=3, variant="Ti", patch_size=4,
+                            image_size=image_size, depth=2, width=16, num_heads=2, mlp_dim=32,
+                            input_shape=toy_models.IMAGE_SHAPE, scan_blocks=scan_blocks,
+                            input_resize=image_size != toy_models.IMAGE_SHAPE[0])
 
 
 class ScannedDense(nn.Module):
@@ -124,6 +126,7 @@ MODELS = {"dense": lambda: toy_models.MODELS["dense"], "conv": lambda: toy_model
           "tiling_conv": TilingConv, "embed": Embeddings,
           "shared_dense": SharedDense, "vit": _vit, "conv1d": Conv1D,
           "vit_scan": lambda: _vit(scan_blocks=True),
+          "vit_resized": lambda: _vit(image_size=12),
           "wrn": lambda: models.build_model("wrn", num_classes=3, depth=10, width=1,
                                             num_groups=4, input_shape=toy_models.IMAGE_SHAPE),
           # The ResNet-18-like net with GroupNorm: a stage with an identity skip, one projected.
@@ -349,7 +352,7 @@ def test_layers_ghost_cannot_handle_fail_loudly_when_asked():
     ghost.ghost_sq_norms(batch_losses_of(model), params, toy_models.batch(2), fallback="error")
 
 
-@pytest.mark.parametrize("name", ["vit", "vit_scan"])
+@pytest.mark.parametrize("name", ["vit", "vit_scan", "vit_resized"])
 def test_the_vit_needs_no_fallback(name):
   """Its class token and position embedding come from TokenEmbedding.ghost_grads; its scanned
   blocks' layers are read slice by slice (the WRN: `test_ghost_norms_equal_vmap_norms`)."""

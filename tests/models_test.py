@@ -272,6 +272,22 @@ def test_vit_config_rejects_bad_settings(variant, overrides, match):
     models.vit_config(variant, **overrides)
 
 
+def test_vit_input_resize_is_the_plain_vit_on_images_resized_first():
+  """32² images for a ViT of image_size 48 (the 224² ViTs on CIFAR): each image bilinearly
+  resized on its own, then the same ViT; without input_resize the shape is refused."""
+  kwargs = dict(variant="Ti", patch_size=16, image_size=48, depth=1)
+  resized = models.build_model("vit", 10, input_resize=True, input_shape=(32, 32, 3), **kwargs)
+  plain = models.build_model("vit", 10, **kwargs)
+  images = _images((32, 32, 3))
+  variables = _init(resized, images[:1])
+  big = jax.image.resize(images, (BATCH, 48, 48, 3), "bilinear")
+  np.testing.assert_allclose(resized.apply(variables, images), plain.apply(variables, big),
+                             rtol=1e-5, atol=1e-6)
+  models.assert_no_cross_example_dependence(resized.apply, variables, images)
+  with pytest.raises(ValueError, match="input_resize=True"):
+    plain.apply(variables, images)
+
+
 def test_vit_image_size_defaults_to_the_input_shape():
   model = models.build_model("vit", 10, patch_size=8, input_shape=(32, 32, 3), depth=1)
   assert model.image_size == 32

@@ -20,7 +20,9 @@ image, used for the BatchNorm check and where the architecture depends on it):
                     (jax.nn.dot_product_attention), "einsum" (flax's written-out softmax) or
                     "cudnn" (cuDNN flash attention on padded tokens; GPU, bf16);
                     scan_blocks=True runs the blocks as one nn.scan (compiles once, not depth
-                    times; params["blocks"] stacked along a leading depth axis).
+                    times; params["blocks"] stacked along a leading depth axis);
+                    input_resize=True resizes images of input_shape to image_size on the device
+                    (bilinear; e.g. 32² CIFAR images for a 224² ViT).
 """
 
 from collections.abc import Callable
@@ -94,14 +96,14 @@ def _build_resnet18(
 def _build_vit(
     num_classes: int, variant: str = "Ti", patch_size: int = 16, image_size: int | None = None,
     input_shape: InputShape | None = None, attention: str = "fused", scan_blocks: bool = False,
-    scan_unroll: int = 1, **overrides: int,
+    scan_unroll: int = 1, input_resize: bool = False, **overrides: int,
 ) -> tuple[nn.Module, InputShape]:
   if image_size is None:
     image_size = 224 if input_shape is None else input_shape[0]
   config = vit.vit_config(variant, patch_size=patch_size, image_size=image_size, **overrides)
   input_shape = (image_size, image_size, 3) if input_shape is None else tuple(input_shape)
   return vit.ViT(num_classes=num_classes, attention=attention, scan_blocks=scan_blocks,
-                 scan_unroll=scan_unroll, **config), input_shape
+                 scan_unroll=scan_unroll, input_resize=input_resize, **config), input_shape
 
 
 _BUILDERS: dict[str, Builder] = {

@@ -166,9 +166,16 @@ class ViT(nn.Module):
   # Every variable collection stacks along the scanned axis (ghost clipping's included).
   scan_blocks: bool = False
   scan_unroll: int = 1  # blocks per iteration of the scan (lax.scan's unroll)
+  # input_resize: images of another size are first resized (bilinear, each image on its own) to
+  # image_size × image_size on the device, e.g. 32² CIFAR images for a 224² ViT: the host reads
+  # and sends the small images. No parameters, so nothing for clipping; examples stay apart.
+  input_resize: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
+    if self.input_resize and images.ndim == 4:
+      images = jax.image.resize(images, (images.shape[0], self.image_size, self.image_size,
+                                         images.shape[3]), "bilinear")
     self._check_image_shape(images.shape)
     patch = (self.patch_size, self.patch_size)
     x = nn.Conv(self.width, patch, strides=patch, padding="VALID", name="patch_embedding")(images)
@@ -192,7 +199,8 @@ class ViT(nn.Module):
     if len(shape) != 4 or shape[1:3] != (self.image_size, self.image_size):
       raise ValueError(
           f"This ViT takes images [batch, {self.image_size}, {self.image_size}, channels], got "
-          f"shape {tuple(shape)}; build it with image_size matching the data.")
+          f"shape {tuple(shape)}; build it with image_size matching the data, or with "
+          "input_resize=True to resize the images on the device.")
 
 
 def stack_blocks(params: dict, depth: int) -> dict:
