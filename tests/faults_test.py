@@ -164,3 +164,22 @@ def test_progress_bar_shows_no_placeholders_and_epsilon_at_every_private_step():
   assert set(shown[-1]) == {"alpha", "eps", "loss", "acc"}
   assert not any(isinstance(v, float) and np.isnan(v) for s in shown for v in s.values())
   assert json.dumps(shown)  # plain values
+
+
+def test_a_hidden_progress_bar_computes_no_epsilon_and_a_shown_one_refreshes_it_rarely():
+  """A PLD ε costs the host 0.2-0.5 s: a hidden bar never asks for it, a shown one at most once
+  per refresh_s and at the last step."""
+  asked = []
+  ledger = accounting.PrivacyLedger()
+  ledger.record_private(0.01, 1.0)
+  run = types.SimpleNamespace(alpha=0.0, ledger=ledger, total=50,
+                              epsilon=lambda: asked.append(1) or 1.0)
+  hidden = metrics.Progress(50, 0, enabled=False)
+  hooks.ProgressBar(hidden, dict).after_step(run, 1)
+  assert not asked
+  shown = []
+  bar = types.SimpleNamespace(enabled=True, update=lambda n, **kw: shown.append(kw))
+  hook = hooks.ProgressBar(bar, dict)  # the default refresh_s
+  for done in range(1, 51):
+    hook.after_step(run, done)
+  assert len(asked) == 2 and all(s["eps"] == 1.0 for s in shown)  # the first step and the last

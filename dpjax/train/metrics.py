@@ -88,6 +88,7 @@ class Progress:
   """A progress bar over steps showing loss, accuracy, ε spent and α."""
 
   def __init__(self, total: int, initial: int, enabled: bool = True):
+    self.enabled = enabled
     self._bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
                           dynamic_ncols=True, mininterval=1.0)
 
