@@ -166,6 +166,12 @@ class AutoSwitch:
   last_heldout: tuple[int, float] | None = None  # (step, held-out loss) at the last check
 
   CRITERIA = ("improvement", "plateau", "either", "efficiency", "lookahead")
+  CURVATURE_CRITERIA = ("improvement", "either", "efficiency")  # the others read held-out losses
+
+  @property
+  def needs_curvature(self) -> bool:
+    """Whether a check needs the curvature terms (else only the held-out losses)."""
+    return self.criterion in self.CURVATURE_CRITERIA
 
   def __post_init__(self):
     if self.criterion not in self.CRITERIA:

@@ -20,6 +20,9 @@ source "$(dirname "$0")/gpu_sweeps.sh"  # sweep, run_parts, SEEDS, PARALLEL, CON
 model=${MODEL:-wrn}
 eps=${EPSILONS:-1,3,8}
 config() { echo "--config=experiments/bu2024_cifar.py:$1,$2,$model"; }
+# The held-out criteria's checks need no curvature terms: no curvature records (the efficiency
+# runs, R_auto, keep them for the decelerator and tr(H)).
+held_out_only="--set=curvature.every_steps=0"
 run_part() {  # run_part PART
   local part=$1
   regime=${part%%_*}
@@ -34,15 +37,15 @@ run_part() {  # run_part PART
       sweep "${regime}_auto" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps ;;
     plateau)
       sweep "${regime}_plateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
-          --set=mixing.auto.criterion=plateau ;;
+          --set=mixing.auto.criterion=plateau $held_out_only ;;
     relplateau)
       sweep "${regime}_relplateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.patience=2 \
-          --set=mixing.auto.min_rel_delta=0.05 ;;
+          --set=mixing.auto.min_rel_delta=0.05 $held_out_only ;;
     lookahead)
       sweep "${regime}_lookahead" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
           --set=mixing.auto.criterion=lookahead \
-          --set=mixing.auto.lookahead_steps=20 ;;  # past the 20-step warm-up
+          --set=mixing.auto.lookahead_steps=20 $held_out_only ;;  # past the 20-step warm-up
     *) echo "unknown part $part" >&2; return 2 ;;
   esac
 }

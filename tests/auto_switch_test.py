@@ -67,6 +67,18 @@ def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_p
     assert all(("lookahead_heldout_fall" in m) == (m["step"] <= s) for m in records)
 
 
+def test_held_out_criteria_compute_no_curvature_at_their_checks(tmp_path):
+  """The plateau reads the held-out losses only: its checks skip the curvature terms (per-example
+  gradients, Hutchinson probes) unless curvature.every_steps asks for a record at that step."""
+  config = auto_config("plateau", curvature=dict(every_steps=8))
+  config.mixing.auto.update(patience=1, min_delta=10.0)  # switches at its second check
+  result = loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  assert result["switch_step"] == 4
+  records = {r["step"]: r for r in _curvature_records(tmp_path) if r["kind"] == "curvature"}
+  assert "heldout_loss" in records[4] and "trace_h" not in records[4]  # a check only
+  assert "trace_h" in records[0] and "trace_h" in records[8]  # curvature record steps
+
+
 def test_auto_switch_survives_a_restart(tmp_path, monkeypatch):
   c = auto_config(checkpoint=dict(every_steps=3))
   c.dp.insecure_reproducible_seed = 0  # the same noise in both runs, which are compared

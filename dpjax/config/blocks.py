@@ -201,7 +201,8 @@ class CurvatureSpec(Spec):
   BLOCK: ClassVar[str] = "curvature"
   every_steps: int = field(0, "log public-data curvature statistics (tr(H), decelerator, α*) "
                               "every N steps (0: never; the automatic switch computes them at its "
-                              "checks anyway)")
+                              "checks anyway when its criterion reads them: improvement, either, "
+                              "efficiency)")
   batch_size: int = field(128, "public examples per curvature estimate")
   num_probes: int = field(8, "Hutchinson probes per tr(H) estimate")
 

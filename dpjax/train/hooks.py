@@ -176,9 +176,10 @@ class PublicStatistics(BaseHook):
     sigma = (run.plan.noise_multiplier if run.first_private_step is not None
              else self.monitor.predicted_noise_multiplier(step))
     stats = self.monitor.statistics(step, parallel.local_copy(run.state.params), sigma,
-                                    lookahead=auto_check)  # it only informs the switch
+                                    lookahead=auto_check,  # it only informs the switch
+                                    with_curvature=curvature or (auto_check and self.auto.needs_curvature))
     run.writer.write(step, "curvature", stats)
-    if auto_check and self.auto.observe(step, stats["loss_improvement_public"],
+    if auto_check and self.auto.observe(step, stats.get("loss_improvement_public"),
                                         stats.get("loss_improvement_dp"),
                                         stats.get("heldout_loss"), stats.get("dp_efficiency"),
                                         stats.get("public_train_loss"),

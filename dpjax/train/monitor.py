@@ -69,15 +69,29 @@ class PublicMonitor:
       self.train_probe = public_train.subset(np.sort(rows[:len(self.heldout)]), "train probe")
 
   def statistics(self, step: int, params: Any, noise_multiplier: float | None,
-                 lookahead: bool = True) -> dict[str, float]:
-    """Curvature terms on a public batch drawn from (seed, step), and what they predict.
+                 lookahead: bool = True, with_curvature: bool = True) -> dict[str, float]:
+    """Curvature terms on a public batch drawn from (seed, step), what they predict, and the
+    held-out losses.
 
     noise_multiplier: σ of the private phase (known, or predicted for a switch at `step`).
     lookahead: also run the lookahead's simulated DP steps (with lookahead_steps > 0); False at
     checks that decide nothing, such as the curvature records after the switch.
+    with_curvature: compute the curvature terms (per-example gradients, Hutchinson probes); False at
+    a check whose criterion reads the held-out losses only (plateau, lookahead).
     """
+    size = min(self.config.curvature.batch_size, len(self.public))
+    stats = self._curvature(step, params, noise_multiplier, size) if with_curvature else {}
+    if self.heldout is not None:
+      stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
+      stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
+    if lookahead and self.lookahead_steps and noise_multiplier is not None:
+      stats["lookahead_heldout_fall"] = stats["heldout_loss"] - self.dataset_loss(
+          self._lookahead(step, params, size, noise_multiplier), self.heldout)
+    return stats
+
+  def _curvature(self, step: int, params: Any, noise_multiplier: float | None,
+                 size: int) -> dict[str, float]:
     c = self.config
-    size = min(c.curvature.batch_size, len(self.public))
     rng = np.random.default_rng([c.seed, step, _MONITOR_STREAM])
     rows = rng.choice(len(self.public), size, replace=False)
     batch = public_batch_lib.public_batch(self.public, rows, self.preprocess)
@@ -99,12 +113,6 @@ class PublicMonitor:
       if c.optimizer.name in ADAM_LIKE:  # a second per-example pass: only where it is the model
         stats["dp_efficiency"] = stats["dp_efficiency_adam"] = curvature.adam_dp_efficiency(
             self.example_loss, params, batch, self.rule, b_priv, noise_multiplier)
-    if self.heldout is not None:
-      stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
-      stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
-    if lookahead and self.lookahead_steps and noise_multiplier is not None:
-      stats["lookahead_heldout_fall"] = stats["heldout_loss"] - self.dataset_loss(
-          self._lookahead(step, params, size, noise_multiplier), self.heldout)
     return stats
 
   def _lookahead(self, step: int, params: Any, size: int, noise_multiplier: float) -> Any:
