@@ -164,3 +164,18 @@ def test_auto_size_trains_exactly_as_the_explicit_size_it_chose(tmp_path, monkey
   pb, _ = loop.load_trained_state(explicit, str(tmp_path / "explicit"))
   for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
     np.testing.assert_array_equal(x, y)  # the auto run is the explicit run of the size it chose
+
+
+def test_the_trainer_says_when_poisson_padding_wastes_much_of_the_step():
+  """From N, q and the microbatch size only: the CIFAR study's 512 rows at an expected batch of
+  1,024 of 45,000 pad about a quarter of the batch; 64 rows pad under the hint's 10%."""
+  from dpjax.train import engine
+  plan = types.SimpleNamespace(num_private_examples=45_000, sampling_rate=1024 / 45_000)
+  said = []
+  engine._say_padding(plan, 512, said.append)
+  assert len(said) == 1 and "about 25% of the expected batch" in said[0], said
+  assert "perf.microbatch_size=256 would pad about 12%" in said[0]
+  engine._say_padding(plan, 64, said.append)
+  engine._say_padding(types.SimpleNamespace(num_private_examples=0, sampling_rate=1.0), 512,
+                      said.append)
+  assert len(said) == 1
