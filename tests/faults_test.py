@@ -143,7 +143,7 @@ def test_main_exits_with_ex_tempfail_when_preempted(monkeypatch, tmp_path):
 
 def test_progress_bar_shows_no_placeholders_and_epsilon_at_every_private_step():
   shown = []
-  bar = types.SimpleNamespace(update=lambda n, **kw: shown.append(kw))
+  bar = types.SimpleNamespace(enabled=True, update=lambda n, **kw: shown.append(kw))
   train_metrics, evaluation = hooks.TrainMetrics(10), hooks.Evaluation(10)
   extras = lambda: dict(loss=train_metrics.last_loss, acc=evaluation.last_accuracy)
   hook = hooks.ProgressBar(bar, extras, refresh_s=0.0)

@@ -112,8 +112,8 @@ class Checkpointing(BaseHook):
 class ProgressBar(BaseHook):
   """The progress bar: α, the ε spent so far and what `extras()` returns; only values that exist,
   no placeholders. ε is recomputed at most once per `refresh_s` seconds and at the last step: a
-  PLD ε takes the host 0.2-0.5 s, time the loop would not dispatch steps in. A hidden bar
-  (`enabled` False) computes nothing."""
+  PLD ε takes the host 0.2-0.8 s, time the loop would not dispatch steps in. A hidden bar
+  (`bar.enabled` False: `--progress=false`, every run of launch/sweep.py) computes nothing."""
   name = "progress"
 
   def __init__(self, bar: metrics.Progress, extras: Callable[[], dict[str, Any]],
@@ -123,7 +123,7 @@ class ProgressBar(BaseHook):
     self._epsilon_at = -float("inf")
 
   def after_step(self, run, done):
-    if not getattr(self.bar, "enabled", True):
+    if not self.bar.enabled:
       self.bar.update(1)
       return
     shown: dict[str, Any] = dict(alpha=run.alpha)
@@ -175,9 +175,10 @@ class PublicStatistics(BaseHook):
       return
     sigma = (run.plan.noise_multiplier if run.first_private_step is not None
              else self.monitor.predicted_noise_multiplier(step))
+    needs_terms = curvature or (auto_check and self.auto.needs_curvature)
     stats = self.monitor.statistics(step, parallel.local_copy(run.state.params), sigma,
                                     lookahead=auto_check,  # it only informs the switch
-                                    with_curvature=curvature or (auto_check and self.auto.needs_curvature))
+                                    with_curvature=needs_terms)
     run.writer.write(step, "curvature", stats)
     if auto_check and self.auto.observe(step, stats.get("loss_improvement_public"),
                                         stats.get("loss_improvement_dp"),
