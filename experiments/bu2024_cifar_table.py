@@ -15,6 +15,7 @@ import collections
 import csv
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -42,6 +43,20 @@ def _target_epsilon(results: dict, overrides: dict, kind: str) -> float | None:
   return DEFAULT_TARGET_EPSILON
 
 
+def fired_by(results: dict) -> str | None:
+  """What decided an automatic switch: "criterion", "cap" (max_switch_step alone) or "criterion
+  and cap" (both at one check), from the plan change the privacy statement records; None if no
+  plan changed (fixed switches, baselines)."""
+  changes = results["privacy"].get("plan_changes") or []
+  if not changes:
+    return None
+  reasons = changes[0]["reason"].split("; ")
+  cap = [r for r in reasons if r.startswith("reached max_switch_step")]
+  if not cap:
+    return "criterion"
+  return "cap" if len(reasons) == len(cap) else "criterion and cap"
+
+
 def run_rows(runs_dir: str) -> list[dict]:
   """One dict per finished run: regime, variant, switch step, ε target, seed, accuracy, ε spent."""
   rows = []
@@ -61,6 +76,7 @@ def run_rows(runs_dir: str) -> list[dict]:
         regime=config_arg[1], model=config_arg[2], variant=kind,
         switch_step=r.get("switch_step") if kind.startswith("auto") else
         (int(overrides["mixing.switch_step"]) if "mixing.switch_step" in overrides else None),
+        switch_fired_by=fired_by(r) if kind.startswith("auto") else None,
         target_epsilon=_target_epsilon(r, overrides, kind),
         warmup_steps=_warmup_steps(r, variant) if kind in DP_VARIANTS else None,
         seed=int(overrides["seed"]), test_accuracy=r["test_accuracy"],
@@ -109,23 +125,76 @@ def cells(rows: list[dict]) -> list[dict]:
         regime=regime, model=model, cell=name, target_epsilon=eps, **accuracy_summary(members),
         fixed_switch=members[0]["switch_step"] if members[0]["variant"] == "dp" else None,
         warmup_steps=members[0]["warmup_steps"],
-        switch_steps=" ".join(str(m["switch_step"]) for m in members)
+        switch_steps=" ".join(_switch_step_label(m) for m in members)
         if name.startswith("auto") else "",
         epsilon_spent=" ".join(f"{m['epsilon']:.3f}" for m in members
                                if m["epsilon"] is not None)))
   return out
 
 
+def _switch_step_label(row: dict) -> str:
+  """An automatic switch's step, marked "(cap)" when max_switch_step alone decided it and
+  "(cap+)" when the criterion held at the cap's check too."""
+  mark = {"cap": " (cap)", "criterion and cap": " (cap+)"}.get(row["switch_fired_by"], "")
+  return f"{row['switch_step']}{mark}"
+
+
 def markdown(table: list[dict]) -> str:
   lines = ["| regime | model | ε | variant | test accuracy (mean ± std) | runs | per seed | "
-           "auto switch steps | ε spent |", "|" + "---|" * 9]
+           "auto switch steps¹ | ε spent |", "|" + "---|" * 9]
   for c in table:
     eps = "—" if c["target_epsilon"] is None else f"{c['target_epsilon']:g}"
     std = "one run" if c["runs"] == 1 else f"± {c['std']:.4f}"
     lines.append(f"| {c['regime']} | {c['model']} | {eps} | {c['cell']} | {c['mean']:.4f} {std} "
                  f"| {c['runs']} | {c['accuracies']} | {c['switch_steps']} | "
                  f"{c['epsilon_spent']} |")
+  lines.append("\n¹ (cap): the switch came from `mixing.auto.max_switch_step` alone, the criterion "
+               "never held; (cap+): the criterion held first at the cap's check.")
   return "\n".join(lines)
+
+
+def compare(a: dict, b: dict) -> str:
+  """'d points (summed std s: holds / reversed / within the spread)' for cells a − b: holds when
+  the difference of means exceeds the summed seed spreads, reversed when below minus it."""
+  diff, spread = a["mean"] - b["mean"], a["std"] + b["std"]
+  verdict = ("no spread (one run)" if math.isnan(spread) else "holds" if diff > spread
+             else "reversed" if diff < -spread else "within the spread")
+  return f"{diff * 100:+.2f} points (summed std {spread * 100:.2f}: {verdict})"
+
+
+def claims(table: list[dict]) -> list[str]:
+  """The issue's claims 1, 2, 3 and 5 per (regime, model, ε), on the cells with the warm-up:
+  the best fixed switch (> 0) against private-only DP (switch 0), public-only and non-private;
+  clipping-only against private-only DP; each automatic switch against the best fixed switch
+  (within 1 point or not)."""
+  lines = []
+  for regime, model in sorted({(c["regime"], c["model"]) for c in table}):
+    here = [c for c in table if (c["regime"], c["model"]) == (regime, model)]
+    baseline = {c["cell"]: c for c in here if c["target_epsilon"] is None}
+    for eps in sorted({c["target_epsilon"] for c in here if c["target_epsilon"] is not None}):
+      cells_eps = [c for c in here if c["target_epsilon"] == eps and c["warmup_steps"] != 0]
+      fixed = {c["fixed_switch"]: c for c in cells_eps if c["fixed_switch"] is not None}
+      scratch = fixed.pop(0, None)
+      head = f"- {regime}, {model}, ε = {eps:g}: "
+      best = max(fixed.values(), key=lambda c: c["mean"]) if fixed else None
+      if best and scratch:
+        lines.append(head + f"best fixed switch ({best['fixed_switch']}) vs private-only DP: "
+                     + compare(best, scratch))
+      if best and "public_only" in baseline:
+        lines.append(head + "best fixed switch vs public-only: "
+                     + compare(best, baseline["public_only"]))
+      if best and "nonprivate" in baseline:
+        lines.append(head + f"gap of the best fixed switch to non-private: "
+                     f"{(baseline['nonprivate']['mean'] - best['mean']) * 100:.2f} points")
+      if scratch and "clip_only" in baseline:
+        lines.append(head + "clipping-only (σ = 0) vs private-only DP: "
+                     + compare(baseline["clip_only"], scratch))
+      for auto in (c for c in cells_eps if c["cell"].startswith("auto") and best):
+        gap = (best["mean"] - auto["mean"]) * 100
+        lines.append(head + f"{auto['cell']} (switched at {auto['switch_steps']}) vs the best "
+                     f"fixed switch: {compare(auto, best)}; within 1 point: "
+                     + ("yes" if gap <= 1 else "no"))
+  return lines
 
 
 def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
@@ -134,14 +203,17 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(9, 4.5))
   switches = [c for c in table if c["regime"] == regime and c["fixed_switch"] is not None]
+  epsilons = sorted({r["target_epsilon"] for r in rows
+                     if r["regime"] == regime and r["target_epsilon"] is not None})
+  color = {eps: f"C{i}" for i, eps in enumerate(epsilons)}  # one colour per ε: line and its autos
   for eps, warmup in sorted({(c["target_epsilon"], c["warmup_steps"]) for c in switches}):
     points = sorted((c["fixed_switch"], c["mean"], c["std"]) for c in switches
                     if (c["target_epsilon"], c["warmup_steps"]) == (eps, warmup))
     xs, ys, es = zip(*points)
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
-                ls="-" if warmup else ":",
+                ls="-" if warmup else ":", color=color[eps], alpha=1 if warmup else 0.4,
                 label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
   markers = dict(auto="^", auto_plateau="s", auto_relplateau="D", auto_lookahead="v")
   autos = [r for r in rows if r["regime"] == regime and r["variant"].startswith("auto")
@@ -151,7 +223,7 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
     points = [r for r in autos if (r["variant"], r["target_epsilon"], r["warmup_steps"]) == key]
     ax.scatter([r["switch_step"] for r in points], [r["test_accuracy"] for r in points],
                marker=markers.get(variant, "x"), facecolors="none" if not warmup else None,
-               edgecolors="tab:red", color="tab:red", zorder=3,
+               edgecolors=color[eps], color=color[eps], zorder=3,
                label=f"{variant} run, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
   for c in table:
     if c["regime"] == regime and c["cell"] in ("public_only", "nonprivate", "clip_only"):
@@ -161,7 +233,7 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
   ax.set_xlabel("switch step (public steps before DP; 0 = private-only DP)")
   ax.set_ylabel("test accuracy (mean ± std over seeds)")
   ax.set_title(f"cifar10_jpeg, regime {regime}")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -184,6 +256,8 @@ def main() -> None:
   for regime in sorted({c["regime"] for c in table}):
     plot(table, rows, regime, os.path.join(out, f"accuracy_{regime}.png"))
   print(markdown(table))
+  print("\nClaims (difference of means; a difference holds when it exceeds the summed std):\n")
+  print("\n".join(claims(table)))
 
 
 if __name__ == "__main__":

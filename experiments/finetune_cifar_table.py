@@ -110,12 +110,7 @@ def _cell_text(c: dict | None) -> str:
       f"{c['mean']:.4f} ± {c['std']:.4f}")
 
 
-def compare(a: dict, b: dict) -> str:
-  """'A − B = d (spread s: holds / reversed / within the spread)' for two cells."""
-  diff, spread = a["mean"] - b["mean"], a["std"] + b["std"]
-  verdict = ("no spread (one run)" if math.isnan(spread) else "holds" if diff > spread
-             else "reversed" if diff < -spread else "within the spread")
-  return f"{diff * 100:+.2f} points (summed std {spread * 100:.2f}: {verdict})"
+compare = bu2024_cifar_table.compare  # 'd points (summed std s: verdict)' for cells a − b
 
 
 def claims(by_method: dict[str, dict]) -> list[str]:

@@ -272,3 +272,40 @@ def test_finetune_cifar_table_states_each_claim_against_the_seed_spread(tmp_path
   assert "ε check: 72 DP runs; largest |ε reported − ε of dp_accounting" in text
   table.plot(cells, "B", "wrn", str(tmp_path / "f.png"))
   assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims():
+  """Made-up runs of regime B at ε = 8: switch 200 (0.61 ± 0.01) beats private-only DP (0.52) and
+  public-only (0.38); a plateau run that switched at the cap alone is marked so, and the
+  automatic switch is judged against the best fixed switch, within 1 point or not."""
+  table = _experiment("bu2024_cifar_table")
+
+  def run(variant, accuracy, seed, switch=None, reason=None):
+    changes = [dict(step=switch, reason=reason, noise_multiplier=0.6)] if reason else []
+    r = dict(results=dict(privacy=dict(plan_changes=changes)))
+    return dict(regime="B", model="wrn", variant=variant, switch_step=switch, seed=seed,
+                target_epsilon=None if variant in ("public_only", "nonprivate") else 8.0,
+                warmup_steps=None if variant in ("public_only", "nonprivate") else 20,
+                test_accuracy=accuracy + 0.01 * (seed - 1), epsilon=7.98,
+                switch_fired_by=table.fired_by(r["results"]) if reason else None)
+
+  rows = [run("dp", 0.52, s, 0) for s in range(3)] + [run("dp", 0.61, s, 200) for s in range(3)]
+  rows += [run("public_only", 0.38, s) for s in range(3)]
+  rows += [run("nonprivate", 0.76, s) for s in range(3)]
+  rows += [run("auto_plateau", 0.605, 0, 200, "reached max_switch_step 200"),
+           run("auto_plateau", 0.605, 1, 200, "held-out public loss has not improved for 3 "
+               "checks; reached max_switch_step 200"),
+           run("auto_plateau", 0.605, 2, 160, "held-out public loss has not improved for 3 checks")]
+  rows += [run("auto", 0.55, s, 80, "DP step efficiency 0.3 >= public generalisation 0")
+           for s in range(3)]
+  cells = table.cells(rows)
+  text = table.markdown(cells) + "\n" + "\n".join(table.claims(cells))
+  assert "| 200 (cap) 200 (cap+) 160 |" in text
+  assert ("- B, wrn, ε = 8: best fixed switch (200) vs private-only DP: +9.00 points "
+          "(summed std 2.00: holds)") in text
+  assert "- B, wrn, ε = 8: best fixed switch vs public-only: +23.00 points" in text
+  assert "- B, wrn, ε = 8: gap of the best fixed switch to non-private: 15.00 points" in text
+  assert ("auto_plateau (switched at 200 (cap) 200 (cap+) 160) vs the best fixed switch: -0.50 "
+          "points (summed std 2.00: within the spread); within 1 point: yes") in text
+  assert "auto (switched at 80 80 80) vs the best fixed switch: -6.00 points" in text
+  assert "(summed std 2.00: reversed); within 1 point: no" in text
