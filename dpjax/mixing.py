@@ -142,7 +142,8 @@ class AutoSwitch:
     of the same batch, with the σ the remaining budget implies: `curvature.adam_dp_efficiency`
     for Adam, `curvature.dp_efficiency` for SGD) reaches
     the public steps' generalisation g (the held-out public loss's fall over the public training
-    loss's fall since the last check, in [0, 1]; 0 when the training loss no longer falls). Both
+    loss's fall over the last `generalisation_checks` checks, in [0, 1]; 0 when the training loss
+    no longer falls; no decision until that many checks lie behind). Both
     say what share of an ideal step on fresh data a step would deliver: a DP step on private data
     r, a public step on the public data it has seen g.
     "lookahead" once K = `lookahead_steps` simulated DP steps from the current params, on public
@@ -161,7 +162,9 @@ class AutoSwitch:
   best_loss: float = math.inf
   checks_without_improvement: int = 0
   reason: str = ""
-  last_losses: tuple[float, float] | None = None  # (held-out, public training) at the last check
+  # (held-out, public training) losses at the last `generalisation_checks` checks, oldest first.
+  loss_history: tuple[tuple[float, float], ...] = ()
+  generalisation_checks: int = 1
   lookahead_steps: int = 10
   last_heldout: tuple[int, float] | None = None  # (step, held-out loss) at the last check
 
@@ -177,8 +180,10 @@ class AutoSwitch:
     if self.criterion not in self.CRITERIA:
       raise ValueError(f"AutoSwitch criterion must be one of {', '.join(self.CRITERIA)}, got "
                        f"{self.criterion!r}.")
-    if self.last_losses is not None:
-      self.last_losses = tuple(self.last_losses)
+    if self.generalisation_checks < 1:
+      raise ValueError(f"AutoSwitch generalisation_checks must be >= 1, got "
+                       f"{self.generalisation_checks}.")
+    self.loss_history = tuple(tuple(pair) for pair in self.loss_history)
     if self.last_heldout is not None:
       self.last_heldout = tuple(self.last_heldout)
 
@@ -230,15 +235,18 @@ class AutoSwitch:
 
   def public_generalisation(self, heldout_loss: float | None,
                             public_train_loss: float | None) -> float | None:
-    """g in [0, 1]: the held-out public loss's fall since the last check over the public training
-    loss's (0 if the training loss did not fall); None at the first check or without losses.
-    Remembers the losses for the next check."""
+    """g in [0, 1]: the held-out public loss's fall over the public training loss's (0 if the
+    training loss did not fall), both since the check `generalisation_checks` checks back; None
+    until that many checks with losses lie behind, or without losses. Remembers the losses."""
     if not (_finite(heldout_loss) and _finite(public_train_loss)):
       return None
-    last, self.last_losses = self.last_losses, (float(heldout_loss), float(public_train_loss))
-    if last is None:
+    history = self.loss_history
+    self.loss_history = (history + ((float(heldout_loss), float(public_train_loss)),))[
+        -self.generalisation_checks:]
+    if len(history) < self.generalisation_checks:
       return None
-    heldout_fall, train_fall = last[0] - heldout_loss, last[1] - public_train_loss
+    past = history[-self.generalisation_checks]
+    heldout_fall, train_fall = past[0] - heldout_loss, past[1] - public_train_loss
     if train_fall <= 0:
       return 0.0
     return min(max(heldout_fall / train_fall, 0.0), 1.0)
@@ -258,6 +266,10 @@ class AutoSwitch:
 
   @classmethod
   def from_state_dict(cls, state: dict) -> "AutoSwitch":
+    state = dict(state)
+    last = state.pop("last_losses", None)  # checkpoints before generalisation_checks
+    if last is not None:
+      state["loss_history"] = (tuple(last),)
     return cls(**state)
 
 

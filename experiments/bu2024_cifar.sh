@@ -9,6 +9,9 @@
 #   R_plateau     the automatic switch on the held-out public loss alone
 #   R_lookahead   the automatic switch on simulated DP steps on public data (dpjax/lookahead.py)
 #   R_relplateau  the plateau with a relative threshold (5% of the best held-out loss, 2 checks)
+#   R_autowindow  the efficiency criterion with the public generalisation over 3 checks, not 1
+# MAX_SWITCH=N runs the automatic parts with mixing.auto.max_switch_step = N (default: 200, half
+# the steps) as a sweep axis, so that their runs sit beside those with the default cap.
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
 # with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
 # CONCURRENT=1 runs the PARTs at once (PARALLEL runs each; each run gets 0.9/(PARALLEL x parts) of
@@ -23,6 +26,7 @@ config() { echo "--config=experiments/bu2024_cifar.py:$1,$2,$model"; }
 # The held-out criteria's checks need no curvature terms: no curvature records (the efficiency
 # runs, R_auto, keep them for the decelerator and tr(H)).
 held_out_only="--set=curvature.every_steps=0"
+auto_sweep="--sweep=dp.target_epsilon=$eps${MAX_SWITCH:+ --sweep=mixing.auto.max_switch_step=$MAX_SWITCH}"
 run_part() {  # run_part PART
   local part=$1
   regime=${part%%_*}
@@ -34,16 +38,19 @@ run_part() {  # run_part PART
       sweep "${regime}_switch" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,50,100,200} \
           --sweep=dp.target_epsilon=$eps --x=mixing.switch_step --group=dp.target_epsilon ;;
     auto)
-      sweep "${regime}_auto" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps ;;
+      sweep "${regime}_auto" "$(config auto "$regime")" $auto_sweep ;;
+    autowindow)
+      sweep "${regime}_autowindow" "$(config auto "$regime")" $auto_sweep \
+          --set=mixing.auto.generalisation_checks=3 ;;
     plateau)
-      sweep "${regime}_plateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
+      sweep "${regime}_plateau" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau $held_out_only ;;
     relplateau)
-      sweep "${regime}_relplateau" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
+      sweep "${regime}_relplateau" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.patience=2 \
           --set=mixing.auto.min_rel_delta=0.05 $held_out_only ;;
     lookahead)
-      sweep "${regime}_lookahead" "$(config auto "$regime")" --sweep=dp.target_epsilon=$eps \
+      sweep "${regime}_lookahead" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=lookahead \
           --set=mixing.auto.lookahead_steps=20 $held_out_only ;;  # past the 20-step warm-up
     *) echo "unknown part $part" >&2; return 2 ;;

@@ -21,7 +21,7 @@ import re
 import statistics
 
 DEFAULT_TARGET_EPSILON = 8.0  # experiments/bu2024_cifar.py's dp.target_epsilon
-DP_VARIANTS = ("dp", "auto", "auto_plateau", "auto_relplateau", "auto_lookahead")
+DP_VARIANTS = ("dp", "auto", "auto_plateau", "auto_relplateau", "auto_lookahead", "auto_window")
 
 
 def _warmup_steps(results: dict, variant: dict) -> int:
@@ -68,8 +68,8 @@ def run_rows(runs_dir: str) -> list[dict]:
     overrides = variant["overrides"]
     part = os.path.basename(os.path.dirname(folder))
     kind = config_arg[0]
-    for criterion in ("plateau", "relplateau", "lookahead"):
-      if part.endswith(f"_{criterion}"):
+    for criterion in ("plateau", "relplateau", "lookahead", "window"):
+      if part.endswith(f"_{criterion}") or part.endswith(f"_auto{criterion}"):
         kind = f"auto_{criterion}"
     privacy = r["privacy"]
     rows.append(dict(
@@ -77,6 +77,8 @@ def run_rows(runs_dir: str) -> list[dict]:
         switch_step=r.get("switch_step") if kind.startswith("auto") else
         (int(overrides["mixing.switch_step"]) if "mixing.switch_step" in overrides else None),
         switch_fired_by=fired_by(r) if kind.startswith("auto") else None,
+        max_switch_step=int(overrides["mixing.auto.max_switch_step"])
+        if "mixing.auto.max_switch_step" in overrides else None,
         target_epsilon=_target_epsilon(r, overrides, kind),
         warmup_steps=_warmup_steps(r, variant) if kind in DP_VARIANTS else None,
         seed=int(overrides["seed"]), test_accuracy=r["test_accuracy"],
@@ -91,6 +93,8 @@ def cell_name(row: dict) -> str:
   name = row["variant"]
   if name == "dp":
     name = "private_only (switch 0)" if row["switch_step"] == 0 else f"switch {row['switch_step']}"
+  if row.get("max_switch_step") is not None:
+    name += f", cap {row['max_switch_step']}"
   if row["warmup_steps"] == 0 and row["variant"] in DP_VARIANTS:
     name += ", no warm-up"
   return name
@@ -215,7 +219,8 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
                 ls="-" if warmup else ":", color=color[eps], alpha=1 if warmup else 0.4,
                 label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
-  markers = dict(auto="^", auto_plateau="s", auto_relplateau="D", auto_lookahead="v")
+  markers = dict(auto="^", auto_plateau="s", auto_relplateau="D", auto_lookahead="v",
+                 auto_window="P")
   autos = [r for r in rows if r["regime"] == regime and r["variant"].startswith("auto")
            and r["switch_step"] is not None]
   for key in sorted({(r["variant"], r["target_epsilon"], r["warmup_steps"]) for r in autos}):

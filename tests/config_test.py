@@ -271,7 +271,7 @@ def test_the_mixing_defaults_keep_the_flat_layout_that_checkpoints_record():
       reset_moments="first",
       auto=dict(criterion="either", check_every=25, patience=3, min_delta=0.0,
                 holdout_fraction=0.1, min_switch_step=0, max_switch_step=-1,
-                lookahead_steps=10, min_rel_delta=0.0))
+                lookahead_steps=10, min_rel_delta=0.0, generalisation_checks=1))
 
 
 @pytest.mark.parametrize("registry,unknown,names", [

@@ -280,14 +280,15 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
   automatic switch is judged against the best fixed switch, within 1 point or not."""
   table = _experiment("bu2024_cifar_table")
 
-  def run(variant, accuracy, seed, switch=None, reason=None):
+  def run(variant, accuracy, seed, switch=None, reason=None, cap=None):
     changes = [dict(step=switch, reason=reason, noise_multiplier=0.6)] if reason else []
     r = dict(results=dict(privacy=dict(plan_changes=changes)))
     return dict(regime="B", model="wrn", variant=variant, switch_step=switch, seed=seed,
                 target_epsilon=None if variant in ("public_only", "nonprivate") else 8.0,
                 warmup_steps=None if variant in ("public_only", "nonprivate") else 20,
                 test_accuracy=accuracy + 0.01 * (seed - 1), epsilon=7.98,
-                switch_fired_by=table.fired_by(r["results"]) if reason else None)
+                switch_fired_by=table.fired_by(r["results"]) if reason else None,
+                max_switch_step=cap)
 
   rows = [run("dp", 0.52, s, 0) for s in range(3)] + [run("dp", 0.61, s, 200) for s in range(3)]
   rows += [run("public_only", 0.38, s) for s in range(3)]
@@ -298,8 +299,11 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
            run("auto_plateau", 0.605, 2, 160, "held-out public loss has not improved for 3 checks")]
   rows += [run("auto", 0.55, s, 80, "DP step efficiency 0.3 >= public generalisation 0")
            for s in range(3)]
+  rows += [run("auto_window", 0.60, s, 240, "DP step efficiency 0.3 >= public generalisation 0.2",
+               cap=350) for s in range(3)]
   cells = table.cells(rows)
   text = table.markdown(cells) + "\n" + "\n".join(table.claims(cells))
+  assert "auto_window, cap 350 (switched at 240 240 240) vs the best fixed switch: -1.00" in text
   assert "| 200 (cap) 200 (cap+) 160 |" in text
   assert ("- B, wrn, ε = 8: best fixed switch (200) vs private-only DP: +9.00 points "
           "(summed std 2.00: holds)") in text

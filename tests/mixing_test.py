@@ -122,6 +122,33 @@ def test_auto_switch_on_efficiency_compares_dp_efficiency_with_public_generalisa
                                          dp_efficiency=0.3)
 
 
+def test_efficiency_over_several_checks_ignores_one_check_without_a_held_out_fall():
+  """The failure seen on CIFAR (issue 26): the held-out loss rises once between two checks while it
+  falls over longer spans. Over one check g = 0 and any positive efficiency switches; over three
+  checks g stays large and it does not; it switches once the longer fall shrinks."""
+  # (held-out loss, public training loss) at checks 0..5; DP efficiency 0.2 throughout.
+  losses = [(2.0, 2.0), (1.6, 1.6), (1.65, 1.3), (1.3, 1.1), (1.28, 0.7), (1.29, 0.3)]
+  one, three = (mixing.AutoSwitch(criterion="efficiency", generalisation_checks=w) for w in (1, 3))
+  for auto in (one, three):
+    for i, (h, t) in enumerate(losses):
+      if auto.observe(10 * i, heldout_loss=h, public_train_loss=t, dp_efficiency=0.2):
+        break
+  assert one.switch_step == 20 and "public generalisation 0" in one.reason
+  # Three checks back: no decision at 10 and 20; at 30, (2.0 - 1.3)/(2.0 - 1.1) = 0.78; at 40,
+  # (1.6 - 1.28)/(1.6 - 0.7) = 0.36; at 50, (1.65 - 1.29)/(1.3 - 0.3) = 0.36: all above 0.2.
+  assert three.switch_step is None
+  assert three.observe(60, heldout_loss=1.27, public_train_loss=0.2, dp_efficiency=0.2)
+  assert "public generalisation 0.0333" in three.reason  # (1.3 - 1.27)/(1.1 - 0.2)
+  with pytest.raises(ValueError, match="generalisation_checks"):
+    mixing.AutoSwitch(criterion="efficiency", generalisation_checks=0)
+  # Its window survives a checkpoint; a checkpoint written before the window (last_losses) loads.
+  again = mixing.AutoSwitch.from_state_dict(three.state_dict())
+  assert again == three and len(again.loss_history) == 3
+  old = dict(one.state_dict(), last_losses=(1.0, 0.5))
+  del old["loss_history"], old["generalisation_checks"]
+  assert mixing.AutoSwitch.from_state_dict(old).loss_history == ((1.0, 0.5),)
+
+
 def test_auto_switch_on_lookahead_compares_simulated_dp_steps_with_the_public_steps_fall():
   auto = mixing.AutoSwitch(criterion="lookahead", lookahead_steps=5)
   # (step, held-out loss, its fall after 5 simulated DP steps)

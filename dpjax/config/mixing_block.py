@@ -115,13 +115,16 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   max_switch_step: int = field(-1, "switch at this step at the latest (-1: no limit)")
   lookahead_steps: int = field(10, "lookahead: simulated DP steps per check (batches of "
                                    "curvature.batch_size)")
+  generalisation_checks: int = field(1, "efficiency: the public generalisation is measured over "
+                                        "this many checks back (1: since the last check)")
 
   def build(self, public_batch_size: int, private_batch_size: float) -> mixing.AutoSwitch:
     del public_batch_size, private_batch_size
     return mixing.AutoSwitch(criterion=self.criterion, patience=self.patience,
                              min_delta=self.min_delta, min_rel_delta=self.min_rel_delta,
                              max_switch_step=self.max_switch_step if self.max_switch_step >= 0
-                             else None, lookahead_steps=self.lookahead_steps)
+                             else None, lookahead_steps=self.lookahead_steps,
+                             generalisation_checks=self.generalisation_checks)
 
   def check(self):
     check(self.check_every > 0, "mixing.auto.check_every must be > 0.")
@@ -135,6 +138,7 @@ class AutoSwitchSpec(AlphaScheduleSpec):
           "mixing.auto.criterion = 'lookahead' trains and measures on held-out public data: "
           "set mixing.auto.holdout_fraction > 0.")
     check_positive_int("mixing.auto.lookahead_steps", self.lookahead_steps)
+    check_positive_int("mixing.auto.generalisation_checks", self.generalisation_checks)
     check(0 <= self.min_rel_delta < 1,
           f"mixing.auto.min_rel_delta must be in [0, 1), got {self.min_rel_delta}.")
     check(self.max_switch_step >= -1,
