@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpjax import data
-from dpjax.train import loop, metrics, state as state_lib
+from dpjax.train import checkpoint, loop, metrics, state as state_lib
 from tests.conftest import require_data
 from tests.e2e_test import crash_then_resume, small_config
 
@@ -79,11 +79,23 @@ def test_held_out_criteria_compute_no_curvature_at_their_checks(tmp_path):
   assert "trace_h" in records[0] and "trace_h" in records[8]  # curvature record steps
 
 
-def test_auto_switch_survives_a_restart(tmp_path, monkeypatch):
-  c = auto_config(checkpoint=dict(every_steps=3))
+@pytest.mark.parametrize("criterion,crash_offset", [("either", 4), ("efficiency", -1)])
+def test_auto_switch_survives_a_restart(tmp_path, monkeypatch, criterion, crash_offset):
+  """A crash after the switch, or one step before it: the resumed run switches at the same step
+  and ends with the same controller state, the efficiency criterion's window of two checks
+  (`generalisation_checks`) included."""
+  c = auto_config(criterion, checkpoint=dict(every_steps=3))
+  c.mixing.auto.generalisation_checks = 2
   c.dp.insecure_reproducible_seed = 0  # the same noise in both runs, which are compared
   straight = loop.train_and_evaluate(c, str(tmp_path / "a"), show_progress=False)
-  resumed = crash_then_resume(c, str(tmp_path / "b"), straight["switch_step"] + 4, monkeypatch)
+  resumed = crash_then_resume(c, str(tmp_path / "b"), straight["switch_step"] + crash_offset,
+                              monkeypatch)
+  # The controller's state at the end (frozen at the switch) is the straight run's: a window
+  # lost at the restart would hold fewer checks.
+  switch_state = lambda workdir: checkpoint.source_record(workdir)[1]["hooks"]["auto_switch"]
+  assert switch_state(str(tmp_path / "b")) == switch_state(str(tmp_path / "a"))
+  if criterion == "efficiency":
+    assert len(switch_state(str(tmp_path / "a"))["loss_history"]) == 2
   assert resumed["switch_step"] == straight["switch_step"]
   assert resumed["privacy"] == straight["privacy"]
   assert resumed["test_accuracy"] == straight["test_accuracy"]
