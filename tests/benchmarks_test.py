@@ -495,3 +495,25 @@ def test_scaling_trainer_efficiency_is_against_the_calls_one_device_layout(tmp_p
   dp = [r for r in rows if r["mode"] == "dp"]
   assert [r["details"]["efficiency"] for r in dp] == [1.0, 0.9, 0.95]
   assert [r["variant"] for r in dp] == [None, None, "4 processes"]
+
+
+def test_host_loop_times_the_dp_and_the_non_private_loop(tmp_path, monkeypatch, capsys,
+                                                         dataset_cache):
+  """Both loops, short and long runs, the rate from their difference, a profile on request."""
+  from benchmarks import host_loop
+  from tests.conftest import require_data
+  require_data()
+  out = tmp_path / "h.json"
+  monkeypatch.setattr(sys, "argv", ["host_loop", "--batch=16", "--short=2", "--long=6",
+                                    "--profile=5", f"--out={out}"])
+  host_loop.main()
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["loop"] for r in rows] == ["dp", "nondp"]
+  for r in rows:
+    seconds = {int(k): v for k, v in r["train_seconds"].items()}
+    assert r["steps_per_s"] == pytest.approx(4 / (seconds[6] - seconds[2]))
+  printed = capsys.readouterr().out
+  assert "dp: " in printed and "ms per step" in printed and "tottime" in printed
+  config = host_loop.config_for("dp", 10, 16)
+  assert (config.data.public_fraction, config.mixing.alpha) == (0.0, 0.0)
+  assert host_loop.config_for("nondp", 10, 16).mixing.alpha == 1.0
