@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
-import pathlib
 import pstats
-import sys
 import tempfile
 
 from benchmarks import schema
@@ -94,9 +91,7 @@ def main() -> None:
     if profile:
       print(profile, flush=True)
   if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(dict(
-        format=FORMAT, rows=rows, **schema.provenance(args.commit),
-        command="python -m benchmarks.host_loop " + " ".join(sys.argv[1:])), indent=1))
+    schema.write_diagnostic(args.out, FORMAT, rows, args.commit, "benchmarks.host_loop")
 
 
 if __name__ == "__main__":

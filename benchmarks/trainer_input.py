@@ -12,9 +12,6 @@ on synthetic data (`throughput.py`), it says whether the input holds training ba
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import sys
 import tempfile
 
 from benchmarks import harness, schema
@@ -65,9 +62,7 @@ def main() -> None:
     print(f"{args.model} workers={workers}: {rate:,.0f} examples/s (expected batch "
           f"{args.batch}; train_seconds {seconds})", flush=True)
   if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(dict(
-        format=FORMAT, rows=rows, **schema.provenance(args.commit),
-        command="python -m benchmarks.trainer_input " + " ".join(sys.argv[1:])), indent=1))
+    schema.write_diagnostic(args.out, FORMAT, rows, args.commit, "benchmarks.trainer_input")
 
 
 if __name__ == "__main__":
