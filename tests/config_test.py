@@ -225,6 +225,14 @@ def test_image_folder_keys_parse_and_stay_out_of_the_trajectory_when_empty():
   assert config_lib.trajectory_view(default)["data"]["classes"] == ("b", "a")
 
 
+def test_the_efficiency_window_stays_out_of_the_trajectory_at_one_check():
+  """Checkpoints from before mixing.auto.generalisation_checks resume under its default."""
+  default = config_lib.default_config()
+  assert "generalisation_checks" not in config_lib.trajectory_view(default)["mixing"]["auto"]
+  default.mixing.auto.generalisation_checks = 3
+  assert config_lib.trajectory_view(default)["mixing"]["auto"]["generalisation_checks"] == 3
+
+
 @pytest.mark.parametrize("changes,spec", [
     ({}, mixing_block.SwitchSchedule(0)),
     ({"mixing.switch_step": 200}, mixing_block.SwitchSchedule(200)),

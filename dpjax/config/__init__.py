@@ -76,7 +76,8 @@ def trajectory_view(config: ml_collections.ConfigDict) -> dict:
   only when it inserts canaries, never data.workers/threads/prefetch (how batches are read, not
   which), finetune.init_from_public only when True, dp.clip_fraction_noise only when it is set,
   data.classes, data.image_shape and data.manual_dir only when given, data.augment and dp.augmult
-  only when not 'none' and 1, so runs without them match checkpoints from before them)."""
+  only when not 'none' and 1, mixing.auto.generalisation_checks only when not 1, so runs without
+  them match checkpoints from before them)."""
   full = config.to_dict()
   view = {k: full[k] for k in TRAJECTORY_BLOCKS}
   view["data"] = {k: v for k, v in view["data"].items()  # how batches are read: not what
@@ -86,6 +87,10 @@ def trajectory_view(config: ml_collections.ConfigDict) -> dict:
                             ("data", "augment", "none")):
     if view[block].get(key) == unset:
       view[block] = {k: v for k, v in view[block].items() if k != key}
+  auto = view["mixing"].get("auto", {})
+  if auto.get("generalisation_checks") == 1:
+    view["mixing"] = dict(view["mixing"], auto={k: v for k, v in auto.items()
+                                                if k != "generalisation_checks"})
   if full.get("audit", {}).get("canaries"):
     view["audit"] = full["audit"]
   if not view["finetune"].get("init_from_public", True):  # matches checkpoints from before it
