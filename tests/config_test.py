@@ -3,6 +3,7 @@ the mixing block's per-schedule keys, the registries' names and `--help`."""
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -225,12 +226,23 @@ def test_image_folder_keys_parse_and_stay_out_of_the_trajectory_when_empty():
   assert config_lib.trajectory_view(default)["data"]["classes"] == ("b", "a")
 
 
-def test_the_efficiency_window_stays_out_of_the_trajectory_at_one_check():
-  """Checkpoints from before mixing.auto.generalisation_checks resume under its default."""
-  default = config_lib.default_config()
-  assert "generalisation_checks" not in config_lib.trajectory_view(default)["mixing"]["auto"]
-  default.mixing.auto.generalisation_checks = 3
-  assert config_lib.trajectory_view(default)["mixing"]["auto"]["generalisation_checks"] == 3
+def test_a_checkpoint_from_before_a_new_key_resumes_while_the_key_is_at_its_default():
+  """A key the checkpoint's record lacks (added to dpjax since) matches at its default and only
+  there; any other difference is named by its dotted path."""
+  view = config_lib.trajectory_view(config_lib.default_config())
+  old = json.loads(json.dumps(view))
+  del old["mixing"]["auto"]["generalisation_checks"]  # a record written before the key
+  assert config_lib.trajectory_differences(old, view) == []
+  changed = config_lib.default_config()
+  changed.mixing.auto.generalisation_checks = 3
+  changed.optimizer.learning_rate = 0.5
+  assert config_lib.trajectory_differences(old, config_lib.trajectory_view(changed)) == [
+      "mixing.auto.generalisation_checks: checkpoint absent vs now 3",
+      f"optimizer.learning_rate: checkpoint {view['optimizer']['learning_rate']!r} vs now 0.5"]
+  # A key the current config lacks (removed, or left out of the view) is a difference.
+  del view["optimizer"]["learning_rate"]
+  assert config_lib.trajectory_differences(old, view) == [
+      f"optimizer.learning_rate: checkpoint {old['optimizer']['learning_rate']!r} vs now absent"]
 
 
 @pytest.mark.parametrize("changes,spec", [

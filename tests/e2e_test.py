@@ -306,7 +306,8 @@ def test_corrupt_and_mismatched_checkpoints_are_errors(tmp_path):
   c = small_config(schedule=dict(total_steps=12))
   loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
   changed = small_config(schedule=dict(total_steps=12), optimizer=dict(learning_rate=0.1))
-  with pytest.raises(checkpoint.CheckpointError, match="different config"):
+  named = r"different config \(optimizer.learning_rate: checkpoint .* vs now 0.1\)"
+  with pytest.raises(checkpoint.CheckpointError, match=named):
     loop.train_and_evaluate(changed, str(tmp_path), show_progress=False)
   data_files = [p for p in pathlib.Path(tmp_path, "checkpoints").rglob("*")
                 if p.is_file() and "/d/" in str(p)]

@@ -16,7 +16,9 @@ Every key, its type, default and meaning is defined once, in the specs:
 
 from __future__ import annotations
 
+import json
 import textwrap
+from typing import Any
 
 import ml_collections
 
@@ -76,8 +78,8 @@ def trajectory_view(config: ml_collections.ConfigDict) -> dict:
   only when it inserts canaries, never data.workers/threads/prefetch (how batches are read, not
   which), finetune.init_from_public only when True, dp.clip_fraction_noise only when it is set,
   data.classes, data.image_shape and data.manual_dir only when given, data.augment and dp.augmult
-  only when not 'none' and 1, mixing.auto.generalisation_checks only when not 1, so runs without
-  them match checkpoints from before them)."""
+  only when not 'none' and 1, so runs without them match checkpoints from before them; keys
+  added since need no such rule: see `trajectory_differences`)."""
   full = config.to_dict()
   view = {k: full[k] for k in TRAJECTORY_BLOCKS}
   view["data"] = {k: v for k, v in view["data"].items()  # how batches are read: not what
@@ -87,12 +89,37 @@ def trajectory_view(config: ml_collections.ConfigDict) -> dict:
                             ("data", "augment", "none")):
     if view[block].get(key) == unset:
       view[block] = {k: v for k, v in view[block].items() if k != key}
-  auto = view["mixing"].get("auto", {})
-  if auto.get("generalisation_checks") == 1:
-    view["mixing"] = dict(view["mixing"], auto={k: v for k, v in auto.items()
-                                                if k != "generalisation_checks"})
   if full.get("audit", {}).get("canaries"):
     view["audit"] = full["audit"]
   if not view["finetune"].get("init_from_public", True):  # matches checkpoints from before it
     view["finetune"] = {k: v for k, v in view["finetune"].items() if k != "init_from_public"}
   return view
+
+
+_ABSENT = object()
+
+
+def trajectory_differences(saved: dict, current: dict) -> list[str]:
+  """'block.key: checkpoint X vs now Y' for each key where a checkpoint's trajectory record
+  (`saved`) and the current run's `trajectory_view` differ; [] when the run may resume it.
+
+  A key the record lacks matches when the current value is dpjax's default: a config key added
+  after the checkpoint was written must default to the behaviour from before it (the rule every
+  new key keeps). Both sides are compared as JSON values (tuples as lists)."""
+  defaults = json.loads(json.dumps(trajectory_view(default_config())))
+  return _differences(saved, json.loads(json.dumps(current)), defaults, "")
+
+
+def _differences(saved: dict, current: dict, defaults: Any, path: str) -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    was, now = saved.get(key, _ABSENT), current.get(key, _ABSENT)
+    default = defaults.get(key, _ABSENT) if isinstance(defaults, dict) else _ABSENT
+    if was is _ABSENT and now is not _ABSENT and now == default:
+      continue
+    if isinstance(was, dict) and isinstance(now, dict):
+      out += _differences(was, now, default, f"{path}{key}.")
+    elif was != now:
+      show = lambda v: "absent" if v is _ABSENT else repr(v)
+      out.append(f"{path}{key}: checkpoint {show(was)} vs now {show(now)}")
+  return out

@@ -13,7 +13,6 @@ match its arrays, or whose config differs from the current one raises an error t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpjax import parallel, pytrees
+from dpjax import config as config_lib, parallel, pytrees
 
 PyTree = Any
 
@@ -120,13 +119,11 @@ def _check_same_config(saved: dict | None, current: dict, where: str) -> None:
   if saved is None:
     raise CheckpointError(f"The checkpoint at {where} has no config record; it was not written by "
                           "dpjax's trainer. Use a new --workdir.")
-  current = json.loads(json.dumps(current))
-  diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  diffs = config_lib.trajectory_differences(saved, current)
   if diffs:
-    detail = "; ".join(f"{k}: checkpoint {saved.get(k)} vs now {current.get(k)}" for k in diffs)
     raise CheckpointError(
-        f"The checkpoint at {where} was made with a different config ({detail}). Resume with the "
-        "same config, or use a new --workdir for the new one.")
+        f"The checkpoint at {where} was made with a different config ({'; '.join(diffs)}). "
+        "Resume with the same config, or use a new --workdir for the new one.")
 
 
 def _source_step(manager: Checkpointer, step: int | None) -> int:
