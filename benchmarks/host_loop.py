@@ -23,7 +23,7 @@ import io
 import pstats
 import tempfile
 
-from benchmarks import schema
+from benchmarks import rows as rows_lib
 
 FORMAT = "dpjax-host-loop/1"
 LOOPS = ("dp", "nondp")
@@ -71,8 +71,7 @@ def main() -> None:
   parser.add_argument("--short", type=int, default=20)
   parser.add_argument("--long", type=int, default=220)
   parser.add_argument("--profile", type=int, default=0, metavar="N")
-  parser.add_argument("--commit", default="")
-  parser.add_argument("--out", default=None)
+  rows_lib.add_output_flags(parser)
   args = parser.parse_args()
   rows = []
   for name in args.loops.split(","):
@@ -90,8 +89,7 @@ def main() -> None:
           f"{args.batch}; train_seconds {seconds})", flush=True)
     if profile:
       print(profile, flush=True)
-  if args.out:
-    schema.write_diagnostic(args.out, FORMAT, rows, args.commit, "benchmarks.host_loop")
+  rows_lib.write_rows(args.out, "benchmarks.host_loop", rows, FORMAT, args.commit)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,17 @@ def failure(stderr: str) -> str:
   return (found or lines)[-1][:500]
 
 
-def write_rows(path: str, module: str, rows: list[dict]) -> None:
+def write_rows(path: str, module: str, rows: list[dict], fmt: str | None = None,
+               commit: str = "") -> None:
   """Writes {rows, command, host} to `path` (nothing when empty); called after every row, so a
-  run cut short keeps what it measured."""
+  run cut short keeps what it measured. With `fmt`, also {format, commit, date}
+  (`schema.provenance(commit)`)."""
   if path:
+    record = dict(rows=rows, command=command(module), host=platform.node())
+    if fmt:
+      record.update(format=fmt, **schema.provenance(commit))
     with open(path, "w") as f:
-      json.dump(dict(rows=rows, command=command(module), host=platform.node()), f, indent=2)
+      json.dump(record, f, indent=2)
 
 
 def add_output_flags(parser) -> None:

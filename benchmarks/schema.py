@@ -11,12 +11,9 @@ read rows without a backend.
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import pathlib
 import re
 import subprocess
-import sys
 from typing import Any, Iterable, Mapping, TypedDict
 
 FORMAT = "dpjax-benchmark-rows/1"  # the "format" key of a file of rows
@@ -210,13 +207,6 @@ def provenance(commit: str = "") -> dict[str, str | None]:
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   return dict(commit=commit or None, date=date)
 
-
-def write_diagnostic(path: str, fmt: str, rows: list[dict], commit: str, module: str) -> None:
-  """Writes a diagnostic benchmark's rows (not timing rows of `Row`) as JSON: {format, rows,
-  commit, date, command} with the command line that `python -m module` was given."""
-  pathlib.Path(path).write_text(json.dumps(dict(
-      format=fmt, rows=rows, **provenance(commit),
-      command=f"python -m {module} " + " ".join(sys.argv[1:])), indent=1))
 
 
 def _positive(value: Any, allowed: float | None = None) -> bool:

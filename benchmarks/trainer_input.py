@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from benchmarks import harness, schema
+from benchmarks import harness
+from benchmarks import rows as rows_lib
 
 FORMAT = "dpjax-trainer-input/1"
 
@@ -43,8 +44,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1024)
   parser.add_argument("--short", type=int, default=20)
   parser.add_argument("--long", type=int, default=220)
-  parser.add_argument("--commit", default="")
-  parser.add_argument("--out", default=None)
+  rows_lib.add_output_flags(parser)
   args = parser.parse_args()
   from dpjax.train import loop
   rows = []
@@ -61,8 +61,7 @@ def main() -> None:
                      examples_per_s=rate))
     print(f"{args.model} workers={workers}: {rate:,.0f} examples/s (expected batch "
           f"{args.batch}; train_seconds {seconds})", flush=True)
-  if args.out:
-    schema.write_diagnostic(args.out, FORMAT, rows, args.commit, "benchmarks.trainer_input")
+  rows_lib.write_rows(args.out, "benchmarks.trainer_input", rows, FORMAT, args.commit)
 
 
 if __name__ == "__main__":

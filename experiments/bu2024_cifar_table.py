@@ -21,7 +21,10 @@ import re
 import statistics
 
 DEFAULT_TARGET_EPSILON = 8.0  # experiments/bu2024_cifar.py's dp.target_epsilon
-DP_VARIANTS = ("dp", "auto", "auto_plateau", "auto_relplateau", "auto_lookahead", "auto_window")
+# bu2024_cifar.sh's automatic-switch parts other than R_auto (REGIME_PART folders): their variant
+AUTO_PARTS = dict(plateau="auto_plateau", relplateau="auto_relplateau",
+                  lookahead="auto_lookahead", autowindow="auto_window")
+DP_VARIANTS = ("dp", "auto") + tuple(AUTO_PARTS.values())
 
 
 def _warmup_steps(results: dict, variant: dict) -> int:
@@ -68,9 +71,7 @@ def run_rows(runs_dir: str) -> list[dict]:
     overrides = variant["overrides"]
     part = os.path.basename(os.path.dirname(folder))
     kind = config_arg[0]
-    for criterion in ("plateau", "relplateau", "lookahead", "window"):
-      if part.endswith(f"_{criterion}") or part.endswith(f"_auto{criterion}"):
-        kind = f"auto_{criterion}"
+    kind = AUTO_PARTS.get(part.partition("_")[2], kind)
     privacy = r["privacy"]
     rows.append(dict(
         regime=config_arg[1], model=config_arg[2], variant=kind,
