@@ -308,6 +308,13 @@ def test_registries_refuse_an_unknown_name_listing_the_known_ones(registry, unkn
   assert all(registry.lookup(n) is registry.entries[n] for n in registry.names())
 
 
+def test_cudnn_attention_needs_a_half_precision_compute_dtype():
+  vit = {"model": {"name": "vit", "variant": "Ti", "patch_size": 4, "attention": "cudnn"}}
+  with pytest.raises(config_lib.ConfigError, match="cudnn.*bfloat16 or float16 only"):
+    config_lib.parse(_with({}, {**_base(), **vit}))
+  assert config_lib.parse(_with({"perf.dtype": "bfloat16"}, {**_base(), **vit}))
+
+
 def test_the_registries_build_what_the_config_names():
   c = ml_collections.ConfigDict(_with({"schedule.lr_schedule": "cosine",
                                        "schedule.warmup_steps": 4}))

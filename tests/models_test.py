@@ -11,6 +11,7 @@ import pytest
 
 from dpjax import models
 from dpjax.models import registry, vit
+from dpjax.train import step as step_lib
 
 NUM_CLASSES = 10
 BATCH = 3
@@ -438,6 +439,28 @@ def test_padded_attention_equals_fused_attention_and_its_gradient(tokens):
     np.testing.assert_allclose(g_padded, g_fused, atol=1e-5)
   with pytest.raises(ValueError, match="no bias or mask"):
     padded(q, k, v, mask=jnp.ones((2, 1, tokens, tokens), bool))
+
+
+def test_cudnn_attention_takes_cudnn_in_a_bfloat16_step_and_xla_at_float32_init(monkeypatch):
+  """cuDNN refuses float32 ("Q must be fp16/bf16", seen on the H200): the float32 init takes
+  XLA's kernel, and the bfloat16 step (`dpjax.train.step`'s cast) reaches cuDNN's. Recorded here
+  by a stand-in that runs XLA's kernel whatever it is asked for."""
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def record(*args, implementation=None, **kwargs):
+    asked.append((args[0].dtype.name, implementation))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  model = models.build_model("vit", num_classes=5, variant="Ti", patch_size=8, image_size=16,
+                             depth=1, attention="cudnn")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  assert set(asked) == {("float32", None)}
+  asked.clear()
+  example = {"image": jnp.ones((16, 16, 3)), "label": jnp.int32(1)}
+  jax.grad(step_lib.make_example_loss(model, "bfloat16"))(params, example)
+  assert set(asked) == {("bfloat16", "cudnn")}
 
 
 @pytest.mark.parametrize("unroll", [1, 3])

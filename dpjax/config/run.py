@@ -43,6 +43,9 @@ class RunSpec(Spec):
 
   def check(self):
     check_positive_int("log_every_steps", self.log_every_steps, INTERVAL)
+    check(self.model.kwargs.get("attention") != "cudnn" or self.perf.dtype != "float32",
+          "model.attention='cudnn' is cuDNN's flash attention, which takes bfloat16 or float16 "
+          "only: set perf.dtype='bfloat16', or model.attention='fused'.")
     if self.contrastive is None:
       self._check_supervised()
     else:

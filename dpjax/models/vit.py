@@ -68,21 +68,29 @@ def fused_attention(query, key, value, bias=None, mask=None, **unused):
   return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
 
 
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
 def padded_attention(implementation: str | None = "cudnn", multiple: int = 64):
   """An attention_fn that pads the tokens to a multiple of `multiple` and masks the padding by
   sequence lengths, for kernels that take only such lengths: cuDNN's flash attention refused the
   ViTs' 197 and 65 tokens in training on jax 0.11.2 ("Unsupported sequence length"). Padding and
-  masking stay within each example. [batch, tokens, heads, head_dim] in and out."""
+  masking stay within each example. [batch, tokens, heads, head_dim] in and out.
+
+  cuDNN takes bfloat16 and float16 only: other inputs (the float32 initialisation, which needs
+  only shapes) take XLA's kernel for the same function. A run asks for bfloat16 with "cudnn"
+  (`perf.dtype`; the config check refuses float32), so its steps use cuDNN's kernel."""
   def attention(query, key, value, bias=None, mask=None, **unused):
     del unused
     if bias is not None or mask is not None:
       raise ValueError("padded attention takes no bias or mask (the ViT passes none).")
+    kernel = implementation if query.dtype in _CUDNN_DTYPES else None
     batch, tokens = query.shape[:2]
     pad = [(0, 0), (0, -tokens % multiple), (0, 0), (0, 0)]
     lengths = jnp.full((batch,), tokens, jnp.int32)
     out = jax.nn.dot_product_attention(
         *(jnp.pad(x, pad) for x in (query, key, value)), query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths, implementation=implementation)
+        key_value_seq_lengths=lengths, implementation=kernel)
     return out[:, :tokens]
   return attention
 
