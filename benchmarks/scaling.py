@@ -2,8 +2,8 @@
 
 Each layout runs in its own subprocess (so peak memory is per layout) and times the trainer's own
 jitted steps (`dpjax.train.step` under a `dpjax.parallel.Layout`):
-  DP step     = k private microbatches (`accumulate`: per-example grads, clipping, on every device
-                its own rows) + `apply` (the partial sums' all-reduce, noise once, AdamW update);
+  DP step     = k private microbatches (`accumulate`: per-example norms by ghost clipping, or
+                per-example grads by vmap (`--method`), clipping, on every device its own rows) + `apply` (the partial sums' all-reduce, noise once, AdamW update);
   non-DP step = `public_grad` on the same k·m examples + `apply`.
 Weak scaling: every device gets `--per_device` examples per microbatch, so the global batch grows
 with the devices; examples/s of N devices ÷ examples/s of one is the scaling factor (ideal N).
@@ -35,8 +35,9 @@ def run_one(args: argparse.Namespace, data: int, fsdp: int) -> dict:
   mesh = parallel.make_mesh(data, fsdp)
   devices = parallel.mesh_size(mesh)
   steps = harness.Steps(args.model, mesh, args.per_device * devices, args.microbatches,
-                        args.dtype)
-  result = dict(model=args.model, data=data, fsdp=fsdp, devices=devices, dtype=args.dtype,
+                        args.dtype, method=args.method)
+  result = dict(model=args.model, method=args.method, data=data, fsdp=fsdp, devices=devices,
+                dtype=args.dtype,
                 per_device=args.per_device, microbatches=args.microbatches, batch=steps.batch,
                 num_params=steps.num_params)
   for name in ("non_dp", "dp"):  # the allocator's peak after each (peaks only grow)
@@ -72,16 +73,17 @@ SHARED_DETAILS = ("devices", "per_device", "num_params", "leaves_split_over_fsdp
 def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
             commit: str | None, date: str | None, variant: Sequence[str] = (),
             details: Mapping | None = None) -> list[schema.Row]:
-  """The nondp and dp `schema.Row`s of one layout's measurement (`run_one`'s dict): per-example
-  vmap, flat clipping (the harness's defaults); the microbatch is global (per device × devices).
-  The peaks are the largest over the mesh's devices. Arguments as `throughput.to_rows`."""
+  """The nondp and dp `schema.Row`s of one layout's measurement (`run_one`'s dict): its
+  per-example method (`--method`), flat clipping (the harness's default); the microbatch is global (per device × devices).
+  The peaks are the largest over the mesh's devices. Arguments as `throughput.to_rows`. Runs
+  measured before `--method` existed were vmap's."""
   shared_details = {k: raw[k] for k in SHARED_DETAILS if k in raw} | dict(details or {})
   nondp = schema.mode_fields(raw, "non_dp", sources[0], shared_details)
   nondp.update(microbatch=raw["batch"])
   dp = schema.mode_fields(raw, "dp", sources[1], shared_details)
   dp["details"].update({k: raw[k] for k in ("accumulate_ms", "total_ms", "apply_ms") if k in raw})
   dp.update(microbatch=raw["per_device"] * raw["devices"], microbatches=raw["microbatches"],
-            method="vmap", clip="flat")
+            method=raw.get("method", "vmap"), clip="flat")
   shared = dict(benchmark="scaling", model=raw["model"], dtype=raw["dtype"],
                 mesh=f"{raw['data']}x{raw['fsdp']}", device=raw["device"], commit=commit,
                 date=date, variant="; ".join(variant) or None, command=command, run=run)
@@ -101,6 +103,8 @@ def main() -> None:
                       "microbatch")
   parser.add_argument("--microbatches", type=int, default=4, help="microbatches per DP step")
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--method", default="ghost", choices=("ghost", "vmap"),
+                      help="per-example method of the DP step (the trainer's default: ghost)")
   parser.add_argument("--steps", type=int, default=5, help="steps per timing window")
   parser.add_argument("--windows", type=int, default=3, help="timing windows (median)")
   parser.add_argument("--breakdown", action="store_true",
