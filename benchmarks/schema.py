@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import math
 import re
-import subprocess
 from typing import Any, Iterable, Mapping, TypedDict
 
 FORMAT = "dpjax-benchmark-rows/1"  # the "format" key of a file of rows
@@ -193,19 +192,11 @@ def mb_to_bytes(mb: float | None) -> int | None:
 
 
 def provenance(commit: str = "") -> dict[str, str | None]:
-  """{commit, date} for rows measured now: `commit` if given, else the checkout's HEAD (with
-  "-dirty" when tracked files differ from it), None without git (the device machine's copy has
-  no .git: pass --commit there)."""
-  if not commit:
-    try:
-      head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()
-      dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True).returncode
-      commit = head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-      commit = ""
-  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  return dict(commit=commit or None, date=date)
+  """{commit, date} for rows measured now: `commit` if given, else `dpjax.provenance.code_commit`
+  ($DPJAX_COMMIT, or the checkout's HEAD with "-dirty" when tracked files differ; None without
+  either: on the device machine pass --commit or set DPJAX_COMMIT)."""
+  from dpjax import provenance as provenance_lib
+  return dict(commit=commit or provenance_lib.code_commit(), date=provenance_lib.now())
 
 
 

@@ -104,10 +104,13 @@ def record_reads(monkeypatch) -> dict[tuple[str, int], np.ndarray]:
   return reads
 
 
-def test_public_only_run_spends_nothing(tmp_path):
+def test_public_only_run_spends_nothing(tmp_path, monkeypatch):
+  monkeypatch.setenv("DPJAX_COMMIT", "abc1234")  # as on the device machine, whose copy has no .git
   c = small_config(mixing=dict(schedule="constant", alpha=1.0))
   r = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)
   assert r["privacy"]["epsilon"] == 0.0 and r["privacy"]["private_steps"] == 0
+  written = json.loads((tmp_path / "results.json").read_text())["provenance"]
+  assert written["commit"] == "abc1234" and written["devices"] == jax.device_count()
 
 
 def test_all_data_public_is_reported_as_not_private(tmp_path):

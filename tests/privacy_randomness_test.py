@@ -96,7 +96,8 @@ ALLOWED_RECORD_KEYS = {
 }
 ALLOWED_RESULTS_KEYS = {"test_accuracy", "test_loss", "steps", "stopped", "train_seconds",
                         "privacy", "switch_step", "finetune", "perf",
-                        "config"}  # the run's config as given: public input
+                        "config",  # the run's config as given: public input
+                        "provenance"}  # commit, date, devices, jax version
 ALLOWED_PROGRESS_KEYS = {"loss", "acc", "eps", "alpha"}
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from dpjax import config as config_lib
-from dpjax import contrastive, data, mixing, models, parallel, probe
+from dpjax import contrastive, data, mixing, models, parallel, probe, provenance
 from dpjax.data import augment
 from dpjax.privacy import accounting, calibration, ghost, noise, randomness, sampling
 from dpjax.train import engine, hooks, host_loop, plan as plan_lib, state as state_lib
@@ -397,7 +397,8 @@ class ContrastiveTrainer(host_loop.HostLoop):
                    steps=step, stopped=stopped or "completed", train_seconds=seconds,
                    test_contrastive_loss=self.evaluate(params), privacy=statement,
                    probe=probes, probe_data=probe_read,
-                   test_accuracy=None if first is None else first["test_accuracy"])
+                   test_accuracy=None if first is None else first["test_accuracy"],
+                   provenance=provenance.run_provenance())
     self.writer.write(step, "final", dict(test_contrastive_loss=results["test_contrastive_loss"],
                                           epsilon=statement["epsilon"],
                                           **{f"probe_{k}": v["test_accuracy"]

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from dpjax import config as config_lib
-from dpjax import data, finetune, mixing, parallel
+from dpjax import data, finetune, mixing, parallel, provenance
 from dpjax.data import views as views_lib
 from dpjax.privacy import clipping, noise, randomness
 from dpjax.train import checkpoint, engine, hooks as hooks_lib, host_loop, per_example
@@ -310,7 +310,8 @@ class Trainer(host_loop.HostLoop):
                    privacy=statement,
                    switch_step=auto.switch_step if auto else self.first_private_step,
                    finetune=self._finetune_summary(), perf=self.microbatch,
-                   config=json.loads(self.config.to_json_best_effort()))
+                   config=json.loads(self.config.to_json_best_effort()),
+                   provenance=provenance.run_provenance())
     if self.main:
       with open(os.path.join(self.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
