@@ -434,14 +434,15 @@ def test_batchnorm_model_is_refused(tmp_path, monkeypatch):
     loop.train_and_evaluate(small_config(), str(tmp_path), show_progress=False)
 
 
-@pytest.mark.parametrize("reference,mesh", [((1, 1), (8, 1)), ((1, 4), (2, 4))])
-def test_a_run_on_eight_devices_trains_like_one_on_fewer(tmp_path, reference, mesh):
-  """The same run (reproducible mode, the same global expected batch) on a mesh of 8 virtual
-  devices and on fewer: the same privacy statement, Poisson batches and noise, so the same params
-  up to float rounding (issue 30's 1-vs-8-GPU check). Data parallel: against one device. FSDP:
-  against the same fsdp size on 4 devices. The noise of leaves that FSDP splits is drawn per
-  shape, not from the flat draw (`noise.gaussian_noise_like`), so an FSDP run and a run without
-  FSDP draw different noise of the same scale (`parallel_test`) and agree only in distribution."""
+def test_an_fsdp_run_on_eight_devices_trains_like_one_on_four(tmp_path):
+  """The same run (reproducible mode, the same global expected batch) on an FSDP mesh of 8
+  virtual devices (data 2 x fsdp 4) and of 4 (1 x 4): the same privacy statement, Poisson batches
+  and noise, so the same params up to float rounding (issue 30's 1-vs-8-GPU check; data
+  parallel against one device: `experiment_configs_test`). The noise of leaves that FSDP splits
+  is drawn per shape, not from the flat draw (`noise.gaussian_noise_like`), so an FSDP run and a
+  run without FSDP draw different noise of the same scale (`parallel_test`) and agree only in
+  distribution."""
+  reference, mesh = (1, 4), (2, 4)
   runs = {}
   for name, (data_axis, fsdp) in {"reference": reference, "mesh": mesh}.items():
     config = small_config(dp=dict(insecure_reproducible_seed=5),
