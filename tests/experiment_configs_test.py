@@ -313,3 +313,46 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
           "points (summed std 2.00: within the spread); within 1 point: yes") in text
   assert "auto (switched at 80 80 80) vs the best fixed switch: -6.00 points" in text
   assert "(summed std 2.00: reversed); within 1 point: no" in text
+
+
+def _auto_run(path, switch_step, heldout, auto=None):
+  """A finished automatic-switch run's files: results.json (its switch and mixing.auto config)
+  and metrics.jsonl (a check record every 20 steps from `heldout`, losses as logged, NaN as the
+  writer's "nan"; records after the switch from the private phase)."""
+  path.mkdir(parents=True)
+  auto = dict(dict(criterion="plateau", check_every=20, patience=3, min_delta=0.0,
+                   min_rel_delta=0.0, min_switch_step=0, max_switch_step=-1,
+                   generalisation_checks=1, lookahead_steps=10), **(auto or {}))
+  (path / "results.json").write_text(json.dumps(dict(switch_step=switch_step,
+                                                     config=dict(mixing=dict(auto=auto)))))
+  lines = [json.dumps(dict(kind="curvature", step=20 * i, heldout_loss=loss,
+                           public_train_loss=1.0 - 0.01 * i, dp_efficiency="nan"))
+           for i, loss in enumerate(heldout)]
+  lines.insert(2, json.dumps(dict(kind="train", step=30, loss=9.0)))  # not a check
+  (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_the_switch_replay_reproduces_a_run_and_reads_only_its_public_phase(tmp_path):
+  """experiments/bu2024_cifar_replay.py: the run's own criterion replayed gives its switch step;
+  other patiences switch where their rule says on the same records; records after the switch
+  (here a drop that would reset the plateau) are not read; "nan" is a NaN, not an error."""
+  replay = _experiment("bu2024_cifar_replay")
+  # best at step 60; no new best at 80, 100, 120; the run switched at 120; 140: private phase.
+  heldout = [2.0, 1.5, 1.2, 1.0, 1.1, 1.3, 1.05, 0.1]
+  run = tmp_path / "B_plateau" / "seed=0"
+  _auto_run(run, 120, heldout)
+  records, switch, auto = replay.public_checks(str(run))
+  assert [r["step"] for r in records] == [0, 20, 40, 60, 80, 100, 120] and switch == 120
+  assert all(np.isnan(r["dp_efficiency"]) for r in records)
+  assert replay.replay(records, replay.own_settings(auto)) == 120
+  assert replay.replay(records, dict(criterion="plateau", patience=2)) == 100
+  assert replay.replay(records, dict(criterion="plateau", patience=4)) is None
+  table = replay.table([str(run)])
+  row = table.splitlines()[2].split(" | ")
+  assert row[1:3] == ["120", "120"]
+  names = list(replay.RULES)
+  assert row[3 + names.index("plateau, patience 2")] == "100"
+  assert row[3 + names.index("plateau, patience 4")] == "> 120"
+  assert row[3 + names.index("efficiency, g over 1 check")] == "> 120"  # NaN efficiency
+  _auto_run(tmp_path / "B_plateau" / "seed=1", 100, heldout)  # a run that did not switch there
+  assert "MISMATCH" in replay.table([str(tmp_path / "B_plateau" / "seed=1")])
