@@ -167,10 +167,10 @@ def crash_then_resume(config, workdir, crash_step, monkeypatch):
 
 
 def _final_params(workdir):
-  state = checkpoint.Checkpointer(str(workdir))
   import orbax.checkpoint as ocp
-  restored = state._manager.restore(state.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+  with checkpoint.Checkpointer(str(workdir)) as state:
+    restored = state._manager.restore(state.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
   return restored["state"]["params"]
 
 

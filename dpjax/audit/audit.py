@@ -49,7 +49,8 @@ class PrivacyViolation(AssertionError):
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run trained with: the defaults, updated with the trajectory blocks recorded in
   its latest checkpoint (performance and mesh settings are this machine's defaults)."""
-  record = checkpoint.Checkpointer(workdir).read_record()
+  with checkpoint.Checkpointer(workdir) as checkpointer:
+    record = checkpointer.read_record()
   config = config_lib.default_config()
   for block, values in record["config"].items():
     if isinstance(values, dict):

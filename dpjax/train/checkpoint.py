@@ -39,7 +39,8 @@ def state_digest(state: PyTree) -> str:
 
 
 class Checkpointer:
-  """Saves and restores (state, record) under `workdir/checkpoints/<step>`."""
+  """Saves and restores (state, record) under `workdir/checkpoints/<step>`. Close it (or use it
+  as a context manager) when done: orbax's manager keeps threads until then."""
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -48,6 +49,16 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def close(self) -> None:
+    """Waits for a save in flight and stops the manager's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def save(self, step: int, state: PyTree, record: dict) -> None:
     """Saves step `step`; a step already saved is kept (the state at a step never changes)."""
@@ -137,9 +148,9 @@ def _source_step(manager: Checkpointer, step: int | None) -> int:
 def source_record(workdir: str, step: int | None = None) -> tuple[int, dict]:
   """(step, record) of `workdir`'s checkpoint at `step` (default: the latest), without reading its
   arrays: the privacy ledger, plan and config of a run that another run starts from."""
-  manager = Checkpointer(workdir)
-  step = _source_step(manager, step)
-  return step, manager.read_record(step)
+  with Checkpointer(workdir) as manager:
+    step = _source_step(manager, step)
+    return step, manager.read_record(step)
 
 
 def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str], bool]
@@ -148,10 +159,10 @@ def restore_params(workdir: str, template: PyTree, keep_template: Callable[[str]
   optimizer), checked against `template` (the model's freshly initialised params): same leaves,
   same shapes. Top-level modules for which keep_template(name) is True keep the template's values
   (e.g. a head that is re-initialised for fine-tuning). Raises CheckpointError with what differs."""
-  manager = Checkpointer(workdir)
-  step = _source_step(manager, step)
-  where = manager.directory
-  saved = manager.read(step)[0]["params"]
+  with Checkpointer(workdir) as manager:
+    step = _source_step(manager, step)
+    where = manager.directory
+    saved = manager.read(step)[0]["params"]
   flat_saved = {pytrees.path_to_names(path): v
                 for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   problems, leaves = [], []

@@ -123,7 +123,10 @@ class HostLoop:
     try:
       return self._run(show_progress)
     finally:
-      self.on_stop()
+      try:
+        self.on_stop()
+      finally:
+        self.checkpointer.close()
 
   def _run(self, show_progress: bool) -> dict[str, Any]:
     start = self.restore()

@@ -116,8 +116,9 @@ def load_trained_state(config: ml_collections.ConfigDict, workdir: str,
   optimizer = state_lib.create_training_optimizer(config, tuning)
   secret = np.zeros(randomness.SECRET_WORDS, np.uint32)  # a template: restored, never used
   template = train_state.initial_state(optimizer, params, mesh, secret)
-  restored = checkpoint.Checkpointer(workdir).restore(
-      train_state.checkpoint_tree(template, 0, secret, mesh), config_lib.trajectory_view(config))
+  with checkpoint.Checkpointer(workdir) as checkpointer:
+    restored = checkpointer.restore(train_state.checkpoint_tree(template, 0, secret, mesh),
+                                    config_lib.trajectory_view(config))
   if restored is None:
     raise checkpoint.CheckpointError(f"There is no checkpoint in {workdir}/checkpoints.")
   tree, record = restored
