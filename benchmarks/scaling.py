@@ -3,7 +3,8 @@
 Each layout runs in its own subprocess (so peak memory is per layout) and times the trainer's own
 jitted steps (`dpjax.train.step` under a `dpjax.parallel.Layout`):
   DP step     = k private microbatches (`accumulate`: per-example norms by ghost clipping, or
-                per-example grads by vmap (`--method`), clipping, on every device its own rows) + `apply` (the partial sums' all-reduce, noise once, AdamW update);
+                per-example grads by vmap (`--method`), clipping, on every device its own
+                rows) + `apply` (the partial sums' all-reduce, noise once, AdamW update);
   non-DP step = `public_grad` on the same k·m examples + `apply`.
 Weak scaling: every device gets `--per_device` examples per microbatch, so the global batch grows
 with the devices; examples/s of N devices ÷ examples/s of one is the scaling factor (ideal N).
@@ -37,9 +38,8 @@ def run_one(args: argparse.Namespace, data: int, fsdp: int) -> dict:
   steps = harness.Steps(args.model, mesh, args.per_device * devices, args.microbatches,
                         args.dtype, method=args.method)
   result = dict(model=args.model, method=args.method, data=data, fsdp=fsdp, devices=devices,
-                dtype=args.dtype,
-                per_device=args.per_device, microbatches=args.microbatches, batch=steps.batch,
-                num_params=steps.num_params)
+                dtype=args.dtype, per_device=args.per_device, microbatches=args.microbatches,
+                batch=steps.batch, num_params=steps.num_params)
   for name in ("non_dp", "dp"):  # the allocator's peak after each (peaks only grow)
     result.update(steps.measure(name, args.windows, args.steps),
                   **{f"{name}_peak_memory_bytes": harness.peak_memory_bytes(mesh)})
@@ -74,9 +74,9 @@ def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
             commit: str | None, date: str | None, variant: Sequence[str] = (),
             details: Mapping | None = None) -> list[schema.Row]:
   """The nondp and dp `schema.Row`s of one layout's measurement (`run_one`'s dict): its
-  per-example method (`--method`), flat clipping (the harness's default); the microbatch is global (per device × devices).
-  The peaks are the largest over the mesh's devices. Arguments as `throughput.to_rows`. Runs
-  measured before `--method` existed were vmap's."""
+  per-example method (`--method`; runs measured before it existed were vmap's), flat clipping
+  (the harness's default); the microbatch is global (per device × devices). The peaks are the
+  largest over the mesh's devices. Arguments as `throughput.to_rows`."""
   shared_details = {k: raw[k] for k in SHARED_DETAILS if k in raw} | dict(details or {})
   nondp = schema.mode_fields(raw, "non_dp", sources[0], shared_details)
   nondp.update(microbatch=raw["batch"])

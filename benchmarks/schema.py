@@ -199,7 +199,6 @@ def provenance(commit: str = "") -> dict[str, str | None]:
   return dict(commit=commit or provenance_lib.code_commit(), date=provenance_lib.now())
 
 
-
 def _positive(value: Any, allowed: float | None = None) -> bool:
   """A finite float > 0 (or equal to `allowed`)."""
   return isinstance(value, float) and math.isfinite(value) and (value > 0 or value == allowed)

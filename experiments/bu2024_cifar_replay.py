@@ -25,6 +25,8 @@ import os
 from typing import Iterable
 
 from dpjax import mixing
+from dpjax.config import mixing_block
+from dpjax.train import metrics
 
 # name -> AutoSwitch settings. Held-out criteria need only held-out (and training) losses, which
 # every automatic run logs; the efficiency ones need the curvature records of efficiency runs.
@@ -39,10 +41,6 @@ RULES: dict[str, dict] = {
     "efficiency, g over 3 checks": dict(criterion="efficiency", generalisation_checks=3),
     "efficiency, g over 5 checks": dict(criterion="efficiency", generalisation_checks=5),
 }
-AUTO_KEYS = ("criterion", "patience", "min_delta", "min_rel_delta", "generalisation_checks",
-             "lookahead_steps", "max_switch_step")
-
-
 def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
   """(the run's check records up to and including its switch step, its switch step, its
   mixing.auto config): the checks of its public phase, at multiples of check_every from
@@ -51,27 +49,15 @@ def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
     results = json.load(f)
   auto = results["config"]["mixing"]["auto"]
   switch = results["switch_step"]
-  records = []
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if (r.get("kind") == "curvature" and r["step"] <= switch
-          and r["step"] % auto["check_every"] == 0 and r["step"] >= auto["min_switch_step"]):
-        records.append({k: _number(v) for k, v in r.items()})
+  records = [{k: metrics.as_number(v) for k, v in r.items()}
+             for r in metrics.read_metrics(run_dir)
+             if r["kind"] == "curvature" and r["step"] <= switch
+             and r["step"] % auto["check_every"] == 0 and r["step"] >= auto["min_switch_step"]]
   return records, switch, auto
 
 
-def _number(value):
-  """A logged value; "nan" and "inf" (JSON has no such numbers: the writer logs them as strings)
-  back to floats."""
-  if isinstance(value, str) and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
-    return float(value)
-  return value
-
-
-def replay(records: Iterable[dict], settings: dict) -> int | None:
-  """The step where an AutoSwitch with `settings` switches on `records`, or None."""
-  auto = mixing.AutoSwitch(**settings)
+def replay(records: Iterable[dict], auto: mixing.AutoSwitch) -> int | None:
+  """The step where `auto` (a fresh AutoSwitch) switches on `records`, or None."""
   for r in records:
     if auto.observe(r["step"], r.get("loss_improvement_public"), r.get("loss_improvement_dp"),
                     r.get("heldout_loss"), r.get("dp_efficiency"), r.get("public_train_loss"),
@@ -80,12 +66,10 @@ def replay(records: Iterable[dict], settings: dict) -> int | None:
   return None
 
 
-def own_settings(auto: dict) -> dict:
-  """The run's own AutoSwitch settings from its config's mixing.auto block (-1: no cap)."""
-  settings = {k: auto[k] for k in AUTO_KEYS if k in auto}
-  if settings.get("max_switch_step", -1) < 0:
-    settings["max_switch_step"] = None
-  return settings
+def own_switch(auto: dict) -> mixing.AutoSwitch:
+  """The run's own AutoSwitch, built from its config's mixing.auto block as the trainer builds
+  it."""
+  return mixing_block.AutoSwitchSpec.from_mapping(auto).build(0, 0)
 
 
 def needs(rule: dict) -> str:
@@ -99,7 +83,7 @@ def table(run_dirs: list[str]) -> str:
            "|---|---|---|" + "---|" * len(names)]
   for run in run_dirs:
     records, switch, auto = public_checks(run)
-    own = replay(records, own_settings(auto))
+    own = replay(records, own_switch(auto))
     own_text = str(own) if own == switch else f"{own} (MISMATCH)"
     last = records[-1]["step"] if records else 0
     cells = []
@@ -108,7 +92,7 @@ def table(run_dirs: list[str]) -> str:
       if not any(needs(rule) in r for r in records):
         cells.append("—")
         continue
-      found = replay(records, rule)
+      found = replay(records, mixing.AutoSwitch(**rule))
       cells.append(f"> {last}" if found is None else str(found))
     label = os.path.join(os.path.basename(os.path.dirname(run)), os.path.basename(run))
     lines.append(f"| {label} | {switch} | {own_text} | " + " | ".join(cells) + " |")

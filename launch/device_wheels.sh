@@ -36,7 +36,8 @@ download() {  # download DIR SPEC...: CPython 3.12 x86_64 wheels, no dependencie
 pins=()
 for name in $WANTED; do pins+=("$(pin "$name")"); done
 download .whl "${pins[@]}"
-python3 -m pip wheel -q --no-deps -w .whl "$(pin promise)" 2>&1 | grep -v "^WARNING: Location" || true
+python3 -m pip wheel -q --no-deps -w .whl "$(pin promise)" 2>&1 \
+  | grep -v "^WARNING: Location" || true
 if [ "${PEERS:-0}" = 1 ]; then
   # shellcheck disable=SC2086
   download .whl_peers $PEER_PINS

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dpjax import config as config_lib
-from dpjax import sweeps
+from dpjax import mixing, sweeps
 from dpjax.data import specs, testing
 from dpjax.train import loop
 
@@ -344,9 +344,9 @@ def test_the_switch_replay_reproduces_a_run_and_reads_only_its_public_phase(tmp_
   records, switch, auto = replay.public_checks(str(run))
   assert [r["step"] for r in records] == [0, 20, 40, 60, 80, 100, 120] and switch == 120
   assert all(np.isnan(r["dp_efficiency"]) for r in records)
-  assert replay.replay(records, replay.own_settings(auto)) == 120
-  assert replay.replay(records, dict(criterion="plateau", patience=2)) == 100
-  assert replay.replay(records, dict(criterion="plateau", patience=4)) is None
+  assert replay.replay(records, replay.own_switch(auto)) == 120
+  assert replay.replay(records, mixing.AutoSwitch(criterion="plateau", patience=2)) == 100
+  assert replay.replay(records, mixing.AutoSwitch(criterion="plateau", patience=4)) is None
   table = replay.table([str(run)])
   row = table.splitlines()[2].split(" | ")
   assert row[1:3] == ["120", "120"]

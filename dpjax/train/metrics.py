@@ -80,8 +80,17 @@ def _drop_records_after(path: str, step: int) -> None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir`'s metrics.jsonl as written: non-finite values stay the strings
+  "nan", "inf", "-inf" (JSON has no such numbers; `as_number` turns them back), so two runs'
+  records compare equal when they wrote the same."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def as_number(value: Any) -> Any:
+  """A value as `read_metrics` returns it, with the writer's "nan", "inf" and "-inf" back as
+  floats (the inverse of `_plain`)."""
+  return float(value) if value in ("nan", "inf", "-inf") else value
 
 
 class Progress:
