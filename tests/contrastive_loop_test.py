@@ -120,6 +120,15 @@ def test_the_probe_of_the_pretraining_data_never_reads_a_private_example(dataset
   assert train is public and what["train"].startswith("public part of the train split")
 
 
+def test_an_empty_poisson_draw_is_one_microbatch_of_padding():
+  """An empty draw (likely on a small dataset) used to reach the pair sums with 0 rows, which
+  cannot be traced (a reshape of a 0-row array: seen once in CI, from fresh entropy)."""
+  sampler = sampling.PoissonSampler(40, 1e-9, microbatch_size=8, seed=0)
+  assert sampler.batch(0).size == 0 and len(sampler.batch(0).mask) == 0
+  batch = contrastive_loop.batch_for_step(sampler, 0, None)
+  assert len(batch.indices) == 8 and not batch.mask.any()
+
+
 def test_naive_batches_above_capacity_release_noise_only():
   sampler = sampling.PoissonSampler(1000, 0.05, microbatch_size=8, seed=0)
   sizes = [sampler.batch(s).size for s in range(200)]

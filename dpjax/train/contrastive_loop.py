@@ -221,10 +221,13 @@ def batch_for_step(sampler: sampling.PoissonSampler, step: int, capacity: int | 
                    ) -> sampling.PaddedBatch:
   """The step's padded Poisson batch. With a capacity (naive method) every batch has the same
   padded shape, `capacity` rounded up to whole microbatches; a batch of more than `capacity` real
-  examples becomes all padding: the step releases noise only, so the sensitivity bound holds."""
+  examples becomes all padding: the step releases noise only, so the sensitivity bound holds.
+  Without, an empty draw is one microbatch of padding (the pair sums need rows to trace): its
+  step, too, releases noise only."""
   batch = sampler.batch(step)
   if capacity is None:
-    return batch
+    return batch if len(batch.mask) else sampling.pad_to_microbatches(
+        batch.indices, sampler.microbatch_size, 1)
   microbatches = -(-capacity // sampler.microbatch_size)
   real = batch.indices[batch.mask] if batch.size <= capacity else np.zeros(0, np.int64)
   return sampling.pad_to_microbatches(real, sampler.microbatch_size, microbatches)
