@@ -45,6 +45,9 @@ def run_one(args: argparse.Namespace) -> dict:
   result = dict(model=args.model, clip=args.clip, dtype=args.dtype, microbatch=args.microbatch,
                 microbatches=args.microbatches, batch=steps.batch, attention=args.attention,
                 scan=args.scan, per_example=args.per_example, num_params=steps.num_params)
+  if args.attention == "auto":  # which kernel "auto" took here
+    from dpjax.models import vit
+    result["attention_kernel"] = "cudnn" if vit.cudnn_attention_runs(args.dtype) else "xla"
   # Non-DP first: the allocator's peak after it is the non-DP step's; after the DP step, the
   # overall peak is the DP step's whenever that is the larger (peaks only grow).
   result.update(steps.measure("non_dp", args.windows, args.steps),
@@ -71,7 +74,7 @@ def run_one(args: argparse.Namespace) -> dict:
   return result
 
 
-SHARED_DETAILS = ("num_params", "attention", "scan", "jax", "platform")
+SHARED_DETAILS = ("num_params", "attention", "attention_kernel", "scan", "jax", "platform")
 
 
 def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
@@ -80,13 +83,14 @@ def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
   """The nondp and dp `schema.Row`s of one configuration's measurement (`run_one`'s dict).
 
   `sources`: the two rows' `source`; `variant`: what else differs from a plain run (e.g. a smoke
-  run's settings); scanned blocks, another attention than "fused" and a profile (its HLO dump
+  run's settings); scanned blocks, another attention than the default ("auto", or "fused",
+  the default before it) and a profile (its HLO dump
   slows the compiles) are read off `raw`. `details`: extra details for both rows.
   """
   parts = list(variant)
   if raw.get("scan"):
     parts.append("scan_blocks")
-  if raw.get("attention") not in (None, "", "fused"):
+  if raw.get("attention") not in (None, "", "auto", "fused"):
     parts.append(f"attention={raw['attention']}")
   if "dp_profile" in raw:
     parts.append("profiled")
@@ -131,7 +135,9 @@ def main() -> None:
                       help="replaces the suite: model:MICROBATCHxK,... e.g. vit_b16_224:64x2")
   parser.add_argument("--clips", default="flat", help="comma-separated: flat,automatic,per_layer")
   parser.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float32")
-  parser.add_argument("--attentions", default="fused", help="ViT attention: fused,einsum,cudnn (GPU)")
+  parser.add_argument("--attentions", default="auto",
+                      help="ViT attention: auto (the default: cuDNN's where it runs, else XLA's), "
+                           "fused, einsum, cudnn (GPU)")
   parser.add_argument("--methods", default="vmap",
                       help="per-example method: vmap,ghost")
   parser.add_argument("--scans", default="0",

@@ -42,7 +42,9 @@ def test_quick_throughput_benchmark_writes_a_complete_table(tmp_path):
     pieces = {"public_grad_ms", "accumulate_ms", "noise_ms"} | (
         {"ghost_backward_ms", "ghost_norms_ms"} if dp["method"] == "ghost" else set())
     assert set(dp["details"]["pieces"]) == pieces and min(dp["details"]["pieces"].values()) > 0
-  assert "| vit_test | flat | ghost | float32 | fused | yes |" in done.stdout
+    # the default attention, and the kernel it took on this CPU
+    assert (dp["details"]["attention"], dp["details"]["attention_kernel"]) == ("auto", "xla")
+  assert "| vit_test | flat | ghost | float32 | auto | yes |" in done.stdout
 
 
 def _fake_run_row(measured):

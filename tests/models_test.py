@@ -445,14 +445,7 @@ def test_cudnn_attention_takes_cudnn_in_a_bfloat16_step_and_xla_at_float32_init(
   """cuDNN refuses float32 ("Q must be fp16/bf16", seen on the H200): the float32 init takes
   XLA's kernel, and the bfloat16 step (`dpjax.train.step`'s cast) reaches cuDNN's. Recorded here
   by a stand-in that runs XLA's kernel whatever it is asked for."""
-  asked = []
-  real = jax.nn.dot_product_attention
-
-  def record(*args, implementation=None, **kwargs):
-    asked.append((args[0].dtype.name, implementation))
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  asked = _record_attention_kernels(monkeypatch)
   model = models.build_model("vit", num_classes=5, variant="Ti", patch_size=8, image_size=16,
                              depth=1, attention="cudnn")
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -461,6 +454,69 @@ def test_cudnn_attention_takes_cudnn_in_a_bfloat16_step_and_xla_at_float32_init(
   example = {"image": jnp.ones((16, 16, 3)), "label": jnp.int32(1)}
   jax.grad(step_lib.make_example_loss(model, "bfloat16"))(params, example)
   assert set(asked) == {("bfloat16", "cudnn")}
+
+
+def _record_attention_kernels(monkeypatch) -> list:
+  """Records (input dtype, implementation asked) of each jax.nn.dot_product_attention call, and
+  runs XLA's kernel whatever was asked (this machine has no cuDNN)."""
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def record(*args, implementation=None, **kwargs):
+    asked.append((args[0].dtype.name, implementation))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  return asked
+
+
+@pytest.mark.parametrize("cudnn_runs", [False, True])
+def test_auto_attention_takes_cudnn_only_where_it_runs(monkeypatch, cudnn_runs):
+  """The default attention ("auto") asks for cuDNN's kernel where `cudnn_attention_runs` says it
+  runs (a GPU's bfloat16 step) and XLA's everywhere else (the float32 init, a CPU run): the same
+  function, so the logits equal "fused"'s."""
+  monkeypatch.setattr(vit, "cudnn_attention_runs",
+                      lambda dtype: cudnn_runs and jnp.dtype(dtype) == jnp.bfloat16)
+  asked = _record_attention_kernels(monkeypatch)
+  sizes = dict(num_classes=5, variant="Ti", patch_size=8, image_size=16, depth=1)
+  model = models.build_model("vit", **sizes)
+  assert model.attention == "auto"
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  assert set(asked) == {("float32", None)}
+  fused = models.build_model("vit", attention="fused", **sizes)
+  np.testing.assert_allclose(model.apply({"params": params}, images),
+                             fused.apply({"params": params}, images), rtol=1e-5, atol=1e-6)
+  asked.clear()
+  example = {"image": images[0], "label": jnp.int32(1)}
+  jax.grad(step_lib.make_example_loss(model, "bfloat16"))(params, example)
+  assert set(asked) == {("bfloat16", "cudnn" if cudnn_runs else None)}
+
+
+class _FakeDevice:
+  def __init__(self, platform, capability=None):
+    self.platform = platform
+    if capability is not None:
+      self.compute_capability = capability
+
+
+@pytest.mark.parametrize("device, dtype, runs", [
+    (_FakeDevice("gpu", "9.0"), jnp.bfloat16, True),    # H100 / H200
+    (_FakeDevice("gpu", "8.0"), jnp.float16, True),     # A100
+    (_FakeDevice("gpu", "9.0"), jnp.float32, False),    # cuDNN refuses float32
+    (_FakeDevice("gpu", "7.0"), jnp.bfloat16, False),   # V100: no fused flash attention
+    (_FakeDevice("gpu"), jnp.bfloat16, False),          # a GPU without a CUDA capability (ROCm)
+    (_FakeDevice("cpu"), jnp.bfloat16, False),
+    (_FakeDevice("tpu"), jnp.bfloat16, False)])
+def test_cudnn_attention_runs_on_ampere_or_later_nvidia_gpus_in_half_precision(
+    monkeypatch, device, dtype, runs):
+  monkeypatch.setattr(jax, "devices", lambda *a: [device])
+  assert vit.cudnn_attention_runs(dtype) is runs
+
+
+def test_cudnn_attention_does_not_run_on_this_cpu():
+  assert jax.devices()[0].platform == "cpu"
+  assert not vit.cudnn_attention_runs(jnp.bfloat16)
 
 
 @pytest.mark.parametrize("unroll", [1, 3])

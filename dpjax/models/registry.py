@@ -16,9 +16,11 @@ image, used for the BatchNorm check and where the architecture depends on it):
                     outputs); width=64, num_groups=16, input_shape.
   vit               ViT; variant="Ti" ("Ti", "S", "B", "L"), patch_size=16, image_size (default
                     input_shape[0], else 224), overrides of width / depth / num_heads / mlp_dim.
-                    input_shape defaults to (image_size, image_size, 3); attention="fused"
-                    (jax.nn.dot_product_attention), "einsum" (flax's written-out softmax) or
-                    "cudnn" (cuDNN flash attention on padded tokens; GPU, bf16);
+                    input_shape defaults to (image_size, image_size, 3); attention="auto"
+                    (cuDNN's flash attention where it runs: NVIDIA GPU, bf16/fp16; else XLA's
+                    kernel), "fused" (jax.nn.dot_product_attention, XLA's kernel), "einsum"
+                    (flax's written-out softmax) or "cudnn" (cuDNN flash attention on padded
+                    tokens; GPU, bf16);
                     scan_blocks=True runs the blocks as one nn.scan (compiles once, not depth
                     times; params["blocks"] stacked along a leading depth axis);
                     input_resize=True resizes images of input_shape to image_size on the device
@@ -95,7 +97,7 @@ def _build_resnet18(
 
 def _build_vit(
     num_classes: int, variant: str = "Ti", patch_size: int = 16, image_size: int | None = None,
-    input_shape: InputShape | None = None, attention: str = "fused", scan_blocks: bool = False,
+    input_shape: InputShape | None = None, attention: str = "auto", scan_blocks: bool = False,
     scan_unroll: int = 1, input_resize: bool = False, **overrides: int,
 ) -> tuple[nn.Module, InputShape]:
   if image_size is None:

@@ -95,10 +95,36 @@ def padded_attention(implementation: str | None = "cudnn", multiple: int = 64):
   return attention
 
 
-# attention="einsum": flax's softmax(QKᵀ/√d)V written out; "fused": one op (XLA's); "cudnn":
-# cuDNN's flash attention on tokens padded to a multiple of 64 (GPU only, bf16/fp16).
-ATTENTION_FNS = {"einsum": nn.dot_product_attention, "fused": fused_attention,
-                 "cudnn": padded_attention("cudnn")}
+def cudnn_attention_runs(dtype) -> bool:
+  """Whether cuDNN's flash attention takes inputs of `dtype` on the default device: an NVIDIA GPU
+  of compute capability 8.0 or later (Ampere on; cuDNN's fused attention needs it) and bfloat16 or
+  float16 inputs. Decided at trace time from the device, so a CPU run never asks for it."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)  # "9.0" on an H200; CUDA devices only
+  return (device.platform == "gpu" and capability is not None
+          and int(str(capability).split(".")[0]) >= 8 and jnp.dtype(dtype) in _CUDNN_DTYPES)
+
+
+_cudnn_padded = padded_attention("cudnn")
+
+
+def auto_attention(query, key, value, bias=None, mask=None, **unused):
+  """The default attention_fn: cuDNN's flash attention on padded tokens (`padded_attention`) where
+  it runs (`cudnn_attention_runs`: an NVIDIA GPU of compute capability ≥ 8, bf16/fp16 inputs, and
+  no bias or mask), else XLA's kernel (`fused_attention`). The same function either way; on one
+  H200 cuDNN's made ViT-B/16 224²'s DP and non-private steps ~30% faster
+  (`benchmarks/results/README.md`). [batch, tokens, heads, head_dim] in and out."""
+  del unused
+  if bias is None and mask is None and cudnn_attention_runs(query.dtype):
+    return _cudnn_padded(query, key, value)
+  return fused_attention(query, key, value, bias=bias, mask=mask)
+
+
+# attention="auto" (the default): cuDNN's kernel where it runs, else XLA's; "einsum": flax's
+# softmax(QKᵀ/√d)V written out; "fused": one op (XLA's); "cudnn": cuDNN's flash attention on
+# tokens padded to a multiple of 64 (GPU only, bf16/fp16; a run that cannot take it fails).
+ATTENTION_FNS = {"auto": auto_attention, "einsum": nn.dot_product_attention,
+                 "fused": fused_attention, "cudnn": _cudnn_padded}
 
 
 class EncoderBlock(nn.Module):
@@ -109,7 +135,7 @@ class EncoderBlock(nn.Module):
 
   num_heads: int
   mlp_dim: int
-  attention: str = "fused"
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -168,7 +194,7 @@ class ViT(nn.Module):
   depth: int = 12
   num_heads: int = 3
   mlp_dim: int = 768
-  attention: str = "fused"  # or "einsum", "cudnn"; see ATTENTION_FNS
+  attention: str = "auto"  # or "fused", "einsum", "cudnn"; see ATTENTION_FNS
   # scan_blocks: the blocks as one nn.scan over a stack of their params (params["blocks"], each
   # leaf [depth, ...]): the same function, compiled once for all blocks instead of depth times.
   # Every variable collection stacks along the scanned axis (ghost clipping's included).
