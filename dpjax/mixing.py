@@ -137,7 +137,9 @@ class AutoSwitch:
   criterion: "improvement" switches once the predicted DP improvement per step reaches the public
     one (Bu et al.: the decelerator has shrunk enough); "plateau" once the held-out public loss has
     not improved by more than `min_delta` (and, with `min_rel_delta` > 0, by more than that share
-    of the best loss so far) for `patience` checks; "either" on the first of the two;
+    of the best loss so far) for `patience` checks; with `plateau_metric="accuracy"` it watches
+    the held-out public error (1 − accuracy) instead of the loss, which keeps falling while an
+    overfitting model's loss rises; "either" on the first of the two;
     "efficiency" once a DP step's efficiency r (its predicted progress over a non-private step's
     of the same batch, with the σ the remaining budget implies: `curvature.adam_dp_efficiency`
     for Adam, `curvature.dp_efficiency` for SGD) reaches
@@ -159,7 +161,8 @@ class AutoSwitch:
   min_rel_delta: float = 0.0
   max_switch_step: int | None = None
   switch_step: int | None = None
-  best_loss: float = math.inf
+  plateau_metric: str = "loss"  # or "accuracy": the plateau watches 1 − held-out accuracy
+  best_loss: float = math.inf  # the plateau's best value so far (held-out loss or error)
   checks_without_improvement: int = 0
   reason: str = ""
   # (held-out, public training) losses at the last `generalisation_checks` checks, oldest first.
@@ -169,6 +172,7 @@ class AutoSwitch:
   last_heldout: tuple[int, float] | None = None  # (step, held-out loss) at the last check
 
   CRITERIA = ("improvement", "plateau", "either", "efficiency", "lookahead")
+  PLATEAU_METRICS = ("loss", "accuracy")
   CURVATURE_CRITERIA = ("improvement", "either", "efficiency")  # the others read held-out losses
 
   @property
@@ -180,6 +184,9 @@ class AutoSwitch:
     if self.criterion not in self.CRITERIA:
       raise ValueError(f"AutoSwitch criterion must be one of {', '.join(self.CRITERIA)}, got "
                        f"{self.criterion!r}.")
+    if self.plateau_metric not in self.PLATEAU_METRICS:
+      raise ValueError(f"AutoSwitch plateau_metric must be one of "
+                       f"{', '.join(self.PLATEAU_METRICS)}, got {self.plateau_metric!r}.")
     if self.generalisation_checks < 1:
       raise ValueError(f"AutoSwitch generalisation_checks must be >= 1, got "
                        f"{self.generalisation_checks}.")
@@ -194,7 +201,8 @@ class AutoSwitch:
   def observe(self, step: int, public_improvement: float | None = None,
               private_improvement: float | None = None, heldout_loss: float | None = None,
               dp_efficiency: float | None = None, public_train_loss: float | None = None,
-              lookahead_fall: float | None = None) -> bool:
+              lookahead_fall: float | None = None,
+              heldout_accuracy: float | None = None) -> bool:
     """Feeds one check's public statistics; returns True if training switches at `step`."""
     if self.switch_step is not None:
       return False
@@ -218,15 +226,17 @@ class AutoSwitch:
       if private_improvement >= public_improvement:
         reasons.append(f"predicted DP improvement {private_improvement:.3g} >= public "
                        f"{public_improvement:.3g}")
-    if self.criterion in ("plateau", "either") and _finite(heldout_loss):
+    watched, what = ((heldout_loss, "loss") if self.plateau_metric == "loss" else
+                     (None if heldout_accuracy is None else 1.0 - heldout_accuracy, "error"))
+    if self.criterion in ("plateau", "either") and _finite(watched):
       needed = max(self.min_delta, self.min_rel_delta * abs(self.best_loss)
                    if math.isfinite(self.best_loss) else 0.0)
-      if heldout_loss < self.best_loss - needed:
-        self.best_loss, self.checks_without_improvement = heldout_loss, 0
+      if watched < self.best_loss - needed:
+        self.best_loss, self.checks_without_improvement = watched, 0
       else:
         self.checks_without_improvement += 1
       if self.checks_without_improvement >= self.patience:
-        reasons.append(f"held-out public loss has not improved for {self.patience} checks")
+        reasons.append(f"held-out public {what} has not improved for {self.patience} checks")
     if self.max_switch_step is not None and step >= self.max_switch_step:
       reasons.append(f"reached max_switch_step {self.max_switch_step}")
     if reasons:

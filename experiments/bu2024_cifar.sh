@@ -7,6 +7,7 @@
 #   R_switch      public steps then DP, switch step 0 (= private-only DP) / 50 / 100 / 200
 #   R_auto        the automatic switch (efficiency criterion)
 #   R_plateau     the automatic switch on the held-out public loss alone
+#   R_accplateau  the same on the held-out public accuracy (its error): mixing.auto.plateau_metric
 #   R_lookahead   the automatic switch on simulated DP steps on public data (dpjax/lookahead.py)
 #   R_relplateau  the plateau with a relative threshold (5% of the best held-out loss, 2 checks)
 #   R_autowindow  the efficiency criterion with the public generalisation over 3 checks, not 1
@@ -45,6 +46,10 @@ run_part() {  # run_part PART
     plateau)
       sweep "${regime}_plateau" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau $held_out_only ;;
+    accplateau)
+      sweep "${regime}_accplateau" "$(config auto "$regime")" $auto_sweep \
+          --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=accuracy \
+          $held_out_only ;;
     relplateau)
       sweep "${regime}_relplateau" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.patience=2 \

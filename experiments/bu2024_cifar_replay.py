@@ -29,7 +29,8 @@ from dpjax.config import mixing_block
 from dpjax.train import metrics
 
 # name -> AutoSwitch settings. Held-out criteria need only held-out (and training) losses, which
-# every automatic run logs; the efficiency ones need the curvature records of efficiency runs.
+# every automatic run logs; the accuracy plateaus need the held-out accuracy (logged since
+# 6db1a9f's successor); the efficiency ones need the curvature records of efficiency runs.
 RULES: dict[str, dict] = {
     "plateau, patience 2": dict(criterion="plateau", patience=2),
     "plateau, patience 3": dict(criterion="plateau", patience=3),
@@ -37,6 +38,10 @@ RULES: dict[str, dict] = {
     "plateau, patience 5": dict(criterion="plateau", patience=5),
     "plateau 1%, patience 3": dict(criterion="plateau", patience=3, min_rel_delta=0.01),
     "plateau 5%, patience 2": dict(criterion="plateau", patience=2, min_rel_delta=0.05),
+    "accuracy plateau, patience 3": dict(criterion="plateau", patience=3,
+                                         plateau_metric="accuracy"),
+    "accuracy plateau, patience 5": dict(criterion="plateau", patience=5,
+                                         plateau_metric="accuracy"),
     "efficiency, g over 1 check": dict(criterion="efficiency", generalisation_checks=1),
     "efficiency, g over 3 checks": dict(criterion="efficiency", generalisation_checks=3),
     "efficiency, g over 5 checks": dict(criterion="efficiency", generalisation_checks=5),
@@ -61,7 +66,7 @@ def replay(records: Iterable[dict], auto: mixing.AutoSwitch) -> int | None:
   for r in records:
     if auto.observe(r["step"], r.get("loss_improvement_public"), r.get("loss_improvement_dp"),
                     r.get("heldout_loss"), r.get("dp_efficiency"), r.get("public_train_loss"),
-                    r.get("lookahead_heldout_fall")):
+                    r.get("lookahead_heldout_fall"), r.get("heldout_accuracy")):
       return auto.switch_step
   return None
 
@@ -74,7 +79,9 @@ def own_switch(auto: dict) -> mixing.AutoSwitch:
 
 def needs(rule: dict) -> str:
   """The record key a rule cannot decide without."""
-  return "dp_efficiency" if rule["criterion"] == "efficiency" else "heldout_loss"
+  if rule["criterion"] == "efficiency":
+    return "dp_efficiency"
+  return "heldout_accuracy" if rule.get("plateau_metric") == "accuracy" else "heldout_loss"
 
 
 def table(run_dirs: list[str]) -> str:

@@ -22,8 +22,9 @@ import statistics
 
 DEFAULT_TARGET_EPSILON = 8.0  # experiments/bu2024_cifar.py's dp.target_epsilon
 # bu2024_cifar.sh's automatic-switch parts other than R_auto (REGIME_PART folders): their variant
-AUTO_PARTS = dict(plateau="auto_plateau", relplateau="auto_relplateau",
-                  lookahead="auto_lookahead", autowindow="auto_window")
+AUTO_PARTS = dict(plateau="auto_plateau", accplateau="auto_accplateau",
+                  relplateau="auto_relplateau", lookahead="auto_lookahead",
+                  autowindow="auto_window")
 DP_VARIANTS = ("dp", "auto") + tuple(AUTO_PARTS.values())
 
 
@@ -220,8 +221,8 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
                 ls="-" if warmup else ":", color=color[eps], alpha=1 if warmup else 0.4,
                 label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
-  markers = dict(auto="^", auto_plateau="s", auto_relplateau="D", auto_lookahead="v",
-                 auto_window="P")
+  markers = dict(auto="^", auto_plateau="s", auto_accplateau="X", auto_relplateau="D",
+                 auto_lookahead="v", auto_window="P")
   autos = [r for r in rows if r["regime"] == regime and r["variant"].startswith("auto")
            and r["switch_step"] is not None]
   for key in sorted({(r["variant"], r["target_epsilon"], r["warmup_steps"]) for r in autos}):

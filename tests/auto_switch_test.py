@@ -76,6 +76,7 @@ def test_held_out_criteria_compute_no_curvature_at_their_checks(tmp_path):
   assert result["switch_step"] == 4
   records = {r["step"]: r for r in _curvature_records(tmp_path) if r["kind"] == "curvature"}
   assert "heldout_loss" in records[4] and "trace_h" not in records[4]  # a check only
+  assert 0 <= records[4]["heldout_accuracy"] <= 1  # what plateau_metric="accuracy" watches
   assert "trace_h" in records[0] and "trace_h" in records[8]  # curvature record steps
 
 

@@ -156,6 +156,8 @@ def test_an_int_is_a_float_where_a_float_is_expected():
     ({"mixing.schedule": "auto", "mixing.auto.criterion": "vibes"}, ValueError, "criterion"),
     ({"mixing.schedule": "auto", "mixing.auto.holdout_fraction": 1.0}, config_lib.ConfigError,
      "holdout_fraction"),
+    ({"mixing.schedule": "auto", "mixing.auto.plateau_metric": "error"}, config_lib.ConfigError,
+     "mixing.auto.plateau_metric must be one of loss, accuracy, got 'error'"),
     ({"mixing.schedule": "sawtooth"}, config_lib.ConfigError,
      "Unknown mixing.schedule 'sawtooth'; choose 'switch', 'constant'"),
     ({"curvature.batch_size": 0}, config_lib.ConfigError, "curvature.batch_size"),
@@ -291,7 +293,8 @@ def test_the_mixing_defaults_keep_the_flat_layout_that_checkpoints_record():
       reset_moments="first",
       auto=dict(criterion="either", check_every=25, patience=3, min_delta=0.0,
                 holdout_fraction=0.1, min_switch_step=0, max_switch_step=-1,
-                lookahead_steps=10, min_rel_delta=0.0, generalisation_checks=1))
+                lookahead_steps=10, min_rel_delta=0.0, generalisation_checks=1,
+                plateau_metric="loss"))
 
 
 @pytest.mark.parametrize("registry,unknown,names", [

@@ -315,10 +315,11 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
   assert "(summed std 2.00: reversed); within 1 point: no" in text
 
 
-def _auto_run(path, switch_step, heldout, auto=None):
+def _auto_run(path, switch_step, heldout, auto=None, accuracies=None):
   """A finished automatic-switch run's files: results.json (its switch and mixing.auto config)
   and metrics.jsonl (a check record every 20 steps from `heldout`, losses as logged, NaN as the
-  writer's "nan"; records after the switch from the private phase)."""
+  writer's "nan"; records after the switch from the private phase; held-out accuracies if
+  given, as runs log them since the accuracy plateau)."""
   path.mkdir(parents=True)
   auto = dict(dict(criterion="plateau", check_every=20, patience=3, min_delta=0.0,
                    min_rel_delta=0.0, min_switch_step=0, max_switch_step=-1,
@@ -326,7 +327,8 @@ def _auto_run(path, switch_step, heldout, auto=None):
   (path / "results.json").write_text(json.dumps(dict(switch_step=switch_step,
                                                      config=dict(mixing=dict(auto=auto)))))
   lines = [json.dumps(dict(kind="curvature", step=20 * i, heldout_loss=loss,
-                           public_train_loss=1.0 - 0.01 * i, dp_efficiency="nan"))
+                           public_train_loss=1.0 - 0.01 * i, dp_efficiency="nan",
+                           **({} if accuracies is None else dict(heldout_accuracy=accuracies[i]))))
            for i, loss in enumerate(heldout)]
   lines.insert(2, json.dumps(dict(kind="train", step=30, loss=9.0)))  # not a check
   (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
@@ -354,5 +356,13 @@ def test_the_switch_replay_reproduces_a_run_and_reads_only_its_public_phase(tmp_
   assert row[3 + names.index("plateau, patience 2")] == "100"
   assert row[3 + names.index("plateau, patience 4")] == "> 120"
   assert row[3 + names.index("efficiency, g over 1 check")] == "> 120"  # NaN efficiency
+  assert row[3 + names.index("accuracy plateau, patience 3")] == "—"  # no accuracy logged
+  # With the held-out accuracy logged: still rising at 80 and 100, its last new best at 100.
+  logged = tmp_path / "A_plateau" / "seed=0"
+  _auto_run(logged, 120, heldout, accuracies=[0.1, 0.3, 0.5, 0.6, 0.62, 0.63, 0.63, 0.9])
+  row = replay.table([str(logged)]).splitlines()[2].split(" | ")
+  assert row[3 + names.index("accuracy plateau, patience 3")] == "> 120"
+  assert replay.replay(replay.public_checks(str(logged))[0], mixing.AutoSwitch(
+      criterion="plateau", patience=1, plateau_metric="accuracy")) == 120
   _auto_run(tmp_path / "B_plateau" / "seed=1", 100, heldout)  # a run that did not switch there
   assert "MISMATCH" in replay.table([str(tmp_path / "B_plateau" / "seed=1")])

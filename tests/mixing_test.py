@@ -179,3 +179,31 @@ def test_plateau_with_a_relative_threshold_needs_falls_of_that_share_of_the_best
   assert decisions == [False, False, False, False, True, False] and relative.switch_step == 80
   absolute = mixing.AutoSwitch(criterion="plateau", patience=2)  # any fall counts: no switch
   assert not any(absolute.observe(20 * i, heldout_loss=h) for i, h in enumerate(losses))
+
+
+def test_plateau_on_accuracy_waits_while_the_held_out_accuracy_rises_and_the_loss_does_not():
+  """An overfitting public phase (as regime A's on cifar10_jpeg): the held-out loss rises after
+  its best while the held-out accuracy still rises. The loss plateau switches after `patience`
+  checks; the accuracy plateau (error = 1 − accuracy) waits until the accuracy stalls."""
+  checks = [(1.0, 0.50), (0.8, 0.60), (0.9, 0.62), (1.0, 0.64), (1.1, 0.66),  # loss up, acc up
+            (1.2, 0.66), (1.3, 0.65), (1.4, 0.66)]                           # acc stalls
+  on_loss = mixing.AutoSwitch(criterion="plateau", patience=3)
+  on_accuracy = mixing.AutoSwitch(criterion="plateau", patience=3, plateau_metric="accuracy")
+  for i, (loss, accuracy) in enumerate(checks):
+    for auto in (on_loss, on_accuracy):
+      auto.observe(20 * i, heldout_loss=loss, heldout_accuracy=accuracy)
+  assert on_loss.switch_step == 80 and "public loss" in on_loss.reason
+  assert on_accuracy.switch_step == 140 and on_accuracy.reason == (
+      "held-out public error has not improved for 3 checks")
+  assert on_accuracy.best_loss == pytest.approx(1 - 0.66)
+  # Without an accuracy (an older run's checks) the accuracy plateau has no evidence.
+  blind = mixing.AutoSwitch(criterion="plateau", patience=1, plateau_metric="accuracy")
+  assert not any(blind.observe(20 * i, heldout_loss=l) for i, (l, _) in enumerate(checks))
+  # Its state survives a checkpoint; a checkpoint from before the field reads as "loss".
+  again = mixing.AutoSwitch.from_state_dict(on_accuracy.state_dict())
+  assert again == on_accuracy
+  old = {k: v for k, v in mixing.AutoSwitch(criterion="plateau").state_dict().items()
+         if k != "plateau_metric"}
+  assert mixing.AutoSwitch.from_state_dict(old).plateau_metric == "loss"
+  with pytest.raises(ValueError, match="plateau_metric must be one of loss, accuracy"):
+    mixing.AutoSwitch(criterion="plateau", plateau_metric="error")

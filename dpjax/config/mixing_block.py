@@ -110,6 +110,8 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   min_delta: float = field(0.0, "plateau: the smallest decrease of the held-out loss that counts")
   min_rel_delta: float = field(0.0, "plateau: the smallest decrease that counts, as a share of "
                                     "the best held-out loss so far (the larger of the two counts)")
+  plateau_metric: str = field("loss", "plateau: what it watches on the held-out public part: "
+                                      "'loss', or 'accuracy' (its error, 1 - accuracy)")
   holdout_fraction: float = field(0.1, "part of the public data held out for the plateau loss")
   min_switch_step: int = field(0, "no check before this step")
   max_switch_step: int = field(-1, "switch at this step at the latest (-1: no limit)")
@@ -122,7 +124,7 @@ class AutoSwitchSpec(AlphaScheduleSpec):
     del public_batch_size, private_batch_size
     return mixing.AutoSwitch(criterion=self.criterion, patience=self.patience,
                              min_delta=self.min_delta, min_rel_delta=self.min_rel_delta,
-                             max_switch_step=self.max_switch_step if self.max_switch_step >= 0
+                             plateau_metric=self.plateau_metric, max_switch_step=self.max_switch_step if self.max_switch_step >= 0
                              else None, lookahead_steps=self.lookahead_steps,
                              generalisation_checks=self.generalisation_checks)
 
@@ -137,6 +139,9 @@ class AutoSwitchSpec(AlphaScheduleSpec):
     check(self.criterion != "lookahead" or self.holdout_fraction > 0,
           "mixing.auto.criterion = 'lookahead' trains and measures on held-out public data: "
           "set mixing.auto.holdout_fraction > 0.")
+    check(self.plateau_metric in mixing.AutoSwitch.PLATEAU_METRICS,
+          f"mixing.auto.plateau_metric must be one of "
+          f"{', '.join(mixing.AutoSwitch.PLATEAU_METRICS)}, got {self.plateau_metric!r}.")
     check_positive_int("mixing.auto.lookahead_steps", self.lookahead_steps)
     check_positive_int("mixing.auto.generalisation_checks", self.generalisation_checks)
     check(0 <= self.min_rel_delta < 1,

@@ -184,7 +184,8 @@ class PublicStatistics(BaseHook):
                                         stats.get("loss_improvement_dp"),
                                         stats.get("heldout_loss"), stats.get("dp_efficiency"),
                                         stats.get("public_train_loss"),
-                                        stats.get("lookahead_heldout_fall")):
+                                        stats.get("lookahead_heldout_fall"),
+                                        stats.get("heldout_accuracy")):
       run.replan(plan_lib.switched(run.plan, run.config, self.auto), self.auto)
       run.writer.write(step, "switch", dict(noise_multiplier=run.plan.noise_multiplier,
                                             reason=self.auto.reason))

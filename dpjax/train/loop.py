@@ -193,7 +193,7 @@ class Trainer(host_loop.HostLoop):
       monitor = monitor_lib.PublicMonitor(
           self.config, public_train, heldout,
           monitor_lib.CurvatureLoss(self.steps.example_loss, self.inputs.rule, self.preprocess),
-          self._dataset_loss, state_lib.accounting_size(self.inputs.loaded),
+          self._dataset_metrics, state_lib.accounting_size(self.inputs.loaded),
           lookahead_steps=auto.lookahead_steps if auto and auto.criterion == "lookahead" else 0)
       switch = c.mixing.schedule if auto else None  # its spec: `config.AutoSwitchSpec`
       made.append(hooks_lib.PublicStatistics(monitor, auto, c.curvature.every_steps,
@@ -207,10 +207,12 @@ class Trainer(host_loop.HostLoop):
     return made + [self._train_metrics, self._evaluation,
                    hooks_lib.Checkpointing(c.checkpoint.every_steps)]
 
-  def _dataset_loss(self, params, dataset: data.Dataset) -> float:
-    """The mean loss of a (public) dataset. The monitor works on a local copy of the params
-    (parallel.local_copy); evaluation runs on the mesh, so the copy is laid out there again."""
-    return self.evaluate_on(parallel.place(params, self.mesh), dataset)["test_loss"]
+  def _dataset_metrics(self, params, dataset: data.Dataset) -> dict[str, float]:
+    """The mean loss and the accuracy of a (public) dataset. The monitor works on a local copy of
+    the params (parallel.local_copy); evaluation runs on the mesh, so the copy is laid out there
+    again."""
+    found = self.evaluate_on(parallel.place(params, self.mesh), dataset)
+    return dict(loss=found["test_loss"], accuracy=found["test_accuracy"])
 
   def on_start(self, start: int) -> None:
     self.writer.write(start, "perf", self.microbatch)

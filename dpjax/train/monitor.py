@@ -37,9 +37,10 @@ class PublicMonitor:
   """Computes public-data statistics at a step for the current params.
 
   public_train / heldout: the public training part and the held-out public part (None without);
-  dataset_loss: (params, dataset) -> its mean loss; num_private: N, for the predicted σ. With a
-  held-out part, the statistics hold its loss and the loss of as many public training examples
-  (a fixed subset), which the automatic switch's generalisation g compares.
+  dataset_metrics: (params, dataset) -> {"loss": its mean loss, "accuracy": its accuracy};
+  num_private: N, for the predicted σ. With a held-out part, the statistics hold its loss and
+  accuracy and the loss of as many public training examples (a fixed subset), which the
+  automatic switch's generalisation g compares.
   lookahead_steps: K > 0 (needs a held-out part of >= 2 examples): the held-out part is halved,
   and each check also takes K simulated DP steps on the first half (`dpjax.lookahead`) and
   reports the fall of the second half's loss they bring (`lookahead_heldout_fall`);
@@ -48,10 +49,10 @@ class PublicMonitor:
 
   def __init__(self, config: ml_collections.ConfigDict, public_train: data.Dataset,
                heldout: data.Dataset | None, loss: CurvatureLoss,
-               dataset_loss: Callable | None, num_private: int, lookahead_steps: int = 0):
+               dataset_metrics: Callable | None, num_private: int, lookahead_steps: int = 0):
     self.config, self.public, self.heldout = config, public_train, heldout
     self.example_loss, self.rule, self.preprocess = loss
-    self.dataset_loss = dataset_loss
+    self.dataset_metrics = dataset_metrics
     self.num_private = num_private
     self.lookahead_steps, self.lookahead_train = lookahead_steps, None
     if lookahead_steps:
@@ -82,11 +83,12 @@ class PublicMonitor:
     size = min(self.config.curvature.batch_size, len(self.public))
     stats = self._curvature(step, params, noise_multiplier, size) if with_curvature else {}
     if self.heldout is not None:
-      stats["heldout_loss"] = self.dataset_loss(params, self.heldout)
-      stats["public_train_loss"] = self.dataset_loss(params, self.train_probe)
+      heldout = self.dataset_metrics(params, self.heldout)
+      stats["heldout_loss"], stats["heldout_accuracy"] = heldout["loss"], heldout["accuracy"]
+      stats["public_train_loss"] = self.dataset_metrics(params, self.train_probe)["loss"]
     if lookahead and self.lookahead_steps and noise_multiplier is not None:
-      stats["lookahead_heldout_fall"] = stats["heldout_loss"] - self.dataset_loss(
-          self._lookahead(step, params, size, noise_multiplier), self.heldout)
+      stats["lookahead_heldout_fall"] = stats["heldout_loss"] - self.dataset_metrics(
+          self._lookahead(step, params, size, noise_multiplier), self.heldout)["loss"]
     return stats
 
   def _curvature(self, step: int, params: Any, noise_multiplier: float | None,
