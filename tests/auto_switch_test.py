@@ -17,8 +17,13 @@ def _data(dataset_cache):
 
 
 def auto_config(criterion="either", **blocks):
+  """criterion "plateau_accuracy": the plateau on the held-out accuracy (plateau_metric), with
+  a min_delta no accuracy gain reaches: it fires at its third check (step 8), which it can only
+  do if the checks hold the held-out accuracy."""
   c = small_config(mixing=dict(schedule="auto"), schedule=dict(total_steps=30), **blocks)
   c.mixing.auto.update(check_every=4, patience=2, criterion=criterion, max_switch_step=20)
+  if criterion == "plateau_accuracy":
+    c.mixing.auto.update(criterion="plateau", plateau_metric="accuracy", min_delta=1.0)
   c.curvature.update(batch_size=32, num_probes=2)
   return c
 
@@ -42,7 +47,7 @@ def _curvature_records(workdir):
   return [m for m in metrics.read_metrics(workdir) if m["kind"] in ("curvature", "switch")]
 
 
-@pytest.mark.parametrize("criterion", ["either", "efficiency", "lookahead"])
+@pytest.mark.parametrize("criterion", ["either", "efficiency", "lookahead", "plateau_accuracy"])
 def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_path, monkeypatch,
                                                                           criterion):
   blocks = dict(curvature=dict(every_steps=4))  # curvature records after the switch too
@@ -50,6 +55,8 @@ def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_p
                                   show_progress=False)
   s = first["switch_step"]
   assert s is not None and 0 < s <= 20
+  if criterion == "plateau_accuracy":
+    assert s == 8 and "held-out public error" in first["privacy"]["plan_changes"][0]["reason"]
   p = first["privacy"]
   assert p["private_steps"] == 30 - s and p["public_steps"] == s
   assert 0.99 * 2.0 <= p["epsilon"] <= 2.0  # σ calibrated at the switch for the steps left
