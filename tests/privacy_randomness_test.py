@@ -3,6 +3,7 @@ published, and nothing computed from the private batch may leave the device unno
 
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +170,33 @@ def test_a_bad_insecure_seed_is_refused(tmp_path):
   with pytest.raises(ValueError, match="insecure_reproducible_seed"):
     loop.train_and_evaluate(small_config(dp=dict(insecure_reproducible_seed=-1)), str(tmp_path),
                             show_progress=False)
+
+
+_RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results"
+_PUBLIC_STEP_KEYS = {"loss"}  # a public-only step's (α = 1) training loss: public data only
+
+
+def test_committed_results_release_nothing_private_unnoised_and_name_their_randomness():
+  """The committed runs (experiments/results) as an attacker reads them: a "train" record of a
+  step that touched private data (α < 1) holds no statistic but noised ones (`noisy_*`); and a
+  run that states its randomness drew it secretly (none committed in the INSECURE reproducible
+  mode, whose noise follows from a published integer)."""
+  metrics_files = sorted(_RESULTS.rglob("metrics.jsonl"))
+  assert len(metrics_files) > 200  # the scan reaches the committed runs
+  for path in metrics_files:
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      if record.get("kind") != "train":
+        continue
+      released = set(record) - {"step", "kind", "alpha"}
+      if record.get("alpha") == 1.0:
+        released -= _PUBLIC_STEP_KEYS
+      assert all(key.startswith("noisy_") for key in released), (path, record)
+  stated = 0
+  for path in _RESULTS.rglob("results.json"):
+    privacy = json.loads(path.read_text()).get("privacy")
+    randomness = privacy.get("randomness") if isinstance(privacy, dict) else None
+    if randomness is not None:
+      stated += 1
+      assert randomness.startswith("secret:"), (path, randomness)
+  assert stated >= 174  # bu2024_cifar's runs and the later bu2024 runs, on 2026-12-04
