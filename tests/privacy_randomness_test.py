@@ -4,6 +4,7 @@ published, and nothing computed from the private batch may leave the device unno
 import json
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +181,8 @@ def test_committed_results_release_nothing_private_unnoised_and_name_their_rando
   """The committed runs (experiments/results) as an attacker reads them: a "train" record of a
   step that touched private data (α < 1) holds no statistic but noised ones (`noisy_*`); and a
   run that states its randomness drew it secretly (none committed in the INSECURE reproducible
-  mode, whose noise follows from a published integer)."""
+  mode, whose noise follows from a published integer). The "loss" of a train record is allowed
+  only at α = 1 in metrics.jsonl; TensorBoard's tags carry no α, so there only the key is checked."""
   metrics_files = sorted(_RESULTS.rglob("metrics.jsonl"))
   assert len(metrics_files) > 200  # the scan reaches the committed runs
   for path in metrics_files:
@@ -192,6 +194,14 @@ def test_committed_results_release_nothing_private_unnoised_and_name_their_rando
       if record.get("alpha") == 1.0:
         released -= _PUBLIC_STEP_KEYS
       assert all(key.startswith("noisy_") for key in released), (path, record)
+  # TensorBoard mirrors those records as "kind/key" tags: the same keys, scanned in the raw
+  # event files (no TensorBoard reader needed).
+  event_files = sorted(_RESULTS.rglob("events.out.tfevents.*"))
+  assert event_files
+  for path in event_files:
+    tags = {m.decode() for m in re.findall(rb"train/([A-Za-z_]+)", path.read_bytes())}
+    assert all(t in {"alpha"} | _PUBLIC_STEP_KEYS or t.startswith("noisy_") for t in tags), (
+        path, tags)
   stated = 0
   for path in _RESULTS.rglob("results.json"):
     privacy = json.loads(path.read_text()).get("privacy")
