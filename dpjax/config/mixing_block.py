@@ -124,7 +124,8 @@ class AutoSwitchSpec(AlphaScheduleSpec):
     del public_batch_size, private_batch_size
     return mixing.AutoSwitch(criterion=self.criterion, patience=self.patience,
                              min_delta=self.min_delta, min_rel_delta=self.min_rel_delta,
-                             plateau_metric=self.plateau_metric, max_switch_step=self.max_switch_step if self.max_switch_step >= 0
+                             plateau_metric=self.plateau_metric,
+                             max_switch_step=self.max_switch_step if self.max_switch_step >= 0
                              else None, lookahead_steps=self.lookahead_steps,
                              generalisation_checks=self.generalisation_checks)
 
