@@ -35,14 +35,20 @@ TITLES = {"throughput": "The trainer's DP step against its non-private step, one
                                    "(`benchmarks.peers.jax_privacy_vit`)"}
 
 
+def plain(rows: Sequence[schema.Row]) -> list[tuple[schema.Row, schema.Row]]:
+  """(dp, nondp) of every plain run (no `variant`), in table.json's order."""
+  nondp = {(schema.source_file(r), r["run"]): r for r in rows if r["mode"] == "nondp"}
+  return [(dp, nondp[(schema.source_file(dp), dp["run"])]) for dp in rows
+          if dp["mode"] == "dp" and dp["variant"] is None]
+
+
 def current(rows: Sequence[schema.Row]) -> list[tuple[schema.Row, schema.Row]]:
   """(dp, nondp) of the current rows (see the module's docstring), ordered by benchmark, device,
   model, method, clip, dtype, mesh."""
-  nondp = {(schema.source_file(r), r["run"]): r for r in rows if r["mode"] == "nondp"}
-  latest = {tuple(r[k] for k in KEY): r for r in rows if r["mode"] == "dp" and r["variant"] is None}
-  order = lambda r: (schema.BENCHMARKS.index(r["benchmark"]),) + tuple(r[k] for k in KEY[1:])
-  return [(dp, nondp[(schema.source_file(dp), dp["run"])])
-          for dp in sorted(latest.values(), key=order)]
+  latest = {tuple(pair[0][k] for k in KEY): pair for pair in plain(rows)}
+  order = lambda pair: ((schema.BENCHMARKS.index(pair[0]["benchmark"]),)
+                        + tuple(pair[0][k] for k in KEY[1:]))
+  return sorted(latest.values(), key=order)
 
 
 def _rate(value: float) -> str:
@@ -57,7 +63,7 @@ def markdown(rows: Sequence[schema.Row]) -> str:
   """The README's current table: the targets (`benchmarks.targets`), then a section per
   benchmark, each row's commands under it."""
   pairs = current(rows)
-  lines, number = [""] + targets.markdown(pairs), 0
+  lines, number = [""] + targets.markdown(pairs, plain(rows)), 0
   for benchmark, title in TITLES.items():
     listed = [(dp, nondp) for dp, nondp in pairs if dp["benchmark"] == benchmark]
     if not listed:

@@ -18,6 +18,7 @@ dp), the command, the configurations that failed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -77,20 +78,31 @@ def run_one(args: argparse.Namespace) -> dict:
 SHARED_DETAILS = ("num_params", "attention", "attention_kernel", "scan", "jax", "platform")
 
 
+# When the ViT's default attention became "auto" (commit 6db1a9f); before it, "fused" was.
+AUTO_ATTENTION_SINCE = datetime.datetime.fromisoformat("2026-12-04T16:19:25+00:00")
+
+
+def _before_auto_attention(date: str | None) -> bool:
+  """Whether a row of `date` (None: an archived row, all older) ran before "auto" was the
+  default."""
+  return date is None or datetime.datetime.fromisoformat(date) < AUTO_ATTENTION_SINCE
+
+
 def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
             commit: str | None, date: str | None, variant: Sequence[str] = (),
             details: Mapping | None = None) -> list[schema.Row]:
   """The nondp and dp `schema.Row`s of one configuration's measurement (`run_one`'s dict).
 
   `sources`: the two rows' `source`; `variant`: what else differs from a plain run (e.g. a smoke
-  run's settings); scanned blocks, another attention than the default ("auto", or "fused",
-  the default before it) and a profile (its HLO dump
-  slows the compiles) are read off `raw`. `details`: extra details for both rows.
+  run's settings); scanned blocks, another attention than the default when it ran (`"auto"`;
+  `"fused"` before `AUTO_ATTENTION_SINCE`) and a profile (its HLO dump slows the compiles) are
+  read off `raw`. `details`: extra details for both rows.
   """
   parts = list(variant)
   if raw.get("scan"):
     parts.append("scan_blocks")
-  if raw.get("attention") not in (None, "", "auto", "fused"):
+  if raw.get("attention") not in (None, "", "auto") and not (
+      raw["attention"] == "fused" and _before_auto_attention(date)):
     parts.append(f"attention={raw['attention']}")
   if "dp_profile" in raw:
     parts.append("profiled")

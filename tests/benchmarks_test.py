@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks import convert_results, report_table, schema, targets
+from benchmarks import convert_results, report_table, schema, targets, throughput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -265,14 +265,18 @@ def _h200_pair(benchmark, run, nondp_rate, dp_rate, date, device="NVIDIA H200", 
            source=f"runs/{benchmark}.json#/rows/{2 * run + 1}", details={}))
 
 
+def _targets_found(lines):
+  return {line.split(" | ")[0][2:]: line.split(" | ")[2:4] for line in lines[4:]}
+
+
 def test_targets_table_reads_the_current_rows_and_compares_peers_of_one_call_only():
   rows = (_h200_pair("throughput", 0, 3500.0, 3200.0, "2026-12-05T10:00:00+00:00")
           + _h200_pair("throughput", 1, 9000.0, 8000.0, "2026-12-05T10:00:00+00:00",
                        device="NVIDIA H100 80GB HBM3")  # another device: not a target's row
           + _h200_pair("peers.opacus_vit", 2, 3000.0, 1000.0, "2026-12-05T10:10:00+00:00")
           + _h200_pair("peers.jax_privacy_vit", 3, 3400.0, 2000.0, "2026-12-05T12:00:00+00:00"))
-  lines = targets.markdown(report_table.current(rows))
-  found = {line.split(" | ")[0][2:]: line.split(" | ")[2:4] for line in lines[4:]}
+  lines = targets.markdown(report_table.current(rows), report_table.plain(rows))
+  found = _targets_found(lines)
   assert found["ViT-B/16 224² DP examples/s"] == ["3,200", "yes"]
   assert found["ViT-B/16 224² DP ÷ non-private (same call)"] == ["0.914", "yes"]
   assert found["dpjax DP ÷ Opacus's best DP (ViT-B/16, same call)"] == ["3.20×", "yes"]
@@ -284,6 +288,35 @@ def test_targets_table_reads_the_current_rows_and_compares_peers_of_one_call_onl
   assert found["ViT-B/16 224² DP step compile s"] == ["20 s", "yes"]
   assert len(found) == len(targets.TARGETS)
   assert "\n".join(lines) in report_table.markdown(rows)
+
+
+def test_a_later_dpjax_row_does_not_hide_the_last_call_that_measured_the_peers():
+  peers_call = (_h200_pair("throughput", 0, 2600.0, 1900.0, "2026-12-04T10:00:00+00:00")
+                + _h200_pair("peers.opacus_vit", 1, 2600.0, 950.0, "2026-12-04T10:10:00+00:00"))
+  later = _h200_pair("throughput", 2, 3300.0, 2550.0, "2026-12-04T18:00:00+00:00")
+  rows = peers_call + later
+  found = _targets_found(targets.markdown(report_table.current(rows), report_table.plain(rows)))
+  assert found["ViT-B/16 224² DP examples/s"] == ["2,550", "no"]  # the current (later) row
+  assert found["dpjax DP ÷ Opacus's best DP (ViT-B/16, same call)"] == ["2.00×", "no"]
+  assert found["dpjax non-private ÷ timm's non-private (same call)"] == ["1.00×", "yes"]
+  # with the current rows alone, the peers' call has no dpjax row: not measured
+  alone = _targets_found(targets.markdown(report_table.current(rows), report_table.current(rows)))
+  assert alone["dpjax DP ÷ Opacus's best DP (ViT-B/16, same call)"] == ["not measured", "—"]
+
+
+def test_an_attention_other_than_the_default_when_it_ran_is_a_variant():
+  raw = dict(model="vit_b16_224", dtype="bfloat16", device="NVIDIA H200", batch=8, microbatch=8,
+             microbatches=1, per_example="ghost", clip="flat", non_dp_examples_per_s=2.0,
+             dp_examples_per_s=1.0, dp_over_non_dp=0.5)
+  def variant(attention, date):
+    rows = throughput.to_rows(dict(raw, attention=attention), run=0, sources=("a#/0", "a#/1"),
+                              command="c", commit=None, date=date)
+    return {r["variant"] for r in rows}
+  before, after = "2026-12-03T10:00:00+00:00", "2026-12-05T10:00:00+00:00"
+  assert variant("fused", before) == variant("fused", None) == {None}  # fused was the default
+  assert variant("fused", after) == {"attention=fused"}
+  assert variant("auto", after) == variant("auto", before) == {None}
+  assert variant("cudnn", before) == {"attention=cudnn"}
 
 
 def test_table_json_rows_follow_the_schema_and_every_archived_file_is_accounted_for():
