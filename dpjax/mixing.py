@@ -153,7 +153,8 @@ class AutoSwitch:
     examples at least as much as K more public steps are doing: the held-out loss's fall since
     the last check, scaled to K steps. Both falls are measured on the same held-out examples;
     a fall ≤ 0 of the simulated DP steps never switches.
-  max_switch_step: the switch happens at this step at the latest.
+  max_switch_step: the switch happens at this step at the latest (the trainer checks at this
+    step too, whatever `check_every`: `train.hooks.PublicStatistics`).
   """
   criterion: str = "either"
   patience: int = 3

@@ -49,7 +49,7 @@ RULES: dict[str, dict] = {
 def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
   """(the run's check records up to and including its switch step, its switch step, its
   mixing.auto config): the checks of its public phase, at multiples of check_every from
-  min_switch_step on."""
+  min_switch_step on, and at max_switch_step (checked there too since f6c6e23's successor)."""
   with open(os.path.join(run_dir, "results.json")) as f:
     results = json.load(f)
   auto = results["config"]["mixing"]["auto"]
@@ -57,7 +57,8 @@ def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
   records = [{k: metrics.as_number(v) for k, v in r.items()}
              for r in metrics.read_metrics(run_dir)
              if r["kind"] == "curvature" and r["step"] <= switch
-             and r["step"] % auto["check_every"] == 0 and r["step"] >= auto["min_switch_step"]]
+             and ((r["step"] % auto["check_every"] == 0 and r["step"] >= auto["min_switch_step"])
+                  or r["step"] == auto["max_switch_step"])]
   return records, switch, auto
 
 

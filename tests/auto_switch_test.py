@@ -74,6 +74,19 @@ def test_switch_depends_on_public_data_only_and_ends_at_the_target_epsilon(tmp_p
     assert all(("lookahead_heldout_fall" in m) == (m["step"] <= s) for m in records)
 
 
+def test_the_cap_switches_at_max_switch_step_between_two_checks(tmp_path):
+  """max_switch_step 10 with checks every 4 steps: the switch comes at 10, not at the next check
+  (12), so the cap bounds the public phase as documented."""
+  config = auto_config("plateau")
+  config.mixing.auto.update(patience=100, max_switch_step=10)
+  result = loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
+  assert result["switch_step"] == 10
+  assert result["privacy"]["private_steps"] == 20 and result["privacy"]["public_steps"] == 10
+  assert "reached max_switch_step 10" in result["privacy"]["plan_changes"][0]["reason"]
+  checks = [m["step"] for m in _curvature_records(str(tmp_path)) if m["kind"] == "curvature"]
+  assert checks == [0, 4, 8, 10]
+
+
 def test_held_out_criteria_compute_no_curvature_at_their_checks(tmp_path):
   """The plateau reads the held-out losses only: its checks skip the curvature terms (per-example
   gradients, Hutchinson probes) unless curvature.every_steps asks for a record at that step."""

@@ -153,7 +153,8 @@ class MomentReset(BaseHook):
 
 class PublicStatistics(BaseHook):
   """Curvature statistics of public data every `curvature_every` steps, and the automatic
-  switch's checks (every `check_every` steps from `min_switch_step` until it decides).
+  switch's checks (every `check_every` steps from `min_switch_step` until it decides, and at its
+  `max_switch_step`, so that the cap holds between two checks).
 
   Reads public data and public quantities only (`monitor.PublicMonitor`): the switch step, and so
   the new plan it makes (`plan.switched`), depend on no private example. The controller's state
@@ -168,8 +169,9 @@ class PublicStatistics(BaseHook):
     self.min_switch_step = min_switch_step
 
   def before_step(self, run, step):
-    auto_check = (self.auto is not None and self.auto.switch_step is None
-                  and step % self.check_every == 0 and step >= self.min_switch_step)
+    auto_check = (self.auto is not None and self.auto.switch_step is None and (
+        (step % self.check_every == 0 and step >= self.min_switch_step)
+        or step == self.auto.max_switch_step))
     curvature = bool(self.curvature_every) and step % self.curvature_every == 0
     if not (auto_check or curvature):
       return
