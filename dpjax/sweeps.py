@@ -110,21 +110,24 @@ def write_variants(config: str, cmds: list[list[str]], variants: list[dict[str, 
       json.dump(dict(config=config, overrides=variant, command=shlex.join(cmd)), f, indent=2)
 
 
-def run_local(cmds: list[list[str]], capture: bool = False, parallel: int = 1) -> None:
+def run_local(cmds: list[list[str]], capture: bool = False, parallel: int = 1,
+              start_before: float | None = None) -> list[str]:
   """Runs the commands with this interpreter (cmd[0] is replaced), `parallel` at a time.
 
   A variant whose workdir has results.json is skipped, and one with checkpoints resumes, so
   rerunning a sweep finishes it. With parallel > 1 each run's output goes to WORKDIR.log beside
   its workdir and each run may take 1/parallel of the accelerator's memory
-  (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Raises SweepError naming the first variant that
-  fails (after the runs already started have ended).
+  (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). `start_before` (a `time.time()`): no run starts
+  after it, so that a device call whose limit is known ends with finished runs, not cut ones; the
+  runs already started finish. Returns the names of the variants not started for it. Raises
+  SweepError naming the first variant that fails (after the runs already started have ended).
   """
   if parallel < 1:
     raise ValueError(f"parallel must be >= 1, got {parallel}.")
   env = dict(os.environ)
   if parallel > 1:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
-  running, failed = [], []
+  running, failed, not_started = [], [], []
   def wait_one():  # for whichever run ends first (runs of one sweep differ in length)
     # Runs in parallel write to log files, so polling them cannot block on a full pipe; a single
     # run is waited for with communicate, which drains its pipes (capture).
@@ -154,6 +157,10 @@ def run_local(cmds: list[list[str]], capture: bool = False, parallel: int = 1) -
       break
     while len(running) >= parallel:
       wait_one()
+    if start_before is not None and time.time() >= start_before:
+      print(f"[{i}/{len(cmds)}] {name}: not started (past --start_before)", flush=True)
+      not_started.append(name)
+      continue
     print(f"[{i}/{len(cmds)}] {name}: {shlex.join(cmd)}", flush=True)
     log = None
     if parallel > 1:
@@ -173,6 +180,7 @@ def run_local(cmds: list[list[str]], capture: bool = False, parallel: int = 1) -
     raise SweepError(f"Variant {name} failed with exit code {code}:\n{output}\n"
                      f"Command: {shlex.join(cmd)}\nFix it and rerun the sweep: finished "
                      "variants are skipped, this one resumes from its checkpoints.")
+  return not_started
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -3,7 +3,9 @@
 #   sweep NAME FLAGS...   one launch/sweep.py command in $out/NAME over seed=$SEEDS (default
 #                         0,1,2), PARALLEL (default 4) runs at a time on one GPU; a failed sweep
 #                         is reported and the script goes on; SWEEP_FLAGS=--print_commands
-#                         writes each run's variant.json (with its command) and runs nothing
+#                         writes each run's variant.json (with its command) and runs nothing;
+#                         START_BEFORE=UNIX_TIME starts no run after it (launch/sweep.py
+#                         --start_before), so a device call ends with finished runs only
 #   run_parts FN PART...  `FN PART` for each PART, one after another, or all at once with
 #                         CONCURRENT=1 (each run then gets 0.9/(PARALLEL x parts) of the GPU memory)
 # On the GPU machine (device tool) run the scripts after `source launch/device_env.sh`.
@@ -13,7 +15,7 @@ seeds=${SEEDS:-0,1,2}
 sweep() {  # sweep NAME SWEEP.py-FLAGS...
   local name=$1; shift
   $py launch/sweep.py --workdir="$out/$name" --parallel="${PARALLEL:-4}" --sweep="seed=$seeds" \
-      "$@" ${SWEEP_FLAGS:-} | tail -30 || echo "(sweep $name failed, or its report did: see $out/$name/*.log)"
+      "$@" ${START_BEFORE:+--start_before=$START_BEFORE} ${SWEEP_FLAGS:-} | tail -30 || echo "(sweep $name failed, or its report did: see $out/$name/*.log)"
 }
 run_parts() {  # run_parts FN PART...
   local fn=$1; shift

@@ -4,7 +4,7 @@
       --sweep=mixing.switch_step=0,100,200 --sweep=dp.target_epsilon=1,3,8 \\
       [--set=schedule.total_steps=600 ...] [--baseline=private_only=DIR ...] \\
       [--x=mixing.switch_step --group=dp.target_epsilon] [--capture] [--parallel=N] \\
-      [--print_commands | --collect_only]
+      [--start_before=UNIX_TIME] [--print_commands | --collect_only]
 
 A --set value may hold {KEY}, the value of a swept KEY in each variant (`sweeps.fill`):
 --sweep=seed=0,1,2 --set=finetune.init_from=W/pretrain/seed={seed} starts each seed's
@@ -18,7 +18,8 @@ the folders of an earlier one.
 Each variant (the product of the --sweep axes; --set applies to all) trains in WORKDIR/<name>,
 e.g. WORKDIR/switch_step=100,target_epsilon=3, one after another or --parallel at a time
 (--capture: show a run's output only if it fails); rerunning skips finished variants and
-resumes unfinished ones. Then
+resumes unfinished ones. --start_before starts no run after that time (a device call with a
+time limit then ends with finished runs; the rest are listed as not started). Then
 WORKDIR/results.csv, WORKDIR/accuracy.png (test accuracy vs --x, one line per --group value,
 baselines as horizontal lines) and, if the runs logged curvature records, WORKDIR/curvature.png
 are written and a markdown table is printed.
@@ -53,6 +54,9 @@ _COLLECT = flags.DEFINE_bool("collect_only", False, "Only re-collect the results
 _CAPTURE = flags.DEFINE_bool("capture", False, "Capture each run's output (shown if it fails).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (> 1: each run's output goes to "
                                  "WORKDIR/<name>.log, each takes 1/N of the GPU's memory).")
+_START_BEFORE = flags.DEFINE_float("start_before", None, "Unix time after which no run starts (the "
+                                   "ones started finish), e.g. $(( $(date +%s) + 300 )) on a "
+                                   "device call of 540 s whose runs take under 240 s.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -79,9 +83,13 @@ def main(argv):
       print("\n".join(shlex.join(cmd) for cmd in cmds))
       return
     try:
-      sweeps.run_local(cmds, capture=_CAPTURE.value, parallel=_PARALLEL.value)
+      not_started = sweeps.run_local(cmds, capture=_CAPTURE.value, parallel=_PARALLEL.value,
+                                     start_before=_START_BEFORE.value)
     except sweeps.SweepError as e:
       raise SystemExit(f"SweepError: {e}") from None
+    if not_started:
+      print(f"{len(not_started)} variants not started (past --start_before): rerun the same "
+            "command to run them.", flush=True)
   swept = list(variants[0])
   x = _X.value or (swept[0] if swept else None)
   if x is None:

@@ -7,6 +7,7 @@ import shlex
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -127,6 +128,22 @@ def test_run_local_in_parallel_starts_the_next_run_when_any_ends(tmp_path):
   sweeps.run_local([_script(tmp_path, wait_for_c, "a"), _script(tmp_path, "pass", "b"),
                     _script(tmp_path, make_c, "c")], parallel=2)
   assert (tmp_path / "c").is_dir()
+
+
+def test_run_local_starts_no_run_past_start_before_and_lets_started_ones_finish(tmp_path):
+  """a is started before the deadline and runs past it (it must finish); b and c would start
+  after a's slot frees, past the deadline: they are not started and named."""
+  slow = ("import sys, time, pathlib; time.sleep(1.0); "
+          "pathlib.Path(sys.argv[1].split('=', 1)[1]).mkdir()")
+  make = "import sys, pathlib; pathlib.Path(sys.argv[1].split('=', 1)[1]).mkdir()"
+  cmds = [_script(tmp_path, slow, "a"), _script(tmp_path, make, "b"),
+          _script(tmp_path, make, "c")]
+  not_started = sweeps.run_local(cmds, start_before=time.time() + 0.5)
+  assert (tmp_path / "a").is_dir()
+  assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+  assert not_started == ["b", "c"]
+  assert sweeps.run_local(cmds[1:], start_before=time.time() + 60) == []
+  assert (tmp_path / "b").is_dir() and (tmp_path / "c").is_dir()
 
 
 def test_commands_of_several_configs_are_named_after_their_args():
