@@ -11,6 +11,8 @@
 #   R_lookahead   the automatic switch on simulated DP steps on public data (dpjax/lookahead.py)
 #   R_relplateau  the plateau with a relative threshold (5% of the best held-out loss, 2 checks)
 #   R_autowindow  the efficiency criterion with the public generalisation over 3 checks, not 1
+#   R_augmult     private-only DP and switch 200 with augmentation multiplicity K = AUGMULTS
+#                 (default 4; De et al. 2022): K views per example, K times the compute per step
 # MAX_SWITCH=N runs the automatic parts with mixing.auto.max_switch_step = N (default: 200, half
 # the steps) as a sweep axis, so that their runs sit beside those with the default cap.
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
@@ -38,6 +40,10 @@ run_part() {  # run_part PART
     switch)
       sweep "${regime}_switch" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,50,100,200} \
           --sweep=dp.target_epsilon=$eps --x=mixing.switch_step --group=dp.target_epsilon ;;
+    augmult)
+      sweep "${regime}_augmult" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,200} \
+          --sweep=dp.target_epsilon=$eps --sweep=dp.augmult=${AUGMULTS:-4} \
+          --x=mixing.switch_step --group=dp.target_epsilon ;;
     auto)
       sweep "${regime}_auto" "$(config auto "$regime")" $auto_sweep ;;
     autowindow)

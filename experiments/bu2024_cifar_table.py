@@ -37,6 +37,14 @@ def _warmup_steps(results: dict, variant: dict) -> int:
   return int(given.group(1)) if given else 0
 
 
+def _augmult(results: dict, overrides: dict) -> int:
+  """The run's augmentation multiplicity K (dp.augmult): swept, else from the config results.json
+  records, else 1 (the experiment's value before K was swept)."""
+  if "dp.augmult" in overrides:
+    return int(overrides["dp.augmult"])
+  return int(results.get("config", {}).get("dp", {}).get("augmult", 1))
+
+
 def _target_epsilon(results: dict, overrides: dict, kind: str) -> float | None:
   if "dp.target_epsilon" in overrides:
     return float(overrides["dp.target_epsilon"])
@@ -83,6 +91,7 @@ def run_rows(runs_dir: str) -> list[dict]:
         if "mixing.auto.max_switch_step" in overrides else None,
         target_epsilon=_target_epsilon(r, overrides, kind),
         warmup_steps=_warmup_steps(r, variant) if kind in DP_VARIANTS else None,
+        augmult=_augmult(r, overrides),
         seed=int(overrides["seed"]), test_accuracy=r["test_accuracy"],
         epsilon=privacy.get("epsilon"), private_steps=privacy.get("private_steps"),
         noise_multiplier=privacy.get("noise_multiplier"), train_seconds=r["train_seconds"],
@@ -91,12 +100,15 @@ def run_rows(runs_dir: str) -> list[dict]:
 
 
 def cell_name(row: dict) -> str:
-  """The variant, with the switch step for fixed switches and the warm-up when there is none."""
+  """The variant, with the switch step for fixed switches, the warm-up when there is none and the
+  augmentation multiplicity K when it is not 1."""
   name = row["variant"]
   if name == "dp":
     name = "private_only (switch 0)" if row["switch_step"] == 0 else f"switch {row['switch_step']}"
   if row.get("max_switch_step") is not None:
     name += f", cap {row['max_switch_step']}"
+  if row.get("augmult", 1) != 1:
+    name += f", K = {row['augmult']}"
   if row["warmup_steps"] == 0 and row["variant"] in DP_VARIANTS:
     name += ", no warm-up"
   return name
@@ -130,7 +142,7 @@ def cells(rows: list[dict]) -> list[dict]:
     out.append(dict(
         regime=regime, model=model, cell=name, target_epsilon=eps, **accuracy_summary(members),
         fixed_switch=members[0]["switch_step"] if members[0]["variant"] == "dp" else None,
-        warmup_steps=members[0]["warmup_steps"],
+        warmup_steps=members[0]["warmup_steps"], augmult=members[0].get("augmult", 1),
         switch_steps=" ".join(_switch_step_label(m) for m in members)
         if name.startswith("auto") else "",
         epsilon_spent=" ".join(f"{m['epsilon']:.3f}" for m in members
@@ -169,16 +181,18 @@ def compare(a: dict, b: dict) -> str:
 
 
 def claims(table: list[dict]) -> list[str]:
-  """The issue's claims 1, 2, 3 and 5 per (regime, model, ε), on the cells with the warm-up:
-  the best fixed switch (> 0) against private-only DP (switch 0), public-only and non-private;
-  clipping-only against private-only DP; each automatic switch against the best fixed switch
-  (within 1 point or not)."""
+  """The issue's claims 1, 2, 3 and 5 per (regime, model, ε), on the cells with the warm-up and
+  K = 1: the best fixed switch (> 0) against private-only DP (switch 0), public-only and
+  non-private; clipping-only against private-only DP; each automatic switch against the best
+  fixed switch (within 1 point or not); then each fixed switch with K > 1 against the same
+  switch with K = 1."""
   lines = []
   for regime, model in sorted({(c["regime"], c["model"]) for c in table}):
     here = [c for c in table if (c["regime"], c["model"]) == (regime, model)]
     baseline = {c["cell"]: c for c in here if c["target_epsilon"] is None}
     for eps in sorted({c["target_epsilon"] for c in here if c["target_epsilon"] is not None}):
-      cells_eps = [c for c in here if c["target_epsilon"] == eps and c["warmup_steps"] != 0]
+      warm = [c for c in here if c["target_epsilon"] == eps and c["warmup_steps"] != 0]
+      cells_eps = [c for c in warm if c.get("augmult", 1) == 1]
       fixed = {c["fixed_switch"]: c for c in cells_eps if c["fixed_switch"] is not None}
       scratch = fixed.pop(0, None)
       head = f"- {regime}, {model}, ε = {eps:g}: "
@@ -200,6 +214,10 @@ def claims(table: list[dict]) -> list[str]:
         lines.append(head + f"{auto['cell']} (switched at {auto['switch_steps']}) vs the best "
                      f"fixed switch: {compare(auto, best)}; within 1 point: "
                      + ("yes" if gap <= 1 else "no"))
+      for many in (c for c in warm if c.get("augmult", 1) != 1 and c["fixed_switch"] is not None):
+        if many["fixed_switch"] in fixed or (many["fixed_switch"] == 0 and scratch):
+          one = scratch if many["fixed_switch"] == 0 else fixed[many["fixed_switch"]]
+          lines.append(head + f"{many['cell']} vs K = 1: " + compare(many, one))
   return lines
 
 
@@ -214,13 +232,17 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
   epsilons = sorted({r["target_epsilon"] for r in rows
                      if r["regime"] == regime and r["target_epsilon"] is not None})
   color = {eps: f"C{i}" for i, eps in enumerate(epsilons)}  # one colour per ε: line and its autos
-  for eps, warmup in sorted({(c["target_epsilon"], c["warmup_steps"]) for c in switches}):
+  for eps, warmup, k in sorted({(c["target_epsilon"], c["warmup_steps"], c.get("augmult", 1))
+                                for c in switches}):
     points = sorted((c["fixed_switch"], c["mean"], c["std"]) for c in switches
-                    if (c["target_epsilon"], c["warmup_steps"]) == (eps, warmup))
+                    if (c["target_epsilon"], c["warmup_steps"], c.get("augmult", 1))
+                    == (eps, warmup, k))
     xs, ys, es = zip(*points)
-    ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o", capsize=3,
-                ls="-" if warmup else ":", color=color[eps], alpha=1 if warmup else 0.4,
-                label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up"))
+    ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o" if k == 1 else "*",
+                capsize=3, ls=":" if not warmup else "-" if k == 1 else "--", color=color[eps],
+                alpha=1 if warmup else 0.4,
+                label=f"public then DP, ε = {eps:g}" + ("" if warmup else ", no warm-up")
+                + ("" if k == 1 else f", K = {k}"))
   markers = dict(auto="^", auto_plateau="s", auto_accplateau="X", auto_relplateau="D",
                  auto_lookahead="v", auto_window="P")
   autos = [r for r in rows if r["regime"] == regime and r["variant"].startswith("auto")

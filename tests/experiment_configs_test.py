@@ -274,13 +274,13 @@ def test_finetune_cifar_table_states_each_claim_against_the_seed_spread(tmp_path
   assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims():
+def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims(tmp_path):
   """Made-up runs of regime B at ε = 8: switch 200 (0.61 ± 0.01) beats private-only DP (0.52) and
   public-only (0.38); a plateau run that switched at the cap alone is marked so, and the
   automatic switch is judged against the best fixed switch, within 1 point or not."""
   table = _experiment("bu2024_cifar_table")
 
-  def run(variant, accuracy, seed, switch=None, reason=None, cap=None):
+  def run(variant, accuracy, seed, switch=None, reason=None, cap=None, augmult=1):
     changes = [dict(step=switch, reason=reason, noise_multiplier=0.6)] if reason else []
     r = dict(results=dict(privacy=dict(plan_changes=changes)))
     return dict(regime="B", model="wrn", variant=variant, switch_step=switch, seed=seed,
@@ -288,7 +288,7 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
                 warmup_steps=None if variant in ("public_only", "nonprivate") else 20,
                 test_accuracy=accuracy + 0.01 * (seed - 1), epsilon=7.98,
                 switch_fired_by=table.fired_by(r["results"]) if reason else None,
-                max_switch_step=cap)
+                max_switch_step=cap, augmult=augmult)
 
   rows = [run("dp", 0.52, s, 0) for s in range(3)] + [run("dp", 0.61, s, 200) for s in range(3)]
   rows += [run("public_only", 0.38, s) for s in range(3)]
@@ -301,6 +301,9 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
            for s in range(3)]
   rows += [run("auto_window", 0.60, s, 240, "DP step efficiency 0.3 >= public generalisation 0.2",
                cap=350) for s in range(3)]
+  # augmentation multiplicity 4: its own cells, compared with K = 1, never the best fixed switch
+  rows += [run("dp", 0.56, s, 0, augmult=4) for s in range(3)]
+  rows += [run("dp", 0.66, s, 200, augmult=4) for s in range(3)]
   cells = table.cells(rows)
   text = table.markdown(cells) + "\n" + "\n".join(table.claims(cells))
   assert "auto_window, cap 350 (switched at 240 240 240) vs the best fixed switch: -1.00" in text
@@ -313,6 +316,13 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
           "points (summed std 2.00: within the spread); within 1 point: yes") in text
   assert "auto (switched at 80 80 80) vs the best fixed switch: -6.00 points" in text
   assert "(summed std 2.00: reversed); within 1 point: no" in text
+  assert "| B | wrn | 8 | switch 200, K = 4 | 0.6600 ± 0.0100 |" in text
+  assert ("- B, wrn, ε = 8: switch 200, K = 4 vs K = 1: +5.00 points (summed std 2.00: holds)"
+          in text)
+  assert ("- B, wrn, ε = 8: private_only (switch 0), K = 4 vs K = 1: +4.00 points (summed std "
+          "2.00: holds)") in text
+  table.plot(cells, rows, "B", str(tmp_path / "b.png"))
+  assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _auto_run(path, switch_step, heldout, auto=None, accuracies=None):
