@@ -13,6 +13,7 @@
 #   R_autowindow  the efficiency criterion with the public generalisation over 3 checks, not 1
 #   R_augmult     private-only DP and switch 200 with augmentation multiplicity K = AUGMULTS
 #                 (default 4; De et al. 2022): K views per example, K times the compute per step
+#                 (public steps too)
 # MAX_SWITCH=N runs the automatic parts with mixing.auto.max_switch_step = N (default: 200, half
 # the steps) as a sweep axis, so that their runs sit beside those with the default cap.
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
