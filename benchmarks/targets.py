@@ -5,8 +5,9 @@ A target of dpjax alone reads the current plain rows (`report_table.current`) of
 A ratio of two frameworks compares rows measured in one call (`benchmarks/peers/run_peers.sh`: the
 same device, dates less than `SAME_CALL` apart), so it reads every plain run (`Target.history`): a
 later dpjax row from another call does not hide the last call that measured both. A target no
-such rows measure is "not measured", never guessed. The largest-batch targets (DP ≥ 0.9 × the non-private batch at 384² and for ViT-L)
-are `benchmarks.max_batch`'s, whose JSON is not in table.json. No jax import.
+such rows measure is "not measured", never guessed. The largest-batch targets (DP ≥ 0.9 × the
+non-private batch at 384² and for ViT-L) are `benchmarks.max_batch`'s, whose JSON is not in
+table.json. No jax import.
 """
 
 from __future__ import annotations

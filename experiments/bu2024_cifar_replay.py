@@ -49,7 +49,7 @@ RULES: dict[str, dict] = {
 def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
   """(the run's check records up to and including its switch step, its switch step, its
   mixing.auto config): the checks of its public phase, at multiples of check_every from
-  min_switch_step on, and at max_switch_step (checked there too since f6c6e23's successor)."""
+  min_switch_step on, and at max_switch_step (checked there too since aa94048)."""
   with open(os.path.join(run_dir, "results.json")) as f:
     results = json.load(f)
   auto = results["config"]["mixing"]["auto"]
