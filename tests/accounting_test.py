@@ -198,3 +198,46 @@ def test_budget_guard_with_a_huge_target_asks_the_accountant_once_per_plan(monke
   small = accounting.PrivacyBudget(1.0, 1e-5, "rdp")
   with pytest.raises(accounting.BudgetExceededError):
     small.check(ledger, 0.01, 0.5, hint=50)
+
+
+def test_every_committed_cifar_run_states_the_epsilon_dp_accounting_gives_for_what_it_ran():
+  """The issue-26 study's runs (experiments/results/bu2024_cifar): each DP run's stated ε is
+  dp_accounting's PLD ε, computed here without dpjax, of the Poisson-subsampled Gaussian at its
+  stated q = expected batch / private examples and σ for the private steps it ran, and is no more
+  than its config's target; a run without noise states ε = ∞, one without private steps ε = 0.
+  Catches a statement, or a
+  calibration, that claims more privacy than what ran."""
+  import glob
+  import json
+  import math
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "experiments/results/bu2024_cifar/runs"
+  folders = sorted(pathlib.Path(f).parent
+                   for f in glob.glob(str(root / "*" / "*" / "results.json")))
+  assert len(folders) >= 175
+  stated = {}
+  for folder in folders:
+    run = json.loads((folder / "results.json").read_text())
+    p = run["privacy"]
+    if p.get("non_private") or p["private_steps"] == 0:  # no private step: nothing spent
+      assert p["private_steps"] == 0 and p["epsilon"] == 0
+      continue
+    if p["noise_multiplier"] == 0:  # clipping only: no finite claim
+      assert math.isinf(p["epsilon"])
+      continue
+    overrides = json.loads((folder / "variant.json").read_text())["overrides"]
+    target = float(overrides.get("dp.target_epsilon", run.get("config", {}).get("dp", {}).get(
+        "target_epsilon", 8.0)))  # 8: the experiment's default, for runs before the config
+    assert p["sampling"] == "Poisson" and p["accountant"] == "pld"
+    assert p["sampling_rate"] == pytest.approx(p["expected_batch_size"] /
+                                               p["num_private_examples"], rel=1e-12)
+    assert p["epsilon"] <= target * (1 + 1e-9), folder
+    key = (p["sampling_rate"], p["noise_multiplier"], p["private_steps"], p["delta"])
+    stated.setdefault(key, set()).add(p["epsilon"])
+  for (q, sigma, steps, delta), epsilons in stated.items():  # ~45 distinct (q, σ, steps)
+    pld = dp_accounting.pld.PLDAccountant(
+        value_discretization_interval=accounting.PLD_DISCRETIZATION)
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                steps)
+    expected = pld.get_epsilon(delta)
+    assert all(e == pytest.approx(expected, rel=1e-6) for e in epsilons), (q, sigma, steps)
