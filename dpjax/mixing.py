@@ -154,7 +154,7 @@ class AutoSwitch:
     the last check, scaled to K steps. Both falls are measured on the same held-out examples;
     a fall ≤ 0 of the simulated DP steps never switches.
   max_switch_step: the switch happens at this step at the latest (the trainer checks at this
-    step too, whatever `check_every`: `train.hooks.PublicStatistics`).
+    step too, whatever `check_every`: `is_check_step`).
   """
   criterion: str = "either"
   patience: int = 3
@@ -282,6 +282,15 @@ class AutoSwitch:
     if last is not None:
       state["loss_history"] = (tuple(last),)
     return cls(**state)
+
+
+def is_check_step(step: int, check_every: int, min_switch_step: int,
+                  max_switch_step: int | None) -> bool:
+  """Whether the trainer asks the automatic switch at `step` (while it has not switched): every
+  `check_every` steps from `min_switch_step` on, and at `max_switch_step`, so that the cap holds
+  between two checks. The trainer's hook and the replay of logged runs both read it."""
+  return ((step % check_every == 0 and step >= min_switch_step)
+          or (max_switch_step is not None and step == max_switch_step))
 
 
 def _finite(x: float | None) -> bool:

@@ -30,7 +30,7 @@ from dpjax.train import metrics
 
 # name -> AutoSwitch settings. Held-out criteria need only held-out (and training) losses, which
 # every automatic run logs; the accuracy plateaus need the held-out accuracy (logged since
-# 6db1a9f's successor); the efficiency ones need the curvature records of efficiency runs.
+# afe0337); the efficiency ones need the curvature records of efficiency runs.
 RULES: dict[str, dict] = {
     "plateau, patience 2": dict(criterion="plateau", patience=2),
     "plateau, patience 3": dict(criterion="plateau", patience=3),
@@ -48,8 +48,8 @@ RULES: dict[str, dict] = {
 }
 def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
   """(the run's check records up to and including its switch step, its switch step, its
-  mixing.auto config): the checks of its public phase, at multiples of check_every from
-  min_switch_step on, and at max_switch_step (checked there too since aa94048)."""
+  mixing.auto config): the checks of its public phase (`mixing.is_check_step`; the check at
+  max_switch_step itself since aa94048)."""
   with open(os.path.join(run_dir, "results.json")) as f:
     results = json.load(f)
   auto = results["config"]["mixing"]["auto"]
@@ -57,8 +57,9 @@ def public_checks(run_dir: str) -> tuple[list[dict], int, dict]:
   records = [{k: metrics.as_number(v) for k, v in r.items()}
              for r in metrics.read_metrics(run_dir)
              if r["kind"] == "curvature" and r["step"] <= switch
-             and ((r["step"] % auto["check_every"] == 0 and r["step"] >= auto["min_switch_step"])
-                  or r["step"] == auto["max_switch_step"])]
+             and mixing.is_check_step(r["step"], auto["check_every"], auto["min_switch_step"],
+                                      auto["max_switch_step"] if auto["max_switch_step"] >= 0
+                                      else None)]
   return records, switch, auto
 
 

@@ -107,7 +107,7 @@ def cell_name(row: dict) -> str:
     name = "private_only (switch 0)" if row["switch_step"] == 0 else f"switch {row['switch_step']}"
   if row.get("max_switch_step") is not None:
     name += f", cap {row['max_switch_step']}"
-  if row.get("augmult", 1) != 1:
+  if row["augmult"] != 1:
     name += f", K = {row['augmult']}"
   if row["warmup_steps"] == 0 and row["variant"] in DP_VARIANTS:
     name += ", no warm-up"
@@ -142,7 +142,7 @@ def cells(rows: list[dict]) -> list[dict]:
     out.append(dict(
         regime=regime, model=model, cell=name, target_epsilon=eps, **accuracy_summary(members),
         fixed_switch=members[0]["switch_step"] if members[0]["variant"] == "dp" else None,
-        warmup_steps=members[0]["warmup_steps"], augmult=members[0].get("augmult", 1),
+        warmup_steps=members[0]["warmup_steps"], augmult=members[0]["augmult"],
         switch_steps=" ".join(_switch_step_label(m) for m in members)
         if name.startswith("auto") else "",
         epsilon_spent=" ".join(f"{m['epsilon']:.3f}" for m in members
@@ -192,7 +192,7 @@ def claims(table: list[dict]) -> list[str]:
     baseline = {c["cell"]: c for c in here if c["target_epsilon"] is None}
     for eps in sorted({c["target_epsilon"] for c in here if c["target_epsilon"] is not None}):
       warm = [c for c in here if c["target_epsilon"] == eps and c["warmup_steps"] != 0]
-      cells_eps = [c for c in warm if c.get("augmult", 1) == 1]
+      cells_eps = [c for c in warm if c["augmult"] == 1]
       fixed = {c["fixed_switch"]: c for c in cells_eps if c["fixed_switch"] is not None}
       scratch = fixed.pop(0, None)
       head = f"- {regime}, {model}, ε = {eps:g}: "
@@ -214,7 +214,7 @@ def claims(table: list[dict]) -> list[str]:
         lines.append(head + f"{auto['cell']} (switched at {auto['switch_steps']}) vs the best "
                      f"fixed switch: {compare(auto, best)}; within 1 point: "
                      + ("yes" if gap <= 1 else "no"))
-      for many in (c for c in warm if c.get("augmult", 1) != 1 and c["fixed_switch"] is not None):
+      for many in (c for c in warm if c["augmult"] != 1 and c["fixed_switch"] is not None):
         if many["fixed_switch"] in fixed or (many["fixed_switch"] == 0 and scratch):
           one = scratch if many["fixed_switch"] == 0 else fixed[many["fixed_switch"]]
           lines.append(head + f"{many['cell']} vs K = 1: " + compare(many, one))
@@ -232,11 +232,10 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
   epsilons = sorted({r["target_epsilon"] for r in rows
                      if r["regime"] == regime and r["target_epsilon"] is not None})
   color = {eps: f"C{i}" for i, eps in enumerate(epsilons)}  # one colour per ε: line and its autos
-  for eps, warmup, k in sorted({(c["target_epsilon"], c["warmup_steps"], c.get("augmult", 1))
+  for eps, warmup, k in sorted({(c["target_epsilon"], c["warmup_steps"], c["augmult"])
                                 for c in switches}):
     points = sorted((c["fixed_switch"], c["mean"], c["std"]) for c in switches
-                    if (c["target_epsilon"], c["warmup_steps"], c.get("augmult", 1))
-                    == (eps, warmup, k))
+                    if (c["target_epsilon"], c["warmup_steps"], c["augmult"]) == (eps, warmup, k))
     xs, ys, es = zip(*points)
     ax.errorbar(xs, ys, yerr=[0 if e != e else e for e in es], marker="o" if k == 1 else "*",
                 capsize=3, ls=":" if not warmup else "-" if k == 1 else "--", color=color[eps],

@@ -207,3 +207,10 @@ def test_plateau_on_accuracy_waits_while_the_held_out_accuracy_rises_and_the_los
   assert mixing.AutoSwitch.from_state_dict(old).plateau_metric == "loss"
   with pytest.raises(ValueError, match="plateau_metric must be one of loss, accuracy"):
     mixing.AutoSwitch(criterion="plateau", plateau_metric="error")
+
+
+def test_the_switch_is_asked_every_check_every_steps_from_the_minimum_and_at_the_cap():
+  checks = lambda **kw: [s for s in range(30) if mixing.is_check_step(s, 4, **kw)]
+  assert checks(min_switch_step=0, max_switch_step=None) == [0, 4, 8, 12, 16, 20, 24, 28]
+  assert checks(min_switch_step=8, max_switch_step=10) == [8, 10, 12, 16, 20, 24, 28]
+  assert checks(min_switch_step=12, max_switch_step=6) == [6, 12, 16, 20, 24, 28]  # the cap wins

@@ -169,9 +169,9 @@ class PublicStatistics(BaseHook):
     self.min_switch_step = min_switch_step
 
   def before_step(self, run, step):
-    auto_check = (self.auto is not None and self.auto.switch_step is None and (
-        (step % self.check_every == 0 and step >= self.min_switch_step)
-        or step == self.auto.max_switch_step))
+    auto_check = (self.auto is not None and self.auto.switch_step is None
+                  and mixing.is_check_step(step, self.check_every, self.min_switch_step,
+                                           self.auto.max_switch_step))
     curvature = bool(self.curvature_every) and step % self.curvature_every == 0
     if not (auto_check or curvature):
       return
