@@ -10,7 +10,8 @@ REGIME (the public part; the private part is the rest of the 50,000 training ima
   B   public = 10% of the training set from classes 0-4 only (airplane, automobile, bird, cat,
       deer); the private part has all 10 classes, and so has the test set (the paper's analogue:
       its public ImageNet-1k lacks most of the private ImageNet-11k's classes). Default.
-  C   public = 1% of the training set, all classes
+  C   public = 1% of the training set (500 images), all classes; a public batch of 1024 reads
+      each image about twice, each copy with its own augmentation (`data.ShuffledOrder`)
 VARIANT: dp (public steps, then DP from mixing.switch_step), auto (the automatic switch, public
   statistics only), private_only (DP from scratch), public_only, nonprivate (all data, no DP),
   clip_only (private only, clipping without noise: no DP guarantee; isolates clipping).

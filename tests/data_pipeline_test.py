@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dpjax.data import batches, pipeline
+from dpjax.data import views as views_lib
 from dpjax.privacy import sampling
 
 N = 500
@@ -117,6 +118,25 @@ def test_public_and_sequential_draws():
   last = draw(7)
   assert last.mask.sum() == N - 7 * 64
   np.testing.assert_array_equal(last.indices[last.mask], np.arange(7 * 64, N))
+
+
+def test_a_public_batch_larger_than_its_part_reads_every_copy_with_its_own_view_id():
+  """Regime C's public part (500 images, batches of 1024): each row reads the image of its
+  example, and the copies of one example have distinct ids, so different augmentation views."""
+  images, labels = _data()
+  order = batches.ShuffledOrder(N, 1024, seed=4)
+  element = pipeline.ReadStep(images, labels, pipeline.PublicDraw(order), slice(None),
+                              batches.to_float)(7)
+  ids, examples = element["id"][0], order.indices(7)
+  assert element["mask"].all() and len(set(ids.tolist())) == 1024
+  np.testing.assert_array_equal(ids % N, examples)
+  np.testing.assert_array_equal(_index_of(element["image"][0]), examples)
+  np.testing.assert_array_equal(element["label"][0], examples % 7)
+  twice = np.flatnonzero(examples == examples[0])  # example examples[0]'s copies
+  views = views_lib.Views("crop_flip", 1, seed=0).of_batch(
+      np.broadcast_to(np.arange(64.0).reshape(1, 8, 8, 1), (len(twice), 8, 8, 1)),
+      ids[twice], np.full(len(twice), 7))
+  assert len(twice) >= 2 and not np.array_equal(views[0], views[1])
 
 
 def test_worker_processes_read_the_same_batches():

@@ -31,24 +31,35 @@ def gather(dataset: Dataset, indices: np.ndarray) -> dict[str, np.ndarray]:
 class ShuffledOrder:
   """Which `batch_size` public examples step t reads: a pure function of (seed, step).
 
-  Epoch e = step // steps_per_epoch walks a permutation of range(num_examples) drawn from
-  (seed, e), `batch_size` examples per step; the last num_examples % batch_size examples of each
-  permutation are skipped, so every batch has the same shape. A resumed run therefore draws the
-  same batch at step t as an uninterrupted one; no state needs saving. Small and picklable (the
-  streaming pipeline's worker processes draw from it); holds no data.
+  With batch_size <= num_examples, epoch e = step // steps_per_epoch walks a permutation of
+  range(num_examples) drawn from (seed, e), `batch_size` examples per step; the last
+  num_examples % batch_size examples of each permutation are skipped, so every batch has the same
+  shape. A public part smaller than the batch (regime C of experiments/bu2024_cifar.py: 500 public
+  images, batches of 1024) is read whole several times per step: step t concatenates the
+  permutations of epochs t·k, ..., t·k + k - 1, k = ceil(batch_size / num_examples), and keeps the
+  first `batch_size`, so each example appears floor or ceil(batch_size / num_examples) times in
+  every batch; `view_ids` tells the copies apart, so that each is augmented on its own. A resumed run therefore draws the same batch at
+  step t as an uninterrupted one; no state needs saving. Small and picklable (the streaming
+  pipeline's worker processes draw from it); holds no data.
   """
   num_examples: int
   batch_size: int
   seed: int
 
   def __post_init__(self):
-    if not 0 < self.batch_size <= self.num_examples:
-      raise ValueError(f"batch_size must be in [1, {self.num_examples}] (the public data size), "
-                       f"got {self.batch_size}.")
+    if self.num_examples < 1 or self.batch_size < 1:
+      raise ValueError(f"ShuffledOrder needs num_examples >= 1 (the public data size) and "
+                       f"batch_size >= 1, got {self.num_examples} and {self.batch_size}.")
 
   @property
   def steps_per_epoch(self) -> int:
-    return self.num_examples // self.batch_size
+    """Steps per permutation, or 1 when a step reads several (batch_size > num_examples)."""
+    return max(1, self.num_examples // self.batch_size)
+
+  @property
+  def epochs_per_step(self) -> int:
+    """Permutations one step reads: 1, or ceil(batch_size / num_examples) when larger."""
+    return max(1, -(-self.batch_size // self.num_examples))
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order [N] in which epoch `epoch` visits the examples."""
@@ -58,9 +69,20 @@ class ShuffledOrder:
     """Example indices [batch_size] of the batch at `step` (step >= 0)."""
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
+    if self.batch_size > self.num_examples:
+      first = step * self.epochs_per_step
+      return np.concatenate([self.permutation(e) for e in range(first, first + self.epochs_per_step)
+                             ])[:self.batch_size]
     epoch, position = divmod(step, self.steps_per_epoch)
     start = position * self.batch_size
     return self.permutation(epoch)[start:start + self.batch_size].copy()
+
+  def view_ids(self, step: int) -> np.ndarray:
+    """Ids [batch_size] of the batch at `step` for its augmentation views (`dpjax.data.views`):
+    `indices(step)`, plus c·num_examples for the c-th copy of an example in the batch (c > 0 only
+    when batch_size > num_examples). Example id % num_examples is the example read."""
+    copy = np.arange(self.batch_size) // self.num_examples
+    return self.indices(step) + copy * self.num_examples
 
 
 _memo: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (N, seed) -> (epoch, permutation)

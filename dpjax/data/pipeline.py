@@ -56,11 +56,13 @@ class Options:
 
 @dataclasses.dataclass(frozen=True)
 class PublicDraw:
-  """step -> the public batch of `order` (`data.ShuffledOrder`): one microbatch, all rows real."""
+  """step -> the public batch of `order` (`data.ShuffledOrder`): one microbatch, all rows real.
+  Its indices are the order's `view_ids`: a batch larger than the public part holds example i's
+  c-th copy as i + c·N, so that each copy gets its own augmentation views."""
   order: Any
 
   def __call__(self, step: int) -> sampling.PaddedBatch:
-    return sampling.pad_to_microbatches(self.order.indices(step), self.order.batch_size)
+    return sampling.pad_to_microbatches(self.order.view_ids(step), self.order.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +100,9 @@ class ReadStep:
     picklable (worker processes run it).
 
   Returns {"image": float32 [k, r, H, W, C], "label": int32 [k, r], "id": int32 [k, r] (index in
-  the part), "step": int32 [k, r], "mask": bool [k, r], "read_step": int64 []} for the step's k
-  microbatches (k = 0 for an empty Poisson batch) of which this process holds r rows each.
+  the part; id >= N is a further copy of example id % N, see PublicDraw), "step": int32 [k, r],
+  "mask": bool [k, r], "read_step": int64 []} for the step's k microbatches (k = 0 for an empty
+  Poisson batch) of which this process holds r rows each.
   """
   images: Any
   labels: np.ndarray
@@ -112,11 +115,11 @@ class ReadStep:
     k = batch.num_microbatches
     ids = batch.indices.reshape(k, batch.microbatch_size)[:, self.rows]
     mask = batch.mask.reshape(k, batch.microbatch_size)[:, self.rows]
-    real = ids[mask]  # padding reads nothing
+    real = ids[mask] % len(self.labels)  # padding reads nothing; an id >= N is a copy (PublicDraw)
     pixels = self.preprocess(self.images[real])
     image = np.zeros(mask.shape + pixels.shape[1:], pixels.dtype)
     image[mask] = pixels
-    return dict(image=image, label=np.where(mask, self.labels[ids], 0).astype(np.int32),
+    return dict(image=image, label=np.where(mask, self.labels[ids % len(self.labels)], 0).astype(np.int32),
                 id=np.where(mask, ids, 0).astype(np.int32),
                 step=np.full(mask.shape, step, np.int32), mask=mask,
                 read_step=np.int64(step))
