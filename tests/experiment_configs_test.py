@@ -219,6 +219,21 @@ def test_bu2024_regime_c_runs_with_a_public_part_smaller_than_its_batch(tmp_path
   assert np.isfinite(results["test_loss"])
 
 
+def test_bu2024_cifar_vit_runs_its_public_then_dp_steps(tmp_path):
+  """The study's CIFAR ViT (MODEL=vit, not yet run on the GPU), shrunk to one block on 200 fake
+  images: 2 public steps, then 3 DP steps (ghost clipping through attention, σ calibrated), so a
+  device call does not find a broken config at its first step."""
+  study = _experiment("bu2024_cifar")
+  config = _set(study.get_config("dp,B,vit"), {
+      "data.dir": str(_fake_cifar10_jpeg(tmp_path)), "data.verify": False,
+      "data.cache_dir": str(tmp_path / "c"), "model.depth": 1, "schedule.public_batch_size": 16,
+      "dp.expected_batch_size": 32, "perf.microbatch_size": 16, "eval.batch_size": 24,
+      "schedule.warmup_steps": 1, "schedule.total_steps": 5, "mixing.switch_step": 2})
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"), show_progress=False)
+  assert results["privacy"]["private_steps"] == 3 and results["privacy"]["epsilon"] <= 8.0
+  assert np.isfinite(results["test_loss"])
+
+
 def test_finetune_cifar_pretrain_then_sparta_end_to_end(tmp_path):
   """The experiment's configs, shrunk (a WRN-10-1, 200 fake images, a few steps): pre-training on
   regime B's public part, then SPARTA from it, laid out as the script lays them out; the table
