@@ -56,7 +56,8 @@ for part in "$@"; do
       run vit_auto auto,fashion_mnist,vit ;;
     plateau)
       for data in fashion_mnist mnist_to_fashion_mnist; do
-        run "plateau_$data" "auto,$data,cnn" --config.mixing.auto.criterion=plateau
+        run "plateau_$data" "auto,$data,cnn" --config.mixing.auto.criterion=plateau \
+            --config.mixing.auto.plateau_metric=loss
       done ;;
     public1pct)
       run public1pct_public_only public_only,fashion_mnist,cnn --config.data.public_fraction=0.01

@@ -52,15 +52,16 @@ run_part() {  # run_part PART
           --set=mixing.auto.generalisation_checks=3 ;;
     plateau)
       sweep "${regime}_plateau" "$(config auto "$regime")" $auto_sweep \
-          --set=mixing.auto.criterion=plateau $held_out_only ;;
+          --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=loss \
+          $held_out_only ;;
     accplateau)
       sweep "${regime}_accplateau" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=accuracy \
           $held_out_only ;;
     relplateau)
       sweep "${regime}_relplateau" "$(config auto "$regime")" $auto_sweep \
-          --set=mixing.auto.criterion=plateau --set=mixing.auto.patience=2 \
-          --set=mixing.auto.min_rel_delta=0.05 $held_out_only ;;
+          --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=loss \
+          --set=mixing.auto.patience=2 --set=mixing.auto.min_rel_delta=0.05 $held_out_only ;;
     lookahead)
       sweep "${regime}_lookahead" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=lookahead \

@@ -17,11 +17,12 @@ def _data(dataset_cache):
 
 
 def auto_config(criterion="either", **blocks):
-  """criterion "plateau_accuracy": the plateau on the held-out accuracy (plateau_metric), with
-  a min_delta no accuracy gain reaches: it fires at its third check (step 8), which it can only
-  do if the checks hold the held-out accuracy."""
+  """criterion "plateau": the plateau on the held-out loss; "plateau_accuracy": on the held-out
+  accuracy (plateau_metric, the default), with a min_delta no accuracy gain reaches: it fires at
+  its third check (step 8), which it can only do if the checks hold the held-out accuracy."""
   c = small_config(mixing=dict(schedule="auto"), schedule=dict(total_steps=30), **blocks)
-  c.mixing.auto.update(check_every=4, patience=2, criterion=criterion, max_switch_step=20)
+  c.mixing.auto.update(check_every=4, patience=2, criterion=criterion, max_switch_step=20,
+                       plateau_metric="loss")
   if criterion == "plateau_accuracy":
     c.mixing.auto.update(criterion="plateau", plateau_metric="accuracy", min_delta=1.0)
   c.curvature.update(batch_size=32, num_probes=2)

@@ -291,10 +291,10 @@ def test_the_mixing_defaults_keep_the_flat_layout_that_checkpoints_record():
   assert config_lib.default_config().mixing.to_dict() == dict(
       schedule="switch", switch_step=0, alpha=0.0, start=1.0, end=0.0, begin=0, until=1,
       reset_moments="first",
-      auto=dict(criterion="either", check_every=25, patience=3, min_delta=0.0,
+      auto=dict(criterion="plateau", check_every=25, patience=3, min_delta=0.0,
                 holdout_fraction=0.1, min_switch_step=0, max_switch_step=-1,
                 lookahead_steps=10, min_rel_delta=0.0, generalisation_checks=1,
-                plateau_metric="loss"))
+                plateau_metric="accuracy"))
 
 
 @pytest.mark.parametrize("registry,unknown,names", [

@@ -99,7 +99,7 @@ def test_processes_that_disagree_on_the_config_are_refused(tmp_path):
 def test_automatic_switch_runs_on_an_fsdp_mesh_of_two_processes(tmp_path):
   """The public monitor works on a local copy of FSDP-split params; its held-out loss runs on
   the mesh again (this once failed with a sharding mismatch in two processes only)."""
-  blocks = dict(BLOCKS, mixing=dict(schedule="auto"), dp=dict(),  # a secret, fresh mechanism seed
+  blocks = dict(BLOCKS, mixing=dict(schedule="auto", auto=dict(criterion="either")), dp=dict(),  # a secret, fresh mechanism seed
                 mesh=dict(data=-1, fsdp=2), curvature=dict(batch_size=64, num_probes=2))
   status, output = launch(tmp_path, 2, 2, blocks=blocks)
   assert status == 0, output

@@ -97,9 +97,12 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   (`dpjax.mixing.AutoSwitch`)."""
   BLOCK: ClassVar[str] = "mixing.auto"
   NAME: ClassVar[str] = "auto"
-  criterion: str = field("either", "switch when the predicted DP improvement per step reaches "
-                                   "the public one (improvement), when the held-out public loss "
-                                   "stops improving (plateau), on the first (either), or when a "
+  criterion: str = field("plateau", "switch when the held-out public plateau_metric stops "
+                                    "improving (plateau, the default: the closest to the best "
+                                    "fixed switch on cifar10_jpeg, experiments/results/"
+                                    "bu2024_cifar), when the predicted DP improvement per step "
+                                    "reaches the public one (improvement), on the first of the "
+                                    "two (either), or when a "
                                    "DP step's predicted efficiency reaches the public steps' "
                                    "generalisation (efficiency; needs holdout_fraction > 0), or "
                                    "when lookahead_steps simulated DP steps on unseen public "
@@ -110,8 +113,8 @@ class AutoSwitchSpec(AlphaScheduleSpec):
   min_delta: float = field(0.0, "plateau: the smallest decrease of the held-out loss that counts")
   min_rel_delta: float = field(0.0, "plateau: the smallest decrease that counts, as a share of "
                                     "the best held-out loss so far (the larger of the two counts)")
-  plateau_metric: str = field("loss", "plateau: what it watches on the held-out public part: "
-                                      "'loss', or 'accuracy' (its error, 1 - accuracy)")
+  plateau_metric: str = field("accuracy", "plateau: what it watches on the held-out public "
+                                          "part: 'accuracy' (its error, 1 - accuracy), or 'loss'")
   holdout_fraction: float = field(0.1, "part of the public data held out for the plateau loss")
   min_switch_step: int = field(0, "no check before this step")
   max_switch_step: int = field(-1, "switch at this step at the latest (-1: no limit)")
