@@ -115,11 +115,14 @@ def cell_name(row: dict) -> str:
 
 
 def accuracy_summary(members: list[dict]) -> dict:
-  """runs, mean, sample std (nan for one run) and the per-seed list of members' test accuracy."""
+  """runs, mean, sample std (nan for one run), and the members' seeds and test accuracies in
+  seed order (space-separated, as the CSV keeps them)."""
+  members = sorted(members, key=lambda m: m.get("seed", 0))
   accuracy = [m["test_accuracy"] for m in members]
   return dict(runs=len(members), mean=statistics.fmean(accuracy),
               std=statistics.stdev(accuracy) if len(accuracy) > 1 else float("nan"),
-              accuracies=" ".join(f"{a:.4f}" for a in accuracy))
+              accuracies=" ".join(f"{a:.4f}" for a in accuracy),
+              seeds=" ".join(str(m["seed"]) for m in members))
 
 
 def write_csvs(out: str, tables: dict[str, list[dict]]) -> None:
@@ -139,6 +142,7 @@ def cells(rows: list[dict]) -> list[dict]:
   out = []
   for (regime, model, name, eps), members in sorted(
       groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3] or 0, kv[0][2])):
+    members = sorted(members, key=lambda m: m["seed"])
     out.append(dict(
         regime=regime, model=model, cell=name, target_epsilon=eps, **accuracy_summary(members),
         fixed_switch=members[0]["switch_step"] if members[0]["variant"] == "dp" else None,
@@ -172,12 +176,27 @@ def markdown(table: list[dict]) -> str:
 
 
 def compare(a: dict, b: dict) -> str:
-  """'d points (summed std s: holds / reversed / within the spread)' for cells a − b: holds when
-  the difference of means exceeds the summed seed spreads, reversed when below minus it."""
+  """'d points (summed std s: holds / reversed / within the spread), by seed: …' for cells
+  a − b: holds when the difference of means exceeds the summed seed spreads, reversed when below
+  minus it. By seed: a − b for each seed both cells ran (one seed fixes the split, the
+  initialisation and the public order of both runs), and whether every seed agrees in sign."""
   diff, spread = a["mean"] - b["mean"], a["std"] + b["std"]
   verdict = ("no spread (one run)" if math.isnan(spread) else "holds" if diff > spread
              else "reversed" if diff < -spread else "within the spread")
-  return f"{diff * 100:+.2f} points (summed std {spread * 100:.2f}: {verdict})"
+  return f"{diff * 100:+.2f} points (summed std {spread * 100:.2f}: {verdict})" + _by_seed(a, b)
+
+
+def _by_seed(a: dict, b: dict) -> str:
+  """', by seed: +x +y +z (every seed higher | every seed lower | mixed)' over the seeds both
+  cells ran, in points; empty with fewer than two such seeds."""
+  of = lambda c: dict(zip(c["seeds"].split(), map(float, c["accuracies"].split())))
+  ours, theirs = of(a), of(b)
+  diffs = [(ours[s] - theirs[s]) * 100 for s in ours if s in theirs]
+  if len(diffs) < 2:
+    return ""
+  sign = ("every seed higher" if min(diffs) > 0 else "every seed lower" if max(diffs) < 0
+          else "mixed")
+  return f", by seed: {' '.join(f'{d:+.2f}' for d in diffs)} ({sign})"
 
 
 def claims(table: list[dict]) -> list[str]:

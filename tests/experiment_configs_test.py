@@ -344,9 +344,16 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
   assert "- B, wrn, ε = 8: best fixed switch vs public-only: +23.00 points" in text
   assert "- B, wrn, ε = 8: gap of the best fixed switch to non-private: 15.00 points" in text
   assert ("auto_plateau (switched at 200 (cap) 200 (cap+) 160) vs the best fixed switch: -0.50 "
-          "points (summed std 2.00: within the spread); within 1 point: yes") in text
+          "points (summed std 2.00: within the spread), by seed: -0.50 -0.50 -0.50 (every seed "
+          "lower); within 1 point: yes") in text
+  # By seed: only the seeds both cells ran are paired; signs that disagree are "mixed".
+  cell = lambda seeds, accuracies: dict(mean=0.6, std=0.1, seeds=seeds, accuracies=accuracies)
+  assert table.compare(cell("0 1 2", "0.5 0.6 0.7"), cell("0 1 3", "0.6 0.5 0.9")).endswith(
+      ", by seed: -10.00 +10.00 (mixed)")
+  assert "by seed" not in table.compare(cell("0 1", "0.5 0.6"), cell("1 2", "0.6 0.5"))
   assert "auto (switched at 80 80 80) vs the best fixed switch: -6.00 points" in text
-  assert "(summed std 2.00: reversed); within 1 point: no" in text
+  assert "(summed std 2.00: reversed), by seed: -6.00 -6.00 -6.00 (every seed lower); within 1 " \
+         "point: no" in text
   assert "| B | wrn | 8 | switch 200, K = 4 | 0.6600 ± 0.0100 |" in text
   assert ("- B, wrn, ε = 8: switch 200, K = 4 vs K = 1: +5.00 points (summed std 2.00: holds)"
           in text)
