@@ -68,6 +68,7 @@ def test_logit_dp_run_spends_what_dp_accounting_says_and_resumes(tmp_path, datas
       "train": "half of the test split (600 examples; the train split is private)",
       "test": "the other half of the test split (300 examples)"}
   assert "never on a private example" in written["privacy"]["probes"]
+  assert p["step_work"].startswith("ceil(|B|/m) microbatches") and "timing_delta" not in p
   # Rerunning resumes from the final checkpoint: no step is trained or counted twice.
   again = contrastive_loop.train_and_evaluate(config, str(tmp_path), show_progress=False)
   assert again["privacy"]["private_steps"] == 3 and again["privacy"]["epsilon"] == p["epsilon"]
@@ -146,6 +147,24 @@ def test_naive_batches_above_capacity_release_noise_only():
   config = tiny_config("naive")
   config.contrastive.max_batch_size = capacity
   assert contrastive_loop.sensitivity(config, 1000) == (2 * capacity - 1) * 1.0
+
+
+def test_naive_steps_and_constant_time_logit_dp_steps_state_a_constant_work(tmp_path,
+                                                                            dataset_cache):
+  """The naive method pads every batch to its capacity (a larger one becomes all padding), so
+  its work is constant without dp.constant_time; Logit-DP's is with it, and adds its overflow
+  chance to δ."""
+  require_data()
+  naive = contrastive_loop.train_and_evaluate(tiny_config("naive"), str(tmp_path / "naive"),
+                                              show_progress=False)["privacy"]
+  assert naive["step_work"].startswith("constant: every private step runs")
+  assert "naive method's capacity" in naive["step_work"] and "timing_delta" not in naive
+  logit = contrastive_loop.train_and_evaluate(tiny_config(constant_time=True),
+                                              str(tmp_path / "logit"), show_progress=False)
+  k = sampling.capacity_microbatches(60000, 16 / 60000, 16)
+  assert logit["privacy"]["step_work"].startswith(
+      f"constant: every private step runs {k} microbatches of 16 rows")
+  assert 0 < logit["privacy"]["timing_delta"] < 1e-15
 
 
 @pytest.mark.parametrize("method", ["logit_dp", "naive"])

@@ -76,6 +76,22 @@ def test_padding_rows_read_nothing_and_an_empty_batch_has_no_microbatches():
   assert empty(step)["image"].shape == (0, 8, 1, 2, 1)
 
 
+def test_a_constant_work_read_reads_every_row_and_returns_what_the_plain_read_does():
+  """dp.constant_time: padding rows read an image too (then zeroed), so the rows read per step
+  are the capacity's, whatever the batch size; the element is the plain read's."""
+  sampler = sampling.PoissonSampler(N, 0.05, microbatch_size=8, seed=2,
+                                    min_microbatches=sampling.capacity_microbatches(N, 0.05, 8))
+  data, labels = _data()
+  counting = CountingImages(data)
+  constant = pipeline.ReadStep(counting, labels, pipeline.PrivateDraw(sampler), slice(None),
+                               batches.to_float, read_every_row=True)
+  for step in range(10):
+    counting.rows_read.clear()
+    element = constant(step)
+    assert len(counting.rows_read) == sampler.min_microbatches * 8
+    _assert_same(element, _read(sampler)(step))
+
+
 def _stream(reads_at=lambda t: t % 3 != 0, workers=0):
   sampler = sampling.PoissonSampler(N, 0.05, microbatch_size=8, seed=3)
   return pipeline.StepStream(_read(sampler), reads_at, 60, pipeline.Options(workers=workers))

@@ -12,7 +12,7 @@ import pytest
 from dpjax import config as config_lib
 from dpjax import mixing, models, parallel
 from dpjax.data import pipeline
-from dpjax.privacy import accounting, clipping, ghost, noise, randomness
+from dpjax.privacy import accounting, clipping, ghost, noise, randomness, sampling
 from dpjax.train import checkpoint, loop, metrics, state as state_lib, step as step_lib
 from dpjax.train import statement as statement_lib
 from tests.conftest import require_data
@@ -60,12 +60,38 @@ def test_trains_above_chance_and_the_ledger_matches_the_accountant(tmp_path):
   values = noise.values_per_step(params)
   assert values == sum(x.size for x in jax.tree_util.tree_leaves(params))
   assert p["noise_tail_delta"] == noise.tail_delta(values, 10, p["epsilon"]) < 1e-20
+  assert p["step_work"].startswith("ceil(|B|/m) microbatches") and "timing_delta" not in p
   records = metrics.read_metrics(str(tmp_path))
   assert records[-1]["kind"] == "final"
   assert os.listdir(tmp_path / "tensorboard")
   written = json.loads((tmp_path / "results.json").read_text())  # with the config that ran
   assert written["config"] == json.loads(c.to_json_best_effort())
   assert written["config"]["schedule"]["total_steps"] == 20
+
+
+def test_constant_time_runs_every_private_step_at_one_capacity_and_states_its_delta(
+    tmp_path, monkeypatch):
+  """dp.constant_time: every private step reads the same number of rows in the same number of
+  microbatches whatever its Poisson batch size (which is private), and the statement adds the
+  capacity's overflow chance to δ."""
+  shapes, sizes = [], []
+  plain_read = pipeline.ReadStep.__call__
+
+  def spy(self, step):
+    element = plain_read(self, step)
+    if isinstance(self.draw, pipeline.PrivateDraw):
+      shapes.append(element["mask"].shape)
+      sizes.append(int(element["mask"].sum()))
+    return element
+
+  monkeypatch.setattr(pipeline.ReadStep, "__call__", spy)
+  c = small_config(dp=dict(constant_time=True))
+  p = loop.train_and_evaluate(c, str(tmp_path), show_progress=False)["privacy"]
+  k = sampling.capacity_microbatches(54000, 128 / 54000, 64)
+  assert len(shapes) >= 10 and set(shapes) == {(k, 64)} and len(set(sizes)) > 1
+  assert p["step_work"].startswith(f"constant: every private step runs {k} microbatches of 64")
+  assert 0 < p["timing_delta"] < 1e-15 and p["private_steps"] == 10
+  assert "the capacity's overflow adds" in statement_lib.format_statement(p)
 
 
 def test_clipping_without_noise_runs_to_the_end_and_says_it_is_not_private(tmp_path):

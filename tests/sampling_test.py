@@ -105,3 +105,39 @@ def test_bad_sizes():
     sampling.PoissonSampler(100, 0.1, microbatch_size=0)
   with pytest.raises(ValueError, match="exceeds"):
     sampling.ShuffleSampler(10, 20, microbatch_size=5, no_amplification=True)
+
+
+def test_a_constant_work_sampler_pads_every_batch_to_its_capacity_and_never_cuts_one():
+  """dp.constant_time: every batch has the same microbatches whatever its (private) size; one
+  beyond the capacity keeps every example (the overflow `timing_delta` accounts)."""
+  n, q, m = 2000, 0.05, 16  # expected batch 100, std ~9.7
+  k = sampling.capacity_microbatches(n, q, m)
+  assert sampling.overflow_probability(n, q, k * m) <= sampling.CAPACITY_TAIL
+  assert sampling.overflow_probability(n, q, (k - 1) * m) > sampling.CAPACITY_TAIL
+  sampler = sampling.PoissonSampler(n, q, m, seed=3, min_microbatches=k)
+  sizes = set()
+  for step in range(200):
+    batch = sampler.batch(step)
+    assert batch.num_microbatches == k
+    np.testing.assert_array_equal(batch.indices[batch.mask], sampler.indices(step))
+    sizes.add(batch.size)
+  assert len(sizes) > 10 and sampler.constant_work
+  tiny = sampling.PoissonSampler(n, q, m, seed=3, min_microbatches=1)  # a capacity of 16 rows
+  assert tiny.batch(0).num_microbatches > 1 and tiny.batch(0).size == len(tiny.indices(0))
+  assert not sampling.PoissonSampler(n, q, m, seed=3).constant_work
+  with pytest.raises(ValueError, match="min_microbatches"):
+    sampling.PoissonSampler(n, q, m, seed=3, min_microbatches=-1)
+
+
+def test_timing_delta_is_the_overflow_chance_at_n_plus_one_times_one_plus_e_to_the_epsilon():
+  n, q, m = 45000, 1024 / 45000, 512
+  k = sampling.capacity_microbatches(n, q, m)
+  assert k == 3  # 1,536 rows; 1,280 would overflow with probability ~3e-15 > 2^-64
+  sampler = sampling.PoissonSampler(n, q, m, seed=0, min_microbatches=k)
+  eta = 400 * sampling.overflow_probability(n + 1, q, 1536)
+  assert sampling.timing_delta(sampler, 400, 8.0) == pytest.approx((1 + np.exp(8.0)) * eta)
+  assert 0 < sampling.timing_delta(sampler, 400, 8.0) < 1e-30
+  small = sampling.PoissonSampler(n, q, m, seed=0, min_microbatches=2)  # 1,024: half overflow
+  assert sampling.timing_delta(small, 1, 1.0) > 0.5
+  assert sampling.timing_delta(sampler, 0, 8.0) == 0.0
+  assert sampling.timing_delta(sampling.PoissonSampler(n, q, m, seed=0), 400, 8.0) is None

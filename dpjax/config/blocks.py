@@ -170,6 +170,12 @@ class DPSpec(Spec):
   clip_fraction_noise: float = field(
       0.0, "σ_c > 0: each private step also releases its clipped count + N(0, σ_c²), accounted "
            "(σ raised to keep ε); 0: not released")
+  constant_time: bool = field(
+      False, "pad every private step's Poisson batch to one fixed capacity (its size's "
+             "1 - 2^-64 quantile, in whole microbatches) and read every row, so that a step's "
+             "work and time do not follow its batch size, which is private; the capacity's "
+             "overflow probability is added to δ (sampling.timing_delta). Off: a step runs "
+             "ceil(|B|/m) microbatches, and its time (train_seconds too) depends on |B|")
   augmult: int = field(1, "augmentation multiplicity K (De et al. 2022): each example's loss "
                           "is the mean over K views (data.augment), so its gradient, averaged "
                           "over them, is clipped once: sensitivity, noise and ε unchanged; costs "
@@ -194,6 +200,8 @@ class DPSpec(Spec):
           f"examples; 0: not released) must be a finite number >= 0, got "
           f"{self.clip_fraction_noise!r}.")
     check_positive_int("dp.augmult", self.augmult, "views per example")
+    check(isinstance(self.constant_time, bool),
+          f"dp.constant_time must be True or False, got {self.constant_time!r}.")
 
 
 @dataclasses.dataclass(frozen=True)

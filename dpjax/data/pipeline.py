@@ -97,7 +97,9 @@ class ReadStep:
     indexed by an int array; labels: int32 [N]; draw: step -> `sampling.PaddedBatch` of
     microbatch size m; rows: the rows of each microbatch this process's devices hold
     (`parallel.process_rows`, a slice of range(m)); preprocess: uint8 [n, H, W, C] -> float32,
-    picklable (worker processes run it).
+    picklable (worker processes run it); read_every_row: padding rows read and preprocess an
+    image too (then zeroed), so the work does not depend on how many rows are real (a
+    constant-work sampler's, `sampling.PoissonSampler.constant_work`); else they read nothing.
 
   Returns {"image": float32 [k, r, H, W, C], "label": int32 [k, r], "id": int32 [k, r] (index in
   the part; id >= N is a further copy of example id % N, see PublicDraw), "step": int32 [k, r],
@@ -109,17 +111,23 @@ class ReadStep:
   draw: Callable[[int], sampling.PaddedBatch]
   rows: slice
   preprocess: Callable[[np.ndarray], np.ndarray]
+  read_every_row: bool = False
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     batch = self.draw(int(step))
     k = batch.num_microbatches
     ids = batch.indices.reshape(k, batch.microbatch_size)[:, self.rows]
     mask = batch.mask.reshape(k, batch.microbatch_size)[:, self.rows]
-    real = ids[mask] % len(self.labels)  # padding reads nothing; an id >= N is a copy (PublicDraw)
-    pixels = self.preprocess(self.images[real])
-    image = np.zeros(mask.shape + pixels.shape[1:], pixels.dtype)
-    image[mask] = pixels
-    return dict(image=image, label=np.where(mask, self.labels[ids % len(self.labels)], 0).astype(np.int32),
+    n = len(self.labels)  # an id >= N is a copy (PublicDraw)
+    if self.read_every_row:
+      pixels = self.preprocess(self.images[ids.reshape(-1) % n])
+      image = pixels.reshape(mask.shape + pixels.shape[1:])
+      image[~mask] = 0
+    else:  # padding reads nothing
+      pixels = self.preprocess(self.images[ids[mask] % n])
+      image = np.zeros(mask.shape + pixels.shape[1:], pixels.dtype)
+      image[mask] = pixels
+    return dict(image=image, label=np.where(mask, self.labels[ids % n], 0).astype(np.int32),
                 id=np.where(mask, ids, 0).astype(np.int32),
                 step=np.full(mask.shape, step, np.int32), mask=mask,
                 read_step=np.int64(step))

@@ -14,7 +14,11 @@ given; the trainer's comes from its run secret, `dpjax.privacy.randomness`).
 
 A realised batch is padded to a whole number of fixed-size microbatches with a mask, so the jitted
 step sees one shape and never recompiles. The realised size depends on private data: it must not
-be released (the noise transformation divides by the expected size).
+be released (the noise transformation divides by the expected size). The number of microbatches,
+and so a step's work and time, follows it too, unless the sampler pads every batch to a fixed
+capacity (`min_microbatches`, `capacity_microbatches`): then the work is constant except when a
+batch exceeds the capacity, with probability `overflow_probability` per step, which
+`timing_delta` adds to δ.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from typing import ClassVar, Iterator
 
 import dp_accounting
 import numpy as np
+import scipy.stats
 
 from dpjax.privacy import randomness
 
 _POISSON_STREAM = 0x9015
 _SHUFFLE_STREAM = 0x5AFF
+CAPACITY_TAIL = 2.0 ** -64  # P(a Poisson batch exceeds its capacity), at most, per step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +129,12 @@ class PoissonSampling:
         dp_accounting.PoissonSampledDpEvent(
             self.sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), int(steps))
 
-  def sampler(self, num_examples: int, microbatch_size: int, seed: int | None = None
-              ) -> PoissonSampler:
-    """The sampler of this description over `num_examples` (its seed secret: see PoissonSampler)."""
-    return PoissonSampler(num_examples, self.sampling_rate, microbatch_size, seed=seed)
+  def sampler(self, num_examples: int, microbatch_size: int, seed: int | None = None,
+              min_microbatches: int = 0) -> PoissonSampler:
+    """The sampler of this description over `num_examples` (its seed secret: see PoissonSampler),
+    its batches padded to at least `min_microbatches` microbatches."""
+    return PoissonSampler(num_examples, self.sampling_rate, microbatch_size, seed=seed,
+                          min_microbatches=min_microbatches)
 
 
 # Sampling descriptions by name: how a ledger entry finds the event of its steps.
@@ -150,6 +158,7 @@ class PoissonSampler:
   sampling_rate: float
   microbatch_size: int
   seed: int | None = dataclasses.field(default=None, repr=False)
+  min_microbatches: int = 0  # pad every batch to at least this many (a fixed capacity)
 
   def __post_init__(self):
     if self.seed is None:
@@ -157,6 +166,14 @@ class PoissonSampler:
     _check_count("num_examples", self.num_examples)
     _check_count("microbatch_size", self.microbatch_size)
     _check_rate(self.sampling_rate)
+    if int(self.min_microbatches) != self.min_microbatches or self.min_microbatches < 0:
+      raise ValueError(f"min_microbatches must be an integer >= 0, got {self.min_microbatches!r}.")
+
+  @property
+  def constant_work(self) -> bool:
+    """Whether every batch is padded to a fixed capacity (`min_microbatches` > 0), so that a
+    step's work does not depend on its batch size unless the batch exceeds it."""
+    return self.min_microbatches > 0
 
   @property
   def expected_batch_size(self) -> float:
@@ -169,7 +186,9 @@ class PoissonSampler:
     return np.sort(rng.choice(self.num_examples, size=size, replace=False))
 
   def batch(self, step: int) -> PaddedBatch:
-    return pad_to_microbatches(self.indices(step), self.microbatch_size)
+    """The step's batch padded to whole microbatches, at least `min_microbatches` of them. A
+    batch larger than that capacity keeps every example (more microbatches): it is never cut."""
+    return pad_to_microbatches(self.indices(step), self.microbatch_size, self.min_microbatches)
 
   @property
   def sampling(self) -> PoissonSampling:
@@ -179,6 +198,51 @@ class PoissonSampler:
   def dp_event(self, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
     """The event of `steps` steps of the subsampled Gaussian mechanism (add/remove adjacency)."""
     return self.sampling.dp_event(noise_multiplier, steps)
+
+
+def overflow_probability(num_examples: int, sampling_rate: float, capacity: int) -> float:
+  """P(a Poisson batch of N examples at rate q has more than `capacity` examples): the Binomial
+  tail P(Binomial(N, q) > capacity). Public: a function of N, q and the capacity."""
+  return float(scipy.stats.binom.sf(capacity, num_examples, sampling_rate))
+
+
+def capacity_microbatches(num_examples: int, sampling_rate: float, microbatch_size: int,
+                          tail: float = CAPACITY_TAIL) -> int:
+  """The fewest microbatches of `microbatch_size` rows (at least one) that hold a Poisson batch
+  except with probability <= `tail`: the capacity of a sampler whose work is constant."""
+  _check_count("num_examples", num_examples)
+  _check_count("microbatch_size", microbatch_size)
+  _check_rate(sampling_rate)
+  count = max(1, math.ceil(num_examples * sampling_rate / microbatch_size))
+  while overflow_probability(num_examples, sampling_rate, count * microbatch_size) > tail:
+    count += 1
+  return count
+
+
+def timing_delta(sampler: PoissonSampler, steps: int, epsilon: float) -> float | None:
+  """What the overflow of a constant-work sampler adds to δ over `steps` private steps:
+  (1 + e^ε)·η with η = steps · P(a batch exceeds its capacity).
+
+  Privacy: if the run is (ε, δ)-DP as a function of its noised outputs, the run together with
+  the work of each step (its number of microbatches and rows read, and so its time) is
+  (ε, δ + timing_delta)-DP. On the event E that no step's batch exceeds the capacity the work
+  is the same constant under any dataset, so the work adds nothing there; E fails with
+  probability at most η under any dataset (the batch size's law depends on N and q only, and a
+  neighbour's N differs by one, which the tail bound at N + 1 covers: the tail grows with N,
+  so η is computed at N + 1). For any set S of (outputs, work) and neighbours D, D':
+    P[(M(D), W(D)) ∈ S] <= P[M(D) ∈ S_c] + η <= e^ε·P[M(D') ∈ S_c] + δ + η
+                        <= e^ε·(P[(M(D'), W(D')) ∈ S] + η) + δ + η,
+  with S_c the outputs that S pairs with the constant work. Without a capacity the work is
+  ceil(|B|/m) microbatches and |B| rows read per step, a function of the private batch size
+  that no guarantee here covers; None then.
+  """
+  if not sampler.constant_work:
+    return None
+  if steps == 0:
+    return 0.0
+  capacity = sampler.min_microbatches * sampler.microbatch_size
+  eta = steps * overflow_probability(sampler.num_examples + 1, sampler.sampling_rate, capacity)
+  return (1.0 + math.exp(epsilon)) * eta if math.isfinite(epsilon) else math.inf
 
 
 class NoAmplificationError(ValueError):

@@ -362,10 +362,12 @@ class ContrastiveTrainer(host_loop.HostLoop):
     return super().run(show_progress)
 
   def make_sampler(self) -> sampling.PoissonSampler:
-    # Every method draws Poisson batches; a DP method's are its plan's sampling.
-    return sampling.PoissonSampler(len(self.parts.private), self.plan.sampling_rate,
-                                   self.spec.perf.microbatch_size,
-                                   seed=randomness.sampler_seed(self.secret))
+    # Every method draws Poisson batches; a DP method's are its plan's sampling. Every row of a
+    # batch is read (`one_step`), so a fixed capacity (dp.constant_time) makes the work constant.
+    n, q, m = len(self.parts.private), self.plan.sampling_rate, self.spec.perf.microbatch_size
+    capacity = sampling.capacity_microbatches(n, q, m) if self.spec.dp.constant_time else 0
+    return sampling.PoissonSampler(n, q, m, seed=randomness.sampler_seed(self.secret),
+                                   min_microbatches=capacity)
 
   def one_step(self, step: int) -> None:
     batch = batch_for_step(self.sampler, step, self.capacity)
@@ -387,7 +389,14 @@ class ContrastiveTrainer(host_loop.HostLoop):
     config, spec, params = self.config, self.spec, self.state.params
     private = self.plan.noise_multiplier is not None
     statement = statement_lib.privacy_statement(self.plan, self.ledger, config,
-                                                noise.values_per_step(params))
+                                                noise.values_per_step(params), self.sampler)
+    if self.capacity is not None and "step_work" in statement:
+      k = -(-self.capacity // self.sampler.microbatch_size)
+      statement["step_work"] = (
+          f"constant: every private step runs {k} microbatches of "
+          f"{self.sampler.microbatch_size} rows and reads every row (the naive method's "
+          f"capacity of {self.capacity} examples: a larger batch becomes all padding)")
+      statement.pop("timing_delta", None)
     statement["unit_of_privacy"] = ("one training image (both of its augmented views; labels "
                                     "are not read); add/remove adjacency")
     statement["probes"] = PROBES_STATEMENT

@@ -115,9 +115,11 @@ class Batches:
         reads_public, total_steps, options)
     self._private: tuple[Any, pipeline.StepStream] | None = None  # (sampler, its stream)
 
-  def _reader(self, dataset: data.Dataset, draw: Callable, rows: int) -> pipeline.ReadStep:
+  def _reader(self, dataset: data.Dataset, draw: Callable, rows: int,
+              read_every_row: bool = False) -> pipeline.ReadStep:
     return pipeline.ReadStep(dataset.images, dataset.labels, draw,
-                             parallel.process_rows(self.mesh, rows), self.preprocess)
+                             parallel.process_rows(self.mesh, rows), self.preprocess,
+                             read_every_row)
 
   def public(self, step: int) -> dict:
     """Step `step`'s public batch (its order a function of the config seed and the step)."""
@@ -129,7 +131,8 @@ class Batches:
     if self._private is None or self._private[0] is not sampler:
       self.close_private()
       self._private = (sampler, pipeline.StepStream(
-          self._reader(self.parts.private, pipeline.PrivateDraw(sampler), sampler.microbatch_size),
+          self._reader(self.parts.private, pipeline.PrivateDraw(sampler), sampler.microbatch_size,
+                       sampler.constant_work),
           self.reads_private, self.total_steps, self.options))
     element = self._private[1].get(step)
     for batch, mask in pipeline.microbatches(element):

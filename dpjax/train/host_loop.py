@@ -27,7 +27,7 @@ import ml_collections
 import optax
 
 from dpjax import config as config_lib, mixing, parallel
-from dpjax.privacy import accounting, randomness
+from dpjax.privacy import accounting, randomness, sampling
 from dpjax.train import checkpoint, faults, hooks as hooks_lib, metrics
 from dpjax.train import plan as plan_lib, state as state_lib, train_state
 
@@ -95,8 +95,10 @@ class HostLoop:
     the secret is known: drawn, or restored)."""
     if self.plan.sampling is None:
       return None
-    return self.plan.sampling.sampler(self.plan.num_private_examples, self.microbatch_size(),
-                                      randomness.sampler_seed(self.secret))
+    n, m = self.plan.num_private_examples, self.microbatch_size()
+    capacity = (sampling.capacity_microbatches(n, self.plan.sampling_rate, m)
+                if self.spec.dp.constant_time else 0)
+    return self.plan.sampling.sampler(n, m, randomness.sampler_seed(self.secret), capacity)
 
   def on_new_plan(self, plan: plan_lib.PrivacyPlan) -> None:
     """Builds what the device needs for `plan` (its mechanism)."""

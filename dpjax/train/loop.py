@@ -301,7 +301,7 @@ class Trainer(host_loop.HostLoop):
     evaluation = self.evaluate_test(self.state.params)
     statement = statement_lib.privacy_statement(
         self.plan, self.ledger, self.config,
-        noise.values_per_step(self.state.params, self.inputs.tuning.trainable))
+        noise.values_per_step(self.state.params, self.inputs.tuning.trainable), self.sampler)
     if len(self.plans) > 1:
       statement["plan_changes"] = [dict(step=p.decided_at, reason=p.reason,
                                         noise_multiplier=p.noise_multiplier)

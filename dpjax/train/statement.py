@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from dpjax.privacy import accounting, noise
+from dpjax.privacy import accounting, noise, sampling
 from dpjax.train import plan as plan_lib, state as state_lib
 
 
@@ -38,14 +38,30 @@ def released_statement(plan: plan_lib.PrivacyPlan) -> str:
           "(σ⁻² + σ_c⁻²)^(-1/2), the one accounted")
 
 
+def step_work_statement(sampler: sampling.PoissonSampler) -> str:
+  """What a private step's work (and so its time) depends on, for the run's sampler."""
+  if sampler.constant_work:
+    k, m = sampler.min_microbatches, sampler.microbatch_size
+    return (f"constant: every private step runs {k} microbatches of {m} rows and reads every "
+            f"row, unless its Poisson batch exceeds {k * m} examples (dp.constant_time; "
+            "timing_delta adds that chance to δ)")
+  return ("ceil(|B|/m) microbatches of m = perf.microbatch_size rows and |B| rows read per "
+          "private step: step times and train_seconds follow the private batch sizes |B|, which "
+          "this guarantee does not cover (dp.constant_time=True pads every step to one capacity)")
+
+
 def privacy_statement(plan: plan_lib.PrivacyPlan, ledger: accounting.PrivacyLedger,
                       config: ml_collections.ConfigDict | None = None,
-                      noise_values_per_step: int = 0) -> dict[str, Any]:
+                      noise_values_per_step: int = 0,
+                      sampler: sampling.PoissonSampler | None = None) -> dict[str, Any]:
   """What was guaranteed, in the terms a reader needs to check it. With a source (the run this
   one started from), ε composes its ledger, and composed_from says what was composed. With the
   config, where the mechanism's randomness came from. With noise_values_per_step (the values the
   noise draws each private step, `noise.values_per_step`), noise_tail_delta: what the float
-  sampler's missing tail adds to δ for this run's private steps (`noise.tail_delta`)."""
+  sampler's missing tail adds to δ for this run's private steps (`noise.tail_delta`). With the
+  run's batch sampler, step_work: what a private step's work and time depend on, and, for a
+  constant-work sampler, timing_delta: what its capacity's overflow adds to δ
+  (`sampling.timing_delta`)."""
   conversion = {"pld": "PLD (dp_accounting PLDAccountant, pessimistic discretisation)",
                 "rdp": "RDP, dp_accounting's RDP-to-(ε, δ) conversion",
                 "rdp_classic": "RDP, classic conversion min_α RDP(α) + log(1/δ)/(α−1)"}
@@ -69,6 +85,11 @@ def privacy_statement(plan: plan_lib.PrivacyPlan, ledger: accounting.PrivacyLedg
     drawn = noise_values_per_step + (1 if plan.clip_fraction_noise else 0)  # + the count's
     statement["noise_tail_delta"] = noise.tail_delta(drawn, ledger.private_steps,
                                                      statement["epsilon"])
+  if sampler is not None and ledger.private_steps:
+    statement["step_work"] = step_work_statement(sampler)
+    if sampler.constant_work:
+      statement["timing_delta"] = sampling.timing_delta(sampler, ledger.private_steps,
+                                                        statement["epsilon"])
   if plan.source is not None:
     statement["composed_from"] = state_lib.composition_record(plan.source, ledger, plan.delta,
                                                               plan.accountant)
@@ -91,6 +112,9 @@ def format_statement(s: dict[str, Any]) -> str:
           f"sensitivity {s['sensitivity']:.4g})" + _format_source(s)
           + (f"\n  the float noise sampler's tail beyond 12.06σ adds {s['noise_tail_delta']:.2g} "
              f"to δ (noise.tail_delta)" if s.get("noise_tail_delta") else "")
+          + (f"\n  step work: {s['step_work']}" if s.get("step_work") else "")
+          + (f"\n  the capacity's overflow adds {s['timing_delta']:.2g} to δ "
+             f"(sampling.timing_delta)" if s.get("timing_delta") is not None else "")
           + (f"\n  clip count released with noise σ_c = {s['clip_fraction_noise']:g}; each "
              f"private step accounted as one Gaussian of σ_eff = "
              f"{s['effective_noise_multiplier']:.4f} (σ = {sigma} on the gradient)"
