@@ -172,10 +172,15 @@ def test_the_trainer_says_when_poisson_padding_wastes_much_of_the_step():
   from dpjax.train import engine
   plan = types.SimpleNamespace(num_private_examples=45_000, sampling_rate=1024 / 45_000)
   said = []
-  engine._say_padding(plan, 512, said.append)
+  engine._say_padding(plan, 512, False, said.append)
   assert len(said) == 1 and "about 25% of the expected batch" in said[0], said
   assert "perf.microbatch_size=256 would pad about 12%" in said[0]
-  engine._say_padding(plan, 64, said.append)
+  engine._say_padding(plan, 64, False, said.append)
   engine._say_padding(types.SimpleNamespace(num_private_examples=0, sampling_rate=1.0), 512,
-                      said.append)
+                      False, said.append)
   assert len(said) == 1
+  # dp.constant_time pads to the capacity: 3 × 512 = 1,536 rows (+50%); 6 × 256 = 1,536 too.
+  engine._say_padding(plan, 512, True, said.append)
+  assert "padded to one capacity (dp.constant_time) in microbatches of 512 rows, about 50%" \
+      in said[1], said
+  assert "perf.microbatch_size=256 would pad about 50%" in said[1]

@@ -24,7 +24,7 @@ from dpjax import data, finetune, parallel
 from dpjax import private as private_lib
 from dpjax.data import pipeline
 from dpjax.data import views as views_lib
-from dpjax.privacy import clipping, noise
+from dpjax.privacy import clipping, noise, sampling
 from dpjax.train import microbatch_size, plan as plan_lib, state as state_lib, step as step_lib
 
 
@@ -175,7 +175,7 @@ def choose_microbatch_size(spec, plan: plan_lib.PrivacyPlan, steps: Steps, initi
   perf, mesh = spec.perf, steps.layout.mesh
   if perf.microbatch_size:
     if len(private) and may_go_private:
-      _say_padding(plan, perf.microbatch_size, say)
+      _say_padding(plan, perf.microbatch_size, spec.dp.constant_time, say)
     return dict(microbatch_size=perf.microbatch_size, microbatch_size_auto=False)
   candidates = microbatch_size.candidate_sizes(plan.expected_batch_size, parallel.mesh_size(mesh))
   if not len(private) or not may_go_private:
@@ -187,7 +187,7 @@ def choose_microbatch_size(spec, plan: plan_lib.PrivacyPlan, steps: Steps, initi
   say(f"perf.microbatch_size = 0: chose {size} (largest of {candidates} within "
       f"{perf.memory_fraction:g} of {free / 2**20:.0f} MiB free per device; XLA estimates "
       f"{measure(size) / 2**20:.1f} MiB for its accumulate step).")
-  _say_padding(plan, size, say)
+  _say_padding(plan, size, spec.dp.constant_time, say)
   return dict(microbatch_size=size, microbatch_size_auto=True, step_bytes=measure(size),
               free_bytes=free)
 
@@ -195,14 +195,24 @@ def choose_microbatch_size(spec, plan: plan_lib.PrivacyPlan, steps: Steps, initi
 PADDING_HINT = 0.1  # say so when the expected padding exceeds this share of the expected batch
 
 
-def _say_padding(plan: plan_lib.PrivacyPlan, size: int, say: Callable[[str], None]) -> None:
-  """Says how much of the DP step's work pads Poisson batches to whole microbatches of `size`,
-  when that exceeds PADDING_HINT. Computed from N, q and the size (public), never from a batch."""
-  if not plan.num_private_examples:
+def _say_padding(plan: plan_lib.PrivacyPlan, size: int, constant_time: bool,
+                 say: Callable[[str], None]) -> None:
+  """Says how much of the DP step's work pads Poisson batches to whole microbatches of `size`
+  (with dp.constant_time, to the sampler's fixed capacity), when that exceeds PADDING_HINT.
+  Computed from N, q and the size (public), never from a batch."""
+  n, q = plan.num_private_examples, plan.sampling_rate
+  if not n:
     return
-  pad = lambda m: private_lib.expected_padding(plan.num_private_examples, plan.sampling_rate, m)
+
+  def pad(m: int) -> float:
+    if not constant_time:
+      return private_lib.expected_padding(n, q, m)
+    return sampling.capacity_microbatches(n, q, m) * m / (n * q) - 1
+
+  padded = ("padded to one capacity (dp.constant_time) in" if constant_time else
+            "padded to whole")
   if size > 1 and pad(size) > PADDING_HINT:
-    say(f"Padding: Poisson batches are padded to whole microbatches of {size} rows, about "
+    say(f"Padding: Poisson batches are {padded} microbatches of {size} rows, about "
         f"{pad(size):.0%} of the expected batch in padding rows, which the DP step computes for "
         f"nothing; perf.microbatch_size={size // 2} would pad about {pad(size // 2):.0%}.")
 
