@@ -75,8 +75,9 @@ def replay(records: Iterable[dict], auto: mixing.AutoSwitch) -> int | None:
 
 def own_switch(auto: dict) -> mixing.AutoSwitch:
   """The run's own AutoSwitch, built from its config's mixing.auto block as the trainer builds
-  it."""
-  return mixing_block.AutoSwitchSpec.from_mapping(auto).build(0, 0)
+  it. A run recorded before `plateau_metric` existed watched the loss (the default then; the
+  accuracy since 2026-12-04), so a block without the key replays with the loss."""
+  return mixing_block.AutoSwitchSpec.from_mapping({"plateau_metric": "loss", **auto}).build(0, 0)
 
 
 def needs(rule: dict) -> str:
