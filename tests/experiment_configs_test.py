@@ -203,32 +203,26 @@ def test_bu2024_regime_a_trains_alike_on_one_and_on_eight_devices(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bu2024_regime_c_runs_with_a_public_part_smaller_than_its_batch(tmp_path):
-  """Regime C's public part (1%: 500 images) is smaller than its batch of 1024; shrunk here to 2
-  public images of 200 read 8 times per public batch of 16. Its public steps run (each copy
-  augmented on its own: tests/data_pipeline_test.py), then its DP steps."""
-  study = _experiment("bu2024_cifar")
-  config = _set(study.get_config("dp,C,wrn"), {
-      "data.dir": str(_fake_cifar10_jpeg(tmp_path)), "data.verify": False,
-      "data.cache_dir": str(tmp_path / "c"), "model.depth": 10, "model.width": 1,
-      "model.num_groups": 4, "model.name": "wrn", "schedule.public_batch_size": 16,
-      "dp.expected_batch_size": 32, "perf.microbatch_size": 16, "eval.batch_size": 24,
-      "schedule.warmup_steps": 1, "schedule.total_steps": 4, "mixing.switch_step": 2})
-  results = loop.train_and_evaluate(config, str(tmp_path / "run"), show_progress=False)
-  assert results["privacy"]["private_steps"] == 2 and results["privacy"]["epsilon"] <= 8.0
-  assert np.isfinite(results["test_loss"])
+WRN_10_1 = {"model.depth": 10, "model.width": 1, "model.num_groups": 4, "model.name": "wrn"}
 
 
-def test_bu2024_cifar_vit_runs_its_public_then_dp_steps(tmp_path):
-  """The study's CIFAR ViT (MODEL=vit, not yet run on the GPU), shrunk to one block on 200 fake
-  images: 2 public steps, then 3 DP steps (ghost clipping through attention, σ calibrated), so a
-  device call does not find a broken config at its first step."""
+@pytest.mark.parametrize("variant,shrink", [
+    # Regime C's public part (1%: 500 images) is smaller than its batch of 1024; here 2 public
+    # images of 200 are read 8 times per public batch of 16 (each copy augmented on its own:
+    # tests/data_pipeline_test.py).
+    ("dp,C,wrn", WRN_10_1),
+    # The study's CIFAR ViT (MODEL=vit, not yet run on the GPU), shrunk to one block: ghost
+    # clipping through attention.
+    ("dp,B,vit", {"model.depth": 1})])
+def test_bu2024_cifar_parts_run_their_public_then_dp_steps(tmp_path, variant, shrink):
+  """A study config not yet run on the GPU, shrunk, on 200 fake images: 2 public steps, then 3
+  DP steps with σ calibrated, so a device call does not find it broken at its first step."""
   study = _experiment("bu2024_cifar")
-  config = _set(study.get_config("dp,B,vit"), {
+  config = _set(study.get_config(variant), {
       "data.dir": str(_fake_cifar10_jpeg(tmp_path)), "data.verify": False,
-      "data.cache_dir": str(tmp_path / "c"), "model.depth": 1, "schedule.public_batch_size": 16,
+      "data.cache_dir": str(tmp_path / "c"), "schedule.public_batch_size": 16,
       "dp.expected_batch_size": 32, "perf.microbatch_size": 16, "eval.batch_size": 24,
-      "schedule.warmup_steps": 1, "schedule.total_steps": 5, "mixing.switch_step": 2})
+      "schedule.warmup_steps": 1, "schedule.total_steps": 5, "mixing.switch_step": 2, **shrink})
   results = loop.train_and_evaluate(config, str(tmp_path / "run"), show_progress=False)
   assert results["privacy"]["private_steps"] == 3 and results["privacy"]["epsilon"] <= 8.0
   assert np.isfinite(results["test_loss"])

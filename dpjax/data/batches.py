@@ -38,9 +38,9 @@ class ShuffledOrder:
   images, batches of 1024) is read whole several times per step: step t concatenates the
   permutations of epochs t·k, ..., t·k + k - 1, k = ceil(batch_size / num_examples), and keeps the
   first `batch_size`, so each example appears floor or ceil(batch_size / num_examples) times in
-  every batch; `view_ids` tells the copies apart, so that each is augmented on its own. A resumed run therefore draws the same batch at
-  step t as an uninterrupted one; no state needs saving. Small and picklable (the streaming
-  pipeline's worker processes draw from it); holds no data.
+  every batch; `view_ids` tells the copies apart, so that each is augmented on its own. A resumed
+  run therefore draws the same batch at step t as an uninterrupted one; no state needs saving.
+  Small and picklable (the streaming pipeline's worker processes draw from it); holds no data.
   """
   num_examples: int
   batch_size: int
@@ -70,9 +70,8 @@ class ShuffledOrder:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
     if self.batch_size > self.num_examples:
-      first = step * self.epochs_per_step
-      return np.concatenate([self.permutation(e) for e in range(first, first + self.epochs_per_step)
-                             ])[:self.batch_size]
+      epochs = range(step * self.epochs_per_step, (step + 1) * self.epochs_per_step)
+      return np.concatenate([self.permutation(e) for e in epochs])[:self.batch_size]
     epoch, position = divmod(step, self.steps_per_epoch)
     start = position * self.batch_size
     return self.permutation(epoch)[start:start + self.batch_size].copy()
