@@ -70,12 +70,30 @@ def random_rows(rng: np.random.Generator, shape: tuple[int, ...], classes: int,
               label=rng.integers(0, classes, n).astype(np.int32))
 
 
+SPARSE = ("none", "rows", "instantiated")
+
+
+def sparse_mask(params: Any, sparse: str, mesh) -> Any:
+  """None, or the element mask of the fine-tuning studies' sparse runs (`dpjax.finetune.top_rows`:
+  20% of the output rows of every kernel outside the head, random) on the mesh. "rows": the DP step
+  keeps the masked kernels factored (`row_masks`, as the trainer does); "instantiated": the same
+  mask with per-example gradients formed (ghost's path for element masks)."""
+  if sparse not in SPARSE:
+    raise ValueError(f"sparse must be one of {SPARSE}, got {sparse!r}.")
+  if sparse == "none":
+    return None
+  from dpjax import finetune
+  selection = jax.tree_util.tree_map(lambda p: True, params)
+  mask = finetune.top_rows(finetune.random_rows(params, 0), params, selection, 0.2)
+  return parallel.place(mask, mesh)
+
+
 class Steps:
   """The DP and non-DP steps of one model on one mesh, with their random data and state."""
 
   def __init__(self, model_key: str, mesh, microbatch: int, microbatches: int, dtype: str,
                clip: str = "flat", attention: str | None = None, method: str = "vmap",
-               scan_blocks: bool = False):
+               scan_blocks: bool = False, sparse: str = "none"):
     model, params, shape, classes = build_model(model_key, attention, scan_blocks)
     self.num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
     self.batch = microbatch * microbatches
@@ -90,9 +108,11 @@ class Steps:
     example_loss = step_lib.make_example_loss(model, dtype)
     self.zero_sum = step_lib.make_zero_sum(rule, self.layout)
     batch_losses = step_lib.make_batch_losses(model, dtype) if method == "ghost" else None
+    self.element_mask = sparse_mask(params, sparse, mesh)
     self.accumulate = step_lib.make_accumulate(example_loss, rule, layout=self.layout,
                                                grad_dtype=step_lib.grad_dtype(dtype),
-                                               batch_losses=batch_losses)
+                                               batch_losses=batch_losses,
+                                               masked=sparse != "none", row_masks=sparse == "rows")
     self.total = step_lib.make_total(self.layout)  # not in the step: `scaling.py` times it alone
     self.public_grad = step_lib.make_public_grad(example_loss, self.layout)
     self.apply = step_lib.make_apply(tx, optimizer, self.layout, donate=True)
@@ -110,7 +130,8 @@ class Steps:
   def dp(self, params, opt_state):
     # As the trainer does: the first microbatch overwrites the last step's sum (no zero sum).
     self.spent = step_lib.sum_microbatches(self.accumulate, self.zero_sum, self.spent, params,
-                                           None, ((b, self.mask) for b in self.microbatches))
+                                           self.element_mask,
+                                           ((b, self.mask) for b in self.microbatches))
     return self.apply(params, opt_state, None, self.spent.grad_sum, np.float32(0.0))[:2]
 
   def non_dp(self, params, opt_state):
@@ -126,7 +147,8 @@ class Steps:
     draw_noise = jax.jit(lambda key, p: noise.gaussian_noise_like(key, p, 1.0))
     key = jax.random.key_data(jax.random.key(0))  # a benchmark: any key times the same
     found = {"public_grad": lambda: self.public_grad(params, self.microbatches[0]),
-             "accumulate": lambda: self.accumulate(self.zero_sum(params), params, None,
+             "accumulate": lambda: self.accumulate(self.zero_sum(params), params,
+                                                   self.element_mask,
                                                    self.microbatches[0], self.mask,
                                                    np.bool_(True)),
              "noise": lambda: draw_noise(key, params)}

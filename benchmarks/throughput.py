@@ -42,10 +42,12 @@ def run_one(args: argparse.Namespace) -> dict:
 
   mesh = parallel.make_mesh(1, 1)
   steps = harness.Steps(args.model, mesh, args.microbatch, args.microbatches, args.dtype,
-                        args.clip, args.attention or None, args.per_example, bool(args.scan))
+                        args.clip, args.attention or None, args.per_example, bool(args.scan),
+                        args.sparse or "none")
   result = dict(model=args.model, clip=args.clip, dtype=args.dtype, microbatch=args.microbatch,
                 microbatches=args.microbatches, batch=steps.batch, attention=args.attention,
-                scan=args.scan, per_example=args.per_example, num_params=steps.num_params)
+                scan=args.scan, per_example=args.per_example, num_params=steps.num_params,
+                sparse=args.sparse or "none")
   if args.attention == "auto":  # which kernel "auto" took here
     from dpjax.models import vit
     result["attention_kernel"] = "cudnn" if vit.cudnn_attention_runs(args.dtype) else "xla"
@@ -75,7 +77,8 @@ def run_one(args: argparse.Namespace) -> dict:
   return result
 
 
-SHARED_DETAILS = ("num_params", "attention", "attention_kernel", "scan", "jax", "platform")
+SHARED_DETAILS = ("num_params", "attention", "attention_kernel", "scan", "sparse", "jax",
+                  "platform")
 
 
 # When the ViT's default attention became "auto" (commit 6db1a9f); before it, "fused" was.
@@ -101,6 +104,8 @@ def to_rows(raw: Mapping, *, run: int, sources: tuple[str, str], command: str,
   parts = list(variant)
   if raw.get("scan"):
     parts.append("scan_blocks")
+  if raw.get("sparse", "none") != "none":
+    parts.append(f"sparse={raw['sparse']}")
   if raw.get("attention") not in (None, "", "auto") and not (
       raw["attention"] == "fused" and _before_auto_attention(date)):
     parts.append(f"attention={raw['attention']}")
@@ -128,13 +133,14 @@ def configurations(args: argparse.Namespace) -> list[dict]:
   if args.models:
     suite = [c for c in suite if c[0] in args.models.split(",")]
   rows = []
-  for (model, microbatch, k), clip, dtype, method in itertools.product(
-      suite, args.clips.split(","), args.dtypes.split(","), args.methods.split(",")):
+  for (model, microbatch, k), clip, dtype, method, sparse in itertools.product(
+      suite, args.clips.split(","), args.dtypes.split(","), args.methods.split(","),
+      args.sparse.split(",")):
     vit = model.startswith("vit")
     attentions = args.attentions.split(",") if vit else [""]
     scans = [int(v) for v in args.scans.split(",")] if vit else [0]
     rows += [dict(model=model, microbatch=microbatch, microbatches=k, clip=clip, dtype=dtype,
-                  attention=a, scan=scan, per_example=method)
+                  attention=a, scan=scan, per_example=method, sparse=sparse)
              for a, scan in itertools.product(attentions, scans)]
   return rows
 
@@ -154,6 +160,10 @@ def main() -> None:
                       help="per-example method: vmap,ghost")
   parser.add_argument("--scans", default="0",
                       help="ViT blocks: 0 (one per layer), 1 (nn.scan), or 0,1 for both")
+  parser.add_argument("--sparse", default="none",
+                      help="DP step under a sparse fine-tuning mask (20%% of each kernel's output "
+                           "rows): none, rows (kept factored, as the trainer does), instantiated "
+                           "(per-example gradients of the masked kernels formed), comma-separated")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the non-DP gradient, the DP accumulate and ghost's norms "
                            "alone on one microbatch")
@@ -207,7 +217,9 @@ def markdown_table(rows: list[dict]) -> str:
            "non-DP ex/s | DP ex/s | DP ÷ non-DP | DP compile s | non-DP peak MiB | peak MiB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    head = (f"| {r['model']} | {r['clip']} | {r['per_example']} | {r['dtype']} | "
+    method = r['per_example'] + (f" (sparse={r['sparse']})"
+                                 if r.get("sparse", "none") != "none" else "")
+    head = (f"| {r['model']} | {r['clip']} | {method} | {r['dtype']} | "
             f"{r.get('attention') or '-'} | {'yes' if r.get('scan') else 'no'} | "
             f"{r['microbatch']} × {r['microbatches']} |")
     if "failed" in r:

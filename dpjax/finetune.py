@@ -162,6 +162,24 @@ def check_mask(params: PyTree, mask: PyTree) -> None:
     raise SelectionError("Mask shapes do not fit their parameters: " + "; ".join(bad))
 
 
+def is_row_mask(mask: jax.Array) -> bool:
+  """Whether a mask leaf masks whole output rows: it depends on its last axis only (equal along
+  every other axis), as every mask built here is (`selection_mask`, `warmup_mask`, `top_rows`).
+  The trainer's ghost path relies on it to keep masked kernels factored."""
+  mask = np.asarray(mask)
+  return mask.ndim <= 1 or bool(np.all(mask == mask.reshape(-1, mask.shape[-1])[0]))
+
+
+def check_row_masks(mask: PyTree) -> None:
+  """Raises SelectionError unless every leaf of the element mask masks whole output rows
+  (`is_row_mask`): the trainer's masks must, a mask method of one's own included."""
+  bad = ["/".join(path) for path, m in zip(pytrees.leaf_paths(mask),
+                                           jax.tree_util.tree_leaves(mask)) if not is_row_mask(m)]
+  if bad:
+    raise SelectionError("The trainer's sparse masks must mask whole output rows (a leaf's mask "
+                         f"may vary along its last axis only); not so for {', '.join(bad)}.")
+
+
 def selection_mask(params: PyTree, selection: PyTree) -> PyTree:
   """The float32 element mask of a leaf selection: ones on selected leaves, zeros elsewhere."""
   return jax.tree_util.tree_map(lambda p, s: jnp.full(p.shape, float(bool(s)), jnp.float32),

@@ -182,6 +182,24 @@ def test_top_rows_keep_the_best_rows_of_each_prunable_kernel():
   assert "head/kernel" not in fractions and fractions["block1/attention/query/kernel"] == 0.25
 
 
+def test_every_sparse_mask_masks_whole_output_rows():
+  """The trainer's ghost path keeps masked kernels factored on that promise (`is_row_mask`);
+  a mask that varies along another axis is refused by name."""
+  params, order = _vit()
+  selection = finetune.select(params, "last_blocks", 1, order=order)
+  masks = [finetune.top_rows(finetune.magnitude_rows(params), params, selection, 0.25, order),
+           finetune.top_rows(finetune.random_rows(params, 0), params, selection, 0.5, order),
+           finetune.warmup_mask(params, selection, order), finetune.selection_mask(params, selection)]
+  for mask in masks:
+    finetune.check_row_masks(mask)
+  assert finetune.is_row_mask(np.array([0.0, 1.0])) and finetune.is_row_mask(np.float32(1))
+  bad = jax.tree_util.tree_map(np.array, masks[0])
+  bad["block1"]["mlp_in"]["kernel"][0, 0] = 1 - bad["block1"]["mlp_in"]["kernel"][0, 0]
+  assert not finetune.is_row_mask(bad["block1"]["mlp_in"]["kernel"])
+  with pytest.raises(finetune.SelectionError, match="block1/mlp_in/kernel"):
+    finetune.check_row_masks(bad)
+
+
 def test_selection_scores_carry_the_steps_noise():
   """SPARTA's scores come from the step's own release: with zero clipped sums, each score is
   |N(0, (σ·C)²)| / B — mean σ·C·√(2/π) / B — from the noise the ledger accounts for."""
@@ -273,7 +291,7 @@ def test_fine_tuning_errors_are_clear(pretrained, tmp_path):
 
 def test_sparse_fine_tuning_with_ghost_clipping_trains_like_vmap(pretrained, tmp_path):
   """perf.per_example_method is a perf flag under element masks too: same privacy event, same
-  model up to rounding (ghost instantiates the masked layers' per-example gradients)."""
+  model up to rounding (ghost keeps the masked kernels factored: the masks are whole rows)."""
   runs = {}
   for method in ("vmap", "ghost"):
     config = _finetune_config(pretrained, 3, sparse=dict(method="sparta", fraction=0.25,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 if TYPE_CHECKING:  # ghost imports this module's layers; at run time it is imported lazily
   from dpjax.privacy import ghost
+  from dpjax.privacy.ghost import terms as ghost_terms
 
 
 def standardize_kernel(kernel: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -227,6 +228,20 @@ class StandardizedConvTerm:
   def weighted_sum(self, weights: jax.Array, real: jax.Array) -> jax.Array:
     from dpjax.privacy import ghost
     return self._pullback(ghost.outer_sum(self.patches, self.output_grads, weights, real))
+
+  def mask_rows(self, rows: jax.Array) -> "StandardizedConvTerm | ghost_terms.Summed":
+    """Whole output channels masked (`ghost.Term.mask_rows`): the pullback acts channel by
+    channel, so masking the kernel's (or the gain's) gradient in channel o is masking Gₒ, i.e.
+    the output gradients' column o. A kernel whose norm instantiates its gradients (many
+    positions) is instantiated once and kept, as `ghost.Outer.mask_rows` does."""
+    from dpjax.privacy import ghost
+    from dpjax.privacy.ghost import terms
+    mask = terms.row_mask_over(self.output_grads.shape[-1], rows, self.output_grads.dtype)
+    masked = dataclasses.replace(self, output_grads=self.output_grads * mask)
+    (_, t, n), p = self.patches.shape, self.output_grads.shape[-1]
+    if self.part == "gain" or ghost.ghost_norm_is_cheaper(t, n, p):
+      return masked
+    return terms.Summed(masked.instantiate())
 
   def merge_views(self, views: int) -> "StandardizedConvTerm":
     """Augmentation multiplicity (`ghost.terms.merge_views`): each example's views' positions

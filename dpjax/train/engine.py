@@ -55,6 +55,7 @@ def make_steps(perf, model, rule: clipping.ClipRule, tuning: state_lib.FineTunin
   accumulate = step_lib.make_accumulate(training_loss, rule, trainable=tuning.trainable,
                                         layout=layout, grad_dtype=step_lib.grad_dtype(perf.dtype),
                                         batch_losses=batch_losses, masked=tuning.masked,
+                                        row_masks=tuning.masked,  # finetune's masks: whole rows
                                         views=1 if views is None else views.count)
   return Steps(layout, example_loss, step_lib.make_public_grad(training_loss, layout), accumulate,
                step_lib.make_zero_sum(rule, layout), step_lib.make_evaluate(model, layout))

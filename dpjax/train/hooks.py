@@ -233,6 +233,7 @@ class SpartaPhases(BaseHook):
       state = state._replace(mask=finetune.top_rows(finetune.score_rows(state.scores), shapes,
                                                     self.tuning.selection, self.fraction,
                                                     self.tuning.order))
+      finetune.check_row_masks(state.mask)
       base = step_lib.reset_moments(host.base, "first")
       run.say(f"SPARTA: rows selected at step {step}; kept fractions "
               f"{finetune.kept_fraction(state.mask, shapes, *rows)}")

@@ -286,6 +286,8 @@ def finetuning(config: ml_collections.ConfigDict, params: Any, order: list[str])
   trainable = None if all(jax.tree_util.tree_leaves(selection)) else selection
   mask = registries.SPARSE_MASKS.lookup(f.sparse.method).build(params, selection, trainable,
                                                               order, f.sparse, config.seed)
+  if mask is not None and f.sparse.method != "none":
+    finetune.check_row_masks(mask)  # the DP step's ghost path keeps them factored
   return FineTuning(order, selection, trainable, mask, f.sparse.method != "none")
 
 

@@ -167,7 +167,8 @@ def grad_dtype(compute_dtype: str) -> Any:
 def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
                     trainable: PyTree | None = None, layout: parallel.Layout | None = None,
                     grad_dtype: Any = None, batch_losses: Callable | None = None,
-                    masked: bool = False, views: int = 1) -> Callable:
+                    masked: bool = False, row_masks: bool = False, views: int = 1
+                    ) -> Callable:
   """jit (acc, params, element_mask, microbatch, mask, first) -> acc + the microbatch's
   `ClippedSum`.
 
@@ -187,6 +188,9 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
   masked: if True, element_mask is a 0/1 pytree like params and each per-example gradient is
     element_mask ⊙ ∇ℓᵢ before clipping (`dpjax.finetune.masked_params`; ghost: `element_mask`);
     if False, element_mask must be None (an empty pytree: nothing to dispatch).
+  row_masks: the element masks mask whole output rows (`finetune.is_row_mask`, as every mask of
+    dpjax's sparse fine-tuning does): ghost clipping keeps the masked kernels factored
+    (`ghost.clipped_grad_sum`'s row_masks) instead of instantiating their per-example gradients.
   views: K, the views per example of the losses' augmentation multiplicity (`make_batch_losses`
     with a `Views`; 1: none): ghost clipping folds each example's K views into one per-example
     gradient (their mean, as example_loss's gradient is). The vmap path needs nothing: the
@@ -198,7 +202,8 @@ def make_accumulate(example_loss: Callable, rule: clipping.ClipRule,
       loss = lambda p, example: example_loss(finetune.masked_params(p, element_mask), example)
     if batch_losses is not None:
       part = ghost.clipped_grad_sum(batch_losses, params, microbatch, mask, rule,
-                                    trainable=trainable, element_mask=element_mask, views=views)
+                                    trainable=trainable, element_mask=element_mask,
+                                    row_masks=row_masks, views=views)
     else:
       part = clipping.clipped_grad_sum(loss, params, microbatch, mask, rule,
                                        trainable=trainable, grad_dtype=grad_dtype)

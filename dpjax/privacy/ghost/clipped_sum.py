@@ -95,7 +95,7 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
                      mask: jax.Array, rule: clipping.ClipRule, *,
                      microbatch_size: int | None = None, trainable: PyTree | None = None,
                      fallback: str = "vmap", element_mask: PyTree | None = None,
-                     views: int = 1) -> clipping.ClippedSum:
+                     row_masks: bool = False, views: int = 1) -> clipping.ClippedSum:
   """Σᵢ maskᵢ·clip(∇ℓᵢ) by ghost clipping with book-keeping; the result of
   `clipping.clipped_grad_sum` (float32) up to the rounding bounds below, without per-example
   gradients or a second backward pass.
@@ -107,7 +107,11 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
   element_mask: optional pytree like params (0/1): each per-example gradient is M ⊙ ∇ℓᵢ before
     clipping, as `clipping.clipped_grad_sum` of a loss of `finetune.masked_params` (sparse
     fine-tuning). The masked leaves' per-example gradients are instantiated
-    (`layer_terms.masked`).
+    (`layer_terms.masked`), unless row_masks.
+  row_masks: every leaf of element_mask masks whole output rows (it depends on the last axis
+    only, as `dpjax.finetune.top_rows` makes; `finetune.is_row_mask`): the masked kernels keep
+    their factored form, at the cost of unmasked ghost clipping. The contribution bound holds
+    either way (`layer_terms.masked`).
   views: K ≥ 1, augmentation multiplicity: batch_losses runs the model on K views of each
     example, example-major, and returns each example's mean loss over them (`dpjax.train.step.
     make_batch_losses` with a `dpjax.data.views.Views`). Each example's per-example gradient is
@@ -138,7 +142,7 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
     terms = leaf_terms(batch_losses, params, batch, trainable, fallback, views)
     for path, (module, term, stacked) in terms.items():
       if path in masks:
-        mask_term = functools.partial(masked, module, path[-1])
+        mask_term = functools.partial(masked, module, path[-1], rows=row_masks)
         terms[path] = LeafTerm(
             module, (jax.vmap(mask_term) if stacked else mask_term)(term, masks[path]), stacked)
     return clipped_terms_sum(terms, rule, groups, train_p, chunk_mask)

@@ -6,7 +6,8 @@ gradients, as factored terms (`terms`), and their weighted sums back in the para
   Embed table: `Lookup` of the rows `jnp.take` reads;
   LayerNorm / GroupNorm scale Σₜ gₜ ⊙ x̂ₜ and bias Σₜ gₜ: `Summed`;
   a module that defines `ghost_grads`: what it returns (per-example gradients, or a `Term`).
-Element masks (sparse fine-tuning) instantiate a term (`masked`): they break its factored form.
+Element masks (sparse fine-tuning) instantiate a term (`masked`): they break its factored form;
+masks of whole output rows (`rows=True`: SPARTA's and its baselines') keep it.
 """
 
 from __future__ import annotations
@@ -87,11 +88,21 @@ def layer_terms(layer: Layer, x: jax.Array, g: jax.Array, trainable: dict,
   return terms
 
 
-def masked(module: nn.Module | None, name: str, term: Term, mask: jax.Array) -> Summed:
-  """The term's per-example gradients instantiated [m, size] (float32, `Term.instantiate`) times
-  the element mask M [*shape] (one slice of a scanned stack), flattened in the order `as_param`
-  reads: an element mask breaks a kernel's outer-product form, so its norm cannot be a ghost
-  norm."""
+def masked(module: nn.Module | None, name: str, term: Term, mask: jax.Array,
+           rows: bool = False) -> Term:
+  """The term of M ⊙ ∇ᵢ for the element mask M [*shape] (one slice of a scanned stack).
+
+  rows=False: the per-example gradients instantiated [m, size] (float32, `Term.instantiate`)
+  times M, flattened in the order `as_param` reads: an element mask breaks a kernel's
+  outer-product form, so its norm cannot be a ghost norm.
+  rows=True: M is taken to be a mask of whole output rows, its first row along the last axis
+  repeated over the others (`finetune.is_row_mask`), and a term with `mask_rows` stays factored
+  (a kernel's output gradients masked: no per-example gradient is formed). Privacy does not rest
+  on that: the norm and the weighted sum are of the same masked term whatever M is; an M that is
+  not a row mask only changes which gradient is clipped (that of its first row's mask).
+  """
+  if rows and hasattr(term, "mask_rows"):
+    return term.mask_rows(mask.reshape(-1, mask.shape[-1])[0] if mask.ndim else mask[None])
   h = term.instantiate()
   if isinstance(module, nn.Conv) and name == "kernel" and channels_first(module):
     mask = mask.transpose(2, 0, 1, 3)  # (kh, kw, C, O) -> the patches' (C, kh, kw, O)

@@ -49,6 +49,9 @@ class Term(Protocol):
   # Optional: merge_views(self, views: int) -> Term, the term of [m·views] example-major rows
   # as m examples, each the sum of its views' rows (`merge_views`; without the method, the term
   # is instantiated and its views' rows added).
+  # Optional: mask_rows(self, rows: jax.Array) -> Term, the term of M ⊙ ∇ᵢ for the element mask
+  # M that is `rows` [q] along the param's last axis and constant along the others (a mask of
+  # whole output rows: `layer_terms.masked`); without the method, the term is instantiated.
 
 
 def is_term(value) -> bool:
@@ -78,6 +81,15 @@ def merge_views(term: Term, views: int) -> Term:
   if hasattr(term, "merge_views"):
     return term.merge_views(views)
   return Summed(term.instantiate()).merge_views(views)
+
+
+def row_mask_over(features: int, rows: jax.Array, dtype) -> jax.Array:
+  """`rows` [q] (a mask along a param's last axis) repeated over `features` flattened output
+  features whose innermost axis is that last axis: [features] in `dtype`."""
+  q = rows.shape[-1]
+  if features % q:
+    raise ValueError(f"A row mask of {q} rows does not tile {features} output features.")
+  return jnp.tile(rows, features // q).astype(dtype)
 
 
 def einsum(spec: str, *operands: jax.Array) -> jax.Array:
@@ -157,6 +169,17 @@ class Outer:
     return Outer(merge_positions(self.a, views), merge_positions(self.g, views),
                  self.scale_inputs)
 
+  def mask_rows(self, rows: jax.Array) -> Outer | Summed:
+    """Masking whole output rows masks g's columns: M ⊙ Σₜ aₜgₜᵀ = Σₜ aₜ(gₜ ⊙ r)ᵀ (exact: r is
+    0 or 1). Kept factored where the norm is a ghost norm; where the norm instantiates the
+    gradients anyway (`ghost_norm_is_cheaper` false: many positions), they are instantiated once
+    and kept, so the weighted sum is a matrix-vector product, not a second matmul."""
+    masked = Outer(self.a, self.g * row_mask_over(self.g.shape[-1], rows, self.g.dtype),
+                   self.scale_inputs)
+    if ghost_norm_is_cheaper(*self.a.shape[1:], self.g.shape[-1]):
+      return masked
+    return Summed(masked.instantiate())
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +200,9 @@ class Summed:
 
   def merge_views(self, views: int) -> Summed:
     return Summed(jnp.sum(self.h.reshape(-1, views, self.h.shape[-1]), axis=1))
+
+  def mask_rows(self, rows: jax.Array) -> Summed:
+    return Summed(self.h * row_mask_over(self.h.shape[-1], rows, self.h.dtype))
 
 
 @jax.tree_util.register_dataclass
@@ -207,3 +233,8 @@ class Lookup:
 
   def merge_views(self, views: int) -> Lookup:
     return Lookup(merge_positions(self.idx, views), merge_positions(self.g, views), self.rows)
+
+  def mask_rows(self, rows: jax.Array) -> Lookup:
+    """The table's last axis is g's: M ⊙ ∇ = Σₜ e_{idxₜ}(gₜ ⊙ r)ᵀ."""
+    return Lookup(self.idx, self.g * row_mask_over(self.g.shape[-1], rows, self.g.dtype),
+                  self.rows)
