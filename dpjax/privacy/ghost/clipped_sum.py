@@ -110,8 +110,9 @@ def clipped_grad_sum(batch_losses: BatchLosses, params: PyTree, examples: PyTree
     (`layer_terms.masked`), unless row_masks.
   row_masks: every leaf of element_mask masks whole output rows (it depends on the last axis
     only, as `dpjax.finetune.top_rows` makes; `finetune.is_row_mask`): the masked kernels keep
-    their factored form, at the cost of unmasked ghost clipping. The contribution bound holds
-    either way (`layer_terms.masked`).
+    their factored form (where their norm instantiates the gradients anyway, those are kept),
+    at about the cost of unmasked ghost clipping. The contribution bound holds either way
+    (`layer_terms.masked`).
   views: K ≥ 1, augmentation multiplicity: batch_losses runs the model on K views of each
     example, example-major, and returns each example's mean loss over them (`dpjax.train.step.
     make_batch_losses` with a `dpjax.data.views.Views`). Each example's per-example gradient is

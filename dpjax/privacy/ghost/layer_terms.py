@@ -96,10 +96,12 @@ def masked(module: nn.Module | None, name: str, term: Term, mask: jax.Array,
   times M, flattened in the order `as_param` reads: an element mask breaks a kernel's
   outer-product form, so its norm cannot be a ghost norm.
   rows=True: M is taken to be a mask of whole output rows, its first row along the last axis
-  repeated over the others (`finetune.is_row_mask`), and a term with `mask_rows` stays factored
-  (a kernel's output gradients masked: no per-example gradient is formed). Privacy does not rest
-  on that: the norm and the weighted sum are of the same masked term whatever M is; an M that is
-  not a row mask only changes which gradient is clipped (that of its first row's mask).
+  repeated over the others (`finetune.is_row_mask`), and a term with `mask_rows` masks itself:
+  a kernel stays factored (its output gradients masked), unless its norm instantiates its
+  per-example gradients anyway (many positions), when they are instantiated once and kept.
+  Privacy does not rest on that: the norm and the weighted sum are of the same masked term
+  whatever M is; an M that is not a row mask only changes which gradient is clipped (that of
+  its first row's mask).
   """
   if rows and hasattr(term, "mask_rows"):
     return term.mask_rows(mask.reshape(-1, mask.shape[-1])[0] if mask.ndim else mask[None])
