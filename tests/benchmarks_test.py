@@ -319,6 +319,34 @@ def test_an_attention_other_than_the_default_when_it_ran_is_a_variant():
   assert variant("cudnn", before) == {"attention=cudnn"}
 
 
+def test_sparse_steps_kept_factored_and_instantiated_clip_the_same_sum():
+  """`--sparse`: the DP step's clipped sum under a row mask, kept factored or instantiated, is
+  the same (up to the ghost bounds' factors) and zero on the masked rows; its rows carry the
+  variant."""
+  import jax
+  import numpy as np
+  from benchmarks import harness
+  from dpjax import parallel
+  mesh = parallel.make_mesh(1, 1)
+  sums = {}
+  for sparse in ("rows", "instantiated"):
+    steps = harness.Steps("cnn_tanh", mesh, 8, 2, "float32", method="ghost", sparse=sparse)
+    steps.dp(*steps.state)
+    sums[sparse] = jax.tree_util.tree_map(lambda x: np.asarray(x).sum(0), steps.spent.grad_sum)
+  mask = jax.tree_util.tree_map(np.asarray, steps.element_mask)
+  assert 0 < np.mean(np.concatenate([m.ravel() for m in jax.tree_util.tree_leaves(mask)])) < 1
+  for a, b, m in zip(*(jax.tree_util.tree_leaves(t) for t in (sums["rows"], sums["instantiated"],
+                                                             mask))):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert np.all(a[m == 0] == 0)
+  raw = dict(model="wrn_16_4", dtype="float32", device="cpu", batch=8, microbatch=8,
+             microbatches=1, per_example="ghost", clip="flat", non_dp_examples_per_s=2.0,
+             dp_examples_per_s=1.0, dp_over_non_dp=0.5, sparse="rows")
+  rows = throughput.to_rows(raw, run=0, sources=("a#/0", "a#/1"), command="c", commit=None,
+                            date="2026-12-05T10:00:00+00:00")
+  assert {r["variant"] for r in rows} == {"sparse=rows"}
+
+
 def test_table_json_rows_follow_the_schema_and_every_archived_file_is_accounted_for():
   rows = convert_results.read_table()
   assert {r["source"].split("/")[0] for r in rows} <= {"archive", "runs"}
