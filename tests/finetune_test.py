@@ -200,6 +200,21 @@ def test_every_sparse_mask_masks_whole_output_rows():
     finetune.check_row_masks(bad)
 
 
+def test_a_sparse_method_whose_mask_is_not_whole_rows_is_refused(monkeypatch):
+  """A mask method of one's own must keep to whole output rows: the trainer's ghost path keeps
+  masked kernels factored on that promise."""
+  from dpjax.config import registries
+  params, order = _vit()
+  def by_input_row(params, selection, trainable, order, sparse, seed):
+    return jax.tree_util.tree_map(
+        lambda p: ((np.arange(p.size) // p.shape[-1]) % 2).reshape(p.shape).astype(np.float32),
+        params)
+  monkeypatch.setitem(registries.SPARSE_MASKS.entries, "random", registries.Entry(by_input_row))
+  config = small_config(finetune=dict(sparse=dict(method="random")))
+  with pytest.raises(finetune.SelectionError, match="whole output rows.*head/kernel"):
+    state_lib.finetuning(config, params, order)
+
+
 def test_selection_scores_carry_the_steps_noise():
   """SPARTA's scores come from the step's own release: with zero clipped sums, each score is
   |N(0, (σ·C)²)| / B — mean σ·C·√(2/π) / B — from the noise the ledger accounts for."""
