@@ -285,3 +285,35 @@ def test_sharded_ghost_dp_step_equals_single_device_vmap_step(model_name, k):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   for a, b in zip(single_stats, sharded_stats):
     np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout_name", ["data4_fsdp2", "fsdp8"])
+def test_a_row_masked_ghost_sum_is_the_same_on_an_fsdp_mesh(layout_name):
+  """Sparse fine-tuning's masks (whole output rows, kept factored by ghost: `row_masks`) are split
+  over 'fsdp' like the params; inside the step each device reads them whole."""
+  model = toy_models.MODELS["conv"]
+  params = toy_models.init(model)
+  keys = iter(jax.random.split(jax.random.PRNGKey(5), 50))
+  element_mask = jax.tree_util.tree_map(lambda w: jnp.broadcast_to(
+      jax.random.uniform(next(keys), w.shape[-1:]) < 0.5, w.shape).astype(jnp.float32), params)
+  rule = clipping.FlatClip(0.5)
+  batch, mask = toy_models.batch(16, seed=2, scale=3.0), jnp.arange(16) < 13
+
+  def clipped_sum(layout_sizes):
+    layout, p, m, put = None, params, element_mask, lambda tree: tree
+    if layout_sizes is not None:
+      mesh = parallel.make_mesh(*layout_sizes)
+      layout = parallel.make_layout(mesh, params)
+      p, m = parallel.place(params, mesh), parallel.place(element_mask, mesh)
+      put = lambda tree: parallel.global_batch(mesh, tree, 16)
+    accumulate = step_lib.make_accumulate(
+        toy_models.per_example_loss(model), rule, layout=layout,
+        batch_losses=toy_models.batch_losses(model), masked=True, row_masks=True)
+    acc = accumulate(step_lib.make_zero_sum(rule, layout)(p), p, m, put(batch), put(mask),
+                     np.bool_(True))
+    return parallel.to_host(step_lib.make_total(layout)(acc).grad_sum)
+
+  one, sharded = clipped_sum(None), clipped_sum(LAYOUTS[layout_name])
+  for a, b, m in zip(*(jax.tree_util.tree_leaves(t) for t in (sharded, one, element_mask))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(a)[np.asarray(m) == 0] == 0)
