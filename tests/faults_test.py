@@ -106,10 +106,13 @@ def test_a_non_finite_step_stops_the_run_before_its_state_is_saved(_data, tmp_pa
 
 def test_finite_watch_checks_every_n_steps_and_on_demand():
   watch = faults.FiniteWatch(every=2)
-  bad = {"w": np.array([1.0, np.nan], np.float32)}
+  bad = {"w": np.array([1.0, np.nan], np.float32), "b": {"c": np.zeros(2, np.float32)}}
   watch.after_step(1, bad)  # not a checking step
-  with pytest.raises(faults.NonFiniteError, match="after step 2 .* finite after step 0"):
+  with pytest.raises(faults.NonFiniteError,
+                     match=r"after step 2 .*1 of 2 leaves: w\); they were finite after step 0"):
     watch.after_step(2, bad)
+  with pytest.raises(faults.NonFiniteError, match="every value is finite, but their sum of sq"):
+    faults.FiniteWatch(every=1).check(1, {"w": np.full(4, 3e38, np.float32)})
   watch.after_step(4, {"w": np.ones(2, np.float32)})
   with pytest.raises(faults.NonFiniteError, match="after step 5 .* finite after step 4"):
     watch.check(5, bad)

@@ -10,8 +10,8 @@ multi-process run every process must stop at the same step (checkpoints are coll
 flag is agreed by all processes (an all-gather) every `sync_every` steps.
 
 Non-finite training. Parameters that are not finite (a learning rate that diverges, an
-overflow in float16) stop the run with `NonFiniteError` before that state is checkpointed,
-evaluated or returned. `FiniteWatch` checks the parameters every `every` steps (the trainer's
+overflow in float16) stop the run with `NonFiniteError`, naming the leaves that hold a NaN or an
+inf, before that state is checkpointed, evaluated or returned. `FiniteWatch` checks the parameters every `every` steps (the trainer's
 log_every_steps: one small jitted reduction then, no per-step cost; a per-step flag cost 5-9% of
 a small model's step on an H200) and always right before a checkpoint, an evaluation or the final
 results. The steps between the last good check and the failure are lost with the process: their
@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpjax import pytrees
 
 EXIT_PREEMPTED = 75  # os.EX_TEMPFAIL: the run stopped early and can be resumed
 
@@ -89,6 +91,23 @@ def is_finite(params: Any, loss: jax.Array | None = None) -> jax.Array:
   return finite if loss is None else finite & jnp.isfinite(loss)
 
 
+def nonfinite_leaves(params: Any) -> list[str]:
+  """The '/'-joined paths of the parameter leaves that hold a NaN or an inf (one small reduction
+  per leaf: for an error message, not for every step)."""
+  all_finite = jax.jit(lambda x: jnp.all(jnp.isfinite(x)))
+  return ["/".join(path) for path, leaf in zip(pytrees.leaf_paths(params),
+                                               jax.tree_util.tree_leaves(params))
+          if not bool(all_finite(leaf))]
+
+
+def _where_not_finite(params: Any) -> str:
+  names = nonfinite_leaves(params)
+  if not names:
+    return "every value is finite, but their sum of squares overflows float32"
+  shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+  return f"{len(names)} of {len(jax.tree_util.tree_leaves(params))} leaves: {shown}"
+
+
 class FiniteWatch:
   """Raises NonFiniteError when the parameters are not finite, checked every `every` steps
   (`after_step`) and whenever `check` is called (before anything is saved or released)."""
@@ -107,7 +126,8 @@ class FiniteWatch:
       return
     if not bool(self._finite(params)):
       raise NonFiniteError(
-          f"The parameters after step {done} are not finite (NaN or inf); they were finite after "
+          f"The parameters after step {done} are not finite (NaN or inf; "
+          f"{_where_not_finite(params)}); they were finite after "
           f"step {self.last_good}. The run stops before saving them; the last checkpoint is from "
           "before, and its privacy ledger counts no later step. Lower optimizer.learning_rate, "
           "use perf.dtype='float32', or check the data, then start again in a new --workdir.")
