@@ -340,7 +340,8 @@ def test_ghost_with_an_element_mask_equals_vmap_of_the_masked_loss(name, rows):
   model = MODELS[name]()
   params = toy_models.init(model)
   element_mask = random_mask(params, rows)
-  assert all(finetune.is_row_mask(m) for m in jax.tree_util.tree_leaves(element_mask)) or not rows
+  if rows:
+    assert all(finetune.is_row_mask(m) for m in jax.tree_util.tree_leaves(element_mask))
   losses = batch_losses_of(model)
   example_loss = lambda p, ex: losses(finetune.masked_params(p, element_mask),
                                       jax.tree_util.tree_map(lambda x: x[None], ex))[0]
@@ -355,6 +356,7 @@ def test_ghost_with_an_element_mask_equals_vmap_of_the_masked_loss(name, rows):
   slow = jax.jit(lambda p: clipping.clipped_grad_sum(example_loss, p, batch, mask, rule,
                                                      microbatch_size=4))(params)
   for a, b in zip(jax.tree_util.tree_leaves(fast.grad_sum), jax.tree_util.tree_leaves(slow.grad_sum)):
+    # Element masks: atol 1e-6 as before; row masks: relative to the leaf's largest entry.
     scale = float(np.max(np.abs(b))) if rows else 1e-2
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=(5e-4 if name == "wrn" else 1e-4) * scale)
   for a, b in zip(fast.stats, slow.stats):
