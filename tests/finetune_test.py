@@ -189,7 +189,8 @@ def test_every_sparse_mask_masks_whole_output_rows():
   selection = finetune.select(params, "last_blocks", 1, order=order)
   masks = [finetune.top_rows(finetune.magnitude_rows(params), params, selection, 0.25, order),
            finetune.top_rows(finetune.random_rows(params, 0), params, selection, 0.5, order),
-           finetune.warmup_mask(params, selection, order), finetune.selection_mask(params, selection)]
+           finetune.warmup_mask(params, selection, order),
+           finetune.selection_mask(params, selection)]
   for mask in masks:
     finetune.check_row_masks(mask)
   assert finetune.is_row_mask(np.array([0.0, 1.0])) and finetune.is_row_mask(np.float32(1))

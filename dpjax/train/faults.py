@@ -11,12 +11,12 @@ flag is agreed by all processes (an all-gather) every `sync_every` steps.
 
 Non-finite training. Parameters that are not finite (a learning rate that diverges, an
 overflow in float16) stop the run with `NonFiniteError`, naming the leaves that hold a NaN or an
-inf, before that state is checkpointed, evaluated or returned. `FiniteWatch` checks the parameters every `every` steps (the trainer's
-log_every_steps: one small jitted reduction then, no per-step cost; a per-step flag cost 5-9% of
-a small model's step on an H200) and always right before a checkpoint, an evaluation or the final
-results. The steps between the last good check and the failure are lost with the process: their
-ledger entries were never saved. The check reads the parameters only, which are released anyway:
-it releases nothing private.
+inf, before that state is checkpointed, evaluated or returned. `FiniteWatch` checks the parameters
+every `every` steps (the trainer's log_every_steps: one small jitted reduction then, no per-step
+cost; a per-step flag cost 5-9% of a small model's step on an H200) and always right before a
+checkpoint, an evaluation or the final results. The steps between the last good check and the
+failure are lost with the process: their ledger entries were never saved. The check reads the
+parameters only, which are released anyway: it releases nothing private.
 """
 
 from __future__ import annotations
