@@ -17,7 +17,8 @@
 # MAX_SWITCH=N runs the automatic parts with mixing.auto.max_switch_step = N (default: 200, half
 # the steps) as a sweep axis, so that their runs sit beside those with the default cap.
 # at ε = 1, 3, 8 (EPSILONS=8: one of them), seeds 0, 1, 2 (SEEDS); SWITCHES=0,50 other switch steps.
-# with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn).
+# with R in A, B, C (experiments/bu2024_cifar.py); MODEL=vit for the CIFAR ViT (default wrn), whose
+# sweeps go to OUTDIR/PART_vit (e.g. B_switch_vit), beside the WRN's.
 # CONCURRENT=1 runs the PARTs at once (PARALLEL runs each; each run gets 0.9/(PARALLEL x parts) of
 # the GPU memory) instead of one after another.
 # On the GPU machine (device tool) run it after `source launch/device_env.sh`.
@@ -32,38 +33,39 @@ config() { echo "--config=experiments/bu2024_cifar.py:$1,$2,$model"; }
 held_out_only="--set=curvature.every_steps=0"
 auto_sweep="--sweep=dp.target_epsilon=$eps${MAX_SWITCH:+ --sweep=mixing.auto.max_switch_step=$MAX_SWITCH}"
 run_part() {  # run_part PART
-  local part=$1
+  local part=$1 name=$1  # the sweep's folder: PART for the WRN, PART_MODEL for another model
+  [[ $model == wrn ]] || name+="_$model"
   regime=${part%%_*}
   case ${part#*_} in
     baselines)
-      sweep "${regime}_baselines" "$(config public_only "$regime")" \
+      sweep "$name" "$(config public_only "$regime")" \
           "$(config nonprivate "$regime")" "$(config clip_only "$regime")" ;;
     switch)
-      sweep "${regime}_switch" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,50,100,200} \
+      sweep "$name" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,50,100,200} \
           --sweep=dp.target_epsilon=$eps --x=mixing.switch_step --group=dp.target_epsilon ;;
     augmult)
-      sweep "${regime}_augmult" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,200} \
+      sweep "$name" "$(config dp "$regime")" --sweep=mixing.switch_step=${SWITCHES:-0,200} \
           --sweep=dp.target_epsilon=$eps --sweep=dp.augmult=${AUGMULTS:-4} \
           --x=mixing.switch_step --group=dp.target_epsilon ;;
     auto)
-      sweep "${regime}_auto" "$(config auto "$regime")" $auto_sweep ;;
+      sweep "$name" "$(config auto "$regime")" $auto_sweep ;;
     autowindow)
-      sweep "${regime}_autowindow" "$(config auto "$regime")" $auto_sweep \
+      sweep "$name" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.generalisation_checks=3 ;;
     plateau)
-      sweep "${regime}_plateau" "$(config auto "$regime")" $auto_sweep \
+      sweep "$name" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=loss \
           $held_out_only ;;
     accplateau)
-      sweep "${regime}_accplateau" "$(config auto "$regime")" $auto_sweep \
+      sweep "$name" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=accuracy \
           $held_out_only ;;
     relplateau)
-      sweep "${regime}_relplateau" "$(config auto "$regime")" $auto_sweep \
+      sweep "$name" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=plateau --set=mixing.auto.plateau_metric=loss \
           --set=mixing.auto.patience=2 --set=mixing.auto.min_rel_delta=0.05 $held_out_only ;;
     lookahead)
-      sweep "${regime}_lookahead" "$(config auto "$regime")" $auto_sweep \
+      sweep "$name" "$(config auto "$regime")" $auto_sweep \
           --set=mixing.auto.criterion=lookahead \
           --set=mixing.auto.lookahead_steps=20 $held_out_only ;;  # past the 20-step warm-up
     *) echo "unknown part $part" >&2; return 2 ;;

@@ -2,10 +2,11 @@
 
   python experiments/bu2024_cifar_table.py RUNS_DIR [--out DIR]
 
-RUNS_DIR holds the sweep folders of `experiments/bu2024_cifar.sh` (REGIME_PART/<variant>/ with
-results.json and variant.json). Writes DIR/cells.csv (one row per cell), DIR/runs.csv (one row per
-run) and DIR/accuracy_REGIME.png (test accuracy against the switch step, one line per ε, the
-baselines as bands of mean ± std), and prints the markdown table.
+RUNS_DIR holds the sweep folders of `experiments/bu2024_cifar.sh` (REGIME_PART/<variant>/ for the
+WRN, REGIME_PART_MODEL/<variant>/ for another model, with results.json and variant.json). Writes
+DIR/cells.csv (one row per cell), DIR/runs.csv (one row per run) and DIR/accuracy_REGIME.png
+(accuracy_REGIME_MODEL.png for a model other than the WRN: test accuracy against the switch step,
+one line per ε, the baselines as lines), and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import statistics
 
 DEFAULT_TARGET_EPSILON = 8.0  # experiments/bu2024_cifar.py's dp.target_epsilon
+DEFAULT_MODEL = "wrn"  # experiments/bu2024_cifar.py's default model: its figures have no suffix
 # bu2024_cifar.sh's automatic-switch parts other than R_auto (REGIME_PART folders): their variant
 AUTO_PARTS = dict(plateau="auto_plateau", accplateau="auto_accplateau",
                   relplateau="auto_relplateau", lookahead="auto_lookahead",
@@ -80,7 +82,7 @@ def run_rows(runs_dir: str) -> list[dict]:
     overrides = variant["overrides"]
     part = os.path.basename(os.path.dirname(folder))
     kind = config_arg[0]
-    kind = AUTO_PARTS.get(part.partition("_")[2], kind)
+    kind = AUTO_PARTS.get(part.split("_")[1], kind)  # REGIME_PART or REGIME_PART_MODEL
     privacy = r["privacy"]
     rows.append(dict(
         regime=config_arg[1], model=config_arg[2], variant=kind,
@@ -240,12 +242,14 @@ def claims(table: list[dict]) -> list[str]:
   return lines
 
 
-def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
+def plot(table: list[dict], rows: list[dict], regime: str, model: str, path: str) -> None:
   """Accuracy against the fixed switch step, the baselines as lines, each automatic-switch run as
-  a point at the step where it switched."""
+  a point at the step where it switched: the runs of one regime and model."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  table = [c for c in table if c["model"] == model]
+  rows = [r for r in rows if r["model"] == model]
   fig, ax = plt.subplots(figsize=(9, 4.5))
   switches = [c for c in table if c["regime"] == regime and c["fixed_switch"] is not None]
   epsilons = sorted({r["target_epsilon"] for r in rows
@@ -279,7 +283,7 @@ def plot(table: list[dict], rows: list[dict], regime: str, path: str) -> None:
                  label=f"{c['cell']} ({c['runs']} runs)")
   ax.set_xlabel("switch step (public steps before DP; 0 = private-only DP)")
   ax.set_ylabel("test accuracy (mean ± std over seeds)")
-  ax.set_title(f"cifar10_jpeg, regime {regime}")
+  ax.set_title(f"cifar10_jpeg, regime {regime}, {model}")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -300,8 +304,9 @@ def main() -> None:
   rows = run_rows(runs_dir)
   table = cells(rows)
   write_csvs(out, {"runs.csv": rows, "cells.csv": table})
-  for regime in sorted({c["regime"] for c in table}):
-    plot(table, rows, regime, os.path.join(out, f"accuracy_{regime}.png"))
+  for regime, model in sorted({(c["regime"], c["model"]) for c in table}):
+    suffix = "" if model == DEFAULT_MODEL else f"_{model}"
+    plot(table, rows, regime, model, os.path.join(out, f"accuracy_{regime}{suffix}.png"))
   print(markdown(table))
   print("\nClaims (difference of means; a difference holds when it exceeds the summed std):\n")
   print("\n".join(claims(table)))

@@ -211,8 +211,7 @@ WRN_10_1 = {"model.depth": 10, "model.width": 1, "model.num_groups": 4, "model.n
     # images of 200 are read 8 times per public batch of 16 (each copy augmented on its own:
     # tests/data_pipeline_test.py).
     ("dp,C,wrn", WRN_10_1),
-    # The study's CIFAR ViT (MODEL=vit, not yet run on the GPU), shrunk to one block: ghost
-    # clipping through attention.
+    # The study's CIFAR ViT (MODEL=vit), shrunk to one block: ghost clipping through attention.
     ("dp,B,vit", {"model.depth": 1})])
 def test_bu2024_cifar_parts_run_their_public_then_dp_steps(tmp_path, variant, shrink):
   """A study config not yet run on the GPU, shrunk, on 200 fake images: 2 public steps, then 3
@@ -353,8 +352,35 @@ def test_bu2024_cifar_table_names_what_decided_each_switch_and_states_the_claims
           in text)
   assert ("- B, wrn, ε = 8: private_only (switch 0), K = 4 vs K = 1: +4.00 points (summed std "
           "2.00: holds)") in text
-  table.plot(cells, rows, "B", str(tmp_path / "b.png"))
+  table.plot(cells, rows, "B", "wrn", str(tmp_path / "b.png"))
   assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bu2024_cifar_table_reads_each_models_parts_from_one_folder(tmp_path):
+  """bu2024_cifar.sh puts the ViT's sweeps beside the WRN's (B_plateau_vit beside B_plateau): the
+  table reads the part's criterion and the run's model from each, and draws one figure per
+  regime and model."""
+  table = _experiment("bu2024_cifar_table")
+  for part, model, accuracy in (("B_plateau", "wrn", 0.6), ("B_plateau_vit", "vit", 0.5)):
+    folder = tmp_path / "runs" / part / "seed=0,target_epsilon=8"
+    folder.mkdir(parents=True)
+    (folder / "variant.json").write_text(json.dumps(dict(
+        config=f"experiments/bu2024_cifar.py:auto,B,{model}", command="",
+        overrides={"seed": "0", "dp.target_epsilon": "8"})))
+    (folder / "results.json").write_text(json.dumps(dict(
+        switch_step=80, test_accuracy=accuracy, train_seconds=1.0,
+        config=dict(schedule=dict(warmup_steps=20), dp=dict(augmult=1, target_epsilon=8.0)),
+        privacy=dict(epsilon=7.96, private_steps=320, noise_multiplier=0.6, plan_changes=[
+            dict(step=80, reason="held-out public loss has not improved for 3 checks")]))))
+  rows = table.run_rows(str(tmp_path / "runs"))
+  assert [(r["model"], r["variant"], r["test_accuracy"]) for r in rows] == [
+      ("wrn", "auto_plateau", 0.6), ("vit", "auto_plateau", 0.5)]
+  assert [r["run"] for r in rows] == ["B_plateau/seed=0,target_epsilon=8",
+                                      "B_plateau_vit/seed=0,target_epsilon=8"]
+  subprocess.run([sys.executable, str(EXPERIMENTS / "bu2024_cifar_table.py"),
+                  str(tmp_path / "runs"), "--out", str(tmp_path)], check=True,
+                 capture_output=True)
+  assert sorted(p.name for p in tmp_path.glob("*.png")) == ["accuracy_B.png", "accuracy_B_vit.png"]
 
 
 def _auto_run(path, switch_step, heldout, auto=None, accuracies=None):
