@@ -6,4 +6,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/launch/setup_env.sh"
 export DPJAX_DATA_DIR="${DPJAX_DATA_DIR:-$root/../shared/data}"
 cd "$root"
-exec "${DPJAX_VENV:-$root/.venv}/bin/python" -m pytest -n 2 --dist loadfile "$@"
+# --durations: the slowest tests, so each run says where the suite's time goes (WORKSPACE.md).
+exec "${DPJAX_VENV:-$root/.venv}/bin/python" -m pytest -n 2 --dist loadfile --durations=30 "$@"
