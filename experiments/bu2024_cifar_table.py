@@ -82,7 +82,8 @@ def run_rows(runs_dir: str) -> list[dict]:
     overrides = variant["overrides"]
     part = os.path.basename(os.path.dirname(folder))
     kind = config_arg[0]
-    kind = AUTO_PARTS.get(part.split("_")[1], kind)  # REGIME_PART or REGIME_PART_MODEL
+    # REGIME_PART or REGIME_PART_MODEL: PART names the criterion of an automatic part
+    kind = AUTO_PARTS.get(part.partition("_")[2].partition("_")[0], kind)
     privacy = r["privacy"]
     rows.append(dict(
         regime=config_arg[1], model=config_arg[2], variant=kind,

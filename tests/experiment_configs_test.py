@@ -214,8 +214,8 @@ WRN_10_1 = {"model.depth": 10, "model.width": 1, "model.num_groups": 4, "model.n
     # The study's CIFAR ViT (MODEL=vit), shrunk to one block: ghost clipping through attention.
     ("dp,B,vit", {"model.depth": 1})])
 def test_bu2024_cifar_parts_run_their_public_then_dp_steps(tmp_path, variant, shrink):
-  """A study config not yet run on the GPU, shrunk, on 200 fake images: 2 public steps, then 3
-  DP steps with σ calibrated, so a device call does not find it broken at its first step."""
+  """A study config, shrunk, on 200 fake images: 2 public steps, then 3 DP steps with σ
+  calibrated, so a change that breaks a part shows here, not at a device call's first step."""
   study = _experiment("bu2024_cifar")
   config = _set(study.get_config(variant), {
       "data.dir": str(_fake_cifar10_jpeg(tmp_path)), "data.verify": False,
